@@ -1,0 +1,380 @@
+"""The one declaration of every training setting.
+
+Each field of `TrainConfig` carries its type, default, bounds, help text and the
+group it belongs to. The YAML loader, the CLI's KEY=VALUE overrides and the web
+form are all derived from this file; nothing else declares a setting.
+
+Loading goes: raw mapping -> `coerce` each value by its field's type and bounds
+-> `TrainConfig` -> `validate` (cross-field rules). Any problem is `BadInput`,
+raised before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import device
+from .errors import BadInput, Problems
+
+GROUPS = ("model", "data", "method", "training", "run")
+METHODS = ("lora", "qlora", "dora", "full", "freeze")
+LORA_FAMILY = ("lora", "qlora", "dora")
+DEMO_MODEL = "demo"
+
+
+def setting(default: Any, help: str, group: str, *, min: float | None = None,
+            max: float | None = None, choices: tuple | None = None, advanced: bool = False,
+            methods: tuple[str, ...] | None = None, widget: str | None = None) -> Any:
+    """A dataclass field with the metadata every front end reads.
+
+    `methods` limits a setting to some tuning methods (the form hides it otherwise);
+    `advanced` folds it away in the form; `widget` overrides the widget guessed
+    from the type ("slider", "textbox", ...).
+    """
+    assert group in GROUPS, group
+    meta = dict(help=help, group=group, min=min, max=max, choices=choices,
+                advanced=advanced, methods=methods, widget=widget)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------
+    model: str = setting(
+        DEMO_MODEL, "Base model: a local folder, a hub id (when online), or 'demo' for the "
+        "small model tunebench builds locally on first use.", "model")
+    template: str = setting(
+        "auto", "Chat template. 'auto' uses the tokenizer's own; name one for models without "
+        "a template (alpaca, chatml, qwen, llama2, llama3, mistral).", "model",
+        choices=("auto", "alpaca", "chatml", "qwen", "llama2", "llama3", "mistral"))
+    booster: str = setting(
+        "auto", "Attention implementation. 'auto' picks the fastest one installed and supported "
+        "on this device.", "model",
+        choices=("auto", "sdpa", "eager", "flash_attention_2", "liger"), advanced=True)
+    trust_remote_code: bool = setting(
+        False, "Run Python code shipped inside the model folder. Only enable for models you trust.",
+        "model", advanced=True)
+
+    # --- data ------------------------------------------------------------------
+    dataset: list[str] = setting(
+        ["identity"], "Datasets: names from <dataset_dir>/dataset_info.json, or file paths.", "data")
+    dataset_dir: str = setting("data", "Folder holding dataset_info.json and the data files.",
+                               "data", advanced=True)
+    identity_name: str = setting("Tuney", "Fills {{name}} in datasets such as 'identity'.", "data")
+    identity_author: str = setting("the tunebench team", "Fills {{author}} in datasets such as "
+                                   "'identity'.", "data")
+    cutoff_len: int = setting(1024, "Longest sequence in tokens. Longer examples are truncated, "
+                              "keeping part of every response.", "data", min=16, max=262144)
+    max_samples: int = setting(0, "Use at most this many records per dataset (0 = all).", "data",
+                               min=0, advanced=True)
+    val_size: float = setting(0.0, "Share of records held out for evaluation (0 = none).", "data",
+                              min=0.0, max=0.5)
+    packing: bool = setting(False, "Pack short examples into full sequences, padding-free; "
+                            "examples never attend to each other.", "data", advanced=True)
+
+    # --- method ----------------------------------------------------------------
+    stage: str = setting("sft", "sft: supervised chat fine-tuning. pt: plain-text pre-training.",
+                         "method", choices=("sft", "pt"))
+    method: str = setting("lora", "lora/dora: small adapters; qlora: adapters on a 4- or 8-bit "
+                          "base; full: every weight; freeze: only the last layers.", "method",
+                          choices=METHODS)
+    lora_rank: int = setting(32, "Adapter rank. Higher learns more and uses more memory.", "method",
+                             min=1, max=1024, methods=LORA_FAMILY)
+    lora_alpha: int = setting(64, "Adapter scale numerator; alpha/rank scales the update.",
+                              "method", min=1, max=4096, methods=LORA_FAMILY)
+    lora_dropout: float = setting(0.0, "Dropout on the adapter input.", "method", min=0.0,
+                                  max=0.9, methods=LORA_FAMILY, advanced=True)
+    lora_target: str = setting("all-linear", "Modules that get adapters: 'all-linear' or a "
+                               "comma-separated list such as q_proj,v_proj.", "method",
+                               methods=LORA_FAMILY, advanced=True)
+    quant_bits: int = setting(4, "Bits of the quantized base model for QLoRA.", "method",
+                              choices=(4, 8), methods=("qlora",))
+    freeze_layers: int = setting(2, "Train only this many last transformer layers (and the "
+                                 "output head).", "method", min=1, max=1024, methods=("freeze",))
+
+    # --- training --------------------------------------------------------------
+    epochs: float = setting(3.0, "Passes over the data.", "training", min=0.01, max=1000)
+    learning_rate: float = setting(
+        2e-4, "Peak learning rate. 1e-4..3e-4 suits LoRA on billion-parameter models; 1e-5 "
+        "suits full tuning.", "training", min=1e-8, max=1.0)
+    batch_size: int = setting(8, "Examples per device per step.", "training", min=1, max=4096)
+    grad_accum: int = setting(1, "Steps accumulated before each optimizer update.", "training",
+                              min=1, max=1024)
+    lr_scheduler: str = setting("cosine", "How the learning rate changes over the run.",
+                                "training", choices=("cosine", "linear", "constant",
+                                                     "constant_with_warmup", "polynomial"),
+                                advanced=True)
+    warmup_ratio: float = setting(0.03, "Share of steps spent warming up the learning rate.",
+                                  "training", min=0.0, max=1.0, advanced=True)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", "training", min=0.0,
+                                   max=1e6, advanced=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", "training", min=0.0, max=1.0,
+                                  advanced=True)
+    compute_type: str = setting(
+        "auto", "Numeric precision. auto: bf16 where supported, else fp16 on GPU, else fp32. "
+        "pure_bf16 keeps the weights in bf16 too.", "training",
+        choices=("auto", "bf16", "fp16", "fp32", "pure_bf16"), advanced=True)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: "
+                                           "less memory, about 30% slower.", "training",
+                                           advanced=True)
+    seed: int = setting(42, "Random seed for data order and initialisation.", "training", min=0,
+                        max=2**31 - 1, advanced=True)
+
+    # --- run -------------------------------------------------------------------
+    logging_steps: int = setting(1, "Write a metrics line every this many steps.", "run", min=1,
+                                 max=100000, advanced=True)
+    save_steps: int = setting(0, "Save a checkpoint every this many steps (0 = once per epoch).",
+                              "run", min=0, max=10**7, advanced=True)
+    output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run")
+    run_name: str = setting("", "Run name. Empty = <method>-<date>-<time>.", "run", advanced=True)
+    resume: bool | str = setting(False, "true resumes from this run's last checkpoint; a path "
+                                 "resumes from that checkpoint.", "run", advanced=True)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def fields_in(group: str) -> list[dataclasses.Field]:
+    """The fields of one group, in declaration order (the order of the form)."""
+    return [f for f in FIELDS.values() if f.metadata["group"] == group]
+
+
+def default_value(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+# --- coercion: one raw value -> the field's type --------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError("expected a whole number")
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _to_str(raw: Any) -> str:
+    if isinstance(raw, (dict, list)) or raw is None:
+        raise ValueError("expected text")
+    return str(raw).strip()
+
+
+def _to_str_list(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.split(",")]
+    elif isinstance(raw, list):
+        items = [_to_str(item) for item in raw]
+    else:
+        raise ValueError("expected a list of names or paths")
+    items = [item for item in items if item]
+    if not items:
+        raise ValueError("expected at least one entry")
+    return items
+
+
+def _to_bool_or_path(raw: Any) -> bool | str:
+    try:
+        return _to_bool(raw)
+    except ValueError:
+        return _to_str(raw)
+
+
+_COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
+           list[str]: _to_str_list, bool | str: _to_bool_or_path}
+
+
+def coerce(name: str, raw: Any) -> Any:
+    """Convert one raw value (from YAML, the CLI or the form) to the field's type.
+
+    Raises ValueError with a short reason; the caller adds the key name.
+    """
+    meta = FIELDS[name].metadata
+    value = _COERCE[_TYPES[name]](raw)
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError("expected one of " + ", ".join(map(str, meta["choices"])))
+    if meta["min"] is not None and value < meta["min"]:
+        raise ValueError(f"must be at least {meta['min']:g}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ValueError(f"must be at most {meta['max']:g}")
+    return value
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def from_mapping(raw: dict, source: str | None = None) -> TrainConfig:
+    """Build a config from a plain mapping, collecting every problem before failing."""
+    if not isinstance(raw, dict):
+        raise BadInput("expected a mapping of key: value", file=source)
+    problems, values = [], {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            problems.append(_unknown_key(str(key)))
+            continue
+        try:
+            values[key] = coerce(key, value)
+        except ValueError as err:
+            problems.append(f"{key}: {err} (got {value!r})")
+    if problems:
+        raise Problems(problems, file=source)
+    config = TrainConfig(**values)
+    problems = validate(config)
+    if problems:
+        raise Problems(problems, file=source)
+    return config
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings from the command line -> a mapping of raw strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"expected KEY=VALUE, got '{pair}'")
+        out[key.strip()] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput("config file not found", file=str(path)) from None
+    except (UnicodeDecodeError, IsADirectoryError) as err:
+        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)  # safe_load: a config must never construct Python objects
+    except yaml.YAMLError as err:
+        raise BadInput(f"invalid YAML: {err}".replace("\n", " "), file=str(path)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadInput("expected a mapping of key: value at the top level", file=str(path))
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The CLI's path: YAML file, then KEY=VALUE overrides on top."""
+    raw = read_yaml(path) if path else {}
+    raw.update(parse_overrides(overrides or []))
+    return from_mapping(raw, source=str(path) if path else None)
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def changed(config: TrainConfig) -> dict:
+    """Only the settings that differ from their defaults (what a command line needs)."""
+    return {k: v for k, v in to_dict(config).items() if v != default_value(k)}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+# --- cross-field rules: the one place they live ---------------------------------
+
+def validate(config: TrainConfig, total_steps: int | None = None) -> list[str]:
+    """Every rule that spans several settings or the machine. Empty list = fine.
+
+    Shared by the CLI and the UI so both refuse the same things with the same words.
+    `total_steps` is known only after the data is read; rules needing it run then.
+    """
+    problems = []
+    if config.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("method: qlora needs bitsandbytes (pip install bitsandbytes)")
+    if config.stage == "pt" and config.template != "auto":
+        problems.append("template: plain-text pre-training (stage: pt) does not use a chat template")
+    if config.lora_target != "all-linear" and not all(
+            part.strip().isidentifier() for part in config.lora_target.split(",")):
+        problems.append("lora_target: expected 'all-linear' or module names such as q_proj,v_proj")
+    if isinstance(config.resume, str) and not Path(config.resume).is_dir():
+        problems.append(f"resume: checkpoint folder '{config.resume}' does not exist")
+    if config.run_name and not _is_safe_name(config.run_name):
+        problems.append("run_name: use letters, digits, '-', '_' and '.' only")
+    problems += _precision_problems(config)
+    problems += _booster_problems(config)
+    if total_steps is not None and config.save_steps > total_steps:
+        problems.append(f"save_steps: {config.save_steps} exceeds the run's {total_steps} "
+                        "total steps, so no checkpoint would be saved")
+    return problems
+
+
+def _is_safe_name(name: str) -> bool:
+    return all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
+def _precision_problems(config: TrainConfig) -> list[str]:
+    dev = device.detect()
+    if config.compute_type == "fp16" and dev.kind == "cpu":
+        return ["compute_type: fp16 training needs a GPU; use auto or fp32 on CPU"]
+    if config.compute_type in ("bf16", "pure_bf16") and dev.kind == "cuda" and not dev.bf16:
+        return ["compute_type: this GPU does not support bf16; use fp16 or auto"]
+    return []
+
+
+def _booster_problems(config: TrainConfig) -> list[str]:
+    if config.booster == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return ["booster: flash_attention_2 needs the flash-attn package "
+                    "(pip install 'tunebench[flash-attn]'), which needs an NVIDIA GPU"]
+        if device.detect().kind != "cuda":
+            return ["booster: flash_attention_2 needs an NVIDIA GPU; use auto or sdpa on CPU"]
+    if config.booster == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return ["booster: liger needs the liger-kernel package (pip install 'tunebench[liger]')"]
+    return []

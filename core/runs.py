@@ -1,0 +1,231 @@
+"""The run directory: the single source of truth for a run.
+
+The trainer writes it; everything else (the web UI, `tunebench` commands, tests)
+only reads it. Files, as in shared/SPEC.md:
+
+    config.yaml    resolved config, rerunnable with `tunebench train`
+    command.txt    the exact command line that was started
+    status.json    state, pid, times, exit code, error
+    metrics.jsonl  append-only, one JSON object per line
+    train.log      the child process's stdout and stderr
+    checkpoint-N/  resumable, loadable checkpoints
+    final/         the result (PEFT adapter or whole model)
+    loss.png       the final curve
+
+status.json is replaced atomically (write a temp file, then rename) so a reader
+never sees half a file. metrics.jsonl is only ever appended to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+STATES = ("running", "completed", "failed", "aborted")
+STATUS, METRICS, CONFIG, COMMAND, LOG = (
+    "status.json", "metrics.jsonl", "config.yaml", "command.txt", "train.log")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def default_run_name(method: str) -> str:
+    return f"{method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- status ---------------------------------------------------------------------
+
+def write_status(run_dir: Path, state: str, *, pid: int | None = None, error: str | None = None,
+                 exit_code: int | None = None, **extra) -> dict:
+    """Write status.json, keeping started_at (and pid) from the previous status."""
+    assert state in STATES, state
+    old = read_status_raw(run_dir) or {}
+    ended = state != "running"
+    # A (re)start gets a fresh start time; an ending keeps the start it ends.
+    started_at = old.get("started_at") if ended and old.get("started_at") else now_iso()
+    status = {
+        "state": state,
+        "pid": pid if pid is not None else old.get("pid", os.getpid()),
+        "started_at": started_at,
+        "ended_at": now_iso() if ended else None,
+        "exit_code": exit_code,
+        "error": error,
+    }
+    status.update(extra)
+    write_atomic(Path(run_dir) / STATUS, json.dumps(status, indent=1))
+    return status
+
+
+def read_status_raw(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def pid_alive(pid: int | None, started_at: str | None = None) -> bool:
+    """True if `pid` is a live process that could be the one started at `started_at`.
+
+    Guards against pid reuse: a process created after the run started is not ours.
+    """
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started_at:
+            started = dt.datetime.fromisoformat(started_at).timestamp()
+            return proc.create_time() <= started + 5
+        return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def read_status(run_dir: Path) -> dict | None:
+    """status.json, reconciled with reality.
+
+    A run marked "running" whose process is gone (kill -9, OOM killer, reboot) is
+    recorded as failed, so no run stays "running" forever.
+    """
+    status = read_status_raw(run_dir)
+    if status and status.get("state") == "running" and not pid_alive(
+            status.get("pid"), status.get("started_at")):
+        status = write_status(
+            Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
+            error="the training process disappeared without reporting (killed, or out of memory)")
+    return status
+
+
+# --- metrics --------------------------------------------------------------------
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    line = json.dumps(record, ensure_ascii=False)
+    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+
+
+@dataclass
+class MetricsTail:
+    """Reads metrics.jsonl incrementally: each `poll` returns only new complete lines.
+
+    The byte offset is kept so a watcher never re-reads the whole file; a partial
+    last line (the writer is mid-append) is left for the next poll.
+    """
+    path: Path
+    offset: int = 0
+    records: list = field(default_factory=list)
+
+    def poll(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        new = []
+        for line in chunk[:end].splitlines():
+            try:
+                new.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn line from a crashed writer is skipped, not fatal
+        self.records.extend(new)
+        return new
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    tail = MetricsTail(Path(run_dir) / METRICS)
+    tail.poll()
+    return tail.records
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard draws it).
+
+    Each smoothed point depends only on points before it, so the history never
+    shifts as new points arrive. The debias term stops the curve from starting at 0.
+    """
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight ** i) if weight < 1 else value)
+    return out
+
+
+# --- discovery ------------------------------------------------------------------
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first. Temp folders are never listed."""
+    found = []
+    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    name: str
+    state: str
+    started_at: str
+    final_loss: float | None
+    steps: str
+    error: str | None
+
+
+def summarize(run_dir: Path) -> RunSummary | None:
+    status = read_status(run_dir)
+    if status is None:
+        return None
+    records = read_metrics(run_dir)
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))
+              and math.isfinite(r["loss"])]
+    last = records[-1] if records else {}
+    return RunSummary(Path(run_dir), Path(run_dir).name, status["state"],
+                      status.get("started_at") or "", losses[-1] if losses else None,
+                      f"{last.get('step', 0)}/{last.get('total_steps', '?')}", status.get("error"))
+
+
+def list_runs(saves_dir: Path) -> list[RunSummary]:
+    """Every run under `saves_dir`, newest first."""
+    saves_dir = Path(saves_dir)
+    if not saves_dir.is_dir():
+        return []
+    runs = [summarize(child) for child in saves_dir.iterdir() if (child / STATUS).is_file()]
+    return sorted([r for r in runs if r], key=lambda r: r.started_at, reverse=True)
+
+
+def loadable_checkpoints(saves_dir: Path) -> list[Path]:
+    """Every checkpoint-N/ and final/ under saves_dir, for the chat and export pickers."""
+    out = []
+    for run in list_runs(saves_dir):
+        final = run.path / "final"
+        if final.is_dir():
+            out.append(final)
+        out.extend(reversed(checkpoints(run.path)))
+    return out
