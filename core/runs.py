@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,13 @@ def write_status(run_dir: Path, state: str, *, pid: int | None = None, error: st
     return status
 
 
+def update_status(run_dir: Path, **fields) -> None:
+    """Change extra fields (such as "phase") of the current status without a state change."""
+    status = read_status_raw(run_dir) or {}
+    status.update(fields)
+    write_atomic(Path(run_dir) / STATUS, json.dumps(status, indent=1))
+
+
 def read_status_raw(run_dir: Path) -> dict | None:
     try:
         return json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))
@@ -110,6 +118,61 @@ def read_status(run_dir: Path) -> dict | None:
             Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
             error="the training process disappeared without reporting (killed, or out of memory)")
     return status
+
+
+# --- the log -------------------------------------------------------------------
+
+class TeeLog:
+    """Copies this process's stdout and stderr into train.log, at the file-descriptor level.
+
+    The fd level catches what C extensions and library loggers print too. When the
+    launcher already sends our output to train.log, nothing is duplicated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.active = False
+
+    def __enter__(self):
+        import threading
+
+        if _same_file(1, self.path):
+            return self
+        sys.stdout.flush(), sys.stderr.flush()
+        self.saved = os.dup(1), os.dup(2)
+        read_end, self.write_end = os.pipe()
+        log = open(self.path, "ab")
+
+        def pump():
+            with log:
+                while chunk := os.read(read_end, 65536):
+                    os.write(self.saved[0], chunk)
+                    log.write(chunk)
+                    log.flush()
+            os.close(read_end)
+
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
+        os.dup2(self.write_end, 1), os.dup2(self.write_end, 2)
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        if not self.active:
+            return
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(self.saved[0], 1), os.dup2(self.saved[1], 2)
+        os.close(self.write_end)
+        self.thread.join(timeout=5)
+        os.close(self.saved[0]), os.close(self.saved[1])
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # --- metrics --------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""The `tunebench` command line (everything except `webui`, which webui/cli.py adds).
+
+Each subcommand parses its arguments and calls one function in the module named
+for the feature; heavy imports (torch, transformers) happen inside those calls so
+`tunebench --help` stays instant. Exit codes: 0 success, 2 bad input (one line,
+no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import BadInput
+
+
+def _train(args) -> int:
+    from . import train
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides  # `tunebench train key=value ...`
+    return train.main(config, overrides)
+
+
+def _chat(args) -> int:
+    from . import chat
+    return chat.terminal_chat(args.model, args.adapter, system=args.system,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def _export(args) -> int:
+    from . import export
+    return export.main(args.model, args.adapter, args.out, shard_size=args.shard_size,
+                       dtype=args.dtype, verify=not args.no_verify)
+
+
+def _demo_model(args) -> int:
+    from . import demo_model
+    path = demo_model.ensure_demo_model(args.out, force=args.force)
+    print(path)
+    return 0
+
+
+def _data_check(args) -> int:
+    from . import data
+    return data.check_command(args.dataset, dataset_dir=args.dataset_dir, model=args.model,
+                              template=args.template)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunebench", description="Fine-tune language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train in the foreground (what the Train tab starts)")
+    p.add_argument("config", nargs="?", help="config YAML (omit to use every default)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("chat", help="chat in the terminal, streaming the reply")
+    p.add_argument("--model", required=True, help="model folder, hub id or 'demo'")
+    p.add_argument("--adapter", help="LoRA adapter or checkpoint folder")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("export", help="write a merged, size-sharded safetensors model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", default="2GB")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("demo-model", help="build the embedded demo model and print its path")
+    p.add_argument("--out", default=None, help="where to build it (default: the cache folder)")
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.set_defaults(func=_demo_model)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("check", help="validate a dataset and show an example as trained")
+    q.add_argument("dataset", help="registered name or file path")
+    q.add_argument("--dataset-dir", default="data")
+    q.add_argument("--model", default="demo", help="tokenizer to preview with")
+    q.add_argument("--template", default="auto")
+    q.set_defaults(func=_data_check)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command, mapping errors to the exit codes in the spec."""
+    try:
+        return int(args.func(args) or 0)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Loading models and tokenizers, and preparing them for a tuning method.
+
+Each method maps to what the ecosystem already provides: PEFT for LoRA, DoRA
+and QLoRA adapters, bitsandbytes for the quantized base, plain parameter
+freezing for full and freeze tuning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .config import DEMO_MODEL, LORA_FAMILY, TrainConfig
+from .errors import BadInput
+from .templates import apply_template
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def resolve_model(name: str) -> str:
+    """'demo' -> the embedded demo model's folder (built on first use); else unchanged."""
+    if name == DEMO_MODEL:
+        from .demo_model import ensure_demo_model
+        return str(ensure_demo_model())
+    return name
+
+
+def check_model_source(name: str) -> str:
+    """Resolve and check a model reference before anything heavy is loaded."""
+    path = resolve_model(name)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BadInput("not a model folder: config.json is missing", file=str(local))
+        if not any((local / f).is_file() for f in WEIGHT_FILES) and not (
+                local / "adapter_config.json").is_file():
+            raise BadInput("the model folder has no safetensors weights (model.safetensors or "
+                           "model.safetensors.index.json); tunebench never loads pickled .bin "
+                           "weights", file=str(local))
+        return str(local)
+    # Hub ids look like "name" or "org/name"; anything else was meant as a folder.
+    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise BadInput("model folder not found (and hub ids need a network connection)",
+                       file=path, field="model")
+    return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct, for online machines
+
+
+def load_tokenizer(model: str, template: str = "auto", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = check_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise BadInput(f"cannot load the tokenizer: {err}".splitlines()[0], file=source) from None
+    apply_template(tokenizer, template, model=source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype(compute_type: str):
+    """The training precision for `compute_type` on this machine, as (dtype, mixed)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if compute_type == "auto":
+        if on_gpu and torch.cuda.is_bf16_supported():
+            compute_type = "bf16"
+        else:
+            compute_type = "fp16" if on_gpu else "fp32"
+    return compute_type
+
+
+def pick_attention(booster: str) -> str:
+    """The attention implementation for `booster`; config.validate already rejected missing ones."""
+    import torch
+
+    if booster == "auto":
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return "sdpa"
+    if booster == "liger":
+        return "sdpa"  # liger patches the MLP/norm/loss kernels; attention stays on SDPA
+    return booster
+
+
+def _quantization(config: TrainConfig):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if config.quant_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if compute_dtype(config.compute_type) in ("bf16", "pure_bf16") \
+        else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
+def load_base_model(config: TrainConfig, attention: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = check_model_source(config.model)
+    kind = compute_dtype(config.compute_type)
+    # Mixed precision keeps fp32 master weights; pure_bf16 (and fp16 on GPU for QLoRA) does not.
+    dtype = torch.bfloat16 if kind == "pure_bf16" else torch.float32
+    kwargs = dict(dtype=dtype, attn_implementation=attention,
+                  trust_remote_code=config.trust_remote_code, use_safetensors=True)
+    if config.method == "qlora":
+        kwargs["quantization_config"] = _quantization(config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise BadInput(f"cannot load the model: {str(err).splitlines()[0]}", file=source) from None
+
+
+def apply_method(model, config: TrainConfig):
+    """Make only the parameters of the chosen method trainable."""
+    if config.method in LORA_FAMILY:
+        return _add_adapter(model, config)
+    if config.method == "freeze":
+        _train_last_layers(model, config.freeze_layers)
+    return model  # full: everything stays trainable
+
+
+def _add_adapter(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing)
+    target = "all-linear" if config.lora_target == "all-linear" else [
+        t.strip() for t in config.lora_target.split(",")]
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=target,
+                      use_dora=config.method == "dora", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise BadInput(str(err).splitlines()[0], field="lora_target") from None
+
+
+def _decoder_layers(model):
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if layers is not None and hasattr(layers, "__len__") and len(layers) > 0:
+            return layers
+    raise BadInput("freeze tuning could not find the model's decoder layers", field="method")
+
+
+def _train_last_layers(model, n: int) -> None:
+    layers = _decoder_layers(model)
+    if n > len(layers):
+        raise BadInput(f"freeze_layers is {n} but the model has only {len(layers)} layers",
+                       field="freeze_layers")
+    for param in model.parameters():
+        param.requires_grad = False
+    for layer in layers[-n:]:
+        for param in layer.parameters():
+            param.requires_grad = True
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,214 @@
+"""`tunebench train`: supervised fine-tuning (or plain-text pre-training) of one run.
+
+Reads top to bottom: load the config, prepare the run directory, then set up
+(tokenizer, data, model), fit with TRL's SFTTrainer, and save. Everything the
+outside world learns about the run goes through the run directory (core/runs.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from . import config as cfg
+from . import data, models, runs, templates
+from .errors import BadInput, Problems
+
+OOM_HINT = ("ran out of memory. Lower batch_size or cutoff_len, turn on gradient_checkpointing, "
+            "or use method qlora")
+
+
+class Aborted(Exception):
+    """Raised when SIGTERM/SIGINT arrives outside the training loop."""
+
+
+class AbortSignal:
+    """Turns SIGTERM/SIGINT into a graceful stop.
+
+    Inside the training loop the trainer finishes the current step, saves a
+    checkpoint and stops (see RunDirCallback); before it, we stop at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.in_loop = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: stopping", flush=True)
+        if not self.in_loop:
+            raise Aborted()
+
+
+def main(config_path: str | None, overrides: list[str]) -> int:
+    config = cfg.load(config_path, overrides)  # bad input fails here, before any model loads
+    config, run_dir = prepare_run_dir(config)
+    with runs.TeeLog(run_dir / runs.LOG):
+        return run(config, run_dir)
+
+
+def prepare_run_dir(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, Path]:
+    """Create the run folder and write config.yaml and command.txt."""
+    name = config.run_name or (Path(config.output_dir).name if config.output_dir
+                               else runs.default_run_name(config.method))
+    run_dir = Path(config.output_dir or Path("saves") / name).resolve()
+    if not config.resume and (run_dir / runs.METRICS).exists():
+        raise BadInput("this run folder already holds a run; set resume: true to continue it, "
+                       "or choose another output_dir", file=str(run_dir), field="output_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = replace(config, output_dir=str(run_dir), run_name=name)
+        runs.write_atomic(run_dir / runs.CONFIG, cfg.to_yaml(config))
+        command = [Path(sys.argv[0]).name] + sys.argv[1:]
+        runs.write_atomic(run_dir / runs.COMMAND, shlex.join(command) + "\n")
+    except OSError as err:
+        raise BadInput(f"cannot write the run folder: {err.strerror}", file=str(run_dir),
+                       field="output_dir") from None
+    return config, run_dir
+
+
+def run(config: cfg.TrainConfig, run_dir: Path) -> int:
+    """Set up, fit, save; record the outcome in status.json whatever happens."""
+    import torch
+
+    runs.write_status(run_dir, "running", pid=os.getpid(), phase="starting")
+    abort = AbortSignal()
+    try:
+        trainer, resume_from = setup(config, run_dir, abort)
+        runs.update_status(run_dir, phase="training")
+        abort.in_loop = True
+        trainer.train(resume_from_checkpoint=resume_from)
+        abort.in_loop = False
+        if abort.requested:
+            raise Aborted()
+        runs.update_status(run_dir, phase="saving")
+        save_final(trainer, run_dir)
+        return _finish(run_dir, "completed", 0)
+    except Aborted:
+        return _finish(run_dir, "aborted", 1, "stopped by the user")
+    except BadInput as err:
+        print(f"error: {err}", flush=True)
+        return _finish(run_dir, "failed", 2, str(err))
+    except torch.OutOfMemoryError:
+        return _finish(run_dir, "failed", 1, OOM_HINT)
+    except MemoryError:
+        return _finish(run_dir, "failed", 1, OOM_HINT)
+    except Exception as err:  # a bug: keep the traceback in train.log, show the gist
+        traceback.print_exc()
+        return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
+
+
+def _finish(run_dir: Path, state: str, code: int, error: str | None = None) -> int:
+    from .plot import plot_loss
+
+    try:
+        plot_loss(run_dir)
+    except Exception as err:  # a missing chart must not hide the run's real outcome
+        print(f"warning: could not draw loss.png: {err}", flush=True)
+    runs.write_status(run_dir, state, exit_code=code, error=error)
+    print(f"run {state}" + (f": {error}" if error else "") + f" ({run_dir})", flush=True)
+    return code
+
+
+# --- set up ---------------------------------------------------------------------
+
+def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
+    from .trainer import RunDirCallback, build_trainer
+
+    resume_from = resume_checkpoint(config, run_dir)
+    runs.update_status(run_dir, phase="loading data")
+    tokenizer = models.load_tokenizer(config.model, config.template, config.trust_remote_code)
+    train_rows, eval_rows = build_dataset(config, tokenizer)
+    steps = estimate_total_steps(len(train_rows), config)
+    problems = cfg.validate(config, total_steps=None if config.packing else steps)
+    if problems:
+        raise Problems(problems)
+    runs.update_status(run_dir, phase="loading model")
+    attention = models.pick_attention(config.booster)
+    model = models.apply_method(models.load_base_model(config, attention), config)
+    trainable, total = models.count_parameters(model)
+    print(f"model {config.model}: {total:,} parameters, {trainable:,} trainable "
+          f"({100 * trainable / max(total, 1):.2f}%), method {config.method}, attention "
+          f"{attention}, precision {models.compute_dtype(config.compute_type)}", flush=True)
+    callback = RunDirCallback(run_dir, abort)
+    trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, run_dir, callback)
+    return trainer, resume_from
+
+
+def resume_checkpoint(config: cfg.TrainConfig, run_dir: Path) -> str | None:
+    if config.resume is False:
+        return None
+    if config.resume is True:
+        last = runs.last_checkpoint(run_dir)
+        if last is None:
+            raise BadInput("nothing to resume: the run folder has no checkpoint yet",
+                           file=str(run_dir), field="resume")
+        print(f"resuming from {last}", flush=True)
+        return str(last)
+    return str(Path(config.resume).resolve())
+
+
+def build_dataset(config: cfg.TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """dataset -> template -> tokens and labels, then the eval split."""
+    records = data.load_records(config)
+    rows, dropped = [], 0
+    for record in records:
+        row = templates.encode_example(record, tokenizer, config.cutoff_len)
+        if any(label != templates.IGNORE for label in row["labels"]):
+            rows.append(row)
+        else:
+            dropped += 1
+    if dropped:
+        print(f"warning: {dropped} records had nothing to train on after truncation", flush=True)
+    if not rows:
+        raise BadInput("no trainable records: every record is empty after templating",
+                       field="dataset")
+    lengths = [len(r["input_ids"]) for r in rows]
+    print(f"data: {len(rows)} records, {sum(lengths):,} tokens, length "
+          f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(rows):.0f})", flush=True)
+    return split_eval(rows, config.val_size, config.seed)
+
+
+def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    if val_size <= 0:
+        return rows, []
+    n_eval = max(1, round(len(rows) * val_size))
+    if n_eval >= len(rows):
+        raise BadInput(f"val_size {val_size} leaves no records to train on", field="val_size")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [r for i, r in enumerate(rows) if i in held])
+
+
+def estimate_total_steps(n_rows: int, config: cfg.TrainConfig) -> int:
+    per_epoch = math.ceil(math.ceil(n_rows / config.batch_size) / config.grad_accum)
+    return max(1, math.ceil(per_epoch * config.epochs))
+
+
+# --- save -----------------------------------------------------------------------
+
+def save_final(trainer, run_dir: Path) -> Path:
+    """Write final/ atomically: a temp folder renamed into place once complete."""
+    final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    trainer.processing_class.save_pretrained(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors only
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    print(f"saved {final}", flush=True)
+    return final

@@ -1,0 +1,195 @@
+"""TRL's SFTTrainer, configured from a TrainConfig, plus what it lacks for tunebench.
+
+Added by hand, and why:
+- `RunDirCallback` streams metrics.jsonl (throughput, ETA, padding share) and
+  turns an abort request into "finish this step, checkpoint, stop".
+- `TunebenchTrainer._save_checkpoint` writes each checkpoint into a staging
+  folder and renames it into place, so a crash mid-save never leaves a
+  checkpoint-N/ that looks complete but is not (transformers writes in place).
+- `TunebenchTrainer` counts real vs padded token positions per step, which the
+  trainer does not report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from . import models, runs
+from .config import TrainConfig
+
+STAGING = ".staging"
+
+
+def training_args(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
+    precision = models.compute_dtype(config.compute_type)
+    save_by_steps = config.save_steps > 0
+    return SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=min(config.warmup_ratio, 0.999),  # a float below 1 is a ratio of total steps
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save_by_steps else "epoch",
+        save_steps=config.save_steps if save_by_steps else 500,
+        eval_strategy=("steps" if save_by_steps else "epoch") if has_eval else "no",
+        eval_steps=config.save_steps if save_by_steps else None,
+        max_length=config.cutoff_len,
+        packing=config.packing,
+        # Without packing, batch examples of similar length so little compute goes to padding.
+        train_sampling_strategy="random" if config.packing else "group_by_length",
+        report_to="none",
+        disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
+                  eval_rows: list[dict], run_dir: Path, callback: TrainerCallback):
+    from datasets import Dataset
+
+    from transformers.trainer_callback import PrinterCallback
+
+    args = training_args(config, run_dir, has_eval=bool(eval_rows))
+    trainer = TunebenchTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # RunDirCallback prints one readable line instead
+    return trainer
+
+
+class TunebenchTrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._positions = self._real_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._positions += inputs["input_ids"].numel()
+            mask = inputs.get("attention_mask")
+            self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._positions:
+            logs["nonpad_share"] = self._real_tokens / self._positions
+            self._positions = self._real_tokens = 0
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self._get_output_dir = lambda trial=None: str(run_dir / STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if not self.args.should_save:
+            return
+        target = run_dir / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(run_dir / STAGING / name, target)
+        (run_dir / STAGING).rmdir()
+
+    def create_model_card(self, *args, **kwargs):
+        """No TRL model card in the run folder: config.yaml records the run, and
+        `tunebench export` writes a card for the exported model."""
+
+
+class RunDirCallback(TrainerCallback):
+    """Appends one metrics.jsonl line per log, and prints a progress line."""
+
+    def __init__(self, run_dir: Path, abort):
+        self.run_dir = Path(run_dir)
+        self.abort = abort
+        self.start = time.time()
+        self.elapsed_before = _previous_elapsed(self.run_dir)
+        self.first_step = 0
+        self.last_time, self.last_tokens = self.start, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.time()
+        self.first_step = state.global_step
+        if state.is_world_process_zero:
+            self._write(state, {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.abort.requested:
+            control.should_save = True  # keep this step's work: resume continues from here
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {}
+        if "loss" in logs:
+            record.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                          tokens_per_s=self._throughput(logs.get("num_tokens")))
+            if "nonpad_share" in logs:
+                record["nonpad_share"] = round(logs["nonpad_share"], 4)
+            if "grad_norm" in logs:
+                record["grad_norm"] = logs["grad_norm"]
+        if "eval_loss" in logs:
+            record["eval_loss"] = logs["eval_loss"]
+        if record:
+            self._write(state, record)
+
+    def _throughput(self, tokens_seen) -> float | None:
+        now = time.time()
+        if tokens_seen is None or now <= self.last_time:
+            return None
+        rate = (tokens_seen - self.last_tokens) / (now - self.last_time)
+        self.last_time, self.last_tokens = now, tokens_seen
+        return round(rate, 1)
+
+    def _write(self, state, record: dict) -> None:
+        ran = time.time() - self.start
+        base = {"step": state.global_step, "total_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4),
+                "elapsed_s": round(self.elapsed_before + ran, 2)}
+        done = state.global_step - self.first_step
+        if done > 0:
+            base["eta_s"] = round(ran / done * (state.max_steps - state.global_step), 1)
+        runs.append_metrics(self.run_dir, {**base, **record})
+        _print_progress({**base, **record})
+
+
+def _previous_elapsed(run_dir: Path) -> float:
+    """On resume, elapsed time continues from where the earlier attempt stopped."""
+    records = runs.read_metrics(run_dir)
+    return float(records[-1].get("elapsed_s", 0.0)) if records else 0.0
+
+
+def _print_progress(r: dict) -> None:
+    parts = [f"step {r['step']}/{r['total_steps']}", f"epoch {r['epoch']:.2f}"]
+    if r.get("loss") is not None:
+        parts.append(f"loss {r['loss']:.4f}")
+    if r.get("eval_loss") is not None:
+        parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("eta_s") is not None:
+        parts.append(f"eta {int(r['eta_s'] // 60)}:{int(r['eta_s'] % 60):02d}")
+    print("  ".join(parts), flush=True)
