@@ -70,12 +70,19 @@ def prepare_run_dir(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = replace(config, output_dir=str(run_dir), run_name=name)
         runs.write_atomic(run_dir / runs.CONFIG, cfg.to_yaml(config))
-        command = [Path(sys.argv[0]).name] + sys.argv[1:]
+        command = _started_as() + sys.argv[1:]
         runs.write_atomic(run_dir / runs.COMMAND, shlex.join(command) + "\n")
     except OSError as err:
         raise BadInput(f"cannot write the run folder: {err.strerror}", file=str(run_dir),
                        field="output_dir") from None
     return config, run_dir
+
+
+def _started_as() -> list[str]:
+    """How this process was started: `tunebench` or `python -m core`."""
+    if Path(sys.argv[0]).name == "__main__.py":
+        return [sys.executable, "-m", "core"]
+    return [sys.argv[0]]
 
 
 def run(config: cfg.TrainConfig, run_dir: Path) -> int:

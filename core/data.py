@@ -1,0 +1,819 @@
+"""Datasets -> normalized records.
+
+A dataset is a registered name (an entry of `<dataset_dir>/dataset_info.json`) or a
+plain file path. Files are .json (a list of objects), .jsonl, .csv or .parquet, in
+one of four formats, named by the registry or detected from the records' keys:
+
+    alpaca    instruction, input, output (+ optional system, history [[q, a], ...])
+    sharegpt  conversations: [{"from": "human"|"gpt"|"system"|..., "value": ...}]
+    openai    messages: [{"role": "system"|"user"|"assistant", "content": ...}]
+    text      text (plain-text pre-training)
+
+Other layouts (dolly's instruction/context/response, prompt/completion) map onto
+these through the registry's "columns" or are recognised automatically.
+
+Every record becomes {"messages": [...]} (stage sft: an optional leading system
+message, then user/assistant turns alternating, ending with the assistant) or
+{"text": ...} (stage pt). Anything malformed raises `BadInput` naming the file,
+the record (1-based), the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import difflib
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+REGISTRY = "dataset_info.json"
+EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+FORMATS = ("alpaca", "sharegpt", "openai", "text")
+STAGES = ("sft", "pt")
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # register_file refuses bigger files
+MAX_RECORD_CHARS = 10_000_000  # one record's text; bigger is almost surely a broken file
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
+
+# The fields each format reads, under their canonical names. A registry "columns"
+# mapping says which file column holds each one (LLaMA-Factory's names are aliases).
+FIELDS = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": ("conversations", "system"),
+    "openai": ("messages", "system"),
+    "text": ("text",),
+}
+REQUIRED = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",),
+            "openai": ("messages",), "text": ("text",)}
+ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}
+FORMAT_ALIASES = {"sharegpt": {"messages": "conversations"},
+                  "openai": {"conversations": "messages"}}
+
+# Speaker names in conversations -> normalized roles. A tool call is something the
+# assistant writes; a tool's result is fed back like a user turn, so the turns
+# still alternate and the model learns the reply that follows it.
+ROLES = {
+    "system": "system", "developer": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+    "function_call": "assistant",
+    "observation": "user", "function": "user", "tool": "user",
+}
+_PLACEHOLDER = re.compile(r"\{\{\s*(name|author)\s*\}\}")
+
+
+# --- registry -------------------------------------------------------------------
+
+def _exists(path: Path, kind: str = "any") -> bool:
+    """Path.exists() that treats unusable names (too long, NUL bytes) as absent."""
+    try:
+        return path.is_file() if kind == "file" else path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _expand(name: str) -> Path:
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # "~someone" with no such user: take it literally
+        return Path(name)
+
+
+def data_dir(dataset_dir: str | os.PathLike = "data") -> Path:
+    """The folder to read: `dataset_dir`, or the bundled one when the default
+    "data" is not present in the working directory (tunebench started elsewhere)."""
+    path = Path(dataset_dir)
+    if str(dataset_dir) == "data" and not _exists(path / REGISTRY, "file") \
+            and _exists(BUNDLED_DIR / REGISTRY, "file"):
+        return BUNDLED_DIR
+    return path
+
+
+def read_registry(dataset_dir: str | os.PathLike = "data") -> dict[str, dict]:
+    """The parsed dataset_info.json ({} when the folder has none)."""
+    path = data_dir(dataset_dir) / REGISTRY
+    if not _exists(path, "file"):
+        return {}
+    raw = _parse_json(_decode(_read_bytes(path), str(path)), str(path))
+    if not isinstance(raw, dict):
+        raise BadInput(f"expected an object mapping dataset names to entries, got {_kind(raw)}",
+                       file=str(path))
+    return raw
+
+
+def list_datasets(dataset_dir: str | os.PathLike = "data") -> list[str]:
+    """Registered dataset names, in registry order."""
+    return list(read_registry(dataset_dir))
+
+
+@dataclass
+class Entry:
+    """Where a dataset lives and how to read it."""
+    path: Path
+    formatting: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # canonical field -> file column
+    name: str | None = None  # registered name, None for a plain path
+
+
+def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data") -> Entry:
+    """A registered name or a file path -> the file and its registry settings."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise BadInput("empty dataset name; expected a registered name or a file path",
+                       field="dataset")
+    folder = data_dir(dataset_dir)
+    registry = read_registry(folder)
+    if name in registry:
+        return _registry_entry(name, registry[name], folder)
+    path = _expand(name)
+    looks_like_path = path.suffix.lower() in EXTENSIONS or "/" in name or os.sep in name
+    for candidate in [path] + ([] if path.is_absolute() else [folder / path]):
+        if _exists(candidate):
+            _check_file(candidate)
+            return Entry(candidate)
+    if looks_like_path:
+        raise BadInput(f"file not found (looked in the working directory and in {folder})",
+                       file=name)
+    raise BadInput(_unknown_name(name, registry, folder), field="dataset")
+
+
+def _unknown_name(name: str, registry: dict, folder: Path) -> str:
+    close = difflib.get_close_matches(name, list(registry), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    known = ", ".join(registry) if registry else "none"
+    return (f"unknown dataset '{name}'{hint}; registered in {folder / REGISTRY}: {known}. "
+            f"Give a registered name or a path to a {_ext_list()} file")
+
+
+def _registry_entry(name: str, raw: Any, folder: Path) -> Entry:
+    reg = str(folder / REGISTRY)
+    if not isinstance(raw, dict):
+        raise BadInput(f"entry '{name}' must be an object with a file_name, got {_kind(raw)}",
+                       file=reg, field=name)
+    file_name = raw.get("file_name")
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise BadInput(f"entry '{name}' needs a \"file_name\" (a file in {folder}; tunebench "
+                       "reads local files only)", file=reg, field=f"{name}.file_name")
+    fmt = raw.get("formatting")
+    if fmt is not None and fmt not in FORMATS:
+        raise BadInput(f"entry '{name}': unknown formatting {fmt!r}; expected one of "
+                       + ", ".join(FORMATS) + " (or leave it out to detect it)",
+                       file=reg, field=f"{name}.formatting")
+    columns = _registry_columns(name, raw.get("columns"), fmt, reg)
+    path = _expand(file_name)
+    path = path if path.is_absolute() else folder / path
+    if not _exists(path):
+        raise BadInput(f"dataset '{name}' points to a file that does not exist", file=str(path))
+    _check_file(path)
+    return Entry(path, fmt, columns, name)
+
+
+def _registry_columns(name: str, raw: Any, fmt: str | None, reg: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    where = f"{name}.columns"
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise BadInput("expected an object mapping fields to column names, e.g. "
+                       '{"prompt": "instruction", "response": "answer"}', file=reg, field=where)
+    allowed = set(FIELDS[fmt]) if fmt else {f for fs in FIELDS.values() for f in fs}
+    columns = {}
+    for key, column in raw.items():
+        canon = _canonical(key, fmt)
+        if canon not in allowed:
+            raise BadInput(f"unknown field '{key}'; expected one of "
+                           + ", ".join(sorted(allowed | {k for k, v in ALIASES.items()
+                                                         if v in allowed})),
+                           file=reg, field=where)
+        columns[canon] = column
+    return columns
+
+
+def _canonical(key: str, fmt: str | None) -> str:
+    key = ALIASES.get(key, key)
+    return FORMAT_ALIASES.get(fmt or "", {}).get(key, key)
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise BadInput(f"is a folder; expected a {_ext_list()} file", file=str(path))
+    if path.suffix.lower() not in EXTENSIONS:
+        raise BadInput(f"unsupported file type '{path.suffix or '(none)'}'; expected "
+                       f"{_ext_list()}", file=str(path))
+
+
+def _ext_list() -> str:
+    return ", ".join(EXTENSIONS[:-1]) + " or " + EXTENSIONS[-1]
+
+
+# --- raw readers: file -> list of rows ---------------------------------------------
+
+@dataclass
+class _Source:
+    """One file being read: how to find each field and how to word errors."""
+    label: str
+    fmt: str | None = None
+    cols: dict[str, str] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)  # what the registry asked for
+    detected: bool = False
+    csv: bool = False  # cells are text: "" is absent, lists arrive JSON-encoded
+    table: list[str] | None = None  # column names of csv/parquet files
+    lines: list[int] | None = None  # jsonl: line number of each record
+
+    def col(self, canon: str) -> str:
+        return self.cols.get(canon, canon)
+
+    def bad(self, what: str, record: int | None = None, fld: str | None = None) -> BadInput:
+        if record is not None and self.lines and record <= len(self.lines) \
+                and self.lines[record - 1] != record:
+            what += f" (line {self.lines[record - 1]})"
+        return BadInput(what, file=self.label, record=record, field=fld)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInput("file not found", file=str(path)) from None
+    except OSError as err:
+        raise BadInput(f"cannot read the file: {err.strerror or err}", file=str(path)) from None
+    if not data.strip():
+        raise BadInput("file is empty; expected records", file=str(path))
+    return data
+
+
+def _decode(data: bytes, label: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise BadInput(f"not UTF-8 text: byte 0x{data[err.start]:02x} on line {line} cannot be "
+                       "decoded; save the file as UTF-8", file=label) from None
+
+
+def _parse_json(text: str, label: str, what: str = "JSON") -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = (" (one JSON value per line? then name the file .jsonl)"
+                if err.msg == "Extra data" else "")
+        raise BadInput(f"invalid {what} at line {err.lineno} column {err.colno}: {err.msg}{hint}",
+                       file=label) from None
+    except RecursionError:
+        raise BadInput(f"invalid {what}: nested too deeply", file=label) from None
+
+
+def _read_rows(path: Path, src: _Source) -> list:
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        return _read_parquet(path, src)
+    text = _decode(_read_bytes(path), src.label)
+    if ext == ".json":
+        rows = _parse_json(text, src.label)
+        if not isinstance(rows, list):
+            raise src.bad(f"expected a list of records ([{{...}}, ...]) at the top level, got "
+                          f"{_kind(rows)}" + _nested_list_hint(rows))
+        return rows
+    if ext == ".jsonl":
+        return _read_jsonl(text, src)
+    return _read_csv(text, src)
+
+
+def _nested_list_hint(value: Any) -> str:
+    if isinstance(value, dict):
+        key = next((k for k, v in value.items() if isinstance(v, list)), None)
+        if key is not None:
+            return f" (the records seem to be under '{key}'; put that list at the top level)"
+    return ""
+
+
+def _read_jsonl(text: str, src: _Source) -> list:
+    rows, src.lines = [], []
+    # split on "\n" only: JSON strings may hold raw U+2028, which splitlines() breaks on
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise src.bad(f"invalid JSON on line {lineno} column {err.colno}: {err.msg}",
+                          len(rows) + 1) from None
+        except RecursionError:
+            raise src.bad(f"invalid JSON on line {lineno}: nested too deeply",
+                          len(rows) + 1) from None
+        src.lines.append(lineno)
+    return rows
+
+
+def _read_csv(text: str, src: _Source) -> list[dict]:
+    src.csv = True
+    csv.field_size_limit(MAX_RECORD_CHARS + 1)  # the default (128 KiB) is below our own limit
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise src.bad("has no header row; expected column names on the first line")
+        header = [h.strip() for h in header]
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes or "" in header:
+            raise src.bad("header row needs unique, non-empty column names"
+                          + (f" (repeated: {', '.join(dupes)})" if dupes else ""))
+        rows = []
+        for values in reader:
+            if not values:
+                continue  # blank line
+            if len(values) != len(header):
+                raise src.bad(f"has {len(values)} values but the header has {len(header)} "
+                              f"columns (line {reader.line_num})", len(rows) + 1)
+            rows.append(dict(zip(header, values)))
+    except csv.Error as err:
+        raise src.bad(f"invalid CSV at line {reader.line_num}: {err}") from None
+    src.table = header
+    return rows
+
+
+def _read_parquet(path: Path, src: _Source) -> list[dict]:
+    import pyarrow as pa  # lazy: pyarrow takes a while to import
+    import pyarrow.parquet as pq
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as err:
+        raise src.bad(f"cannot read the file: {err.strerror or err}") from None
+    if empty:
+        raise src.bad("file is empty; expected records")
+    try:
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+    except (pa.ArrowException, OSError, ValueError, TypeError) as err:
+        raise src.bad(f"cannot read as Parquet: {err}") from None
+    src.table = list(table.column_names)
+    return rows
+
+
+# --- format detection -----------------------------------------------------------
+
+def _detect(keys: set[str]) -> tuple[str, dict[str, str]] | None:
+    """(format, extra column mapping) recognised from a record's keys, or None."""
+    if "messages" in keys:
+        return "openai", {}
+    if "conversations" in keys:
+        return "sharegpt", {}
+    if "instruction" in keys:
+        cols = {}
+        if "output" not in keys and "response" in keys:  # dolly layout
+            cols["output"] = "response"
+        if "input" not in keys and "context" in keys:
+            cols["input"] = "context"
+        return "alpaca", cols
+    answer = next((k for k in ("completion", "response", "output") if k in keys), None)
+    if "prompt" in keys and answer:
+        return "alpaca", {"instruction": "prompt", "output": answer}
+    if "text" in keys:
+        return "text", {}
+    return None
+
+
+def _mapped_keys(keys: set[str], mapped: dict[str, str]) -> set[str]:
+    """A record's keys as canonical field names, through the registry's mapping."""
+    renamed = {canon for canon, col in mapped.items() if col in keys}
+    return renamed | (keys - set(mapped.values()))
+
+
+def _settle_format(rows: list, src: _Source) -> None:
+    """Fix the file's format and column mapping, checking the mapping against the file."""
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise src.bad(f"expected an object ({{...}}), got {_kind(first)}", 1)
+    keys = set(src.table) if src.table is not None else \
+        set().union(*(r.keys() for r in rows if isinstance(r, dict)))
+    for canon, column in src.mapped.items():
+        if column not in keys:
+            raise src.bad(f"{REGISTRY} maps '{canon}' to column '{column}', which the file does "
+                          f"not have (it has: {', '.join(sorted(map(str, keys))) or 'nothing'})",
+                          fld=column)
+    if src.fmt is None:
+        found = _detect(_mapped_keys(set(first), src.mapped))
+        if found is None:
+            raise src.bad("cannot tell the format from the fields "
+                          f"({', '.join(map(str, first)) or 'none'}); expected instruction + "
+                          "output (alpaca), conversations (sharegpt), messages (openai) or text",
+                          1)
+        src.fmt, src.detected = found[0], True
+        src.cols = {**found[1], **src.mapped}
+    if src.table is not None:
+        for canon in REQUIRED[src.fmt]:
+            if src.col(canon) not in src.table:
+                raise src.bad(f"no column '{src.col(canon)}', which the {src.fmt} format needs "
+                              f"(columns: {', '.join(src.table)})", fld=src.col(canon))
+
+
+def _check_same_format(row: dict, idx: int, src: _Source) -> None:
+    found = _detect(_mapped_keys(set(row), src.mapped))
+    if found and found[0] != src.fmt:
+        raise src.bad(f"looks like {found[0]} but record 1 is {src.fmt}; one file must use one "
+                      "format", idx)
+
+
+# --- fields -----------------------------------------------------------------------
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _check_text(value: str, idx: int, fld: str, src: _Source) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" in JSON decodes, then breaks every tokenizer
+        raise src.bad("contains an unpaired surrogate (a broken \\uXXXX escape); expected "
+                      "valid Unicode text", idx, fld) from None
+    return value
+
+
+def _text(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
+          nonempty: bool = False) -> str | None:
+    """A text field; None when an optional one is absent (or "" in a CSV)."""
+    name = src.col(canon)
+    value = row.get(name)
+    if value is None or (src.csv and value == "" and not required):
+        if required:
+            raise src.bad(f"is {'null' if name in row else 'missing'}; expected text", idx, name)
+        return None
+    if not isinstance(value, str):
+        raise src.bad(f"expected text, got {_kind(value)}", idx, name)
+    if nonempty and not value.strip():
+        raise src.bad("is empty; expected text", idx, name)
+    return _check_text(value, idx, name, src)
+
+
+def _list(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
+          example: str) -> list | None:
+    name = src.col(canon)
+    value = row.get(name)
+    if value is None or (src.csv and value == "" and not required):
+        if required:
+            raise src.bad(f"is {'null' if name in row else 'missing'}; expected a list like "
+                          f"{example}", idx, name)
+        return None
+    if src.csv and isinstance(value, str):  # lists in CSV cells are JSON-encoded
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise src.bad(f"expected a JSON-encoded list like {example}", idx, name) from None
+    if not isinstance(value, (list, tuple)):
+        raise src.bad(f"expected a list like {example}, got {_kind(value)}", idx, name)
+    return list(value)
+
+
+# --- records -> messages ---------------------------------------------------------------
+
+def _alpaca_messages(row: dict, idx: int, src: _Source) -> list[dict]:
+    instruction = _text(row, "instruction", idx, src, required=True)
+    extra = _text(row, "input", idx, src, required=False)
+    output = _text(row, "output", idx, src, required=True, nonempty=True)
+    system = _text(row, "system", idx, src, required=False)
+    prompt = "\n".join(p for p in (instruction, extra) if p and p.strip())
+    if not prompt:
+        raise src.bad("is empty; expected the instruction text", idx, src.col("instruction"))
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    for question, answer in _history(row, idx, src):
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": output}]
+
+
+def _history(row: dict, idx: int, src: _Source) -> list[tuple[str, str]]:
+    example = '[["earlier question", "earlier answer"], ...]'
+    items = _list(row, "history", idx, src, required=False, example=example) or []
+    name = src.col("history")
+    pairs = []
+    for k, pair in enumerate(items, 1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise src.bad(f"item {k}: expected a [question, answer] pair of non-empty texts, "
+                          f"got {json.dumps(pair, ensure_ascii=False, default=str)[:80]}",
+                          idx, name)
+        pairs.append((_check_text(pair[0], idx, name, src), _check_text(pair[1], idx, name, src)))
+    return pairs
+
+
+def _chat_messages(row: dict, idx: int, src: _Source) -> list[dict]:
+    canon = "conversations" if src.fmt == "sharegpt" else "messages"
+    example = ('[{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'
+               if canon == "conversations" else
+               '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+    items = _list(row, canon, idx, src, required=True, example=example)
+    name = src.col(canon)
+    if not items:
+        raise src.bad("is an empty conversation; expected a user message and an assistant "
+                      "reply", idx, name)
+    turns = [_turn(item, pos, idx, name, src) for pos, item in enumerate(items, 1)]
+    system = _text(row, "system", idx, src, required=False)
+    if system and system.strip():
+        if turns[0][0] == "system":
+            raise src.bad(f"a system prompt is given both here and as the first message of "
+                          f"'{name}'; keep one", idx, src.col("system"))
+        turns.insert(0, ("system", system, 0))
+    return _ordered(turns, idx, name, src)
+
+
+def _turn(item: Any, pos: int, idx: int, name: str, src: _Source) -> tuple[str, str, int]:
+    """One conversation item -> (normalized role, content, position)."""
+    if not isinstance(item, dict):
+        raise src.bad(f"message {pos}: expected an object with a role and a text, got "
+                      f"{_kind(item)}", idx, name)
+    role_key = "from" if "from" in item else "role"
+    text_key = "value" if "value" in item else "content"
+    role = item.get(role_key)
+    if role is None:
+        raise src.bad(f"message {pos}: missing 'from' (or 'role'); expected the speaker",
+                      idx, name)
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        raise src.bad(f"message {pos}: unknown role {role!r}; expected one of "
+                      + ", ".join(ROLES), idx, name)
+    content = item.get(text_key)
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        content = _join_parts(content, pos, idx, name, src)
+    if not isinstance(content, str):
+        raise src.bad(f"message {pos}: '{text_key}' is {_kind(content)}; expected text",
+                      idx, name)
+    return ROLES[role.lower()], _check_text(content, idx, name, src), pos
+
+
+def _join_parts(parts: list, pos: int, idx: int, name: str, src: _Source) -> str:
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+               for p in parts):
+        raise src.bad(f"message {pos}: content parts must be {{\"type\": \"text\", \"text\": "
+                      "...}; images and other parts are not supported", idx, name)
+    return "\n".join(p["text"] for p in parts)
+
+
+def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Source) -> list[dict]:
+    """Check: optional system first, then user/assistant alternating, assistant last."""
+    messages = []
+    if turns[0][0] == "system":
+        if turns[0][1].strip():  # an empty system prompt is harmless; drop it
+            messages.append({"role": "system", "content": turns[0][1]})
+        turns = turns[1:]
+    if not turns:
+        raise src.bad("has only a system message; expected a user message and an assistant "
+                      "reply", idx, name)
+    for i, (role, content, pos) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role == "system":
+            raise src.bad(f"message {pos}: a system message is only allowed first", idx, name)
+        if role != expected:
+            why = ("the conversation must start with the user" if i == 0 else
+                   f"two {role} messages in a row; turns must alternate user/assistant")
+            raise src.bad(f"message {pos}: expected a {expected} message ({why})", idx, name)
+        if not content.strip():
+            raise src.bad(f"message {pos}: empty {role} message; expected text", idx, name)
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise src.bad(f"message {turns[-1][2]}: the conversation ends with a user message; it "
+                      "must end with the assistant's reply (what the model learns to write)",
+                      idx, name)
+    return messages
+
+
+def _normalize(row: Any, idx: int, src: _Source) -> dict:
+    if not isinstance(row, dict):
+        raise src.bad(f"expected an object ({{...}}), got {_kind(row)}", idx)
+    if src.detected and src.table is None and idx > 1:
+        _check_same_format(row, idx, src)
+    if src.fmt == "text":
+        record = {"text": _text(row, "text", idx, src, required=True, nonempty=True)}
+        size = len(record["text"])
+    else:
+        builder = _alpaca_messages if src.fmt == "alpaca" else _chat_messages
+        record = {"messages": builder(row, idx, src)}
+        size = sum(len(m["content"]) for m in record["messages"])
+    if size > MAX_RECORD_CHARS:
+        raise src.bad(f"holds {size:,} characters of text; the limit is {MAX_RECORD_CHARS:,} "
+                      "per record (split it into smaller records)", idx)
+    return record
+
+
+# --- public API ------------------------------------------------------------------------
+
+def _read_entry(entry: Entry) -> tuple[list[dict], _Source]:
+    """Read and normalize a whole file (chat records or text records, by its format)."""
+    src = _Source(label=str(entry.path), fmt=entry.formatting, cols=dict(entry.columns),
+                  mapped=dict(entry.columns))
+    rows = _read_rows(entry.path, src)
+    if not rows:
+        raise src.bad("has no records; expected at least one")
+    _settle_format(rows, src)
+    return [_normalize(row, idx, src) for idx, row in enumerate(rows, 1)], src
+
+
+def fill_placeholders(text: str, identity: tuple[str, str]) -> str:
+    """Replace {{name}} and {{author}}."""
+    if "{{" not in text:  # the common case, and the regex is the slow part of reading
+        return text
+    name, author = identity
+    return _PLACEHOLDER.sub(lambda m: name if m.group(1) == "name" else author, text)
+
+
+def _for_stage(records: list[dict], src: _Source, stage: str) -> list[dict]:
+    if stage not in STAGES:
+        raise BadInput(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}",
+                       field="stage")
+    if stage == "sft" and src.fmt == "text":
+        raise src.bad("holds plain text (field 'text'), which trains with stage pt; for stage "
+                      "sft use a chat format (alpaca, sharegpt or openai)")
+    if stage == "pt" and src.fmt != "text":
+        # pre-training on chat data: the turns' texts, one paragraph each
+        return [{"text": "\n\n".join(m["content"] for m in r["messages"])} for r in records]
+    return records
+
+
+def _fill_all(records: list[dict], identity: tuple[str, str] | None) -> list[dict]:
+    if identity is None:
+        return records
+    out = []
+    for r in records:
+        if "text" in r:
+            out.append({"text": fill_placeholders(r["text"], identity)})
+        else:
+            out.append({"messages": [{"role": m["role"],
+                                      "content": fill_placeholders(m["content"], identity)}
+                                     for m in r["messages"]]})
+    return out
+
+
+def read_dataset(name_or_path: str, dataset_dir: str = "data", stage: str = "sft",
+                 identity: tuple[str, str] | None = None) -> tuple[list[dict], str]:
+    """One dataset -> (normalized records, format name).
+
+    sft records are {"messages": [...]}, pt records {"text": ...}. `identity`
+    (name, author) fills the {{name}} and {{author}} placeholders.
+    """
+    records, src = _read_entry(resolve(name_or_path, dataset_dir))
+    return _fill_all(_for_stage(records, src, stage), identity), src.fmt
+
+
+def load_records(config) -> list[dict]:
+    """Every dataset in `config.dataset`, placeholders filled, `max_samples` each."""
+    identity = (config.identity_name, config.identity_author)
+    records = []
+    for name in config.dataset:
+        rows, _ = read_dataset(name, config.dataset_dir, config.stage, identity)
+        records += rows[:config.max_samples] if config.max_samples else rows
+    return records
+
+
+# --- uploads ----------------------------------------------------------------------------
+
+def _safe_name(raw: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw).strip("._-")[:64]
+    return name or "upload"
+
+
+def _unique(name: str, taken) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+@contextlib.contextmanager
+def _registry_lock(folder: Path):
+    """Serialise read-modify-write of the registry between processes (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: uploads are rare enough to go unlocked
+        yield
+        return
+    with open(folder / "uploads" / ".lock", "w") as handle:  # uploads/ is the writable part
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
+                  name: str | None = None) -> str:
+    """Validate an uploaded file, copy it to <dataset_dir>/uploads/ and register it.
+
+    Returns the registered name. The registry is rewritten atomically.
+    """
+    from .runs import write_atomic
+    src = Path(src_path)
+    if not _exists(src, "file"):
+        raise BadInput("file not found", file=str(src)[:200])
+    _check_file(src)
+    size = src.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise BadInput(f"file is {size / 2**20:,.0f} MB; uploads are limited to "
+                       f"{MAX_UPLOAD_BYTES / 2**20:,.0f} MB", file=str(src))
+    records, source = _read_entry(Entry(src))  # validates every record before copying
+    folder = data_dir(dataset_dir)
+    (folder / "uploads").mkdir(parents=True, exist_ok=True)
+    with _registry_lock(folder):
+        registry = read_registry(folder)
+        wanted = _safe_name(name or src.stem)
+        if name and wanted in registry:
+            raise BadInput(f"a dataset named '{wanted}' is already registered; choose another "
+                           "name", field="name")
+        key = _unique(wanted, registry)
+        taken = {p.name for p in (folder / "uploads").iterdir()}
+        file_name = _unique(key, {Path(t).stem for t in taken}) + src.suffix.lower()
+        tmp = folder / "uploads" / f".{file_name}.partial"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, folder / "uploads" / file_name)
+        registry[key] = {"file_name": f"uploads/{file_name}", "formatting": source.fmt,
+                         "description": f"Uploaded from {src.name}: {len(records)} records",
+                         "tags": ["upload"]}
+        if source.cols:
+            registry[key]["columns"] = source.cols
+        write_atomic(folder / REGISTRY, json.dumps(registry, indent=2, ensure_ascii=False) + "\n")
+    return key
+
+
+# --- tunebench data check ------------------------------------------------------------------
+
+def _marker(stream) -> tuple[str, str]:
+    if stream.isatty():
+        return "\x1b[1;32m", "\x1b[0m"  # bold green
+    try:
+        "⟦⟧".encode(stream.encoding or "utf-8")
+        return "⟦", "⟧"
+    except (UnicodeEncodeError, LookupError):
+        return "[[", "]]"
+
+
+def _marked(segments: list[tuple[str, bool]], marks: tuple[str, str]) -> str:
+    return "".join(f"{marks[0]}{text}{marks[1]}" if trained else text
+                   for text, trained in segments)
+
+
+def _length_summary(lengths: list[int], cutoff: int, sampled: int, total: int) -> str:
+    over = sum(n > cutoff for n in lengths)
+    scope = f"first {sampled} of {total}" if sampled < total else f"all {total}"
+    return (f"tokens per example ({scope}): min {min(lengths)}, median "
+            f"{statistics.median(lengths):g}, max {max(lengths)}; {over} longer than "
+            f"cutoff_len {cutoff} (those get truncated)")
+
+
+def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
+                  template: str = "auto") -> int:
+    """`tunebench data check`: count, format and the first example as trained.
+
+    model "none" skips the tokenized preview (no tokenizer is loaded).
+    """
+    from .config import default_value
+    identity = (default_value("identity_name"), default_value("identity_author"))
+    entry = resolve(dataset, dataset_dir)
+    records, src = _read_entry(entry)
+    records = _fill_all(records, identity)
+    print(f"dataset: {entry.name or entry.path}  ({entry.path})")
+    print(f"records: {len(records)}")
+    mapping = ", ".join(f"{k} <- {v}" for k, v in src.cols.items() if k != v)
+    print(f"format:  {src.fmt}" + (" (detected)" if src.detected else "")
+          + (f"; columns {mapping}" if mapping else ""))
+    print("stage:   " + ("pt (plain text)" if src.fmt == "text" else "sft (chat)"))
+    if model.lower() == "none":
+        print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
+        return 0
+    _print_tokenized(records, model, template)
+    return 0
+
+
+def _print_tokenized(records: list[dict], model: str, template: str) -> None:
+    from .config import default_value
+    from .models import load_tokenizer
+    from .templates import encode_example, trained_segments
+    tokenizer = load_tokenizer(model, template)
+    cutoff = default_value("cutoff_len")
+    first = encode_example(records[0], tokenizer, cutoff)
+    trained = sum(label != -100 for label in first["labels"])
+    marks = _marker(sys.stdout)
+    print(f"\nfirst example as the model sees it (cutoff_len {cutoff}; trained tokens "
+          f"{marks[0]}marked{marks[1]}):")
+    print(_marked(trained_segments(tokenizer, first["input_ids"], first["labels"]), marks))
+    print(f"\ntrained tokens: {trained} of {len(first['input_ids'])}")
+    sample = records[:1000]  # lengths of more records cost more than they tell
+    lengths = [len(encode_example(r, tokenizer, 10**9)["input_ids"]) for r in sample]
+    print(_length_summary(lengths, cutoff, len(sample), len(records)))

@@ -1,0 +1,227 @@
+"""Malformed datasets: every one is a BadInput that says where and what, never a crash.
+
+tests/malformed/ holds one file (or registry folder) per case; cases.json says what
+the message must contain. The hypothesis tests feed the readers arbitrary JSON
+values and bytes: they either read into well-formed records or raise BadInput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core import data
+from core.errors import BadInput
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).parent / "malformed"
+CASES = json.loads((HERE / "cases.json").read_text(encoding="utf-8"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _read_case(case_id: str, case: dict):
+    if "dataset_dir" in case:
+        return data.read_dataset(case["dataset"], dataset_dir=str(HERE / case["dataset_dir"]))
+    return data.read_dataset(str(HERE / case_id), stage=case.get("stage", "sft"))
+
+
+def test_corpus_is_big_enough():
+    assert len(CASES) >= 40
+    files = [c for c in CASES if "dataset_dir" not in c]
+    # every listed file exists, except the one case about a missing file
+    assert [c for c in files if not (HERE / c).exists()] == ["does_not_exist.json"]
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_malformed_input_is_bad_input_naming_where(case_id):
+    case = CASES[case_id]
+    with pytest.raises(BadInput) as info:
+        _read_case(case_id, case)
+    message = str(info.value)
+    assert case.get("file", Path(case_id).name) in message
+    if case["record"] is not None:
+        assert f"record {case['record']}" in message
+        assert info.value.record == case["record"]
+    if case["field"] is not None:
+        assert f"field '{case['field']}'" in message
+    for fragment in case["expect"]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert "\n" not in message  # one line, as the CLI prints it
+
+
+def test_huge_record_is_refused(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    small = {"instruction": "a", "output": "b"}
+    big = {"instruction": "a", "output": "x" * (data.MAX_RECORD_CHARS + 1)}
+    path.write_text(json.dumps(small) + "\n" + json.dumps(big) + "\n", encoding="utf-8")
+    with pytest.raises(BadInput, match=r"huge\.jsonl, record 2: holds 10,000,00\d characters"):
+        data.read_dataset(str(path))
+
+
+def test_large_but_allowed_record_reads(tmp_path):
+    path = tmp_path / "long.csv"
+    long_text = "word " * 100_000  # over the csv module's default 128 KiB field limit
+    path.write_text(f"instruction,output\nrepeat,{long_text}\n", encoding="utf-8")
+    records, _ = data.read_dataset(str(path))
+    assert records[0]["messages"][1]["content"] == long_text
+
+
+def test_upload_size_limit(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 50), encoding="utf-8")
+    monkeypatch.setattr(data, "MAX_UPLOAD_BYTES", 100)
+    with pytest.raises(BadInput, match=r"big\.json: file is .* uploads are limited to"):
+        data.register_file(path, dataset_dir=str(tmp_path / "d"))
+    assert not (tmp_path / "d" / "dataset_info.json").exists()
+
+
+def test_unknown_stage_is_bad_input():
+    with pytest.raises(BadInput, match="unknown stage 'dpo'"):
+        data.read_dataset("identity", stage="dpo")
+
+
+# --- the real CLI: exit code 2, one line, no traceback -----------------------------------
+
+CLI_CASES = ["broken_json.json", "sharegpt_two_users.jsonl", "csv_missing_column.csv",
+             "not_parquet.parquet", "not_utf8.json", "registry_unknown_name", "unsupported.txt"]
+
+
+@pytest.mark.parametrize("case_id", CLI_CASES)
+def test_cli_data_check_exits_2_without_traceback(case_id):
+    case = CASES[case_id]
+    if "dataset_dir" in case:
+        args = [case["dataset"], "--dataset-dir", str(HERE / case["dataset_dir"])]
+    else:
+        args = [str(HERE / case_id)]
+    proc = subprocess.run([sys.executable, "-m", "webui.cli", "data", "check", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert case["expect"][0] in lines[0]
+
+
+# --- property tests ------------------------------------------------------------------------
+
+def assert_well_formed(records: list, stage: str) -> None:
+    assert isinstance(records, list) and records
+    for record in records:
+        if stage == "pt":
+            assert list(record) == ["text"] and isinstance(record["text"], str)
+            continue
+        assert list(record) == ["messages"]
+        messages = record["messages"]
+        if messages[0]["role"] == "system":
+            messages = messages[1:]
+        assert messages and len(messages) % 2 == 0
+        for i, message in enumerate(messages):
+            assert set(message) == {"role", "content"}
+            assert message["role"] == ("user" if i % 2 == 0 else "assistant")
+            assert isinstance(message["content"], str) and message["content"].strip()
+
+
+def read_or_bad_input(path: Path, stage: str = "sft") -> None:
+    """The property: read into well-formed records, or raise BadInput. Nothing else."""
+    try:
+        records, fmt = data.read_dataset(str(path), stage=stage, identity=("N", "A"))
+    except BadInput as err:
+        assert str(err) and path.name in str(err)
+        return
+    assert fmt in data.FORMATS
+    assert_well_formed(records, stage)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+# values shaped like the real formats, so the readers get past the first checks
+KEYS = ["instruction", "input", "output", "system", "history", "conversations", "messages",
+        "text", "from", "value", "role", "content", "id", "prompt", "response", "context"]
+ROLE_NAMES = ["human", "gpt", "user", "assistant", "system", "observation", "narrator"]
+shaped_values = st.recursive(
+    st.none() | st.integers(0, 3) | st.sampled_from(["", " ", "hi", "{{name}}"] + ROLE_NAMES),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS), inner,
+                                                                 max_size=4),
+    max_leaves=16)
+FAST = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _write(folder: str, name: str, content: str | bytes) -> Path:
+    path = Path(folder) / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+@FAST
+@given(value=json_values | st.lists(shaped_values, max_size=4), stage=st.sampled_from(data.STAGES))
+def test_any_json_document_reads_or_is_bad_input(value, stage):
+    with tempfile.TemporaryDirectory() as tmp:
+        read_or_bad_input(_write(tmp, "any.json", json.dumps(value)), stage)
+
+
+@FAST
+@given(rows=st.lists(shaped_values | json_values, max_size=5), stage=st.sampled_from(data.STAGES))
+def test_any_jsonl_lines_read_or_are_bad_input(rows, stage):
+    content = "".join(json.dumps(row) + "\n" for row in rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        read_or_bad_input(_write(tmp, "any.jsonl", content), stage)
+
+
+@FAST
+@given(header=st.lists(st.sampled_from(KEYS) | st.text(max_size=5), max_size=4),
+       cells=st.lists(st.lists(st.text(max_size=12), max_size=5), max_size=4))
+def test_any_csv_reads_or_is_bad_input(header, cells):
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(cells)
+    with tempfile.TemporaryDirectory() as tmp:
+        read_or_bad_input(_write(tmp, "any.csv", buffer.getvalue()))
+
+
+@FAST
+@given(blob=st.binary(max_size=200), ext=st.sampled_from(data.EXTENSIONS))
+def test_any_bytes_read_or_are_bad_input(blob, ext):
+    with tempfile.TemporaryDirectory() as tmp:
+        read_or_bad_input(_write(tmp, "blob" + ext, blob))
+
+
+@FAST
+@given(rows=st.lists(st.fixed_dictionaries(
+    {}, optional={k: shaped_values for k in ("instruction", "output", "conversations",
+                                             "messages", "text")}), min_size=1, max_size=4))
+def test_any_parquet_table_reads_or_is_bad_input(rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "any.parquet"
+        try:
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        except (pa.ArrowException, TypeError, ValueError):
+            return  # pyarrow cannot store these mixed types; nothing to read
+        read_or_bad_input(path)
+
+
+@FAST
+@given(name=st.text(max_size=300), folder=st.sampled_from(["data", "no/such/dir", "\x00"]))
+def test_any_dataset_name_reads_or_is_bad_input(name, folder):
+    try:
+        records, _ = data.read_dataset(name, dataset_dir=folder)
+    except BadInput as err:
+        assert str(err)
+        return
+    assert_well_formed(records, "sft")

@@ -1,0 +1,181 @@
+"""Real training of the demo model on CPU through `tunebench train`.
+
+Each test runs the CLI as a subprocess, exactly as the Train tab does, and then
+checks the run directory, the contract between trainer and everything else.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core import runs
+
+pytestmark = pytest.mark.train
+REPO = Path(__file__).resolve().parents[1]
+DATA = str(REPO / "data")
+QUICK = ["dataset=identity", f"dataset_dir={DATA}", "max_samples=16", "batch_size=4",
+         "epochs=1", "lora_rank=8", "lora_alpha=16", "learning_rate=1e-3"]
+
+
+def train_cmd(model, run_dir, *overrides):
+    return [sys.executable, "-m", "core", "train", f"model={model}", f"output_dir={run_dir}",
+            *QUICK, *overrides]
+
+
+def run_train(model, run_dir, *overrides, check=True):
+    proc = subprocess.run(train_cmd(model, run_dir, *overrides), capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def start_train(model, run_dir, *overrides):
+    return subprocess.Popen(train_cmd(model, run_dir, *overrides), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for(predicate, proc, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before {what}"
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_run_directory_contract(demo_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(demo_model_path, run_dir, "save_steps=2", "val_size=0.25")
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "command.txt", "status.json", "metrics.jsonl", "train.log", "final",
+            "loss.png", "checkpoint-2"} <= names
+    assert not any(n.startswith(".") for n in names), names  # no staging or temp leftovers
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["exit_code"] == 0 and status["error"] is None
+    assert set(status) >= {"state", "pid", "started_at", "ended_at", "exit_code", "error"}
+
+    records = runs.read_metrics(run_dir)
+    assert all({"step", "total_steps", "epoch", "elapsed_s"} <= set(r) for r in records)
+    train_lines = [r for r in records if "loss" in r]
+    assert train_lines and all({"loss", "learning_rate", "tokens_per_s"} <= set(r)
+                               for r in train_lines)
+    assert any("eval_loss" in r for r in records)
+    assert any("eta_s" in r for r in records)
+    assert records[-1]["step"] == records[-1]["total_steps"]
+
+    final = run_dir / "final"
+    assert (final / "adapter_config.json").is_file()
+    assert (final / "adapter_model.safetensors").is_file()
+    assert (final / "tokenizer.json").is_file()
+    assert not list(final.glob("*.bin"))  # safetensors only
+
+    # config.yaml reruns as it is
+    assert (run_dir / "command.txt").read_text().split()[1:3] == ["-m", "core"]
+    rerun = tmp_path / "rerun"
+    text = (run_dir / "config.yaml").read_text().replace(str(run_dir), str(rerun))
+    (tmp_path / "rerun.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "core", "train", str(tmp_path / "rerun.yaml"),
+                           "max_samples=4", "save_steps=1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_adapter_loads_with_peft_alone(demo_model_path, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_train(demo_model_path, tmp_path / "run", "epochs=0.5")
+    base = AutoModelForCausalLM.from_pretrained(demo_model_path)
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "final")
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape[-1] == base.config.vocab_size
+
+
+def test_kill9_then_resume_restores_step_and_lr(demo_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train(demo_model_path, run_dir, "epochs=3", "save_steps=3", "max_samples=24")
+    wait_for(lambda: (run_dir / "checkpoint-3").is_dir() and any(
+        r.get("step", 0) >= 4 for r in runs.read_metrics(run_dir)), proc, what="checkpoint-3")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and "disappeared" in status["error"]
+
+    before = {r["step"]: r for r in runs.read_metrics(run_dir) if "loss" in r}
+    last = runs.last_checkpoint(run_dir)
+    resumed_from = int(last.name.split("-")[1])
+    run_train(demo_model_path, run_dir, "epochs=3", "save_steps=3", "max_samples=24",
+              "resume=true")
+    after = [r for r in runs.read_metrics(run_dir) if "loss" in r]
+    first_new = next(r for r in after if r["step"] == resumed_from + 1 and r is not
+                     before.get(resumed_from + 1))
+    # the schedule continues where it was: same total, same lr for the same step
+    assert first_new["total_steps"] == 18
+    if resumed_from + 1 in before:
+        assert first_new["learning_rate"] == pytest.approx(before[resumed_from + 1]["learning_rate"])
+    assert runs.read_status(run_dir)["state"] == "completed"
+    assert after[-1]["step"] == 18
+
+
+def test_sigterm_aborts_and_keeps_a_checkpoint(demo_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train(demo_model_path, run_dir, "epochs=5", "max_samples=24")
+    wait_for(lambda: any(r.get("step", 0) >= 2 for r in runs.read_metrics(run_dir)),
+             proc, what="two steps")
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert time.time() - t0 < 30
+    status = runs.read_status(run_dir)
+    assert status["state"] == "aborted"
+    assert runs.last_checkpoint(run_dir) is not None  # the abort saved the current step
+    assert not (run_dir / "final").exists()
+
+
+@pytest.mark.parametrize("method, expect", [
+    ("dora", "adapter_config.json"),
+    ("qlora", "adapter_config.json"),
+    ("full", "model.safetensors"),
+    ("freeze", "model.safetensors"),
+])
+def test_methods_train_and_save(demo_model_path, tmp_path, method, expect):
+    run_train(demo_model_path, tmp_path / "run", f"method={method}", "max_samples=8",
+              "epochs=1", "freeze_layers=1")
+    assert (tmp_path / "run" / "final" / expect).is_file()
+    losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
+    assert losses and all(l == l for l in losses)  # finite, not NaN
+
+
+def test_pretraining_stage_on_plain_text(demo_model_path, tmp_path):
+    run_train(demo_model_path, tmp_path / "run", "stage=pt", "dataset=text_demo",
+              "max_samples=8")
+    assert runs.read_status(tmp_path / "run")["state"] == "completed"
+
+
+def test_loss_falls_on_repeated_data(demo_model_path, tmp_path):
+    run_train(demo_model_path, tmp_path / "run", "epochs=12", "max_samples=8", "batch_size=4",
+              "learning_rate=3e-3", "lora_rank=16", "lora_alpha=32", "warmup_ratio=0")
+    losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["epochs=-1"], "epochs"),
+    (["bogus_key=1"], "unknown key 'bogus_key'"),
+    (["dataset=no_such_dataset"], "no_such_dataset"),
+    (["model=/no/such/model"], "model folder not found"),
+])
+def test_bad_input_exits_2_without_traceback(demo_model_path, tmp_path, overrides, fragment):
+    proc = run_train(demo_model_path, tmp_path / "run", *overrides, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert fragment in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
