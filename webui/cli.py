@@ -1,0 +1,37 @@
+"""Entry point of the `tunebench` console script.
+
+It is core's command line plus the `webui` subcommand. It lives here, not in
+core/, because core/ never imports webui/. Gradio is imported only when the
+webui command runs, so `tunebench train` starts as fast as `python -m core`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from core import cli as core_cli
+
+
+def _webui(args) -> int:
+    from . import app
+    return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share)
+
+
+def build_parser():
+    parser = core_cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # the subparsers action
+    p = sub.add_parser("webui", help="serve the browser app")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.set_defaults(func=_webui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return core_cli.run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
