@@ -61,6 +61,12 @@ class TrainConfig:
         "auto", "Attention implementation. 'auto' picks the fastest one installed and supported "
         "on this device.", "model",
         choices=("auto", "sdpa", "eager", "flash_attention_2", "liger"), advanced=True)
+    rope_scaling: str = setting(
+        "none", "Stretch the model's context with RoPE scaling (for cutoff_len beyond what it "
+        "was trained on).", "model", choices=("none", "linear", "dynamic", "yarn", "llama3"),
+        advanced=True)
+    rope_factor: float = setting(2.0, "How many times longer the context becomes with RoPE "
+                                 "scaling.", "model", min=1.0, max=64.0, advanced=True)
     trust_remote_code: bool = setting(
         False, "Run Python code shipped inside the model folder. Only enable for models you trust.",
         "model", advanced=True)
@@ -124,11 +130,22 @@ class TrainConfig:
         "auto", "Numeric precision. auto: bf16 where supported, else fp16 on GPU, else fp32. "
         "pure_bf16 keeps the weights in bf16 too.", "training",
         choices=("auto", "bf16", "fp16", "fp32", "pure_bf16"), advanced=True)
+    optim: str = setting(
+        "adamw_torch", "Optimizer. The 8-bit and paged ones (bitsandbytes) save memory on GPU.",
+        "training", choices=("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+                             "adafactor", "sgd"), advanced=True)
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: "
                                            "less memory, about 30% slower.", "training",
                                            advanced=True)
     seed: int = setting(42, "Random seed for data order and initialisation.", "training", min=0,
                         max=2**31 - 1, advanced=True)
+
+    num_devices: int = setting(1, "Processes to train with, one per GPU (or CPU processes for "
+                               "testing).", "training", min=1, max=1024, advanced=True)
+    distributed: str = setting(
+        "ddp", "How several devices share the work: ddp copies the model to each; fsdp and "
+        "deepspeed shard it (GPU only).", "training",
+        choices=("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"), advanced=True)
 
     # --- run -------------------------------------------------------------------
     logging_steps: int = setting(1, "Write a metrics line every this many steps.", "run", min=1,
@@ -348,6 +365,7 @@ def validate(config: TrainConfig, total_steps: int | None = None) -> list[str]:
     if config.run_name and not _is_safe_name(config.run_name):
         problems.append("run_name: use letters, digits, '-', '_' and '.' only")
     problems += _precision_problems(config)
+    problems += _distributed_problems(config)
     problems += _booster_problems(config)
     if total_steps is not None and config.save_steps > total_steps:
         problems.append(f"save_steps: {config.save_steps} exceeds the run's {total_steps} "
@@ -366,6 +384,24 @@ def _precision_problems(config: TrainConfig) -> list[str]:
     if config.compute_type in ("bf16", "pure_bf16") and dev.kind == "cuda" and not dev.bf16:
         return ["compute_type: this GPU does not support bf16; use fp16 or auto"]
     return []
+
+
+def _distributed_problems(config: TrainConfig) -> list[str]:
+    dev = device.detect()
+    problems = []
+    if config.num_devices > 1 and config.distributed != "ddp" and dev.kind != "cuda":
+        problems.append(f"distributed: {config.distributed} needs GPUs; use ddp on CPU")
+    if config.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None \
+            and config.num_devices > 1:
+        problems.append(f"distributed: {config.distributed} needs the deepspeed package "
+                        "(pip install deepspeed)")
+    if dev.kind == "cuda" and config.num_devices > dev.count:
+        problems.append(f"num_devices: {config.num_devices} requested but this machine has "
+                        f"{dev.count} GPU(s)")
+    if config.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit") and \
+            importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"optim: {config.optim} needs bitsandbytes (pip install bitsandbytes)")
+    return problems
 
 
 def _booster_problems(config: TrainConfig) -> list[str]:
