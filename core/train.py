@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import config as cfg
-from . import data, models, runs, templates
+from . import data, distributed, models, runs, templates
 from .errors import BadInput, Problems
 
 OOM_HINT = ("ran out of memory. Lower batch_size or cutoff_len, turn on gradient_checkpointing, "
@@ -47,14 +47,20 @@ class AbortSignal:
     def _handle(self, signum, frame):
         self.requested = True
         print(f"received {signal.Signals(signum).name}: stopping", flush=True)
-        if not self.in_loop:
+        # Ranks of a multi-process run could stop at different steps and deadlock in a
+        # collective, so they stop at once and keep the last saved checkpoint.
+        if not self.in_loop or distributed.is_worker():
             raise Aborted()
 
 
 def main(config_path: str | None, overrides: list[str]) -> int:
     config = cfg.load(config_path, overrides)  # bad input fails here, before any model loads
+    if distributed.is_worker():  # the parent prepared the run dir and owns status and log
+        return run(config, Path(config.output_dir))
     config, run_dir = prepare_run_dir(config)
     with runs.TeeLog(run_dir / runs.LOG):
+        if config.num_devices > 1:
+            return distributed.launch_and_wait(config, run_dir)
         return run(config, run_dir)
 
 
@@ -89,17 +95,18 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
     """Set up, fit, save; record the outcome in status.json whatever happens."""
     import torch
 
-    runs.write_status(run_dir, "running", pid=os.getpid(), phase="starting")
+    if not distributed.is_worker():
+        runs.write_status(run_dir, "running", pid=os.getpid(), phase="starting")
     abort = AbortSignal()
     try:
         trainer, resume_from = setup(config, run_dir, abort)
-        runs.update_status(run_dir, phase="training")
+        _phase(run_dir, "training")
         abort.in_loop = True
         trainer.train(resume_from_checkpoint=resume_from)
         abort.in_loop = False
         if abort.requested:
             raise Aborted()
-        runs.update_status(run_dir, phase="saving")
+        _phase(run_dir, "saving")
         save_final(trainer, run_dir)
         return _finish(run_dir, "completed", 0)
     except Aborted:
@@ -116,9 +123,16 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
 
 
+def _phase(run_dir: Path, phase: str) -> None:
+    if distributed.is_main_process():
+        runs.update_status(run_dir, phase=phase)
+
+
 def _finish(run_dir: Path, state: str, code: int, error: str | None = None) -> int:
     from .plot import plot_loss
 
+    if not distributed.is_main_process():
+        return code
     try:
         plot_loss(run_dir)
     except Exception as err:  # a missing chart must not hide the run's real outcome
@@ -134,14 +148,14 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
     from .trainer import RunDirCallback, build_trainer
 
     resume_from = resume_checkpoint(config, run_dir)
-    runs.update_status(run_dir, phase="loading data")
+    _phase(run_dir, "loading data")
     tokenizer = models.load_tokenizer(config.model, config.template, config.trust_remote_code)
     train_rows, eval_rows = build_dataset(config, tokenizer)
     steps = estimate_total_steps(len(train_rows), config)
     problems = cfg.validate(config, total_steps=None if config.packing else steps)
     if problems:
         raise Problems(problems)
-    runs.update_status(run_dir, phase="loading model")
+    _phase(run_dir, "loading model")
     attention = models.pick_attention(config.booster)
     model = models.apply_method(models.load_base_model(config, attention), config)
     trainable, total = models.count_parameters(model)
@@ -210,8 +224,12 @@ def estimate_total_steps(n_rows: int, config: cfg.TrainConfig) -> int:
 def save_final(trainer, run_dir: Path) -> Path:
     """Write final/ atomically: a temp folder renamed into place once complete."""
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    if distributed.is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # every rank takes part (FSDP/DeepSpeed gather the weights)
+    trainer.accelerator.wait_for_everyone()
+    if not distributed.is_main_process():
+        return final
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors only
     if final.exists():

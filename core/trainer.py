@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import models, runs
+from . import distributed, models, runs
 from .config import TrainConfig
 
 STAGING = ".staging"
@@ -60,12 +60,15 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConf
         disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **distributed.trainer_kwargs(config, run_dir),
     )
 
 
 def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
                   eval_rows: list[dict], run_dir: Path, callback: TrainerCallback):
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()  # TRL's per-map bars would flood train.log; we print our own lines
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -105,6 +108,7 @@ class TunebenchTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its part (rng state)
         if not self.args.should_save:
             return
         target = run_dir / name
