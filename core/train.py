@@ -7,6 +7,7 @@ outside world learns about the run goes through the run directory (core/runs.py)
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -25,6 +26,11 @@ from .errors import BadInput, Problems
 
 OOM_HINT = ("ran out of memory. Lower batch_size or cutoff_len, turn on gradient_checkpointing, "
             "or use method qlora")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# torch.save hides the errno of a failed write behind these RuntimeError texts.
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
 
 
 class Aborted(Exception):
@@ -74,6 +80,7 @@ def prepare_run_dir(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, Path]:
                        "or choose another output_dir", file=str(run_dir), field="output_dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # a save cut short earlier
         config = replace(config, output_dir=str(run_dir), run_name=name)
         runs.write_atomic(run_dir / runs.CONFIG, cfg.to_yaml(config))
         command = _started_as() + sys.argv[1:]
@@ -114,10 +121,24 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
     except BadInput as err:
         print(f"error: {err}", flush=True)
         return _finish(run_dir, "failed", 2, str(err))
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError):
         return _finish(run_dir, "failed", 1, OOM_HINT)
-    except MemoryError:
-        return _finish(run_dir, "failed", 1, OOM_HINT)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            traceback.print_exc()
+            return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
+        return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was hit) "
+                       f"while writing {err.filename or 'the run folder'}; free some space or "
+                       "choose another output_dir")
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+            return _finish(run_dir, "failed", 1, OOM_HINT)
+        if any(sign in str(err) for sign in TORCH_WRITE_FAILED):
+            return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was "
+                           "hit) while saving a checkpoint; free some space or choose another "
+                           "output_dir")
+        traceback.print_exc()
+        return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
     except Exception as err:  # a bug: keep the traceback in train.log, show the gist
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
@@ -137,7 +158,10 @@ def _finish(run_dir: Path, state: str, code: int, error: str | None = None) -> i
         plot_loss(run_dir)
     except Exception as err:  # a missing chart must not hide the run's real outcome
         print(f"warning: could not draw loss.png: {err}", flush=True)
-    runs.write_status(run_dir, state, exit_code=code, error=error)
+    try:
+        runs.write_status(run_dir, state, exit_code=code, error=error)
+    except OSError as err:  # e.g. the disk is full: say so on the console at least
+        print(f"warning: could not write status.json: {err}", flush=True)
     print(f"run {state}" + (f": {error}" if error else "") + f" ({run_dir})", flush=True)
     return code
 

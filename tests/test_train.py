@@ -179,3 +179,29 @@ def test_bad_input_exits_2_without_traceback(demo_model_path, tmp_path, override
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert fragment in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_file_size_limit_mid_training_fails_clearly(demo_model_path, tmp_path):
+    """A full disk, simulated with RLIMIT_FSIZE: writing a checkpoint fails with EFBIG."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(demo_model_path, run_dir, "save_steps=1", "max_samples=8"),
+                          capture_output=True, text=True, preexec_fn=limit_file_size,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 1
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed"
+    assert "disk is full" in status["error"]
+    assert runs.checkpoints(run_dir) == []  # nothing half-written is listed as a checkpoint
+
+
+def test_unwritable_output_dir_is_bad_input(demo_model_path, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run folder's parent should be")
+    proc = run_train(demo_model_path, blocker / "run", check=False)
+    assert proc.returncode == 2 and "cannot write the run folder" in proc.stderr
