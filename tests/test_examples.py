@@ -1,0 +1,25 @@
+"""Every shipped example config loads and validates, and names only bundled datasets."""
+
+from pathlib import Path
+
+import pytest
+
+from core import config as cfg
+from core import data
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_valid(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])
+    raw = cfg.read_yaml(path)
+    if raw.get("distributed", "ddp") != "ddp" or raw.get("compute_type") in ("fp16", "bf16"):
+        pytest.skip("needs a GPU")
+    config = cfg.load(path)
+    registered = data.list_datasets(config.dataset_dir)
+    assert all(name in registered for name in config.dataset)
