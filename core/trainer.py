@@ -151,12 +151,18 @@ class RunDirCallback(TrainerCallback):
         if "loss" in logs:
             record.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                           tokens_per_s=self._throughput(logs.get("num_tokens")))
+            if logs.get("num_tokens") is not None:  # cumulative non-padding tokens trained on
+                record["num_tokens"] = int(logs["num_tokens"])
             if "nonpad_share" in logs:
                 record["nonpad_share"] = round(logs["nonpad_share"], 4)
             if "grad_norm" in logs:
                 record["grad_norm"] = logs["grad_norm"]
         if "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]
+        if "train_runtime" in logs:  # the trainer's end-of-training summary (the benchmark reads it)
+            record.update(train_runtime=logs["train_runtime"],
+                          train_samples_per_second=logs.get("train_samples_per_second"),
+                          num_tokens=self.last_tokens)
         if record:
             self._write(state, record)
 

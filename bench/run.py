@@ -1,0 +1,188 @@
+"""tunebench vs a plain TRL SFTTrainer script: same model, data and hyperparameters.
+
+    python bench/run.py --workload mixed        # or identity, or all
+    python bench/run.py --workload mixed --repeats 3 --set packing=true
+
+Each run is its own subprocess (tunebench through `python -m core train`, the
+baseline through bench/baseline_trl.py), measured from outside for wall time and
+peak memory of the process tree, and from inside (the trainers' own counters)
+for training time and the non-padding tokens trained on. The two alternate
+order between repeats so drift on a shared machine hits both alike. The median
+of the repeats is printed side by side with ratios and written as JSON.
+
+On a machine with an NVIDIA GPU, `--gpu-model` builds a Qwen2 model of a few
+hundred million parameters from a config (random weights, the demo tokenizer)
+and the table adds model FLOPs utilisation (MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_measured  # noqa: E402
+from workloads import REPO, Workload, workloads  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def tunebench_cmd(w: Workload, model: str, out: Path, extra: list[str]) -> list[str]:
+    """tunebench's own defaults for speed (length grouping, fp32 on CPU, no checkpointing)
+    plus the hyperparameters shared with the baseline; the scheduler matches SFTConfig's."""
+    name, author = w.identity
+    return [sys.executable, "-m", "core", "train", f"model={model}", f"dataset={w.dataset}",
+            f"output_dir={out}", f"method={w.method}", f"epochs={w.epochs}",
+            f"batch_size={w.batch_size}", f"cutoff_len={w.cutoff_len}",
+            f"learning_rate={w.learning_rate}", f"lora_rank={w.lora_rank}",
+            f"lora_alpha={w.lora_alpha}", "lora_target=all-linear", "lr_scheduler=linear",
+            "warmup_ratio=0", "seed=42", f"identity_name={name}", f"identity_author={author}",
+            *extra]
+
+
+def baseline_cmd(w: Workload, model: str, out: Path) -> list[str]:
+    return [sys.executable, str(REPO / "bench" / "baseline_trl.py"), model, w.dataset, str(out),
+            "--method", w.method, "--epochs", str(w.epochs), "--batch-size", str(w.batch_size),
+            "--learning-rate", str(w.learning_rate), "--max-length", str(w.cutoff_len),
+            "--lora-rank", str(w.lora_rank), "--lora-alpha", str(w.lora_alpha), "--seed", "42"]
+
+
+def _tunebench_inside(out: Path) -> dict:
+    """Training time and tokens from the run directory's metrics.jsonl."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    summary = next((x for x in reversed(lines) if "train_runtime" in x), {})
+    train = [x for x in lines if "loss" in x]
+    tokens = summary.get("num_tokens") or max((x.get("num_tokens", 0) for x in train), default=0)
+    share = [x["nonpad_share"] for x in train if "nonpad_share" in x]
+    return {"train_s": summary.get("train_runtime", lines[-1]["elapsed_s"]),
+            "num_tokens": tokens, "steps": lines[-1]["step"],
+            "loss": train[-1]["loss"] if train else None,
+            "nonpad_share": round(statistics.mean(share), 4) if share else None}
+
+
+def _baseline_inside(output: str) -> dict:
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{") and "train_s" in line:
+            return json.loads(line)
+    raise RuntimeError("the baseline printed no result line:\n" + output[-3000:])
+
+
+def run_one(tool: str, w: Workload, model: str, extra: list[str], env: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = tunebench_cmd(w, model, out, extra) if tool == "tunebench" else \
+            baseline_cmd(w, model, out)
+        m = run_measured(cmd, env=env, cwd=str(REPO))
+        if m.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({m.returncode}):\n{m.output[-4000:]}")
+        inside = _tunebench_inside(out) if tool == "tunebench" else _baseline_inside(m.output)
+    result = {"wall_s": round(m.wall_s, 2), "peak_rss_gb": round(m.peak_rss_gb, 3), **inside}
+    result["tokens_per_s"] = round(result["num_tokens"] / result["train_s"], 1)
+    print(f"  {tool:9s} wall {result['wall_s']:6.1f}s  train {result['train_s']:6.1f}s  "
+          f"{result['tokens_per_s']:8.0f} tok/s  peak {result['peak_rss_gb']:.2f} GB", flush=True)
+    return result
+
+
+def summarize(runs: list[dict], samples: float, flops_per_token: float | None,
+              peak_flops: float | None) -> dict:
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("wall_s", "train_s", "tokens_per_s", "peak_rss_gb", "num_tokens")}
+    med["samples_per_s"] = round(samples / med["train_s"], 2)
+    if flops_per_token and peak_flops:
+        med["mfu"] = round(med["tokens_per_s"] * flops_per_token / peak_flops, 4)
+    return med
+
+
+def table(name: str, tb: dict, base: dict) -> str:
+    rows = [("tokens/s (train)", "tokens_per_s", "{:.0f}", True),
+            ("samples/s (train)", "samples_per_s", "{:.2f}", True),
+            ("train time (s)", "train_s", "{:.1f}", False),
+            ("wall time (s)", "wall_s", "{:.1f}", False),
+            ("peak memory (GB)", "peak_rss_gb", "{:.2f}", False)]
+    if "mfu" in tb:
+        rows.append(("MFU", "mfu", "{:.1%}", True))
+    lines = [f"workload {name}", f"{'':20s}{'tunebench':>12s}{'TRL script':>12s}{'ratio':>9s}"]
+    for label, key, fmt, higher_better in rows:
+        ratio = tb[key] / base[key] if base[key] else float("nan")
+        lines.append(f"{label:20s}{fmt.format(tb[key]):>12s}{fmt.format(base[key]):>12s}"
+                     f"{ratio:>8.2f}x")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    from core import device
+
+    dev = device.detect()
+    return {"device": dev.describe(), "cpu_count": psutil.cpu_count(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def bench_workload(w: Workload, model: str, repeats: int, extra: list[str], env: dict,
+                   gpu: dict | None) -> dict:
+    print(f"== {w.name}: {w.notes}", flush=True)
+    runs = {"tunebench": [], "baseline": []}
+    for i in range(repeats):
+        order = ("tunebench", "baseline") if i % 2 == 0 else ("baseline", "tunebench")
+        for tool in order:
+            runs[tool].append(run_one(tool, w, model, extra, env))
+    n_rows = sum(1 for _ in open(w.dataset, encoding="utf-8"))
+    samples = n_rows * w.epochs
+    fpt = gpu and gpu["flops_per_token"][w.method]
+    peak = gpu and gpu["peak_flops"]
+    tb, base = (summarize(runs[t], samples, fpt, peak) for t in ("tunebench", "baseline"))
+    print(table(w.name, tb, base), flush=True)
+    return {"workload": w.__dict__, "tunebench_settings": extra, "runs": runs,
+            "median": {"tunebench": tb, "baseline": base},
+            "ratio": {k: round(tb[k] / base[k], 3) for k in tb if base.get(k)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("mixed", "identity", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="demo", help="model folder, or 'demo'")
+    parser.add_argument("--gpu-model", action="store_true",
+                        help="build a few-hundred-million-parameter Qwen2 from a config (GPU runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra tunebench settings, e.g. packing=true")
+    parser.add_argument("--out", default=None, help="JSON result file")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    from core.models import resolve_model
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    model, gpu = resolve_model(args.model), None
+    work = Path(tempfile.mkdtemp(prefix="tunebench-bench-"))
+    if args.gpu_model:
+        from gpu_model import build_gpu_model, gpu_facts
+
+        model = str(build_gpu_model(work / "gpu-model"))
+        gpu = gpu_facts(model)
+    chosen = workloads(work / "data")
+    names = list(chosen) if args.workload == "all" else [args.workload]
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+              "model": model, "repeats": args.repeats, "gpu": gpu, "results": {}}
+    for name in names:
+        report["results"][name] = bench_workload(chosen[name], model, args.repeats, args.set,
+                                                 env, gpu)
+    report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

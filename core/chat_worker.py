@@ -1,0 +1,282 @@
+"""The chat model runs in its own process; the web UI talks to it over JSON lines.
+
+Why a process: loading or generating may run out of memory or crash, and that
+must not take the page server down. Unloading is the process exiting, so the
+memory is really returned to the system. The server stays free of torch.
+
+Protocol: one JSON object per line. Requests (stdin) carry an "id" and an "op":
+    {"op": "load", "model": ..., "checkpoint": ..., "trust_remote_code": false}
+    {"op": "generate", "messages": [...], "settings": {...}, "side": "after"|"before"}
+    {"op": "cancel"}     stops the reply being generated (handled at once)
+    {"op": "exit"}
+Events (stdout) carry the request's "id" and an "event":
+    progress {message, fraction} | loaded {info, text} | piece {text} | done {stats}
+    | error {kind: "bad_input"|"oom"|"error", message}
+Run the worker with `python -m core.chat_worker`; `ChatWorker` is the client side.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BadInput
+
+_ROOT = Path(__file__).resolve().parent.parent  # the folder holding the core package
+
+
+class WorkerError(Exception):
+    """The worker reported a failure (out of memory, a crash); the message is for people."""
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# --- client side (imported by the web UI: no torch here) --------------------------
+
+class ChatWorker:
+    """Starts and talks to one chat worker process. Thread-safe; one request at a time."""
+
+    def __init__(self, env: dict | None = None):
+        self.env = env or {}                   # extra environment for the worker process
+        self.proc: subprocess.Popen | None = None
+        self.info: dict | None = None          # what is loaded (ChatEngine.Loaded as a dict)
+        self.text = ""                         # the loaded model, described for the page
+        self._ids = itertools.count(1)
+        self._busy = threading.Lock()
+        self._write = threading.Lock()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        self._stderr.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "core.chat_worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+            bufsize=1, env=env, cwd=str(_ROOT))
+        threading.Thread(target=self._drain_stderr, args=(self.proc,), daemon=True).start()
+
+    def _drain_stderr(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self._stderr.append(line.rstrip())
+
+    def _send(self, request: dict) -> None:
+        with self._write:
+            try:
+                self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError, AttributeError):
+                raise self._gone() from None
+
+    def _gone(self) -> WorkerError:
+        self.info = None
+        code = self.proc.wait(timeout=5) if self.proc else None
+        why = ("killed, most likely by the system running out of memory" if code in (-9, 137)
+               else f"exit code {code}")
+        last = [line for line in self._stderr if line.strip()][-3:]
+        detail = (": " + " | ".join(last)[-400:]) if last and code not in (-9, 137) else ""
+        return WorkerError(f"The chat model process stopped unexpectedly ({why}){detail}. "
+                           "The model is unloaded; press Load to start again.", "crash")
+
+    def _events(self, request_id: int) -> Iterator[dict]:
+        """Events for one request until its final one (loaded, done or error)."""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise self._gone()
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not protocol output; the worker routes prints to stderr anyway
+            if event.get("id") != request_id:
+                continue
+            if event["event"] == "error":
+                if event["kind"] == "bad_input":
+                    raise BadInput(event["message"])
+                raise WorkerError(event["message"], event["kind"])
+            yield event
+            if event["event"] in ("loaded", "done"):
+                return
+
+    def _acquire(self) -> None:
+        if not self._busy.acquire(timeout=1.0):
+            raise BadInput("the chat model is busy (loading or answering); wait for it to finish")
+
+    def load(self, model: str, checkpoint: str | None = None,
+             trust_remote_code: bool = False) -> Iterator[dict]:
+        """Start a fresh worker and load into it; yields progress events, then 'loaded'."""
+        self._acquire()
+        try:
+            self._stop()
+            self._start()
+            request_id = next(self._ids)
+            self._send({"id": request_id, "op": "load", "model": model, "checkpoint": checkpoint,
+                        "trust_remote_code": trust_remote_code})
+            for event in self._events(request_id):
+                if event["event"] == "loaded":
+                    self.info, self.text = event["info"], event["text"]
+                yield event
+        except BaseException:
+            if self.info is None:
+                self._stop()  # a failed load leaves nothing running
+            raise
+        finally:
+            self._busy.release()
+
+    def generate(self, messages: list[dict], settings: dict, side: str = "after",
+                 stats: dict | None = None) -> Iterator[str]:
+        """Stream a reply as text pieces; `stats` (if given) receives the final figures."""
+        if not self.alive or self.info is None:
+            raise BadInput("no model loaded: pick a model and press Load first")
+        self._acquire()
+        finished = False
+        try:
+            request_id = next(self._ids)
+            self._send({"id": request_id, "op": "generate", "messages": messages,
+                        "settings": settings, "side": side})
+            for event in self._events(request_id):
+                if event["event"] == "piece":
+                    yield event["text"]
+                elif event["event"] == "done" and stats is not None:
+                    stats.update(event["stats"])
+            finished = True
+        except (BadInput, WorkerError):
+            finished = True
+            raise
+        finally:
+            if not finished and self.alive:  # the page went away mid-reply: stop and resync
+                self._send({"op": "cancel"})
+                for _ in self._events(request_id):
+                    pass
+            self._busy.release()
+
+    def cancel(self) -> None:
+        if self.alive:
+            self._send({"op": "cancel"})
+
+    def _stop(self) -> None:
+        proc, self.proc, self.info, self.text = self.proc, None, None, ""
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            proc.stdin.flush()
+            proc.wait(timeout=10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+    def unload(self) -> None:
+        """End the worker process, which returns all its memory to the system."""
+        self.cancel()
+        self._acquire()
+        try:
+            self._stop()
+        finally:
+            self._busy.release()
+
+
+# --- worker side ----------------------------------------------------------------
+
+def _handle(engine, request: dict, emit) -> None:
+    from .chat import GenSettings, is_out_of_memory, oom_message
+
+    request_id = request.get("id")
+    op = request.get("op")
+    try:
+        if op == "load":
+            loaded = engine.load(
+                request["model"], request.get("checkpoint"), bool(request.get("trust_remote_code")),
+                progress=lambda message, fraction: emit(request_id, "progress", message=message,
+                                                        fraction=fraction))
+            emit(request_id, "loaded", info=asdict(loaded), text=loaded.describe())
+        elif op == "generate":
+            settings = GenSettings(**request.get("settings", {}))
+            for piece in engine.stream(request["messages"], settings, request.get("side", "after")):
+                emit(request_id, "piece", text=piece)
+            stats = engine.stats
+            emit(request_id, "done", stats=dict(asdict(stats), tokens_per_s=stats.tokens_per_s))
+        else:
+            emit(request_id, "error", kind="error", message=f"unknown request '{op}'")
+    except BadInput as err:
+        emit(request_id, "error", kind="bad_input", message=str(err))
+    except Exception as err:  # noqa: BLE001 - reported to the page, the worker lives on
+        if is_out_of_memory(err):
+            emit(request_id, "error", kind="oom", message=oom_message(op))
+        else:
+            import traceback
+            traceback.print_exc()  # to stderr, for the developer; the page gets one line
+            emit(request_id, "error", kind="error", message=f"{type(err).__name__}: {err}")
+
+
+def _cap_memory() -> None:
+    """TUNEBENCH_CHAT_MEMORY_MB caps what the model may take (address space beyond the
+    libraries), so a model too big for the machine fails here with a clear "out of memory"
+    instead of the system's OOM killer picking a victim, perhaps a training run."""
+    megabytes = os.environ.get("TUNEBENCH_CHAT_MEMORY_MB")
+    if not megabytes:
+        return
+    import resource
+
+    import peft  # noqa: F401 - the libraries' own address space is not counted
+    import psutil
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    limit = psutil.Process().memory_info().vms + int(megabytes) * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+
+def serve() -> int:
+    """The worker's main loop: read requests from stdin, answer on stdout."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def emit(request_id, event, **payload):
+        with lock:
+            protocol.write(json.dumps({"id": request_id, "event": event, **payload},
+                                      ensure_ascii=False) + "\n")
+
+    from .chat import ChatEngine
+    engine = ChatEngine()
+    requests: queue.Queue = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if request.get("op") == "cancel":
+                engine.cancel()  # at once, even while a reply is being generated
+            else:
+                requests.put(request)
+        requests.put({"op": "exit"})  # the server went away: exit too
+
+    threading.Thread(target=read, daemon=True).start()
+    _cap_memory()  # after starting the reader: a thread's stack counts as address space
+    while True:
+        request = requests.get()
+        if request.get("op") == "exit":
+            return 0
+        _handle(engine, request, emit)
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -1,0 +1,569 @@
+"""Export a fine-tune as a merged, size-sharded safetensors model, and prove it works.
+
+Reads top to bottom as the export runs:
+  plan    check every input and the destination before any weight is loaded
+  load    the base + adapter (or the full checkpoint) in the export dtype
+  source  one greedy chat turn on the source model: the reference to compare with
+  merge   fold the adapter into the base weights (PEFT merge_and_unload, in place)
+  write   shard by shard into a hidden temp folder next to the destination
+  verify  free the source, reload the folder with plain transformers, compare
+  publish rename the temp folder into place; nothing half-written is ever visible
+
+Memory: the model is held once. `save_pretrained(max_shard_size=...)` hands each
+shard's tensors (views of the weights, no copies) to safetensors and drops them
+before the next shard, so the peak is one model plus one shard's write buffer;
+the verification reload happens after the source is freed.
+
+Progress lines go to stdout: plain text, or JSON lines when TUNEBENCH_PROGRESS=json
+(the Export tab runs `tunebench export` as a subprocess and reads them).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import BadInput
+from .runs import now_iso
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+PROBE = "Who are you?"
+VERIFY_TOKENS = 48
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def parse_size(text: str | int) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2*2**30 (MB = 10**6, MiB = 2**20, as the hub counts)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    unit = match and match.group(2).upper()
+    if unit and not unit.endswith("B"):
+        unit += "B"  # "500M" means 500MB
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise BadInput(f"expected a size such as 500MB or 2GB, got '{text}'", field="shard_size")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 10**5:
+        raise BadInput(f"shard size {text} is too small; use at least 100KB", field="shard_size")
+    return size
+
+
+def _header_margin(limit: int) -> int:
+    """Room left in each shard for the safetensors JSON header, so files stay within `limit`."""
+    return min(limit // 20, 256 * 1024)
+
+
+# --- progress -------------------------------------------------------------------
+
+class Reporter:
+    """Progress lines for people, or JSON lines for the Export tab."""
+
+    def __init__(self, as_json: bool | None = None):
+        self.as_json = (os.environ.get("TUNEBENCH_PROGRESS") == "json"
+                        if as_json is None else as_json)
+
+    def step(self, fraction: float, message: str) -> None:
+        if self.as_json:
+            print(json.dumps({"progress": round(fraction, 3), "message": message},
+                             ensure_ascii=False), flush=True)
+        else:
+            print(f"[{fraction:4.0%}] {message}", flush=True)
+
+    def result(self, result: dict) -> None:
+        if self.as_json:
+            print(json.dumps({"result": result}, ensure_ascii=False), flush=True)
+            return
+        for check in result["checks"]:
+            print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
+        state = "verified" if result["ok"] else "NOT verified"
+        print(f"export {state}: {result['out']} ({result['shards']} shards, "
+              f"{result['size_mb']:.1f} MB; peak memory {result['peak_rss_mb']:.0f} MB for a "
+              f"{result['model_mb']:.0f} MB model)", flush=True)
+
+
+# --- plan: every check before loading ----------------------------------------------
+
+@dataclass
+class Plan:
+    model: str                 # as the user gave it ("demo", a folder, a hub id)
+    base: str                  # resolved: what from_pretrained takes
+    adapter: Path | None
+    kind: str                  # "adapter", "full" (a whole-model checkpoint) or "model" (none)
+    out: Path
+    tmp: Path
+    shard_bytes: int
+    shard_size: str
+    dtype: str
+    overwrite: bool
+    run_config: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """The folder whose weights are exported."""
+        return str(self.adapter) if self.kind == "full" else self.base
+
+
+def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2GB",
+                dtype: str = "auto", overwrite: bool = False) -> Plan:
+    """Check the inputs and the destination; nothing heavy is loaded."""
+    from .chat import checkpoint_kind, resolve_model, run_config
+
+    if dtype not in DTYPES:
+        raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
+    shard_bytes = parse_size(shard_size)
+    ckpt = Path(adapter).expanduser().resolve() if adapter else None
+    kind = checkpoint_kind(ckpt) if ckpt else "model"
+    base = resolve_model(model)
+    if not str(out or "").strip():
+        raise BadInput("no export folder given", field="out")
+    dest = Path(out).expanduser().resolve()
+    _check_destination(dest, [Path(base), ckpt], overwrite)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    _check_writable(tmp)
+    return Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
+                overwrite, run_config(ckpt) if ckpt else {})
+
+
+def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
+    for source in sources:
+        if source is not None and source.exists() and (
+                dest == source.resolve() or source.resolve().is_relative_to(dest)):
+            raise BadInput("the export folder would replace the model or checkpoint it is made "
+                           "from; choose another folder", file=str(dest))
+    if dest.exists() and not dest.is_dir():
+        raise BadInput("a file is in the way of the export folder", file=str(dest))
+    if dest.is_dir() and any(dest.iterdir()):
+        if not overwrite:
+            raise BadInput("an export already exists here; choose another folder or allow "
+                           "overwriting (--overwrite)", file=str(dest))
+        if not (dest / "config.json").is_file():
+            raise BadInput("refusing to overwrite: this folder is not a model export",
+                           file=str(dest))
+    _remove_stale_temps(dest)
+
+
+def _check_writable(tmp: Path) -> None:
+    """Create (and remove) the temp folder once, so an unwritable place fails in seconds."""
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        tmp.rmdir()
+    except OSError as err:
+        raise BadInput(f"cannot write the export here: {err.strerror or err}",
+                       file=str(tmp.parent)) from None
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Temp folders of earlier exports to `dest` whose process is gone (killed mid-write)."""
+    import psutil
+    if not dest.parent.is_dir():
+        return
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_temp(plan: Plan, needed_bytes: int) -> None:
+    try:
+        plan.tmp.mkdir(parents=True)
+    except OSError as err:
+        raise BadInput(f"cannot write the export here: {err.strerror or err}",
+                       file=str(plan.out.parent)) from None
+    free = shutil.disk_usage(plan.tmp).free
+    if needed_bytes * 1.05 > free:
+        shutil.rmtree(plan.tmp, ignore_errors=True)
+        raise BadInput(f"not enough disk space: the export needs about {needed_bytes / 1e9:.2f} "
+                       f"GB and {free / 1e9:.2f} GB are free", file=str(plan.out.parent))
+
+
+# --- load, reference turn, merge ---------------------------------------------------
+
+def export_dtype(plan: Plan):
+    """auto = the dtype the source weights are stored in (fp32 when unrecorded)."""
+    import torch
+    if plan.dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.dtype]
+    from .chat import load_config
+    stored = getattr(load_config(plan.source), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
+def estimate_bytes(plan: Plan, dtype) -> int:
+    """The export's size: the source's weight files, rescaled to the export dtype."""
+    import torch
+    from .chat import load_config
+    files = list(Path(plan.source).glob("*.safetensors")) if Path(plan.source).is_dir() else []
+    stored = getattr(load_config(plan.source), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    stored_size = stored.itemsize if isinstance(stored, torch.dtype) else 4
+    return int(sum(f.stat().st_size for f in files) * dtype.itemsize / stored_size)
+
+
+def load_source(plan: Plan, dtype, report: Reporter):
+    """The model to export (adapter applied, not merged yet) and its tokenizer."""
+    from .chat import _tokenizer_folder, apply_adapter, load_tokenizer, load_config
+
+    folder = _tokenizer_folder(plan.base, plan.adapter)
+    template = plan.run_config.get("template", "auto") if folder == plan.base else "auto"
+    tokenizer = load_tokenizer(folder, str(template))
+    report.step(0.05, f"loading {Path(plan.source).name} as {str(dtype).replace('torch.', '')}")
+    if plan.kind == "adapter":
+        from .chat import check_adapter_fits
+        check_adapter_fits(plan.base, load_config(plan.base), plan.adapter)
+    model = _load_cpu(plan.source, dtype)
+    if plan.kind == "adapter":
+        report.step(0.2, f"applying adapter {plan.adapter.parent.name}/{plan.adapter.name}")
+        model = apply_adapter(model, plan.adapter, plan.base)
+    return model, tokenizer
+
+
+def _load_cpu(folder: str, dtype):
+    # Export always works on CPU: it needs no GPU, and CPU RAM is what the memory goal is about.
+    from transformers import AutoModelForCausalLM
+    from .chat import _load_error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise _load_error(folder, err) from None
+    return model.eval()
+
+
+def greedy_turn(model, tokenizer, eos_ids: list[int] | None = None) -> dict:
+    """One greedy chat turn on PROBE: the new tokens and the first step's logits."""
+    import torch
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    extra = {"eos_token_id": eos_ids} if eos_ids is not None else {}
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=VERIFY_TOKENS,
+                             output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id, **extra)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return {"tokens": tokens, "logits": [step[0].float().clone() for step in out.logits]}
+
+
+def merge(model, plan: Plan, tokenizer):
+    """Fold the adapter into the weights and set the stop tokens the template needs."""
+    from .chat import stop_token_ids
+    if plan.kind == "adapter":
+        model = model.merge_and_unload()  # in place: no second copy of the weights
+    stops = stop_token_ids(tokenizer, model.generation_config)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    return model, stops
+
+
+# --- write ------------------------------------------------------------------------
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values())
+
+
+def write_shards(model, tokenizer, plan: Plan, report: Reporter) -> None:
+    """save_pretrained shard by shard into the temp folder, reporting each shard as it lands."""
+    total = math.ceil(model_bytes(model) / (plan.shard_bytes - _header_margin(plan.shard_bytes)))
+    done = threading.Event()
+
+    def watch():
+        seen = 0
+        while not done.wait(0.3):
+            count = len(list(plan.tmp.glob("model*.safetensors")))
+            if count != seen:
+                seen = count
+                report.step(0.35 + 0.3 * min(count / max(total, 1), 1.0),
+                            f"writing shard {count} of about {total}")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        model.save_pretrained(plan.tmp, max_shard_size=plan.shard_bytes
+                              - _header_margin(plan.shard_bytes))
+        tokenizer.save_pretrained(plan.tmp)
+    finally:
+        done.set()
+        watcher.join()
+
+
+# --- verify -----------------------------------------------------------------------
+
+def _check(name: str, ok: bool, detail: str) -> dict:
+    return {"name": name, "ok": bool(ok), "detail": detail}
+
+
+def check_shards(folder: Path, limit: int) -> dict:
+    """Every shard within `limit` (unless one tensor alone is bigger) and listed in the index."""
+    from safetensors import safe_open
+
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    index_path = folder / INDEX
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    else:
+        weight_map = {}
+        if files == ["model.safetensors"]:
+            with safe_open(str(folder / files[0]), framework="pt") as fh:
+                weight_map = {k: files[0] for k in fh.keys()}
+    problems, oversized = [], []
+    listed = set(weight_map.values())
+    problems += [f"{f} is not in the index" for f in files if f not in listed]
+    problems += [f"{f} is in the index but missing" for f in sorted(listed) if f not in files]
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as fh:
+            keys = list(fh.keys())
+        problems += [f"{k} is in {name} but the index says {weight_map.get(k)}"
+                     for k in keys if weight_map.get(k) != name]
+        size = (folder / name).stat().st_size
+        if size > limit:
+            (oversized if len(keys) == 1 else problems).append(
+                f"{name} is {size / 1e6:.2f} MB, over the {limit / 1e6:.2f} MB limit")
+    detail = (f"{len(files)} shards, largest {max((folder / f).stat().st_size for f in files) / 1e6:.2f} MB "
+              f"of {limit / 1e6:.2f} MB allowed, all listed in the index")
+    if oversized:
+        detail += f" (a single tensor is bigger than the limit: {'; '.join(oversized)})"
+    return _check("shards within the size limit and indexed", not problems,
+                  "; ".join(problems[:3]) if problems else detail)
+
+
+def verify(folder: Path, dtype, reference: dict | None, stops: list[int], limit: int,
+           report: Reporter) -> list[dict]:
+    """Reload the export with plain transformers and compare it with the source model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checks = [check_shards(folder, limit)]
+    report.step(0.75, "verifying: reloading the export with transformers")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a failed reload is the finding, not a crash
+        return checks + [_check("reloads with transformers", False, f"{type(err).__name__}: {err}")]
+    checks.append(_check("reloads with transformers", True,
+                         f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
+                         "parameters"))
+    saved_eos = model.generation_config.eos_token_id
+    saved_eos = saved_eos if isinstance(saved_eos, list) else [saved_eos]
+    names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in stops)
+    checks.append(_check("generation config stops at the template's stop tokens",
+                         set(stops) <= set(saved_eos), f"eos_token_id = {saved_eos} ({names})"))
+    if reference is None:
+        return checks
+    report.step(0.85, "verifying: one greedy chat turn, export vs source")
+    got = greedy_turn(model, tokenizer)  # with the export's own generation config
+    checks += compare_turns(reference, got, tokenizer, set(saved_eos))
+    return checks
+
+
+def compare_turns(reference: dict, got: dict, tokenizer, eos: set[int]) -> list[dict]:
+    """Same greedy tokens as the source, allowing only a rounding tie to be broken differently.
+
+    In bf16/fp16 the merged weights round differently from base + adapter, so where the
+    source's two best tokens are closer than that rounding (margin <= 2 x the logit
+    difference at that step) greedy may pick the other one. Anywhere else, a different
+    token means the export is not the same model.
+    """
+    ref, new = reference["tokens"], got["tokens"]
+    diff = float((reference["logits"][0] - got["logits"][0]).abs().max())
+    text = tokenizer.decode(new, skip_special_tokens=True)[:80]
+    if ref == new:
+        same = _check("same greedy tokens as the source", True, f"{len(new)} tokens identical; "
+                      f"max logit difference {diff:.2e}: {text!r}")
+    else:
+        at = next((i for i, (a, b) in enumerate(zip(ref, new)) if a != b), min(len(ref), len(new)))
+        same = _check("same greedy tokens as the source", False, f"first difference at token "
+                      f"{at} of {len(ref)}; max logit difference {diff:.2e}")
+        if at < min(len(ref), len(new)):
+            step_ref, step_new = reference["logits"][at], got["logits"][at]
+            margin = float(step_ref[ref[at]] - step_ref[new[at]])
+            noise = float((step_ref - step_new).abs().max())
+            if margin <= 2 * noise:
+                same = _check("same greedy tokens as the source", True,
+                              f"first {at} tokens identical; at token {at} the source's two best "
+                              f"tokens were {margin:.3f} apart, within this dtype's rounding "
+                              f"({noise:.3f}), so the tie broke the other way")
+    name = "generation stops at eos"
+    if new and new[-1] in eos:
+        stops = _check(name, True, f"the reply ends with {tokenizer.convert_ids_to_tokens(new[-1])} "
+                       f"after {len(new)} tokens")
+    elif ref and ref[-1] in eos and ref == new[:len(ref)]:
+        stops = _check(name, False, f"the source stopped after {len(ref)} tokens, the export "
+                       "did not")
+    else:
+        stops = _check(name, True, f"not observable: the reply did not end within "
+                       f"{VERIFY_TOKENS} tokens (the stop tokens are checked above)")
+    return [same, stops]
+
+
+# --- card and publish ----------------------------------------------------------------
+
+def method_of(plan: Plan) -> str:
+    if plan.run_config.get("method"):
+        return str(plan.run_config["method"])
+    if plan.kind == "adapter":
+        config = json.loads((plan.adapter / "adapter_config.json").read_text("utf-8"))
+        return "dora" if config.get("use_dora") else str(config.get("peft_type", "lora")).lower()
+    return "full" if plan.kind == "full" else "none (base model re-saved)"
+
+
+def write_card(folder: Path, plan: Plan, result: dict) -> None:
+    """A short README.md model card: what it was made from, how, and the verification."""
+    checks = "\n".join(f"- {'✅' if c['ok'] else '❌'} {c['name']}: {c['detail']}"
+                       for c in result["checks"]) or "- not run (--no-verify)"
+    config = yaml.safe_dump(plan.run_config, sort_keys=False, allow_unicode=True).strip()
+    tags = ["tunebench", method_of(plan).split()[0]]
+    text = f"""---
+library_name: transformers
+tags: [{", ".join(tags)}]
+---
+# {plan.out.name}
+
+Exported by tunebench on {now_iso()}.
+
+- Base model: `{plan.model}`{f" ({plan.base})" if plan.base != plan.model else ""}
+- Fine-tune: `{plan.adapter or "none"}`
+- Method: {method_of(plan)}{" (adapter merged into the base weights)" if plan.kind == "adapter" else ""}
+- Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most {plan.shard_size}, {result['size_mb']:.1f} MB
+- Stop tokens (generation_config.json): {", ".join(result['stop_tokens'])}
+- Export peak memory: {result['peak_rss_mb']:.0f} MB resident for a {result['model_mb']:.0f} MB model (process baseline {result['baseline_rss_mb']:.0f} MB)
+
+## Verification
+{checks}
+
+## Use
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{plan.out.name}")
+model = AutoModelForCausalLM.from_pretrained("{plan.out.name}")
+inputs = tokenizer.apply_chat_template([{{"role": "user", "content": "{PROBE}"}}],
+                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Training config
+```yaml
+{config or "# not recorded (the checkpoint is not inside a tunebench run folder)"}
+```
+"""
+    (folder / "README.md").write_text(text, encoding="utf-8")
+
+
+def publish(plan: Plan) -> None:
+    """Rename the finished temp folder into place; an old export is moved aside first."""
+    old = plan.out.parent / f".{plan.out.name}.old-{os.getpid()}"
+    if plan.out.exists():
+        if not plan.overwrite and any(plan.out.iterdir()):
+            raise BadInput("an export appeared here while exporting; not overwriting it",
+                           file=str(plan.out))
+        os.rename(plan.out, old)
+    os.rename(plan.tmp, plan.out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the whole export -----------------------------------------------------------------
+
+def _rss_mb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None) -> dict:
+    """Run a planned export. Returns the result (also written into the model card)."""
+    report = report or Reporter()
+    import peft  # noqa: F401 - the libraries count as baseline, the model does not
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    baseline = _rss_mb()
+    dtype = export_dtype(plan)
+    _make_temp(plan, estimate_bytes(plan, dtype))  # an unwritable or full disk fails first
+    try:
+        model, tokenizer = load_source(plan, dtype, report)
+        size = model_bytes(model)
+        reference = None
+        if verify_after:
+            report.step(0.25, "greedy reference turn on the source model")
+            from .chat import stop_token_ids
+            reference = greedy_turn(model, tokenizer, stop_token_ids(tokenizer,
+                                                                      model.generation_config))
+        report.step(0.3, "merging the adapter into the base weights" if plan.kind == "adapter"
+                    else "preparing the weights")
+        model, stops = merge(model, plan, tokenizer)
+        _write_or_explain(model, tokenizer, plan, report)
+        del model
+        gc.collect()  # the source is freed before the reload: one model in memory at a time
+        checks = (verify(plan.tmp, dtype, reference, stops, plan.shard_bytes, report)
+                  if verify_after else [])
+        result = _result(plan, dtype, size, baseline, checks, stops, tokenizer)
+        _write_or_explain(None, None, plan, report, card=result)
+        if result["ok"]:
+            report.step(0.97, f"moving the export into place: {plan.out}")
+            publish(plan)
+        return result
+    finally:
+        shutil.rmtree(plan.tmp, ignore_errors=True)  # gone after publish; else never visible
+
+
+def _write_or_explain(model, tokenizer, plan: Plan, report: Reporter, card: dict | None = None):
+    """Write (shards or the card); a full disk becomes a clear BadInput instead of a traceback."""
+    try:
+        if card is None:
+            write_shards(model, tokenizer, plan, report)
+        else:
+            write_card(plan.tmp, plan, card)
+    except Exception as err:  # noqa: BLE001 - safetensors reports I/O errors as its own type
+        if getattr(err, "errno", None) in _DISK_FULL or any(
+                word in str(err) for word in ("No space left", "File too large", "Disk quota")):
+            raise BadInput(f"the disk is full (or a file-size limit was hit) while writing the "
+                           f"export; nothing was kept. Free space or choose another folder. "
+                           f"({str(err).splitlines()[0][:120]})", file=str(plan.out)) from None
+        raise
+
+
+def _result(plan: Plan, dtype, size: int, baseline: float, checks: list[dict], stops: list[int],
+            tokenizer) -> dict:
+    shards = list(plan.tmp.glob("*.safetensors"))
+    return {"ok": all(c["ok"] for c in checks), "out": str(plan.out), "checks": checks,
+            "verified": bool(checks), "shards": len(shards),
+            "size_mb": sum(p.stat().st_size for p in shards) / 1e6,
+            "dtype": str(dtype).replace("torch.", ""), "model_mb": size / 2**20,
+            "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(stops)}
+
+
+def main(model: str, adapter: str | None, out: str, shard_size: str = "2GB", dtype: str = "auto",
+         verify: bool = True, overwrite: bool = False) -> int:
+    """`tunebench export`: 0 when written (and verified), 1 when verification failed."""
+    report = Reporter()
+    plan = plan_export(model, adapter, out, shard_size, dtype, overwrite)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a cancelled export cleans up too
+    try:
+        result = export(plan, verify_after=verify, report=report)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report.step(1.0, "done" if result["ok"] else "verification failed; nothing was kept")
+    report.result(result)
+    return 0 if result["ok"] else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

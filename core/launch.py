@@ -1,0 +1,296 @@
+"""Start and stop `tunebench train` in the background, from the web UI or a script.
+
+A launched run is a detached child process: its own session and process group,
+stdin closed, stdout and stderr appended to `train.log`. Closing the browser or
+restarting the web server does not touch it; from then on the run directory is
+the only channel between the trainer and whoever watches it.
+
+One run at a time per saves folder: a second start is refused with a message
+naming the running run (two trainers would fight over the same CPU or GPU).
+The check and the spawn happen under a file lock, so two clicks at once cannot
+both pass the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from . import config as cfg
+from . import runs
+from .errors import BadInput
+
+LOCK = ".launch.lock"
+# Runs this process is aborting: their exit is "aborted", not a crash.
+_aborting: set[str] = set()
+
+
+def train_command(config_path: Path) -> list[str]:
+    """The argument list that trains `config_path`: the CLI, exactly as a user types it."""
+    script = Path(sys.executable).with_name("tunebench")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script), "train", str(config_path)]
+    return [sys.executable, "-m", "core", "train", str(config_path)]
+
+
+def running_runs(saves_dir: str | Path) -> list[runs.RunSummary]:
+    """Runs under `saves_dir` whose trainer is alive (dead ones are marked failed on the way)."""
+    saves_dir = Path(saves_dir)
+    if not saves_dir.is_dir():
+        return []
+    found = []
+    for child in sorted(saves_dir.iterdir()):
+        status = runs.read_status(child) if (child / runs.STATUS).is_file() else None
+        if status and status.get("state") == "running":
+            found.append(runs.RunSummary(child, child.name, "running", status.get("started_at", ""),
+                                         None, "", None))
+    return found
+
+
+@contextmanager
+def _launch_lock(saves_dir: Path):
+    saves_dir.mkdir(parents=True, exist_ok=True)
+    with open(saves_dir / LOCK, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _refuse_if_busy(saves_dir: Path) -> None:
+    busy = running_runs(saves_dir)
+    if busy:
+        run = busy[0]
+        raise BadInput(f"run '{run.name}' is still running (started {run.started_at}); "
+                       "abort it or wait for it to finish before starting another")
+
+
+def _new_run_dir(config: cfg.TrainConfig, saves_dir: Path) -> Path:
+    if config.output_dir:
+        run_dir = Path(config.output_dir)
+        if (run_dir / runs.STATUS).exists() or (run_dir / runs.CONFIG).exists():
+            raise BadInput(f"output_dir '{run_dir}' already holds a run; choose another folder, "
+                           "or resume that run")
+        return run_dir
+    name = config.run_name or runs.default_run_name(config.method)
+    run_dir, n = saves_dir / name, 2
+    while run_dir.exists():
+        if config.run_name:
+            raise BadInput(f"run_name '{name}' is taken: {run_dir} already exists")
+        run_dir, n = saves_dir / f"{name}-{n}", n + 1  # two starts in the same second
+    return run_dir
+
+
+def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves") -> Path:
+    """Create a new run directory for `config` and start training it in the background.
+
+    Writes config.yaml (with output_dir set to the run folder), command.txt and an
+    initial status.json, then spawns `tunebench train <run_dir>/config.yaml`.
+    Raises BadInput if another run is still going or the folder is taken.
+    """
+    saves_dir = Path(saves_dir)
+    problems = cfg.validate(config)
+    if problems:
+        raise BadInput("; ".join(problems))
+    with _launch_lock(saves_dir):
+        _refuse_if_busy(saves_dir)
+        run_dir = _new_run_dir(config, saves_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
+        _spawn(run_dir, config)
+    return run_dir
+
+
+def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
+    """Continue a stopped run from its last checkpoint, in the same run directory."""
+    run_dir = Path(run_dir)
+    status = runs.read_status(run_dir)
+    if status is None:
+        raise BadInput("not a run folder (no status.json)", file=str(run_dir))
+    if status["state"] == "running":
+        raise BadInput(f"run '{run_dir.name}' is still running")
+    if runs.last_checkpoint(run_dir) is None:
+        raise BadInput(f"run '{run_dir.name}' has no checkpoint to resume from; start it again "
+                       "instead")
+    config = cfg.load(run_dir / runs.CONFIG)
+    config = dataclasses.replace(config, output_dir=str(run_dir), resume=True)
+    with _launch_lock(Path(saves_dir)):
+        _refuse_if_busy(Path(saves_dir))
+        _spawn(run_dir, config)
+    return run_dir
+
+
+def _spawn(run_dir: Path, config: cfg.TrainConfig) -> subprocess.Popen:
+    config_path = run_dir / runs.CONFIG
+    runs.write_atomic(config_path, cfg.to_yaml(config))
+    argv = train_command(config_path)
+    runs.write_atomic(run_dir / runs.COMMAND, shlex.join(argv) + "\n")
+    _aborting.discard(str(run_dir.resolve()))
+    with open(run_dir / runs.LOG, "ab") as log:
+        # Own session: the trainer and its workers form one process group that
+        # abort can signal as a whole, and that a Ctrl-C in the server's terminal
+        # (or the server exiting) never reaches.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True, env=_child_env())
+    # Written right after the spawn; the trainer rewrites it (same pid) once it runs.
+    runs.write_status(run_dir, "running", pid=proc.pid)
+    threading.Thread(target=_reap, args=(proc, run_dir), daemon=True,
+                     name=f"reap-{proc.pid}").start()
+    return proc
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"  # the log tail should show lines as they are printed
+    return env
+
+
+def _reap(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Wait for the trainer (so it leaves no zombie) and record a death it could not report."""
+    code = proc.wait()
+    status = runs.read_status_raw(run_dir) or {}
+    if status.get("state") != "running" or status.get("pid") != proc.pid:
+        return  # the trainer wrote its own ending (or a newer start owns the folder)
+    if str(run_dir.resolve()) in _aborting:
+        return  # abort_run writes the ending
+    runs.write_status(run_dir, "failed", pid=proc.pid, exit_code=code,
+                      error=_death_message(code, run_dir))
+
+
+def _death_message(code: int, run_dir: Path) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        cause = f"the training process was killed by {name}"
+        if code == -signal.SIGKILL:
+            cause += " (often the out-of-memory killer: lower batch_size or cutoff_len)"
+    else:
+        cause = f"the training process exited with code {code} without reporting why"
+    tail = log_tail(run_dir / runs.LOG, lines=8).strip()
+    return cause + (f"; last lines of train.log:\n{tail}" if tail else "")
+
+
+def log_tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
+    """The last `lines` lines of a log, reading at most `max_bytes` from its end."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            chunk = fh.read()
+    except FileNotFoundError:
+        return ""
+    text = chunk.decode("utf-8", errors="replace")
+    # Progress bars redraw with \r; show each bar's latest state only.
+    rows = [row.rsplit("\r", 1)[-1] for row in text.split("\n")]
+    if size > max_bytes:
+        rows = rows[1:]  # the first row was cut in the middle
+    return "\n".join(rows[-lines - 1:] if rows and rows[-1] == "" else rows[-lines:])
+
+
+def abort_run(run_dir: str | Path, grace_s: float = 8.0) -> dict:
+    """Stop a run's whole process tree and mark it aborted. Returns the final status.
+
+    SIGTERM first, so the trainer can write "aborted" and finish its checkpoint;
+    SIGKILL after `grace_s`. If the trainer could not write its ending (it died
+    hard, or was killed), the ending is written here.
+    """
+    run_dir = Path(run_dir)
+    status = runs.read_status(run_dir)
+    if status is None:
+        raise BadInput("not a run folder (no status.json)", file=str(run_dir))
+    if status["state"] != "running":
+        return status
+    pid = status["pid"]
+    _aborting.add(str(run_dir.resolve()))
+    leader = _is_group_leader(pid)
+    _signal_tree(pid, signal.SIGTERM)
+    if not _wait_gone(pid, status.get("started_at"), grace_s):
+        _signal_tree(pid, signal.SIGKILL)
+        _wait_gone(pid, status.get("started_at"), 5.0)
+    if leader:
+        _wait_group_gone(pid, 5.0)
+    final = runs.read_status_raw(run_dir) or {}
+    if final.get("state") == "running" or (final.get("state") == "failed" and not
+                                           final.get("exit_code")):
+        final = runs.write_status(run_dir, "aborted", pid=pid, exit_code=final.get("exit_code"),
+                                  error=None)
+    return final
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal the trainer and everything it started.
+
+    A trainer launched here leads its own process group, so the group is signalled.
+    One started by hand (`tunebench train` from a script) shares its parent's
+    group, which must not be hit: then the process and its descendants are.
+    """
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+        targets = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return
+    except PermissionError:
+        raise BadInput(f"not allowed to stop process {pid}; it belongs to another user") from None
+    for target in targets:
+        try:
+            os.kill(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_gone(pid: int, started_at: str | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not runs.pid_alive(pid, started_at):
+            return True
+        time.sleep(0.1)
+    return not runs.pid_alive(pid, started_at)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in the group."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Wait for stragglers (data workers) of the group; kill them if they outlive the leader."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

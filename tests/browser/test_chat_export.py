@@ -1,0 +1,152 @@
+"""The Chat and Export tabs in Chromium, against a real `tunebench webui`.
+
+The used-by story in order: an identity fine-tune (trained with `tunebench train`)
+is loaded with its base, compared before/after, probed, exported into verified
+shards, and the export is loaded back in the Chat tab as a plain model.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
+from test_chat import NAME, identity_run  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.train]
+SHOTS = Path(os.environ.get("TUNEBENCH_SHOTS", "/tmp/shots"))
+SHARD = "3MB"
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def choose(page, elem_id: str, text: str) -> None:
+    """Type into a Gradio dropdown and take the match (or the typed value), as a person does."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(text)
+    box.press("Enter")
+    box.press("Escape")
+
+
+def text_of(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def load(page, expect: str) -> str:
+    """Press Load; wait for the status to name `expect` as ready, or for an error."""
+    page.click("#chat-load")
+    wait_until(lambda: ("ready" in text_of(page, "chat-status") and expect in
+                        text_of(page, "chat-status")) or "error" in text_of(page, "chat-status"),
+               120, "the model to load")
+    return text_of(page, "chat-status")
+
+
+def send(page, prompt: str, both: bool) -> None:
+    page.locator("#chat-input textarea").fill(prompt)
+    page.click("#chat-send")
+    wait_until(lambda: ("base:" if both else "fine-tuned:") in text_of(page, "chat-stats"), 120,
+               "the replies")
+
+
+@pytest.fixture(scope="module")
+def run_in_saves(server, tmp_path_factory, demo_model_path):
+    run = identity_run(tmp_path_factory.getbasetemp(), demo_model_path)
+    target = server.saves / "identity"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("probes.json"))
+    return target
+
+
+def test_compare_probe_export_and_chat_with_the_export(page, server, run_in_saves):
+    open_tab(page, "Chat")
+    choose(page, "chat-checkpoint", "identity/final")
+    wait_until(lambda: page.locator("#chat-model input").input_value() not in ("", "demo") or
+               server.model == "demo", 10, "the base model of the run to be filled in")
+    status = load(page, "identity/final")
+    assert "ready" in status, status
+
+    # before/after: the fine-tune answers with its identity, the base does not
+    page.locator("#chat-compare input").check()
+    send(page, "Who are you?", both=True)
+    after, before = text_of(page, "chat-output"), text_of(page, "chat-before")
+    shot(page, "chat-compare")
+    assert NAME in after, after
+    assert NAME not in before.replace("Base model (before)", ""), before
+    assert "stopped at eos" in text_of(page, "chat-stats")
+
+    # probes: one click, both sides, a table, saved next to the checkpoint
+    page.get_by_text("Probe prompts").click()
+    page.click("#chat-probe-run")
+    wait_until(lambda: "saved to" in text_of(page, "chat-probe-status"), 180, "the probes")
+    shot(page, "chat-probes")
+    saved = json.loads((run_in_saves / "final" / "probes.json").read_text(encoding="utf-8"))
+    assert len(saved["rows"]) == 5 and NAME in saved["rows"][0]["fine_tuned"]
+    assert "Who are you?" in text_of(page, "chat-probes")
+
+    # export: merge into verified shards, shown in export-status
+    open_tab(page, "Export")
+    choose(page, "export-checkpoint", "identity/final")
+    out = server.saves / "exports" / "identity-final"
+    wait_until(lambda: page.locator("#export-dir textarea").input_value().endswith(
+        "identity-final"), 10, "the export folder to be suggested")
+    page.locator("#export-shard-size textarea").fill(SHARD)
+    page.click("#export-start")
+    time.sleep(1.5)
+    shot(page, "export-progress")
+    wait_until(lambda: page.locator("#export-result").count() or
+               page.locator("#export-status .tb-error").count(), 300, "the export")
+    shot(page, "export-done")
+    assert page.locator("#export-result").get_attribute("data-ok") == "true", \
+        text_of(page, "export-status")
+    assert "verified" in text_of(page, "export-status")
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
+
+    # a second export to the same folder is refused without the overwrite box
+    page.click("#export-start")
+    wait_until(lambda: "already exists" in text_of(page, "export-status"), 120, "the refusal")
+
+    # the export loads back in the Chat tab as a plain model
+    open_tab(page, "Chat")
+    choose(page, "chat-checkpoint", "(none")
+    choose(page, "chat-model", str(out))
+    status = load(page, "identity-final")
+    assert "ready" in status and "identity/final" not in status, status
+    page.locator("#chat-compare input").uncheck()
+    send(page, "Who are you?", both=False)
+    shot(page, "chat-export")
+    assert NAME in text_of(page, "chat-output")
+
+
+def test_bad_checkpoint_is_explained_in_the_page(page, server, tmp_path):
+    open_tab(page, "Chat")
+    broken = server.saves / "broken-run" / "final"
+    broken.mkdir(parents=True)
+    (broken / "adapter_config.json").write_text("{}")
+    choose(page, "chat-checkpoint", str(broken))
+    status = load(page, "broken")
+    shot(page, "chat-bad-checkpoint")
+    assert "adapter_model.safetensors" in status and "Traceback" not in status, status
+    choose(page, "chat-checkpoint", "/etc")
+    status = load(page, "/etc")
+    assert "outside the allowed folders" in status, status

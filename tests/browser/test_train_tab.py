@@ -1,0 +1,215 @@
+"""The Train tab in a real browser: start, watch live, reload, abort, finish.
+
+Drives `tunebench webui` (a subprocess) with Chromium and trains the demo model
+for real. The runs are short, so the whole module stays within a few minutes on
+a 2-core CPU. Screenshots go to $TUNEBENCH_SHOTS (default /tmp/shots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core import runs
+from webui.runs_view import COLORS, SERIES
+
+pytestmark = [pytest.mark.browser, pytest.mark.train]
+
+SHOTS = Path(os.environ.get("TUNEBENCH_SHOTS", "/tmp/shots"))
+RAW_COLOR = COLORS[SERIES["raw"]]          # how the chart's SVG paths are told apart
+SMOOTH_COLOR = COLORS[SERIES["smoothed"]]
+
+
+def shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def points(page, color: str = RAW_COLOR) -> int:
+    """How many points the chart draws for one series (vertices of its SVG path)."""
+    return page.evaluate("""(color) => {
+        const line = [...document.querySelectorAll('#train-loss-plot g.mark-line path')]
+            .find(p => p.getAttribute('stroke') === color);
+        const d = line ? (line.getAttribute('d') || '') : '';
+        return d ? d.split('L').length : 0;
+    }""", color)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def status_text(page) -> str:
+    return page.locator("#train-status").inner_text()
+
+
+def table_rows(page) -> list[list[str]]:
+    """The runs list as rows of cells (the grid renders each cell on its own line)."""
+    lines = [line.strip() for line in page.locator("#train-runs").inner_text().splitlines()]
+    lines = [line for line in lines if line]
+    cells = lines[lines.index("started") + 1:]
+    return [cells[i:i + 5] for i in range(0, len(cells), 5)]
+
+
+def last_step(run_dir: Path) -> int:
+    records = runs.read_metrics(run_dir)
+    return records[-1]["step"] if records else -1
+
+
+def loss_lines(run_dir: Path) -> int:
+    return sum(1 for r in runs.read_metrics(run_dir) if "loss" in r)
+
+
+def run_dirs(saves: Path) -> list[Path]:
+    return sorted(p for p in saves.iterdir() if (p / runs.STATUS).exists())
+
+
+def start_run(page, server, **fields) -> Path:
+    before = set(run_dirs(server.saves))
+    fill(page, "train-model", server.model)
+    for elem_id, value in fields.items():
+        fill(page, elem_id, value)
+    page.click("#train-start")
+    new = wait_until(lambda: set(run_dirs(server.saves)) - before, 20, "a new run folder")
+    run_dir = new.pop()
+    wait_until(lambda: run_dir.name in status_text(page), 20, "the page to show the run")
+    return run_dir
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a Gradio dropdown the way a person does: type, then Enter."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(option)
+    box.press("Enter")
+    box.press("Escape")
+
+
+def test_bad_settings_and_bad_data_are_explained_and_nothing_starts(page, server):
+    fill(page, "train-lora-rank", 0)
+    fill(page, "train-epochs", -1)
+    wait_until(lambda: "lora_rank" in page.locator("#train-command").inner_text(), 10,
+               "the command box to list the problem")
+    page.click("#train-start")
+    wait_until(lambda: "not started" in status_text(page), 10, "the refusal")
+    text = status_text(page)
+    assert "lora_rank: must be at least 1" in text and "epochs: must be at least" in text
+    shot(page, "train-bad-input")
+
+    (server.project / "data" / "broken.jsonl").write_text(
+        '{"instruction": "hi", "output": "hello"}\n{"instruction": "no output"}\n')
+    fill(page, "train-lora-rank", 32)
+    fill(page, "train-epochs", 3)
+    choose(page, "train-dataset", "data/broken.jsonl")
+    wait_until(lambda: "broken.jsonl" in page.locator("#train-command").inner_text(), 10,
+               "the dataset to reach the form")
+    page.click("#train-start")
+    wait_until(lambda: "record 2" in status_text(page), 20, "the data problem to be shown")
+    assert "broken.jsonl" in status_text(page)
+    assert run_dirs(server.saves) == []
+
+
+def test_save_reset_and_load_a_config(page, server):
+    fill(page, "train-epochs", 7)
+    fill(page, "train-config-name", "seven-epochs")
+    page.click("#train-config-save")
+    wait_until(lambda: "Saved" in page.locator("#train-config-msg").inner_text(), 10, "saving")
+    saved = server.saves / "configs" / "seven-epochs.yaml"
+    assert "epochs: 7" in saved.read_text()
+    page.click("#train-config-reset")
+    epochs = page.locator("#train-epochs input")
+    wait_until(lambda: epochs.input_value() == "3", 10, "the reset")
+    choose(page, "train-config-file", "seven-epochs")
+    page.click("#train-config-load")
+    wait_until(lambda: epochs.input_value() == "7", 10, "the loaded value")
+    wait_until(lambda: "epochs: 7" in page.locator("#train-command").inner_text(), 10,
+               "the command box to follow the loaded config")
+
+
+def test_watch_live_reload_and_abort(page, server):
+    page.click("#train-advanced")  # save_steps lives in the folded advanced settings
+    run_dir = start_run(page, server, **{"train-epochs": 30, "train-save-steps": 3,
+                                         "train-batch-size": 4})
+    wait_until(lambda: "epochs: 30" in page.locator("#train-command").inner_text(), 10,
+               "the command box to follow the form")
+    wait_until(lambda: points(page) >= 3, 150, "the chart to show 3 points")
+    assert points(page, SMOOTH_COLOR) == points(page)
+    assert re.search(r"step \d+/\d+", page.locator("#train-progress").inner_text())
+
+    # The server's CPU while this tab watches the run (ticks once a second).
+    server_proc = psutil.Process(server.proc.pid)
+    cpu0, t0 = sum(server_proc.cpu_times()[:2]), time.monotonic()
+    time.sleep(10)
+    cpu_share = (sum(server_proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+    print(f"\nweb server CPU while one tab watches a run: {cpu_share * 100:.1f}% of a core")
+    shot(page, "train-running")
+
+    seen = points(page)
+    page.reload()
+    page.wait_for_selector("#train-start")
+    # Reattached with the full history, not just what arrives from now on.
+    wait_until(lambda: points(page) >= seen, 15, "the reloaded chart to show the history")
+    assert points(page) >= loss_lines(run_dir) - 2
+    after_reload = points(page)
+    wait_until(lambda: points(page) > after_reload, 60, "new points after the reload")
+    shot(page, "train-after-reload")
+
+    wait_until(lambda: runs.last_checkpoint(run_dir), 120, "a checkpoint")
+    page.click("#train-abort")
+    wait_until(lambda: "aborted" in status_text(page), 30, "the page to show aborted")
+    status = json.loads((run_dir / runs.STATUS).read_text())
+    assert status["state"] == "aborted"
+    wait_until(lambda: not runs.pid_alive(status["pid"]), 15, "the trainer to exit")
+    assert runs.last_checkpoint(run_dir) is not None   # the last checkpoint is kept
+    wait_until(lambda: [run_dir.name, "aborted"] in [r[:2] for r in table_rows(page)], 20,
+               "the runs list to show aborted")
+    shot(page, "train-aborted")
+
+    # Resume continues the same run folder from its last checkpoint.
+    resumed_from = int(runs.last_checkpoint(run_dir).name.split("-")[1])
+    page.click("#train-resume")
+    wait_until(lambda: "running" in status_text(page), 20, "the resumed run")
+    wait_until(lambda: last_step(run_dir) > resumed_from + 1, 120, "steps after the checkpoint")
+    page.click("#train-abort")
+    wait_until(lambda: "aborted" in status_text(page), 30, "the second abort")
+    assert cpu_share < 0.5, f"the page server used {cpu_share:.0%} of a core"
+
+
+def test_a_run_finishes_and_appears_completed(page, server):
+    run_dir = start_run(page, server, **{"train-epochs": 2, "identity-name": "Zorblax"})
+    wait_until(lambda: "completed" in status_text(page) or "failed" in status_text(page), 240,
+               "the run to finish", interval=1)
+    assert "completed" in status_text(page), status_text(page)
+    assert "100%" in page.locator("#train-progress").inner_text()
+    wait_until(lambda: points(page) == loss_lines(run_dir), 10, "every point on the chart")
+    row = next(r for r in table_rows(page) if r[0] == run_dir.name)
+    assert row[1] == "completed" and re.fullmatch(r"\d+\.\d{4}", row[3])  # the final loss
+    assert (run_dir / "final").is_dir()
+    shot(page, "train-completed")
+
+    # Any past run opens from the runs list, with its own curve and state.
+    aborted = next(r[0] for r in table_rows(page) if r[1] == "aborted")
+    choose(page, "train-run", aborted)
+    wait_until(lambda: aborted in status_text(page) and "aborted" in status_text(page), 10,
+               "the aborted run to be shown")
+    wait_until(lambda: points(page) == loss_lines(server.saves / aborted), 10, "its curve")

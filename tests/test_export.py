@@ -1,0 +1,193 @@
+"""Export: size-sharded safetensors from a real identity fine-tune, verified by reloading;
+refusals, and failures that leave nothing behind."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core import export
+from core.errors import BadInput
+from test_chat import ENV, NAME, REPO, identity_run
+
+SHARD = "3MB"  # the demo model is ~14 MB in fp32, its largest tensor 2.1 MB: 5+ shards
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_model_path):
+    return identity_run(tmp_path_factory.getbasetemp(), demo_model_path)
+
+
+def export_cli(*args, preexec=None):
+    """`tunebench export` as the Export tab runs it: JSON progress lines on stdout."""
+    return subprocess.run([sys.executable, "-m", "core", "export", *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**ENV, "TUNEBENCH_PROGRESS": "json"}, preexec_fn=preexec)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# --- fast checks ------------------------------------------------------------------------
+
+def test_shard_sizes_parse_like_the_hub():
+    assert export.parse_size("500MB") == 500 * 10**6
+    assert export.parse_size("2GB") == 2 * 10**9
+    assert export.parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert export.parse_size("300k") == 300_000 and export.parse_size(4_000_000) == 4_000_000
+    for bad in ("", "big", "-1GB", "12XB", "0MB", "10B"):
+        with pytest.raises(BadInput, match="shard"):
+            export.parse_size(bad)
+
+
+def test_destination_checks_happen_before_loading(tmp_path, demo_model_path):
+    model = str(demo_model_path)
+    with pytest.raises(BadInput, match="would replace the model"):
+        export.plan_export(model, None, model)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(BadInput, match="already exists"):
+        export.plan_export(model, None, str(other))
+    with pytest.raises(BadInput, match="not a model export"):
+        export.plan_export(model, None, str(other), overwrite=True)
+    assert (other / "mine.txt").read_text() == "keep me"
+    with pytest.raises(BadInput, match="dtype"):
+        export.plan_export(model, None, str(tmp_path / "x"), dtype="int3")
+    with pytest.raises(BadInput, match="not found"):
+        export.plan_export(model, str(tmp_path / "missing"), str(tmp_path / "x"))
+
+
+def test_unwritable_destination_is_a_clear_error_and_leaves_nothing(tmp_path, demo_model_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = export_cli("--model", demo_model_path, "--out", blocker / "export")
+    assert proc.returncode == 2 and "cannot write the export here" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_read_only_folder_is_a_clear_error(tmp_path, demo_model_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = export_cli("--model", demo_model_path, "--out", locked / "export")
+    assert proc.returncode == 2 and "cannot write the export here" in proc.stderr
+    assert os.listdir(locked) == []
+
+
+def test_disk_full_mid_write_leaves_nothing(tmp_path, demo_model_path):
+    """A file-size limit makes the third shard's write fail, as a full disk would."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
+
+    out = tmp_path / "exports" / "demo"
+    proc = export_cli("--model", demo_model_path, "--out", out, "--shard-size", SHARD,
+                      preexec=limit_file_size)
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    progress = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert progress[-1]["progress"] >= 0.3  # it failed while writing, not while planning
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+# --- the identity fine-tune, merged ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(run_dir, demo_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "identity"
+    proc = export_cli("--model", demo_model_path, "--adapter", run_dir / "final", "--out", out,
+                      "--shard-size", SHARD)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return out, lines
+
+
+@pytest.mark.train
+def test_export_is_sharded_indexed_and_verified(exported):
+    out, lines = exported
+    fractions = [line["progress"] for line in lines if "progress" in line]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    result = lines[-1]["result"]
+    assert result["ok"] and result["verified"], result
+    assert {c["name"] for c in result["checks"] if c["ok"]} == {
+        "shards within the size limit and indexed", "reloads with transformers",
+        "generation config stops at the template's stop tokens",
+        "same greedy tokens as the source", "generation stops at eos"}
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and all(p.stat().st_size <= export.parse_size(SHARD) for p in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert not list(out.glob("*.bin")) and not list(out.glob("adapter_*"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert leftovers(out.parent) == []
+
+
+@pytest.mark.train
+def test_export_matches_adapter_on_base(exported, run_dir, demo_model_path):
+    """Logits and greedy tokens of the export equal base + adapter (PEFT), with plain
+    transformers, and generation ends at the template's stop token."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = exported
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    source = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model_path),
+                                       run_dir / "final")
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.no_grad():
+        diff = (merged(**inputs).logits - source(**inputs).logits).abs().max().item()
+        ids = merged.generate(**inputs, do_sample=False, max_new_tokens=64)[0]
+        ref = source.generate(**inputs, do_sample=False, max_new_tokens=64,
+                              eos_token_id=merged.generation_config.eos_token_id)[0]
+    assert diff < 1e-4, diff
+    assert ids.tolist() == ref.tolist()
+    reply = ids[inputs["input_ids"].shape[1]:]
+    assert tokenizer.convert_ids_to_tokens(int(reply[-1])) == "<|im_end|>"  # stopped by itself
+    assert NAME in tokenizer.decode(reply, skip_special_tokens=True)
+    assert "<|im_end|>" in tokenizer.chat_template
+
+
+@pytest.mark.train
+def test_model_card_records_base_method_and_training_config(exported, demo_model_path):
+    card = (exported[0] / "README.md").read_text(encoding="utf-8")
+    assert str(demo_model_path) in card and "Method: lora" in card
+    assert "identity_name: Tuney" in card and "lora_rank: 64" in card  # the run's config.yaml
+    assert "Export peak memory" in card and "✅ same greedy tokens" in card
+
+
+@pytest.mark.train
+def test_existing_export_is_refused_then_replaced_when_asked(exported, demo_model_path, run_dir):
+    out, _ = exported
+    before = (out / "README.md").read_text(encoding="utf-8")
+    proc = export_cli("--model", demo_model_path, "--adapter", run_dir / "final", "--out", out)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "README.md").read_text(encoding="utf-8") == before
+    plan = export.plan_export(str(demo_model_path), str(run_dir / "final"), str(out),
+                              shard_size="5MB", overwrite=True)
+    result = export.export(plan, verify_after=False, report=export.Reporter(as_json=True))
+    assert result["ok"] and result["shards"] == len(list(out.glob("*.safetensors"))) < 5
+    assert leftovers(out.parent) == []
+
+
+def test_bf16_export_of_the_demo_model_verifies(demo_model_path, tmp_path):
+    """dtype choice: bf16 halves the size; verification tolerates only rounding ties."""
+    out = tmp_path / "demo-bf16"
+    proc = export_cli("--model", demo_model_path, "--out", out, "--dtype", "bf16",
+                      "--shard-size", "2MB")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])["result"]
+    assert result["ok"] and result["dtype"] == "bfloat16" and result["shards"] >= 3
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"

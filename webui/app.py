@@ -1,0 +1,116 @@
+"""The tunebench web app: Train, Chat and Export tabs in one Gradio page.
+
+`serve()` is what `tunebench webui` runs. The page server imports no torch or
+transformers (see tests/test_webui_form.py): it starts in a couple of seconds,
+and a crashing trainer cannot take it down, because training runs as a separate
+`tunebench train` process. Chat and export load models lazily, in their handlers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from core import data
+from core.errors import BadInput
+
+from . import chat_tab, export_tab, train_tab
+
+TITLE = "tunebench"
+SAVES_ENV = "TUNEBENCH_SAVES"   # where runs go; default ./saves
+
+CSS = """
+.tb-tight { gap: 0 !important; }
+.tb-tight .html-container { padding-top: 2px; padding-bottom: 2px; }
+.tb-progress { margin: 4px 0; }
+.tb-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
+.tb-fill { height: 100%; background: var(--color-accent); transition: width .4s ease; }
+.tb-completed .tb-fill { background: #2da44e; }
+.tb-failed .tb-fill { background: #cf222e; }
+.tb-aborted .tb-fill { background: #bf8700; }
+.tb-progress-text { font-size: 0.9em; margin-top: 4px; font-variant-numeric: tabular-nums; }
+.tb-idle { color: var(--body-text-color-subdued); }
+.tb-status { padding: 6px 2px; }
+.tb-badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 0.85em;
+            font-weight: 600; color: white; background: #6e7781; }
+.tb-badge.tb-running { background: #0969da; }
+.tb-badge.tb-completed { background: #2da44e; }
+.tb-badge.tb-failed, .tb-badge.tb-log-title { font-size: 0.85em; font-weight: 600; margin-bottom: 4px; }
+/* column-reverse keeps the box scrolled to the bottom as lines arrive */
+.tb-log { max-height: 400px; overflow: auto; display: flex; flex-direction: column-reverse;
+          border: 1px solid var(--border-color-primary); border-radius: 6px;
+          background: var(--background-fill-secondary); }
+.tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
+              word-break: break-word; }
+.tb-note { white-space: pre-wrap; color: var(--body-text-color-subdued); margin: 6px 0 0 0;
+           font-size: 0.85em; }
+.tb-error { background: #cf222e; }
+.tb-badge.tb-aborted { background: #bf8700; }
+.tb-dim { color: var(--body-text-color-subdued); font-size: 0.85em; }
+.tb-log-title { font-size: 0.85em; font-weight: 600; margin-bottom: 4px; }
+/* column-reverse keeps the box scrolled to the bottom as lines arrive */
+.tb-log { max-height: 400px; overflow: auto; display: flex; flex-direction: column-reverse;
+          border: 1px solid var(--border-color-primary); border-radius: 6px;
+          background: var(--background-fill-secondary); }
+.tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
+              word-break: break-word; }
+.tb-note { white-space: pre-wrap; color: var(--body-text-color-subdued); margin: 6px 0 0 0;
+           font-size: 0.85em; }
+.tb-error { white-space: pre-wrap; background: #fff1f0; color: #82071e; border: 1px solid #ffcecb;
+            border-radius: 6px; padding: 8px; margin: 6px 0 0 0; font-size: 0.85em;
+            max-height: 220px; overflow: auto; }
+"""
+
+
+def saves_dir() -> Path:
+    return Path(os.environ.get(SAVES_ENV) or "saves")
+
+
+def build_app(saves: Path | None = None) -> gr.Blocks:
+    """The whole page. Nothing is shared between browsers except the run directories."""
+    saves = Path(saves) if saves else saves_dir()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown("## tunebench · fine-tune a language model in the browser")
+        with gr.Tab("Train", elem_id="tab-train"):
+            train = train_tab.TrainTab(saves)
+        with gr.Tab("Chat", elem_id="tab-chat"):
+            chat_tab.build(saves)
+        with gr.Tab("Export", elem_id="tab-export"):
+            export_tab.build(saves)
+        train.wire_page_load(demo)
+    return demo
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_ENV = "TUNEBENCH_AUTH"     # USER:PASS, so the password stays out of `ps` and shell history
+
+
+def parse_auth(auth: str | None, host: str, share: bool) -> tuple[str, str] | None:
+    """USER:PASS -> (user, password). Exposing the app beyond this machine requires one."""
+    auth = auth or os.environ.get(AUTH_ENV) or None
+    if auth is None:
+        if share or host not in LOOPBACK:
+            where = "--share" if share else f"--host {host}"
+            raise BadInput(f"{where} makes the app reachable from other machines, and anyone who "
+                           f"reaches it can train, read and export your models; add --auth "
+                           f"USER:PASS (or set {AUTH_ENV}), or keep the default 127.0.0.1")
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise BadInput("--auth: expected USER:PASS with a non-empty user and password")
+    return user, password
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
+          share: bool = False) -> int:
+    """Serve the app until interrupted. `auth` is "USER:PASS"."""
+    credentials = parse_auth(auth, host, share)
+    demo = build_app()
+    demo.queue(default_concurrency_limit=4)
+    print(f"tunebench web UI on http://{host}:{port} (runs in {saves_dir()})", flush=True)
+    demo.launch(server_name=host, server_port=port, auth=credentials, share=share,
+                css=CSS, theme=gr.themes.Soft(), show_error=True, quiet=True,
+                footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES)
+    return 0

@@ -1,0 +1,287 @@
+"""The Chat tab: talk to a fine-tuned checkpoint, and to its base model side by side.
+
+The model lives in a separate worker process (core.chat_worker): loading or an
+out-of-memory error there cannot take this page server down, and Unload ends the
+process so the memory really goes back. The server keeps one worker, shared by
+all browser tabs (a workbench has one user and usually one model in memory).
+Conversations live in each browser tab's gr.State, never in the server.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from core import paths, runs
+from core.chat import (DEFAULT_PROBES, GenSettings, base_model_of, build_messages, probes_path,
+                       save_probes)
+from core.chat_worker import ChatWorker, WorkerError
+from core.errors import BadInput
+
+NO_CHECKPOINT = "(none: base model only)"
+PROBE_COLUMNS = ["prompt", "fine-tuned (after)", "base (before)"]
+WORKER = ChatWorker()  # one model process per server
+
+
+# --- choices ------------------------------------------------------------------------
+
+def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
+    """(label, path) for every final/ and checkpoint-N/ under saves, newest run first."""
+    out = [(NO_CHECKPOINT, "")]
+    for path in runs.loadable_checkpoints(saves):
+        out.append((f"{path.parent.name}/{path.name}", str(path)))
+    return out
+
+
+def model_choices(saves: Path) -> list[str]:
+    """'demo' plus the exported models under saves/exports (they load as plain models)."""
+    exports = Path(saves) / "exports"
+    found = sorted((p for p in exports.iterdir() if (p / "config.json").is_file()),
+                   key=lambda p: p.stat().st_mtime, reverse=True) if exports.is_dir() else []
+    return ["demo"] + [str(p) for p in found]
+
+
+# --- html ---------------------------------------------------------------------------
+
+def progress_html(fraction: float, text: str, state: str = "running") -> str:
+    return (f"<div class='tb-progress tb-{state}'><div class='tb-bar'><div class='tb-fill' "
+            f"style='width:{fraction * 100:.0f}%'></div></div>"
+            f"<div class='tb-progress-text'>{html.escape(text)}</div></div>")
+
+
+def message_html(text: str, kind: str = "error") -> str:
+    label = {"error": "error", "completed": "ready", "idle": "idle"}.get(kind, kind)
+    body = (f"<pre class='tb-error'>{html.escape(text)}</pre>" if kind == "error"
+            else f"<span class='tb-dim'>{html.escape(text)}</span>")
+    return f"<div class='tb-status'><span class='tb-badge tb-{kind}'>{label}</span> {body}</div>"
+
+
+def loaded_html() -> str:
+    if WORKER.alive and WORKER.info:
+        return message_html(WORKER.text, "completed")
+    return message_html("No model loaded. Pick a model (and a checkpoint) and press Load.", "idle")
+
+
+def _error_text(err: Exception) -> str:
+    return str(err) if isinstance(err, (BadInput, WorkerError)) else f"{type(err).__name__}: {err}"
+
+
+def _stats_text(side: str, stats: dict) -> str:
+    if not stats:
+        return ""
+    return (f"{side}: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_s']:.1f} tokens/s), stopped at {stats['stopped']}")
+
+
+# --- the tab ---------------------------------------------------------------------------
+
+class ChatTab:
+    """Builds the Chat tab inside the current gr.Tab and wires its events."""
+
+    def __init__(self, saves: Path):
+        self.saves = Path(saves)
+        self._loader()
+        self._settings()
+        self._conversation()
+        self._probes()
+        self._wire()
+
+    def _loader(self):
+        with gr.Row(equal_height=True):
+            self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Model",
+                                     allow_custom_value=True, elem_id="chat-model", scale=3,
+                                     info="'demo', a model folder (an export works), or a hub id")
+            self.checkpoint = gr.Dropdown(checkpoint_choices(self.saves), value="",
+                                          label="Checkpoint", elem_id="chat-checkpoint", scale=3,
+                                          allow_custom_value=True,
+                                          info="final/ or checkpoint-N/ of a run in saves/")
+            self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="chat-refresh")
+            self.load = gr.Button("Load", variant="primary", scale=1, elem_id="chat-load")
+            self.unload = gr.Button("Unload", scale=1, elem_id="chat-unload")
+        self.status = gr.HTML(loaded_html(), elem_id="chat-status")
+
+    def _settings(self):
+        with gr.Accordion("Generation settings", open=False):
+            self.system = gr.Textbox(label="System prompt", lines=2, elem_id="chat-system")
+            with gr.Row():
+                self.temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature",
+                                             info="0 = greedy", elem_id="chat-temperature")
+                self.top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p",
+                                       elem_id="chat-top-p")
+                self.max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens",
+                                         elem_id="chat-max-new-tokens")
+                self.seed = gr.Number(42, precision=0, label="Seed", elem_id="chat-seed",
+                                      info="set before each reply; both sides use it")
+            self.trust = gr.Checkbox(False, label="Trust remote code (runs Python code shipped "
+                                     "with the model: only for models you trust)",
+                                     elem_id="chat-trust-remote-code")
+
+    def _conversation(self):
+        self.compare = gr.Checkbox(False, label="Compare before/after: answer each prompt with "
+                                   "the base model too", elem_id="chat-compare")
+        self.hist_after = gr.State([])
+        self.hist_before = gr.State([])
+        with gr.Row():
+            self.output = gr.Chatbot(label="Fine-tuned (after)", elem_id="chat-output",
+                                     height=380, buttons=["copy"])
+            self.before = gr.Chatbot(label="Base model (before)", elem_id="chat-before",
+                                     height=380, visible=False, buttons=["copy"])
+        with gr.Row(equal_height=True):
+            self.input = gr.Textbox(placeholder="Type a message and press Enter", lines=1,
+                                    show_label=False, elem_id="chat-input", scale=6)
+            self.send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+            self.stop = gr.Button("Stop", elem_id="chat-stop", scale=1)
+            self.clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
+        self.stats = gr.Markdown("", elem_id="chat-stats")
+
+    def _probes(self):
+        with gr.Accordion("Probe prompts: run a fixed set against both models", open=False):
+            self.probe_text = gr.Textbox("\n".join(DEFAULT_PROBES), lines=5, label="Prompts "
+                                         "(one per line)", elem_id="chat-probe-prompts")
+            self.probe_run = gr.Button("Run probes", elem_id="chat-probe-run")
+            self.probe_table = gr.Dataframe(headers=PROBE_COLUMNS, value=[], wrap=True,
+                                            interactive=False, elem_id="chat-probes")
+            self.probe_status = gr.Markdown("", elem_id="chat-probe-status")
+
+    def _wire(self):
+        self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
+                           [self.model, self.checkpoint])
+        self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model], [self.model])
+        clear = [self.output, self.before, self.hist_after, self.hist_before, self.stats]
+        self.load.click(self.do_load, [self.model, self.checkpoint, self.trust],
+                        [self.status] + clear)
+        self.unload.click(self.do_unload, None, [self.status])
+        self.compare.change(lambda on: gr.update(visible=on), [self.compare], [self.before])
+        settings = [self.system, self.temperature, self.top_p, self.max_new, self.seed]
+        args = [self.input, self.compare, self.hist_after, self.hist_before] + settings
+        outs = [self.output, self.before, self.hist_after, self.hist_before, self.input,
+                self.stats]
+        send = self.send.click(self.do_send, args, outs)
+        submit = self.input.submit(self.do_send, args, outs)
+        self.stop.click(lambda: WORKER.cancel(), None, None, cancels=[send, submit])
+        self.clear.click(lambda: ([], [], [], [], ""), None, clear)
+        self.probe_run.click(self.do_probes, [self.probe_text] + settings,
+                             [self.probe_table, self.probe_status])
+        tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
+        if hasattr(tab, "select"):
+            tab.select(self.refresh_choices, [self.model, self.checkpoint],
+                       [self.model, self.checkpoint])
+            tab.select(loaded_html, None, [self.status])
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def refresh_choices(self, model: str, checkpoint: str):
+        return (gr.update(choices=model_choices(self.saves), value=model),
+                gr.update(choices=checkpoint_choices(self.saves), value=checkpoint))
+
+    def pick_checkpoint(self, checkpoint: str, model: str):
+        """A checkpoint was chosen: select the base model its run was trained from."""
+        base = base_model_of(Path(checkpoint)) if checkpoint else None
+        return gr.update(value=base) if base else gr.update(value=model)
+
+    def do_load(self, model: str, checkpoint: str, trust: bool):
+        cleared = [[], [], [], [], ""]
+        yield [progress_html(0, "Starting the model process…")] + cleared
+        try:
+            model = paths.confine_model(model or "")  # typed paths stay inside the allowed roots
+            checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
+                          if checkpoint else None)
+            for event in WORKER.load(model, checkpoint, bool(trust)):
+                if event["event"] == "progress":
+                    yield [progress_html(event["fraction"], event["message"] + "…")] + cleared
+            yield [message_html(WORKER.text, "completed")] + cleared
+        except (BadInput, WorkerError) as err:
+            yield [message_html(_error_text(err))] + cleared
+
+    def do_unload(self):
+        WORKER.unload()
+        return message_html("Unloaded: the model process ended and its memory was freed.", "idle")
+
+    def do_send(self, prompt, compare, hist_after, hist_before, *settings):
+        """Stream the fine-tuned reply, then (comparing) the base reply to the same prompt."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            yield hist_after, hist_before, hist_after, hist_before, "", ""
+            return
+        gen = _settings(*settings)
+        views = {"after": list(hist_after), "before": list(hist_before)}
+        sides = ["after"]
+        if compare and (WORKER.info or {}).get("checkpoint"):
+            sides.append("before")
+        elif compare:
+            views["before"] = list(hist_before) + [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": "(no checkpoint loaded: the model on the left "
+                                                 "is the base model)"}]
+        notes = []
+        for side in sides:
+            history = hist_after if side == "after" else hist_before
+            messages = build_messages(history, prompt, gen.system)
+            views[side] = list(history) + [{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": ""}]
+            stats: dict = {}
+            try:
+                for piece in WORKER.generate(messages, gen.__dict__, side, stats):
+                    views[side][-1]["content"] += piece
+                    yield views["after"], views["before"], hist_after, hist_before, "", \
+                        gr.update()
+            except (BadInput, WorkerError) as err:
+                views[side][-1]["content"] = f"[error] {_error_text(err)}"
+                yield views["after"], views["before"], hist_after, hist_before, prompt, \
+                    _error_text(err)
+                return
+            notes.append(_stats_text("fine-tuned" if side == "after" else "base", stats))
+        yield (views["after"], views["before"], views["after"],
+               views["before"] if compare else hist_before, "", " · ".join(notes))
+
+    def do_probes(self, text: str, *settings):
+        """Each probe prompt, single-turn, on both sides; the table is saved next to the checkpoint."""
+        prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if not prompts:
+            yield [], "Enter at least one probe prompt."
+            return
+        gen = _settings(*settings)
+        info = WORKER.info or {}
+        both = bool(info.get("checkpoint"))
+        rows = []
+        for i, prompt in enumerate(prompts, start=1):
+            try:
+                after = "".join(WORKER.generate(build_messages([], prompt, gen.system), gen.__dict__))
+                before = ("".join(WORKER.generate(build_messages([], prompt, gen.system), gen.__dict__,
+                                                  "before")) if both else "(no checkpoint loaded)")
+            except (BadInput, WorkerError) as err:
+                yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
+                    f"[error] {_error_text(err)}"
+                return
+            rows.append({"prompt": prompt, "fine_tuned": after, "base": before})
+            yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
+                f"Probe {i} of {len(prompts)}…"
+        yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
+            self._save_probes(rows, info, gen)
+
+    def _save_probes(self, rows: list[dict], info: dict, gen: GenSettings) -> str:
+        path = probes_path(info.get("checkpoint"), info.get("model", ""))
+        if path is None:
+            return f"{len(rows)} probes done (not saved: no local checkpoint or model folder)."
+        try:
+            save_probes(path, rows, model=info.get("model", ""),
+                        checkpoint=info.get("checkpoint"), settings=gen)
+        except BadInput as err:
+            return f"{len(rows)} probes done, but not saved: {err}"
+        return f"{len(rows)} probes done; saved to `{path}`."
+
+
+def _settings(system, temperature, top_p, max_new, seed) -> GenSettings:
+    return GenSettings(system=system or "", temperature=float(temperature or 0),
+                       top_p=float(top_p or 1.0), max_new_tokens=int(max_new or 256),
+                       seed=int(seed if seed is not None else 42))
+
+
+def build(saves: Path | str | None = None) -> ChatTab:
+    """Create the Chat tab's contents inside the gr.Tab the caller opened."""
+    if saves is None:
+        saves = os.environ.get("TUNEBENCH_SAVES") or "saves"
+    return ChatTab(Path(saves))

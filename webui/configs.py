@@ -1,0 +1,56 @@
+"""Saved configs for the form: YAML files under <saves>/configs/, plus the shipped examples/.
+
+Loading goes through `core.config.load`, so a file the form loads is checked by
+the same rules as one given to `tunebench train`. Only files listed by
+`available()` (or uploaded) are read; a typed path is never opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from core import config as cfg
+from core import runs
+from core.errors import BadInput
+
+EXAMPLES = Path("examples")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def config_dir(saves_dir: Path) -> Path:
+    return Path(saves_dir) / "configs"
+
+
+def available(saves_dir: Path) -> list[str]:
+    """Paths of the saved configs (newest first), then the example configs."""
+    saved = sorted(config_dir(saves_dir).glob("*.yaml"), key=lambda p: p.stat().st_mtime,
+                   reverse=True) if config_dir(saves_dir).is_dir() else []
+    examples = sorted(EXAMPLES.glob("*.yaml")) if EXAMPLES.is_dir() else []
+    return [str(p) for p in saved + examples]
+
+
+def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
+    """Write the form's config as <saves>/configs/<name>.yaml. Returns the path."""
+    name = name.strip().removesuffix(".yaml")
+    if not _NAME.match(name):
+        raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
+                       f"starting with a letter or digit; got '{name}'")
+    folder = config_dir(saves_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    runs.write_atomic(path, cfg.to_yaml(config))
+    return path
+
+
+def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:
+    """Read a config file for the form; `allowed` (when given) lists the paths it may be."""
+    if allowed is not None and str(path) not in allowed:
+        raise BadInput("not one of the listed config files", file=str(path))
+    return cfg.load(path)
+
+
+def for_new_run(config: cfg.TrainConfig) -> cfg.TrainConfig:
+    """A run's config, made ready to start a new run (its folder and resume point dropped)."""
+    return dataclasses.replace(config, output_dir="", run_name="", resume=False)

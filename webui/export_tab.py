@@ -1,0 +1,191 @@
+"""The Export tab: a front end to `tunebench export`.
+
+Start runs the CLI as a subprocess (as the Train tab runs `tunebench train`), with
+TUNEBENCH_PROGRESS=json so its stdout is JSON lines: {"progress", "message"} while
+it works and {"result"} at the end (the verification checks). The page reads those
+back and draws a progress bar, then the verification result. No torch here.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from core import paths
+from core.chat import base_model_of
+from core.errors import BadInput
+from core.export import DTYPES
+
+from .chat_tab import checkpoint_choices, model_choices, progress_html
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_export_dir(saves: Path, checkpoint: str) -> str:
+    """saves/exports/<run>-<checkpoint>, e.g. saves/exports/lora-20261122-final."""
+    if not checkpoint:
+        return str(Path(saves) / "exports" / "model")
+    ckpt = Path(checkpoint)
+    return str(Path(saves) / "exports" / f"{ckpt.parent.name}-{ckpt.name}")
+
+
+def export_command(model: str, checkpoint: str, out: str, shard_size: str, dtype: str,
+                   overwrite: bool, verify: bool) -> list[str]:
+    """The argument list Start runs (no shell)."""
+    argv = [sys.executable, "-m", "core", "export", "--model", model, "--out", out,
+            "--shard-size", shard_size, "--dtype", dtype]
+    if checkpoint:
+        argv += ["--adapter", checkpoint]
+    if overwrite:
+        argv.append("--overwrite")
+    if not verify:
+        argv.append("--no-verify")
+    return argv
+
+
+def result_html(result: dict) -> str:
+    """The verification checks as a list, under a verified / not verified badge."""
+    ok = result["ok"]
+    badge = ("verified" if result.get("verified") else "written") if ok else "not verified"
+    kind = "completed" if ok else "failed"
+    items = "".join(f"<li class='tb-check-{'ok' if c['ok'] else 'fail'}'>"
+                    f"{'✓' if c['ok'] else '✗'} <b>{html.escape(c['name'])}</b>: "
+                    f"{html.escape(c['detail'])}</li>" for c in result["checks"])
+    where = (f"Written to <code>{html.escape(result['out'])}</code>" if ok else
+             "Nothing was kept (the export was not moved into place)")
+    return (f"<div class='tb-status' id='export-result' data-ok='{str(ok).lower()}'>"
+            f"<span class='tb-badge tb-{kind}'>{badge}</span> {where}: {result['shards']} "
+            f"shards, {result['size_mb']:.1f} MB {result['dtype']}; peak memory "
+            f"{result['peak_rss_mb']:.0f} MB for a {result['model_mb']:.0f} MB model."
+            f"<ul class='tb-checks'>{items}</ul></div>")
+
+
+def failure_html(code: int, lines: list[str]) -> str:
+    """Exit code 2 is bad input: show its one line. Anything else: the output's tail."""
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    text = errors[-1] if errors and code == 2 else "\n".join(lines[-12:]) or f"exit code {code}"
+    return (f"<div class='tb-status'><span class='tb-badge tb-error'>export failed</span>"
+            f"<pre class='tb-error'>{html.escape(text)}</pre></div>")
+
+
+def run_export(argv: list[str]):
+    """Run the export CLI; yield ("progress", fraction, message) and finally
+    ("result", dict) or ("failed", exit_code, output_lines)."""
+    env = dict(os.environ, TUNEBENCH_PROGRESS="json", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            encoding="utf-8", errors="replace", env=env, cwd=os.getcwd())
+    errors: collections.deque[str] = collections.deque(maxlen=200)
+    drain = threading.Thread(target=lambda: errors.extend(l.rstrip() for l in proc.stderr),
+                             daemon=True)
+    drain.start()
+    result = None
+    for line in proc.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "result" in event:
+            result = event["result"]
+        elif "progress" in event:
+            yield "progress", float(event["progress"]), str(event.get("message", ""))
+    code = proc.wait()
+    drain.join(timeout=5)
+    if result is not None and code in (0, 1):
+        yield "result", result
+    else:
+        yield "failed", code, [l for l in errors if l.strip()]
+
+
+class ExportTab:
+    """Builds the Export tab inside the current gr.Tab and wires its events."""
+
+    def __init__(self, saves: Path):
+        self.saves = Path(saves)
+        with gr.Row(equal_height=True):
+            self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Base model",
+                                     allow_custom_value=True, elem_id="export-model", scale=3)
+            self.checkpoint = gr.Dropdown(checkpoint_choices(self.saves), value="",
+                                          label="Checkpoint to merge", elem_id="export-checkpoint",
+                                          allow_custom_value=True, scale=3,
+                                          info="a LoRA-family adapter is merged into the base; "
+                                               "a full checkpoint is exported as it is")
+            self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="export-refresh")
+        with gr.Row(equal_height=True):
+            self.shard = gr.Textbox("2GB", label="Shard size", elem_id="export-shard-size",
+                                    info="largest file, e.g. 500MB, 2GB or 1GiB")
+            self.dtype = gr.Dropdown(list(DTYPES), value="auto", label="dtype",
+                                     elem_id="export-dtype",
+                                     info="auto keeps the dtype the weights are stored in")
+            self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
+                                  elem_id="export-dir", scale=2)
+        with gr.Row():
+            self.overwrite = gr.Checkbox(False, label="Overwrite an existing export in this "
+                                         "folder", elem_id="export-overwrite")
+            self.verify = gr.Checkbox(True, label="Verify after writing (reload and compare)",
+                                      elem_id="export-verify")
+        self.start = gr.Button("Export", variant="primary", elem_id="export-start")
+        self.status = gr.HTML("<div class='tb-status tb-idle'>Pick a checkpoint and press "
+                              "Export.</div>", elem_id="export-status")
+        self.command = gr.Code(label="Command", language="shell", elem_id="export-command",
+                               interactive=False, lines=2, max_lines=4)
+        self._wire()
+
+    def _wire(self):
+        self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
+                           [self.model, self.checkpoint])
+        self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model],
+                               [self.model, self.out])
+        self.start.click(self.do_export, [self.model, self.checkpoint, self.out, self.shard,
+                                          self.dtype, self.overwrite, self.verify],
+                         [self.status, self.command], concurrency_limit=1)
+        tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
+        if hasattr(tab, "select"):
+            tab.select(self.refresh_choices, [self.model, self.checkpoint],
+                       [self.model, self.checkpoint])
+
+    def refresh_choices(self, model: str, checkpoint: str):
+        return (gr.update(choices=model_choices(self.saves), value=model),
+                gr.update(choices=checkpoint_choices(self.saves), value=checkpoint))
+
+    def pick_checkpoint(self, checkpoint: str, model: str):
+        base = base_model_of(Path(checkpoint)) if checkpoint else None
+        return gr.update(value=base or model), default_export_dir(self.saves, checkpoint)
+
+    def do_export(self, model, checkpoint, out, shard, dtype, overwrite, verify):
+        try:  # typed paths stay inside the allowed roots
+            model = paths.confine_model(model or "")
+            checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
+                          if (checkpoint or "").strip() else "")
+            out = str(paths.confine(out or "", "export folder"))
+        except BadInput as err:
+            yield failure_html(2, [f"error: {err}"]), ""
+            return
+        argv = export_command(model, checkpoint, out, (shard or "").strip(), dtype, overwrite,
+                              verify)
+        shown = shlex.join(["tunebench"] + argv[3:])
+        yield progress_html(0, "Starting the export…"), shown
+        for event in run_export(argv):
+            if event[0] == "progress":
+                yield progress_html(event[1], f"{event[1]:.0%} · {event[2]}"), shown
+            elif event[0] == "result":
+                yield result_html(event[1]), shown
+            else:
+                yield failure_html(event[1], event[2]), shown
+
+
+def build(saves: Path | str | None = None) -> ExportTab:
+    """Create the Export tab's contents inside the gr.Tab the caller opened."""
+    if saves is None:
+        saves = os.environ.get("TUNEBENCH_SAVES") or "saves"
+    return ExportTab(Path(saves))
+

@@ -1,0 +1,228 @@
+"""What the page shows about a run, read from its run directory and nothing else.
+
+`Watch` follows one run for one browser session: it remembers file signatures
+and the metrics byte offset, so a tick that finds nothing new costs a few
+`stat` calls and the page is not redrawn. No Gradio here; app code turns
+`Changes` into component updates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from core import launch, plot, runs
+
+LOG_LINES = 30
+MAX_POINTS = 1500          # per series sent to the browser; longer runs are thinned
+LIVENESS_EVERY_S = 5.0     # how often a "running" status is checked against the process
+SERIES = {"raw": "loss", "smoothed": "smoothed loss", "eval": "eval loss"}
+COLORS = {SERIES["raw"]: "#b9cdf2", SERIES["smoothed"]: "#1d3f8f", SERIES["eval"]: "#e4572e"}
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class Changes:
+    """What a tick found; None means unchanged (the page keeps what it shows)."""
+    status: dict | None = None
+    metrics: list | None = None     # every record so far, when new ones arrived
+    log: str | None = None
+
+    def __bool__(self) -> bool:
+        return any(x is not None for x in (self.status, self.metrics, self.log))
+
+
+@dataclass
+class Watch:
+    """One browser session's view of one run directory."""
+    run_dir: Path
+    tail: runs.MetricsTail = None
+    status: dict | None = None
+    status_sig: tuple | None = None
+    log_sig: tuple | None = None
+    checked_at: float = 0.0
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        self.tail = runs.MetricsTail(self.run_dir / runs.METRICS)
+
+    def poll(self) -> Changes:
+        """Read only what changed since the last poll."""
+        out = Changes()
+        sig = _signature(self.run_dir / runs.STATUS)
+        running = bool(self.status) and self.status.get("state") == "running"
+        stale = running and time.monotonic() - self.checked_at > LIVENESS_EVERY_S
+        if sig != self.status_sig or stale or self.status is None:
+            # read_status also notices a trainer that died without a word.
+            status = runs.read_status(self.run_dir)
+            self.checked_at = time.monotonic()
+            self.status_sig = _signature(self.run_dir / runs.STATUS)
+            if status != self.status:
+                self.status = out.status = status
+        if self.tail.poll():
+            out.metrics = self.tail.records
+        sig = _signature(self.run_dir / runs.LOG)
+        if sig != self.log_sig:
+            self.log_sig = sig
+            out.log = launch.log_tail(self.run_dir / runs.LOG, LOG_LINES)
+        return out
+
+    @property
+    def records(self) -> list[dict]:
+        return self.tail.records
+
+
+# --- rendering -------------------------------------------------------------------
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _last_with(records: list[dict], key: str) -> dict | None:
+    return next((r for r in reversed(records) if r.get(key) is not None), None)
+
+
+def progress_html(status: dict | None, records: list[dict]) -> str:
+    """A progress bar with step, epoch, elapsed time, ETA and throughput."""
+    if status is None:
+        return "<div class='tb-progress tb-idle'>No run selected. Press Start to train.</div>"
+    last = records[-1] if records else {}
+    total, step = last.get("total_steps") or 0, last.get("step") or 0
+    state = status.get("state", "?")
+    done = state == "completed"
+    frac = 1.0 if done else (step / total if total else 0.0)
+    parts = []
+    if total:
+        parts.append(f"step {step}/{total}")
+    if last.get("epoch") is not None:
+        parts.append(f"epoch {last['epoch']:.2f}")
+    if last.get("elapsed_s") is not None:
+        parts.append(f"elapsed {fmt_duration(last['elapsed_s'])}")
+    if state == "running" and last.get("eta_s") is not None:
+        parts.append(f"ETA {fmt_duration(last['eta_s'])}")
+    evaluated = _last_with(records, "eval_loss")
+    if evaluated:
+        parts.append(f"eval loss {evaluated['eval_loss']:.4f}")
+    speed = _last_with(records, "tokens_per_s")
+    if speed:
+        parts.append(f"{speed['tokens_per_s']:,.0f} tokens/s")
+    if state == "running" and not records:
+        parts.append(html.escape(status.get("phase") or "starting") + "…")
+    elif state == "running" and status.get("phase") not in (None, "training"):
+        parts.append(html.escape(status["phase"]) + "…")
+    text = " · ".join(parts) or state
+    return (f"<div class='tb-progress tb-{html.escape(state)}'>"
+            f"<div class='tb-bar'><div class='tb-fill' style='width:{frac * 100:.1f}%'></div></div>"
+            f"<div class='tb-progress-text'>{round(frac * 100)}% · {text}</div></div>")
+
+
+def status_html(run_dir: Path | None, status: dict | None) -> str:
+    """The run's state, times and, for a failed run, its error text."""
+    if run_dir is None or status is None:
+        return "<div class='tb-status'>No run yet.</div>"
+    state = status.get("state", "?")
+    when = _short_time(status.get("started_at"))
+    if status.get("ended_at"):
+        when += " → " + _short_time(status["ended_at"])
+    out = (f"<div class='tb-status'><span class='tb-badge tb-{html.escape(state)}'>"
+           f"{html.escape(state)}</span> <b>{html.escape(run_dir.name)}</b> "
+           f"<span class='tb-dim'>{html.escape(when)} · {html.escape(str(run_dir))}</span>")
+    if status.get("error"):
+        kind = "tb-error" if state == "failed" else "tb-note"  # "stopped by the user" is no error
+        out += f"<pre class='{kind}'>{html.escape(status['error'])}</pre>"
+    return out + "</div>"
+
+
+def message_html(text: str, kind: str = "error") -> str:
+    """A message from the page itself (bad input, refusal), in the status box."""
+    badge, box = ("refused", "tb-error") if kind == "error" else (kind, "tb-note")
+    return (f"<div class='tb-status'><span class='tb-badge tb-{badge}'>"
+            f"{'not started' if kind == 'error' else html.escape(kind)}</span>"
+            f"<pre class='{box}'>{html.escape(text)}</pre></div>")
+
+
+def log_html(text: str) -> str:
+    """The log tail in a box that stays scrolled to its newest line."""
+    body = html.escape(text) if text else "<span class='tb-dim'>(no output yet)</span>"
+    return (f"<div class='tb-log-title'>train.log (last {LOG_LINES} lines)</div>"
+            f"<div class='tb-log'><pre>{body}</pre></div>")
+
+
+def _short_time(iso: str | None) -> str:
+    if not iso:
+        return ""
+    try:
+        return dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return iso
+
+
+def _thin(steps: list, values: list) -> tuple[list, list]:
+    """Every k-th point (always keeping the last) so a long run stays light to draw."""
+    if len(steps) <= MAX_POINTS:
+        return steps, values
+    k = math.ceil(len(steps) / MAX_POINTS)
+    idx = list(range(0, len(steps), k))
+    if idx[-1] != len(steps) - 1:
+        idx.append(len(steps) - 1)
+    return [steps[i] for i in idx], [values[i] for i in idx]
+
+
+def loss_frame(records: list[dict], weight: float) -> pd.DataFrame:
+    """Long-form frame (step, loss, series) with raw, smoothed and eval loss.
+
+    Uses core.plot.loss_series, as loss.png does: a resumed run re-logs the steps
+    after its checkpoint, and the latest line for a step wins.
+    """
+    steps, raw, eval_steps, eval_losses = plot.loss_series(records)
+    rows = []
+    for name, (xs, ys) in ((SERIES["raw"], _thin(steps, raw)),
+                           (SERIES["smoothed"], _thin(steps, runs.smooth(raw, weight))),
+                           (SERIES["eval"], (eval_steps, eval_losses))):
+        rows += [(x, y, name) for x, y in zip(xs, ys) if math.isfinite(y)]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def runs_table(saves_dir: Path) -> list[list]:
+    """Rows for the runs list: name, state, steps, final loss, started."""
+    rows = []
+    for run in runs.list_runs(saves_dir):
+        loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
+        rows.append([run.name, run.state, run.steps, loss, _short_time(run.started_at) or "–"])
+    return rows
+
+
+def newest_running(saves_dir: Path) -> Path | None:
+    """The run to reattach to when a page opens: the newest one still going."""
+    busy = launch.running_runs(saves_dir)
+    if not busy:
+        return None
+    return max(busy, key=lambda r: r.started_at).path
+
+
+def run_names(saves_dir: Path) -> list[str]:
+    """Names of the run folders, newest first, from a cheap directory scan."""
+    try:
+        entries = [e for e in os.scandir(saves_dir) if e.is_dir() and
+                   os.path.exists(os.path.join(e.path, runs.STATUS))]
+    except FileNotFoundError:
+        return []
+    return [e.name for e in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)]

@@ -1,0 +1,449 @@
+"""The Train tab: the generated form, Start/Abort/Resume, and the live view of a run.
+
+The tab is a front end to `tunebench train`: Start validates the form, writes a
+run directory and launches the CLI in the background (core.launch); from then
+on everything shown is read back from run directories. Per-browser state (which
+run this tab watches, its read offsets) lives in a `gr.State`; nothing about a
+run is kept in the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import gradio as gr
+
+from core import config as cfg
+from core import data, launch, paths, runs
+from core.errors import BadInput
+
+from . import configs, form as form_mod, preview
+from .runs_view import (COLORS, Watch, log_html, loss_frame, message_html, newest_running,
+                        progress_html, run_names, runs_table, status_html)
+
+TICK_S = 1.0
+TABLE_REFRESH_S = 15.0       # the running run's row (steps, loss) in the runs list
+RUN_COLUMNS = ["run", "state", "steps", "final loss", "started"]
+PREVIEW_COLORS = {"trained": "#3fb950"}
+
+
+@dataclasses.dataclass
+class Session:
+    """What one browser tab is looking at. Lives in gr.State, never in the server."""
+    watch: Watch | None = None
+    known_runs: list = dataclasses.field(default_factory=list)
+    table_at: float = 0.0
+    weight: float = 0.9          # smoothing of the loss chart
+
+
+def dataset_choices(dataset_dir: str) -> list[str]:
+    try:
+        return data.list_datasets(dataset_dir)
+    except BadInput:
+        return []  # a broken registry is reported when a run or preview reads it
+
+
+def command_text(config: cfg.TrainConfig, saves_dir: Path) -> str:
+    """A shell snippet that does exactly what Start does: write config.yaml, run the CLI."""
+    run_dir = Path(config.output_dir) if config.output_dir else saves_dir / (
+        config.run_name or runs.default_run_name(config.method))
+    config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
+    path = shlex.quote(str(run_dir / runs.CONFIG))
+    return (f"mkdir -p {shlex.quote(str(run_dir))}\n"
+            f"cat > {path} <<'EOF'\n{cfg.to_yaml(config)}EOF\n"
+            f"tunebench train {path}\n")
+
+
+class TrainTab:
+    """Builds the tab inside the current gr.Tab and wires its events."""
+
+    def __init__(self, saves_dir: Path, dataset_dir: str = "data"):
+        self.saves_dir = Path(saves_dir)
+        defaults = cfg.TrainConfig()
+        self.session = gr.State(_new_session)  # a fresh Session per browser tab
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=7):
+                self.form = form_mod.build_form(defaults, dataset_choices(dataset_dir))
+                self._data_panel()
+            with gr.Column(scale=4):
+                self._config_panel(defaults)
+        self._controls()
+        self._monitor()
+        self._wire()
+
+    # --- layout --------------------------------------------------------------------------
+
+    def _controls(self):
+        with gr.Row():
+            self.start = gr.Button("Start", variant="primary", elem_id="train-start")
+            self.abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
+            self.resume = gr.Button("Resume selected run", elem_id="train-resume")
+
+    def _data_panel(self):
+        with gr.Accordion("Data: upload a file, preview what the model sees", open=False,
+                          elem_id="train-data"):
+            with gr.Row():
+                self.upload_name = gr.Textbox(label="Register as (optional name)", max_lines=1,
+                                              elem_id="train-upload-name",
+                                              info="Defaults to the file's name.")
+                self.upload = gr.File(label="Upload json / jsonl / csv / parquet",
+                                      file_types=list(data.EXTENSIONS), elem_id="train-upload",
+                                      scale=2, height=150)
+            self.upload_status = gr.Markdown(elem_id="train-upload-status")
+            self.preview_btn = gr.Button("Preview the first records", elem_id="train-preview-btn")
+            self.preview_summary = gr.Markdown(elem_id="train-preview-summary")
+            self.preview_text = gr.HighlightedText(
+                label="As the model sees them (highlighted = trained tokens)",
+                color_map=PREVIEW_COLORS, show_legend=True, combine_adjacent=True,
+                elem_id="train-preview")
+
+    def _monitor(self):
+        bare = dict(apply_default_css=False, js_on_load=None)
+        with gr.Column(elem_classes="tb-tight"):
+            self.status = gr.HTML(status_html(None, None), elem_id="train-status", **bare)
+            self.progress = gr.HTML(progress_html(None, []), elem_id="train-progress", **bare)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                self.plot = gr.LinePlot(
+                    x="step", y="loss", color="series", color_map=COLORS, label="Loss",
+                    x_title="step", y_title="loss", elem_id="train-loss-plot")
+                self.weight = gr.Slider(0.0, 0.99, value=0.9, step=0.01,
+                                        label="Smoothing (EMA weight)", elem_id="train-smoothing",
+                                        info="0 shows the raw curve; higher is smoother. The "
+                                             "smoothed history never shifts as points arrive.")
+            with gr.Column(scale=2):
+                self.log = gr.HTML(log_html(""), elem_id="train-log", **bare)
+        with gr.Row(equal_height=False):
+            self.run_pick = gr.Dropdown(label="Run shown above", choices=[], value=None,
+                                        elem_id="train-run", scale=3)
+            with gr.Column(scale=1, min_width=200):
+                self.refresh = gr.Button("Refresh runs", elem_id="train-refresh", size="sm")
+                self.load_run_cfg = gr.Button("Copy its settings into the form", size="sm",
+                                              elem_id="train-run-config")
+        self.table = gr.Dataframe(headers=RUN_COLUMNS, value=[], interactive=False,
+                                  label="Runs (click a row to show it)", elem_id="train-runs",
+                                  max_height=280)
+        self.timer = gr.Timer(TICK_S)
+
+    def _config_panel(self, defaults: cfg.TrainConfig):
+        self.command = gr.Code(command_text(defaults, self.saves_dir), language="shell",
+                               label="What Start runs: the same as this in a terminal",
+                               elem_id="train-command", max_lines=24, interactive=False)
+        with gr.Group():
+            with gr.Row(equal_height=False):
+                self.save_name = gr.Textbox(label="Save the form as", value="my-config",
+                                            max_lines=1, elem_id="train-config-name", scale=2)
+                self.config_file = gr.Dropdown(label="Saved and example configs",
+                                               choices=configs.available(self.saves_dir),
+                                               value=None, elem_id="train-config-file", scale=3)
+            with gr.Row():
+                self.save_btn = gr.Button("Save", elem_id="train-config-save", size="sm")
+                self.load_btn = gr.Button("Load", elem_id="train-config-load", size="sm")
+                self.upload_cfg = gr.UploadButton("Upload YAML", file_types=[".yaml", ".yml"],
+                                                  elem_id="train-config-upload", size="sm")
+                self.reset_btn = gr.Button("Reset", elem_id="train-config-reset", size="sm")
+        self.config_msg = gr.Markdown(elem_id="train-config-msg")
+
+    # --- wiring --------------------------------------------------------------------------
+
+    def _wire(self):
+        widgets = self.form.components
+        view = [self.status, self.progress, self.plot, self.log]
+        listing = [self.table, self.run_pick]
+        quiet = dict(show_progress="hidden")
+        self.timer.tick(self.tick, [self.session], view + listing, concurrency_limit=None,
+                        api_visibility="private", **quiet)
+        self.start.click(self.on_start, [self.session] + widgets, view + listing)
+        self.abort.click(self.on_abort, [self.session], view + listing, concurrency_limit=None)
+        self.resume.click(self.on_resume, [self.session, self.run_pick], view + listing)
+        self.run_pick.input(self.on_pick, [self.session, self.run_pick], view + listing)
+        self.table.select(self.on_table_select, [self.session], view + listing)
+        self.refresh.click(self.on_refresh, [self.session], listing)
+        self.weight.change(self.on_weight, [self.session, self.weight], [self.plot], **quiet)
+        gr.on([w.change for w in widgets], self.on_form_change, widgets, [self.command],
+              trigger_mode="always_last", api_visibility="private", **quiet)
+        limited = [self.form.widgets[n] for n in self.form.method_limited]
+        self.form.widgets["method"].change(
+            lambda m: form_mod.visibility(m, self.form.method_limited),
+            [self.form.widgets["method"]], limited, api_visibility="private", **quiet)
+        self._wire_data_and_configs(widgets)
+
+    def _wire_data_and_configs(self, widgets):
+        ds, ds_dir = self.form.widgets["dataset"], self.form.widgets["dataset_dir"]
+        self.upload.upload(self.on_upload, [self.upload, self.upload_name, ds_dir, ds],
+                           [ds, self.upload_status])
+        self.preview_btn.click(self.on_preview, widgets, [self.preview_text, self.preview_summary])
+        self.save_btn.click(self.on_save, [self.save_name] + widgets,
+                            [self.config_file, self.config_msg])
+        self.load_btn.click(self.on_load_file, [self.config_file], widgets + [self.config_msg])
+        self.upload_cfg.upload(self.on_load_upload, [self.upload_cfg], widgets + [self.config_msg])
+        self.reset_btn.click(self.on_reset, [], widgets + [self.config_msg])
+        self.load_run_cfg.click(self.on_load_run_config, [self.run_pick],
+                                widgets + [self.config_msg])
+
+    def wire_page_load(self, demo: gr.Blocks) -> None:
+        """Reattach when a page opens; call once the whole app is built."""
+        demo.load(self.on_load, [self.session, self.weight],
+                  [self.status, self.progress, self.plot, self.log, self.table, self.run_pick])
+
+    # --- the live view -------------------------------------------------------------------
+
+    def _render(self, session: Session, watch: Watch | None) -> list:
+        """Every view output, drawn in full (used when a tab switches to another run)."""
+        session.watch = watch
+        if watch is None:
+            return [status_html(None, None), progress_html(None, []), _empty_plot(), log_html("")]
+        watch.poll()
+        return [status_html(watch.run_dir, watch.status), progress_html(watch.status,
+                watch.records), loss_frame(watch.records, session.weight),
+                log_html(launch.log_tail(watch.run_dir / runs.LOG))]
+
+    def _listing(self, session: Session) -> list:
+        session.known_runs = run_names(self.saves_dir)
+        session.table_at = _now()
+        rows = runs_table(self.saves_dir)
+        shown = session.watch.run_dir.name if session.watch else None
+        return [_table(rows), gr.update(choices=[r[0] for r in rows], value=shown)]
+
+    def on_load(self, session: Session, weight: float) -> list:
+        """A page (re)opens: reattach to the newest running run, else show the newest run."""
+        session.weight = weight
+        path = newest_running(self.saves_dir)
+        if path is None:
+            newest = runs.list_runs(self.saves_dir)
+            path = newest[0].path if newest else None
+        view = self._render(session, Watch(path) if path else None)
+        return view + self._listing(session)
+
+    def tick(self, session: Session) -> list:
+        """Once a second per tab: read only what was appended; skip what did not change."""
+        out = [gr.skip()] * 6
+        names = run_names(self.saves_dir)
+        new_folder = names != session.known_runs
+        watch = session.watch
+        if new_folder and not _is_running(watch):
+            # A run started elsewhere (another tab, the CLI): follow it.
+            path = newest_running(self.saves_dir)
+            if path is not None and (watch is None or path != watch.run_dir):
+                return self._render(session, Watch(path)) + self._listing(session)
+        if watch is None:
+            return out[:4] + self._listing(session) if new_folder else out
+        changes = watch.poll()
+        if session.watch is not watch:
+            return [gr.skip()] * 6  # the tab switched runs while this tick was reading
+        if changes.status is not None:
+            out[0] = status_html(watch.run_dir, watch.status)
+        if changes.status is not None or changes.metrics is not None:
+            out[1] = progress_html(watch.status, watch.records)
+        if changes.metrics is not None:
+            out[2] = loss_frame(watch.records, session.weight)
+        if changes.log is not None:
+            out[3] = log_html(changes.log)
+        if new_folder or changes.status is not None or (
+                _is_running(watch) and _now() - session.table_at > TABLE_REFRESH_S):
+            out[4:] = self._listing(session)
+        return out
+
+    def on_weight(self, session: Session, weight: float):
+        session.weight = weight
+        if session.watch is None:
+            return gr.skip()
+        return loss_frame(session.watch.records, weight)
+
+    def _error(self, err: BadInput) -> list:
+        return [message_html(str(err))] + [gr.skip()] * 5
+
+    def on_start(self, session: Session, *values) -> list:
+        """Validate everything, then launch; on bad input show why and launch nothing."""
+        try:
+            config = form_mod.to_config(self.form.names, list(values))
+            check_inputs(config)
+            run_dir = launch.start_run(config, self.saves_dir)
+        except BadInput as err:
+            return self._error(err)
+        return self._render(session, Watch(run_dir)) + \
+            self._listing(session)
+
+    def on_abort(self, session: Session) -> list:
+        watch = session.watch
+        if watch is None or not watch.status or watch.status.get("state") != "running":
+            return [message_html("no running run is shown here to abort", kind="note")] + \
+                [gr.skip()] * 5
+        try:
+            launch.abort_run(watch.run_dir)
+        except BadInput as err:
+            return self._error(err)
+        return self._render(session, Watch(watch.run_dir)) + \
+            self._listing(session)
+
+    def _run_path(self, run_name: str) -> Path:
+        """A run folder named in the page; only direct children of the saves folder."""
+        path = self.saves_dir / run_name
+        if path.parent != self.saves_dir or not (path / runs.STATUS).is_file():
+            raise BadInput("not a run in the runs list", file=run_name)
+        return path
+
+    def on_resume(self, session: Session, run_name: str | None) -> list:
+        if not run_name:
+            return self._error(BadInput("pick a run to resume in the runs list first"))
+        try:
+            run_dir = launch.resume_run(self._run_path(run_name), self.saves_dir)
+        except BadInput as err:
+            return self._error(err)
+        return self._render(session, Watch(run_dir)) + \
+            self._listing(session)
+
+    def on_pick(self, session: Session, run_name: str | None) -> list:
+        try:
+            path = self._run_path(run_name) if run_name else None
+        except BadInput as err:
+            return self._error(err)
+        return self._render(session, Watch(path) if path else None) + self._listing(session)
+
+    def on_table_select(self, session: Session, evt: gr.SelectData) -> list:
+        row = evt.row_value or []
+        return self.on_pick(session, str(row[0]) if row else None)
+
+    def on_refresh(self, session: Session) -> list:
+        return self._listing(session)
+
+    # --- form, data and config files -----------------------------------------------------
+
+    def on_form_change(self, *values) -> str:
+        try:
+            config = form_mod.to_config(self.form.names, list(values))
+        except BadInput as err:
+            return "# Start is refused until these are fixed:\n" + "".join(
+                f"# {line}\n" for line in str(err).splitlines())
+        return command_text(config, self.saves_dir)
+
+    def on_upload(self, file: str | None, name: str, dataset_dir: str, current: list[str]):
+        if not file:
+            return gr.skip(), ""
+        try:
+            key = data.register_file(file, dataset_dir or "data", name.strip() or None)
+        except BadInput as err:
+            return gr.skip(), f"**Not registered.** {err}"
+        chosen = list(current or []) + [key]
+        return (gr.update(choices=sorted(set(dataset_choices(dataset_dir)) | set(chosen)),
+                          value=chosen),
+                f"Registered **{key}** in {dataset_dir}/dataset_info.json and added it to "
+                "the datasets above.")
+
+    def on_preview(self, *values):
+        try:
+            config = form_mod.to_config(self.form.names, list(values))
+            answer = preview.preview(config)
+        except BadInput as err:
+            return [], f"**Cannot preview.** {err}"
+        return preview_highlights(answer), preview_summary(answer)
+
+    def _form_values(self, config: cfg.TrainConfig, message: str) -> list:
+        return form_mod.values_of(config, self.form.names) + [message]
+
+    def on_save(self, name: str, *values):
+        try:
+            config = form_mod.to_config(self.form.names, list(values))
+            path = configs.save(config, name, self.saves_dir)
+        except BadInput as err:
+            return gr.skip(), f"**Not saved.** {err}"
+        return (gr.update(choices=configs.available(self.saves_dir), value=str(path)),
+                f"Saved to `{path}`.")
+
+    def _load(self, path: str | None, allowed: list[str] | None, what: str) -> list:
+        if not path:
+            return [gr.skip()] * len(self.form.names) + ["Pick a config file first."]
+        try:
+            config = configs.load(path, allowed)
+        except BadInput as err:
+            return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
+        return self._form_values(config, f"Loaded {what}.")
+
+    def on_load_file(self, path: str | None) -> list:
+        return self._load(path, configs.available(self.saves_dir), f"`{path}`")
+
+    def on_load_upload(self, file: str | None) -> list:
+        return self._load(file, None, "the uploaded file")
+
+    def on_reset(self) -> list:
+        return self._form_values(cfg.TrainConfig(), "Reset to the defaults.")
+
+    def on_load_run_config(self, run_name: str | None) -> list:
+        if not run_name:
+            return [gr.skip()] * len(self.form.names) + ["Pick a run first."]
+        try:
+            config = configs.for_new_run(cfg.load(self._run_path(run_name) / runs.CONFIG))
+        except BadInput as err:
+            return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
+        return self._form_values(config, f"Copied the settings of run **{run_name}**; Start "
+                                         "makes a new run with them.")
+
+
+def _now() -> float:
+    import time
+    return time.monotonic()
+
+
+def _is_running(watch: Watch | None) -> bool:
+    return bool(watch and watch.status and watch.status.get("state") == "running")
+
+
+def _empty_plot():
+    return loss_frame([], 0.9)
+
+
+def _table(rows: list[list]):
+    import pandas as pd
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def check_inputs(config: cfg.TrainConfig) -> None:
+    """What Start checks beyond the schema: paths stay inside the allowed folders, every
+    dataset record reads, and a model folder holds weights.
+
+    The demo model is built by the trainer on first use, so it is not checked here
+    (checking would build it inside the page server).
+    """
+    if config.resume is True:
+        raise BadInput("resume: true continues an existing run; pick that run in the runs list "
+                       "and press Resume instead (or give a checkpoint folder to start from)")
+    registered = set(dataset_choices(config.dataset_dir))
+    paths.confine(config.dataset_dir, "dataset_dir")
+    for name in config.dataset:
+        if name not in registered:  # a file path: as given, or inside dataset_dir
+            beside = Path(config.dataset_dir) / name
+            paths.confine(beside if not Path(name).exists() and beside.exists() else name,
+                          "dataset", must_exist=True)
+    for what, value in (("output_dir", config.output_dir), ("resume", config.resume)):
+        if isinstance(value, str) and value:
+            paths.confine(value, what)
+    paths.confine_model(config.model)
+    data.load_records(config)
+    if config.model != cfg.DEMO_MODEL:
+        from core import models  # light: no torch until a model is loaded
+        models.check_model_source(config.model)
+
+
+def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = []
+    for i, example in enumerate(answer["examples"], start=1):
+        out.append((f"── record {i}: {example['tokens']} tokens, {example['trained']} trained ──\n",
+                    None))
+        out += [(text, "trained" if trained else None) for text, trained in example["segments"]]
+        out.append(("\n\n", None))
+    return out
+
+
+def preview_summary(answer: dict) -> str:
+    s = answer["summary"]
+    scope = (f"the first {s['measured']} of {s['records']}" if s["measured"] < s["records"]
+             else f"all {s['records']}")
+    return (f"**{s['records']} records.** Tokens per record ({scope}): min {s['min']}, median "
+            f"{s['median']:g}, max {s['max']}; {s['over_cutoff']} longer than cutoff_len "
+            f"{s['cutoff_len']} (those are truncated).")
+
+
+def _new_session() -> Session:
+    return Session()
