@@ -98,8 +98,24 @@ def _started_as() -> list[str]:
     return [sys.argv[0]]
 
 
+def quiet_library_noise() -> None:
+    """Silence messages that fill the page's log tail without telling the user anything:
+    bitsandbytes' optional CPU-kernel notice and deprecation warnings from inside libraries."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are \r-noise in train.log
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+
+
 def run(config: cfg.TrainConfig, run_dir: Path) -> int:
     """Set up, fit, save; record the outcome in status.json whatever happens."""
+    quiet_library_noise()
     import torch
 
     if not distributed.is_worker():

@@ -8,11 +8,22 @@ webui command runs, so `tunebench train` starts as fast as `python -m core`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from core import cli as core_cli
 
 
 def _webui(args) -> int:
+    import os
+
+    from core.paths import ENV_ROOTS
+
+    if args.saves_dir:
+        os.environ["TUNEBENCH_SAVES"] = args.saves_dir
+    if args.allow_root:
+        extra = [str(Path(p).expanduser().resolve()) for p in args.allow_root]
+        os.environ[ENV_ROOTS] = os.pathsep.join(
+            [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p] + extra)
     from . import app
     return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share)
 
@@ -25,6 +36,9 @@ def build_parser():
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.add_argument("--saves-dir", default=None, help="where runs go (default: ./saves)")
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="also allow the page to read and write under DIR (repeatable)")
     p.set_defaults(func=_webui)
     return parser
 
