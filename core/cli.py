@@ -31,7 +31,7 @@ def _chat(args) -> int:
 def _export(args) -> int:
     from . import export
     return export.main(args.model, args.adapter, args.out, shard_size=args.shard_size,
-                       dtype=args.dtype, verify=not args.no_verify)
+                       dtype=args.dtype, verify=not args.no_verify, overwrite=args.overwrite)
 
 
 def _demo_model(args) -> int:
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="2GB")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export in --out (never any other folder)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("demo-model", help="build the embedded demo model and print its path")
