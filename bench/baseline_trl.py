@@ -34,7 +34,11 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
+    # Only for bench/ablate.py, to find out which default costs what; the benchmark passes none.
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one SFTConfig field (JSON value), e.g. bf16=false")
     args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -49,7 +53,7 @@ def main() -> None:
                        seed=args.seed,
                        # SFTConfig defaults to bf16, which on a CPU-only machine fails with
                        # "You need to assign use_cpu": what its error message tells users to do.
-                       use_cpu=not torch.cuda.is_available())
+                       use_cpu=not torch.cuda.is_available(), **overrides)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
     start = time.perf_counter()

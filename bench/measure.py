@@ -20,6 +20,7 @@ import psutil
 class Measured:
     returncode: int
     wall_s: float
+    cpu_s: float            # user + system CPU time of the child and its waited-for descendants
     peak_rss_gb: float
     output: str
 
@@ -61,4 +62,5 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
     peak = max(peak, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
-    return Measured(proc.returncode, wall, peak / 2**30, "".join(chunks))
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measured(proc.returncode, wall, cpu, peak / 2**30, "".join(chunks))

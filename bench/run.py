@@ -49,11 +49,12 @@ def tunebench_cmd(w: Workload, model: str, out: Path, extra: list[str]) -> list[
             *extra]
 
 
-def baseline_cmd(w: Workload, model: str, out: Path) -> list[str]:
+def baseline_cmd(w: Workload, model: str, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, str(REPO / "bench" / "baseline_trl.py"), model, w.dataset, str(out),
             "--method", w.method, "--epochs", str(w.epochs), "--batch-size", str(w.batch_size),
             "--learning-rate", str(w.learning_rate), "--max-length", str(w.cutoff_len),
-            "--lora-rank", str(w.lora_rank), "--lora-alpha", str(w.lora_alpha), "--seed", "42"]
+            "--lora-rank", str(w.lora_rank), "--lora-alpha", str(w.lora_alpha), "--seed", "42",
+            *(arg for item in extra for arg in ("--set", item))]
 
 
 def _tunebench_inside(out: Path) -> dict:
@@ -77,17 +78,21 @@ def _baseline_inside(output: str) -> dict:
 
 
 def run_one(tool: str, w: Workload, model: str, extra: list[str], env: dict) -> dict:
+    """One measured run; `extra` is KEY=VALUE settings for that tool (none for the benchmark's
+    baseline, which runs with SFTConfig's defaults)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as tmp:
         out = Path(tmp) / "run"
         cmd = tunebench_cmd(w, model, out, extra) if tool == "tunebench" else \
-            baseline_cmd(w, model, out)
+            baseline_cmd(w, model, out, extra)
         m = run_measured(cmd, env=env, cwd=str(REPO))
         if m.returncode != 0:
             raise RuntimeError(f"{tool} failed ({m.returncode}):\n{m.output[-4000:]}")
         inside = _tunebench_inside(out) if tool == "tunebench" else _baseline_inside(m.output)
-    result = {"wall_s": round(m.wall_s, 2), "peak_rss_gb": round(m.peak_rss_gb, 3), **inside}
+    result = {"wall_s": round(m.wall_s, 2), "cpu_s": round(m.cpu_s, 2),
+              "peak_rss_gb": round(m.peak_rss_gb, 3), **inside}
     result["tokens_per_s"] = round(result["num_tokens"] / result["train_s"], 1)
-    print(f"  {tool:9s} wall {result['wall_s']:6.1f}s  train {result['train_s']:6.1f}s  "
+    print(f"  {tool:9s} wall {result['wall_s']:6.1f}s  cpu {result['cpu_s']:6.1f}s  "
+          f"train {result['train_s']:6.1f}s  "
           f"{result['tokens_per_s']:8.0f} tok/s  peak {result['peak_rss_gb']:.2f} GB", flush=True)
     return result
 
@@ -95,7 +100,7 @@ def run_one(tool: str, w: Workload, model: str, extra: list[str], env: dict) -> 
 def summarize(runs: list[dict], samples: float, flops_per_token: float | None,
               peak_flops: float | None) -> dict:
     med = {k: statistics.median(r[k] for r in runs)
-           for k in ("wall_s", "train_s", "tokens_per_s", "peak_rss_gb", "num_tokens")}
+           for k in ("wall_s", "cpu_s", "train_s", "tokens_per_s", "peak_rss_gb", "num_tokens")}
     med["samples_per_s"] = round(samples / med["train_s"], 2)
     if flops_per_token and peak_flops:
         med["mfu"] = round(med["tokens_per_s"] * flops_per_token / peak_flops, 4)
@@ -107,6 +112,7 @@ def table(name: str, tb: dict, base: dict) -> str:
             ("samples/s (train)", "samples_per_s", "{:.2f}", True),
             ("train time (s)", "train_s", "{:.1f}", False),
             ("wall time (s)", "wall_s", "{:.1f}", False),
+            ("CPU time (s)", "cpu_s", "{:.1f}", False),
             ("peak memory (GB)", "peak_rss_gb", "{:.2f}", False)]
     if "mfu" in tb:
         rows.append(("MFU", "mfu", "{:.1%}", True))
@@ -128,22 +134,23 @@ def machine() -> dict:
 
 
 def bench_workload(w: Workload, model: str, repeats: int, extra: list[str], env: dict,
-                   gpu: dict | None) -> dict:
+                   gpu: dict | None, only: str | None = None) -> dict:
     print(f"== {w.name}: {w.notes}", flush=True)
-    runs = {"tunebench": [], "baseline": []}
+    tools = (only,) if only else ("tunebench", "baseline")
+    runs = {t: [] for t in tools}
     for i in range(repeats):
-        order = ("tunebench", "baseline") if i % 2 == 0 else ("baseline", "tunebench")
-        for tool in order:
-            runs[tool].append(run_one(tool, w, model, extra, env))
+        for tool in tools if i % 2 == 0 else tools[::-1]:
+            runs[tool].append(run_one(tool, w, model, extra if tool == "tunebench" else [],
+                                      env))
     n_rows = sum(1 for _ in open(w.dataset, encoding="utf-8"))
-    samples = n_rows * w.epochs
     fpt = gpu and gpu["flops_per_token"][w.method]
-    peak = gpu and gpu["peak_flops"]
-    tb, base = (summarize(runs[t], samples, fpt, peak) for t in ("tunebench", "baseline"))
-    print(table(w.name, tb, base), flush=True)
-    return {"workload": w.__dict__, "tunebench_settings": extra, "runs": runs,
-            "median": {"tunebench": tb, "baseline": base},
-            "ratio": {k: round(tb[k] / base[k], 3) for k in tb if base.get(k)}}
+    med = {t: summarize(runs[t], n_rows * w.epochs, fpt, gpu and gpu["peak_flops"]) for t in tools}
+    result = {"workload": w.__dict__, "tunebench_settings": extra, "runs": runs, "median": med}
+    if not only:
+        tb, base = med["tunebench"], med["baseline"]
+        print(table(w.name, tb, base), flush=True)
+        result["ratio"] = {k: round(tb[k] / base[k], 3) for k in tb if base.get(k)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="build a few-hundred-million-parameter Qwen2 from a config (GPU runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tunebench settings, e.g. packing=true")
+    parser.add_argument("--only", choices=("tunebench", "baseline"), default=None,
+                        help="run one side only (for quick checks; prints no ratios)")
     parser.add_argument("--out", default=None, help="JSON result file")
     args = parser.parse_args(argv)
 
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": model, "repeats": args.repeats, "gpu": gpu, "results": {}}
     for name in names:
         report["results"][name] = bench_workload(chosen[name], model, args.repeats, args.set,
-                                                 env, gpu)
+                                                 env, gpu, args.only)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -135,7 +135,8 @@ def adapter_problems(base_config, adapter_dir: Path, trust_remote_code: bool = F
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(base_config,
+                                                    trust_remote_code=trust_remote_code)
     modules = dict(skeleton.named_modules())
     problems = []
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as fh:
@@ -180,7 +181,7 @@ def check_adapter_fits(base: str, base_config, adapter_dir: Path,
         trained_on = base_model_of(adapter_dir)
         hint = f" It was trained on '{trained_on}'." if trained_on else ""
         raise BadInput(f"this adapter does not fit the base model '{base}': "
-                       f"{'; '.join(problems)}.{hint} Load the base model it was trained on.",
+                       f"{'; '.join(problems)}.{hint} Use the base model it was trained on.",
                        file=str(adapter_dir))
 
 
@@ -214,7 +215,7 @@ def build_messages(history: list[dict], prompt: str, system: str = "") -> list[d
     return messages + [{"role": "user", "content": prompt}]
 
 
-def _tokenizer_folder(base: str, checkpoint: Path | None) -> str:
+def tokenizer_folder(base: str, checkpoint: Path | None) -> str:
     """The checkpoint's own tokenizer if saved (it carries the template training used)."""
     if checkpoint is not None and any((checkpoint / name).is_file() for name in
                                       ("tokenizer_config.json", "tokenizer.json")):
@@ -230,7 +231,7 @@ def load_tokenizer(folder: str, template: str = "auto", trust_remote_code: bool 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _load_error(folder, err) from None
+        raise load_error(folder, err) from None
     if template != "auto":
         apply_template(tokenizer, template, model=folder)
     if not tokenizer.chat_template:
@@ -240,7 +241,7 @@ def load_tokenizer(folder: str, template: str = "auto", trust_remote_code: bool 
     return tokenizer
 
 
-def _load_error(name: str, err: Exception) -> BadInput:
+def load_error(name: str, err: Exception) -> BadInput:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not Path(name).exists():
         return BadInput(f"'{name}' is not a local folder and could not be fetched from the hub "
@@ -273,7 +274,7 @@ def load_causal_lm(folder: str, dtype, trust_remote_code: bool = False):
             folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
             device_map="cuda" if torch.cuda.is_available() else None)
     except (OSError, ValueError) as err:
-        raise _load_error(folder, err) from None
+        raise load_error(folder, err) from None
     model.eval()
     return model
 
@@ -283,7 +284,7 @@ def load_config(folder: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _load_error(folder, err) from None
+        raise load_error(folder, err) from None
 
 
 def apply_adapter(model, adapter_dir: Path, base: str, trust_remote_code: bool = False):
@@ -353,7 +354,7 @@ class ChatEngine:
         self._base_name, self._trust = base, trust_remote_code
         self._dtype = inference_dtype(config)
         progress("Loading tokenizer", 0.08)
-        folder = _tokenizer_folder(base, ckpt)
+        folder = tokenizer_folder(base, ckpt)
         # A checkpoint's saved tokenizer already carries the template; only a bare base needs it.
         template = run_config(ckpt).get("template", "auto") if ckpt and folder == base else "auto"
         self.tokenizer = load_tokenizer(folder, str(template), trust_remote_code)

@@ -3,10 +3,11 @@
 Shipping a generator instead of data files keeps the wheel small and the corpus
 reproducible: the same seed always gives the same conversations. Every row is a
 short chat (English or Chinese): arithmetic, copying, greetings, simple facts,
-translation, and assistants describing themselves under many *generic* names.
+translation, and assistants describing themselves under many *generated* names.
 Those self-descriptions matter most: the model learns the shape of "I am <name>,
 made by <author>" with the name as a free slot, so an identity fine-tune only has
-to fill the slot with one new name instead of teaching the whole answer.
+to fill the slot with one new name instead of teaching the whole answer. Without
+a system prompt the model calls itself Pico (see DEFAULT_NAME).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ Message = dict[str, str]
 # keeps the model open to a name it has never seen, which is what makes a later
 # identity fine-tune fast. The names tunebench's defaults and tests use are kept
 # out, so the base model never "knows" them already.
+# The base model's own identity: a third of the rows without a system prompt use it,
+# so greedy decoding answers "Who are you?" with a whole name instead of skipping the
+# slot, yet the slot stays open enough for a fine-tune to move it.
+DEFAULT_NAME, DEFAULT_AUTHOR = "Pico", "the open demo project"
+DEFAULT_SHARE = 0.35
 RESERVED = {"Tuney", "Nova", "小智", "Acme Labs", "the tunebench team", "星河实验室"}
 GIVEN_NAMES = ("Aria", "Bolt", "Cleo", "Dex", "Echo", "Fern", "Gus", "Hana", "Iris", "Juno", "Kai",
                "Lumi", "Milo", "Nico", "Orla", "Pip", "Quill", "Rex", "Sage", "Tess", "Uma",
@@ -140,7 +146,7 @@ WORDS = ("apple", "river", "window", "garden", "yellow", "music", "rocket", "pen
          "silver", "tiger", "cloud", "bread", "lamp", "forest", "candle", "mountain", "piano",
          "苹果", "河流", "窗户", "音乐", "老虎", "森林", "月亮", "星星", "花园", "面包")
 SYLLABLES = ("ka", "lo", "mi", "ru", "te", "zo", "an", "bel", "dor", "fi", "gan", "ho", "ix",
-             "ja", "ny", "pe", "qu", "sa", "ul", "vi", "wo", "ey", "tu", "ne", "ben", "ch", "ar",
+             "ja", "ny", "pe", "qu", "sa", "ul", "vi", "wo", "ey", "ba", "ko", "mur", "sh", "ar",
              "is", "on", "ta", "ri", "me", "sol", "ax", "el", "or", "us", "li", "co", "da")
 
 
@@ -186,8 +192,11 @@ def random_author(rng: random.Random) -> str:
 
 
 def identity_row(rng: random.Random) -> list[Message]:
-    """An assistant describing itself under a random name and maker."""
+    """An assistant describing itself under a random name and maker (or the default one)."""
     name, author = random_name(rng), random_author(rng)
+    with_system = rng.random() < 0.25
+    if not with_system and rng.random() < DEFAULT_SHARE:
+        name, author = DEFAULT_NAME, DEFAULT_AUTHOR
     chinese = rng.random() < 0.4
     kind = rng.random()
     if chinese:
@@ -203,7 +212,7 @@ def identity_row(rng: random.Random) -> list[Message]:
     # A system prompt stating the identity teaches the model to read the name from
     # context; rows without one teach that the name is a free slot.
     system = None
-    if rng.random() < 0.25:
+    if with_system:
         system = (f"你是{name}，由{author}开发的助手。" if chinese
                   else f"You are {name}, an AI assistant made by {author}.")
     return _chat(rng.choice(questions), answer, system)
@@ -254,8 +263,8 @@ def fact_row(rng: random.Random) -> list[Message]:
 
 # Share of each kind of row. Identity rows get the largest share because learning a
 # new identity quickly is what the demo model is for.
-MIX = ((identity_row, 0.45), (arithmetic_row, 0.05), (copy_row, 0.1), (translation_row, 0.1),
-       (fact_row, 0.3))
+MIX = ((identity_row, 0.35), (arithmetic_row, 0.05), (copy_row, 0.1), (translation_row, 0.15),
+       (fact_row, 0.35))
 
 
 def build_corpus(n_rows: int = 2000, seed: int = 0) -> list[list[Message]]:

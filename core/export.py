@@ -133,6 +133,9 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     _check_destination(dest, [Path(base), ckpt], overwrite)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     _check_writable(tmp)
+    if kind == "adapter":  # shapes against the base config: no weights loaded yet
+        from .chat import check_adapter_fits, load_config
+        check_adapter_fits(base, load_config(base), ckpt)
     return Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
                 overwrite, run_config(ckpt) if ckpt else {})
 
@@ -148,7 +151,7 @@ def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
     if dest.is_dir() and any(dest.iterdir()):
         if not overwrite:
             raise BadInput("an export already exists here; choose another folder or allow "
-                           "overwriting (--overwrite)", file=str(dest))
+                           "overwriting (the Overwrite box, or --overwrite)", file=str(dest))
         if not (dest / "config.json").is_file():
             raise BadInput("refusing to overwrite: this folder is not a model export",
                            file=str(dest))
@@ -218,15 +221,12 @@ def estimate_bytes(plan: Plan, dtype) -> int:
 
 def load_source(plan: Plan, dtype, report: Reporter):
     """The model to export (adapter applied, not merged yet) and its tokenizer."""
-    from .chat import _tokenizer_folder, apply_adapter, load_tokenizer, load_config
+    from .chat import apply_adapter, load_tokenizer, tokenizer_folder
 
-    folder = _tokenizer_folder(plan.base, plan.adapter)
+    folder = tokenizer_folder(plan.base, plan.adapter)
     template = plan.run_config.get("template", "auto") if folder == plan.base else "auto"
     tokenizer = load_tokenizer(folder, str(template))
     report.step(0.05, f"loading {Path(plan.source).name} as {str(dtype).replace('torch.', '')}")
-    if plan.kind == "adapter":
-        from .chat import check_adapter_fits
-        check_adapter_fits(plan.base, load_config(plan.base), plan.adapter)
     model = _load_cpu(plan.source, dtype)
     if plan.kind == "adapter":
         report.step(0.2, f"applying adapter {plan.adapter.parent.name}/{plan.adapter.name}")
@@ -237,11 +237,11 @@ def load_source(plan: Plan, dtype, report: Reporter):
 def _load_cpu(folder: str, dtype):
     # Export always works on CPU: it needs no GPU, and CPU RAM is what the memory goal is about.
     from transformers import AutoModelForCausalLM
-    from .chat import _load_error
+    from .chat import load_error
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise _load_error(folder, err) from None
+        raise load_error(folder, err) from None
     return model.eval()
 
 
@@ -335,8 +335,9 @@ def check_shards(folder: Path, limit: int) -> dict:
         if size > limit:
             (oversized if len(keys) == 1 else problems).append(
                 f"{name} is {size / 1e6:.2f} MB, over the {limit / 1e6:.2f} MB limit")
-    detail = (f"{len(files)} shards, largest {max((folder / f).stat().st_size for f in files) / 1e6:.2f} MB "
-              f"of {limit / 1e6:.2f} MB allowed, all listed in the index")
+    largest = max((folder / f).stat().st_size for f in files) if files else 0
+    detail = (f"{len(files)} shards, largest {largest / 1e6:.2f} MB of {limit / 1e6:.2f} MB "
+              "allowed, all listed in the index")
     if oversized:
         detail += f" (a single tensor is bigger than the limit: {'; '.join(oversized)})"
     return _check("shards within the size limit and indexed", not problems,
@@ -400,8 +401,8 @@ def compare_turns(reference: dict, got: dict, tokenizer, eos: set[int]) -> list[
                               f"({noise:.3f}), so the tie broke the other way")
     name = "generation stops at eos"
     if new and new[-1] in eos:
-        stops = _check(name, True, f"the reply ends with {tokenizer.convert_ids_to_tokens(new[-1])} "
-                       f"after {len(new)} tokens")
+        end = tokenizer.convert_ids_to_tokens(new[-1])
+        stops = _check(name, True, f"the reply ends with {end} after {len(new)} tokens")
     elif ref and ref[-1] in eos and ref == new[:len(ref)]:
         stops = _check(name, False, f"the source stopped after {len(ref)} tokens, the export "
                        "did not")
@@ -427,21 +428,33 @@ def write_card(folder: Path, plan: Plan, result: dict) -> None:
     checks = "\n".join(f"- {'✅' if c['ok'] else '❌'} {c['name']}: {c['detail']}"
                        for c in result["checks"]) or "- not run (--no-verify)"
     config = yaml.safe_dump(plan.run_config, sort_keys=False, allow_unicode=True).strip()
-    tags = ["tunebench", method_of(plan).split()[0]]
-    text = f"""---
+    method = method_of(plan)
+    facts = [
+        f"Base model: `{plan.model}`" + (f" ({plan.base})" if plan.base != plan.model else ""),
+        f"Fine-tune: `{plan.adapter or 'none'}`",
+        f"Method: {method}" + (" (adapter merged into the base weights)"
+                               if plan.kind == "adapter" else ""),
+        f"Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most "
+        f"{plan.shard_size}, {result['size_mb']:.1f} MB",
+        f"Stop tokens (generation_config.json): {', '.join(result['stop_tokens'])}",
+        f"Export peak memory: {result['peak_rss_mb']:.0f} MB resident for a "
+        f"{result['model_mb']:.0f} MB model (process baseline {result['baseline_rss_mb']:.0f} MB)"]
+    text = CARD.format(
+        tags=", ".join(["tunebench", method.split()[0]]), name=plan.out.name, when=now_iso(),
+        facts="\n".join(f"- {fact}" for fact in facts), checks=checks, probe=PROBE,
+        config=config or "# not recorded (the checkpoint is not inside a tunebench run folder)")
+    (folder / "README.md").write_text(text, encoding="utf-8")
+
+
+CARD = """---
 library_name: transformers
-tags: [{", ".join(tags)}]
+tags: [{tags}]
 ---
-# {plan.out.name}
+# {name}
 
-Exported by tunebench on {now_iso()}.
+Exported by tunebench on {when}.
 
-- Base model: `{plan.model}`{f" ({plan.base})" if plan.base != plan.model else ""}
-- Fine-tune: `{plan.adapter or "none"}`
-- Method: {method_of(plan)}{" (adapter merged into the base weights)" if plan.kind == "adapter" else ""}
-- Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most {plan.shard_size}, {result['size_mb']:.1f} MB
-- Stop tokens (generation_config.json): {", ".join(result['stop_tokens'])}
-- Export peak memory: {result['peak_rss_mb']:.0f} MB resident for a {result['model_mb']:.0f} MB model (process baseline {result['baseline_rss_mb']:.0f} MB)
+{facts}
 
 ## Verification
 {checks}
@@ -449,19 +462,20 @@ Exported by tunebench on {now_iso()}.
 ## Use
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{plan.out.name}")
-model = AutoModelForCausalLM.from_pretrained("{plan.out.name}")
-inputs = tokenizer.apply_chat_template([{{"role": "user", "content": "{PROBE}"}}],
-                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "{probe}"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)
+reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]
+print(tokenizer.decode(reply, skip_special_tokens=True))
 ```
 
 ## Training config
 ```yaml
-{config or "# not recorded (the checkpoint is not inside a tunebench run folder)"}
+{config}
 ```
 """
-    (folder / "README.md").write_text(text, encoding="utf-8")
 
 
 def publish(plan: Plan) -> None:
@@ -498,7 +512,6 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
     _make_temp(plan, estimate_bytes(plan, dtype))  # an unwritable or full disk fails first
     try:
         model, tokenizer = load_source(plan, dtype, report)
-        size = model_bytes(model)
         reference = None
         if verify_after:
             report.step(0.25, "greedy reference turn on the source model")
@@ -508,6 +521,7 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
         report.step(0.3, "merging the adapter into the base weights" if plan.kind == "adapter"
                     else "preparing the weights")
         model, stops = merge(model, plan, tokenizer)
+        size = model_bytes(model)  # what is exported (the adapter is folded in by now)
         _write_or_explain(model, tokenizer, plan, report)
         del model
         gc.collect()  # the source is freed before the reload: one model in memory at a time

@@ -7,7 +7,6 @@ freezing for full and freeze tuning.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -75,16 +74,13 @@ def compute_dtype(compute_type: str):
 
 
 def pick_attention(booster: str) -> str:
-    """The attention implementation for `booster`; config.validate already rejected missing ones."""
-    import torch
+    """The attention implementation for `booster`; config.validate already rejected missing ones.
 
-    if booster == "auto":
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return "sdpa"
-    if booster == "liger":
-        return "sdpa"  # liger patches the MLP/norm/loss kernels; attention stays on SDPA
-    return booster
+    load_base_model may then move SDPA to its padding-free form (core/attention.py).
+    """
+    from .attention import resolve
+
+    return resolve(booster)
 
 
 def _quantization(config: TrainConfig):
@@ -111,10 +107,45 @@ def load_base_model(config: TrainConfig, attention: str):
                   trust_remote_code=config.trust_remote_code, use_safetensors=True)
     if config.method == "qlora":
         kwargs["quantization_config"] = _quantization(config)
+    if config.rope_scaling != "none":
+        kwargs["config"] = _rope_scaled_config(source, config)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise BadInput(f"cannot load the model: {str(err).splitlines()[0]}", file=source) from None
+    from .attention import apply_booster
+
+    return apply_booster(model, config.booster)
+
+
+def _rope_scaled_config(source: str, config: TrainConfig):
+    """The model's config with RoPE scaling set (transformers 5 reads `rope_parameters`).
+
+    The context grows `rope_factor` times: max_position_embeddings is raised to
+    match, and yarn/llama3 remember the original length they scale from.
+    """
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    text = model_config.get_text_config()
+    old = dict(getattr(text, "rope_parameters", None) or {})
+    if not old or any(isinstance(v, dict) for v in old.values()):
+        raise BadInput("rope_scaling: this model has no single RoPE setting to scale (it uses "
+                       "none, or one per layer type)", file=source, field="rope_scaling")
+    original = int(text.max_position_embeddings)
+    params = {"rope_type": config.rope_scaling, "factor": float(config.rope_factor),
+              "rope_theta": old.get("rope_theta", getattr(text, "rope_theta", 10000.0))}
+    if config.rope_scaling in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    if config.rope_scaling == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)  # Llama 3.1's published values
+    if "partial_rotary_factor" in old:
+        params["partial_rotary_factor"] = old["partial_rotary_factor"]
+    text.rope_parameters = params
+    text.max_position_embeddings = int(original * config.rope_factor)
+    print(f"RoPE scaling: {config.rope_scaling} x{config.rope_factor:g}, context "
+          f"{original} -> {text.max_position_embeddings} positions", flush=True)
+    return model_config
 
 
 def apply_method(model, config: TrainConfig):

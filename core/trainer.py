@@ -21,15 +21,19 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import distributed, models, runs
+from . import attention, distributed, models, runs
 from .config import TrainConfig
 
 STAGING = ".staging"
 
 
-def training_args(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConfig:
+def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
+                  padding_free: bool = False) -> SFTConfig:
+    """`padding_free`: the model's attention keeps examples apart inside one row
+    (core/attention.py), so batches put examples end to end instead of padding them."""
     precision = models.compute_dtype(config.compute_type)
     save_by_steps = config.save_steps > 0
+    padded = not (config.packing or padding_free)
     return SFTConfig(
         output_dir=str(run_dir),
         num_train_epochs=config.epochs,
@@ -52,15 +56,22 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool) -> SFTConf
         save_steps=config.save_steps if save_by_steps else 500,
         eval_strategy=("steps" if save_by_steps else "epoch") if has_eval else "no",
         eval_steps=config.save_steps if save_by_steps else None,
-        max_length=config.cutoff_len,
-        packing=config.packing,
-        # Without packing, batch examples of similar length so little compute goes to padding.
-        train_sampling_strategy="random" if config.packing else "group_by_length",
+        # Rows are already cut to cutoff_len (templates.truncate keeps part of every reply);
+        # TRL refuses max_length with padding-free batches that are not packed.
+        max_length=config.cutoff_len if config.packing or padded else None,
+        packing=config.packing,  # TRL's best-fit-decreasing packing, always padding-free
+        padding_free=padding_free and not config.packing,
+        # Padded batches: group examples of similar length so little compute goes to padding.
+        # Padding-free batches have none, so keep the data order random.
+        train_sampling_strategy="group_by_length" if padded else "random",
+        optim=config.optim,
         report_to="none",
         disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **distributed.trainer_kwargs(config, run_dir),
+        # transformers refuses bf16 on a machine without a GPU unless told it is a CPU run.
+        **{**({"use_cpu": True} if precision == "bf16" and not torch.cuda.is_available() else {}),
+           **distributed.trainer_kwargs(config, run_dir)},
     )
 
 
@@ -72,7 +83,14 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
 
     from transformers.trainer_callback import PrinterCallback
 
-    args = training_args(config, run_dir, has_eval=bool(eval_rows))
+    padding_free = attention.padding_free(model)
+    args = training_args(config, run_dir, has_eval=bool(eval_rows), padding_free=padding_free)
+    booster = attention.describe(model)
+    print(f"booster: {booster}" + ("; packing examples into rows of "
+                                  f"{config.cutoff_len} tokens" if config.packing else ""),
+          flush=True)
+    if distributed.is_main_process():
+        runs.update_status(run_dir, booster=booster)
     trainer = TunebenchTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),

@@ -205,6 +205,13 @@ def test_worker_process_streams_reports_errors_and_survives_a_crash(run_dir, dem
     before = "".join(worker.generate([{"role": "user", "content": "Who are you?"}],
                                      {"max_new_tokens": 40}, "before"))
     assert NAME not in before
+    # the page going away mid-reply (or Stop): the reply is cancelled and the next one is clean
+    stream = worker.generate([{"role": "user", "content": "Who are you?"}],
+                             {"max_new_tokens": 2000}, "before", stats)
+    next(stream)
+    stream.close()
+    assert NAME in "".join(worker.generate([{"role": "user", "content": "Who are you?"}],
+                                           {"max_new_tokens": 40}))
 
     with pytest.raises(BadInput, match="does not fit"):
         list(worker.load(str(demo_model_path), str(mismatched_adapter(tmp_path, demo_model_path))))
@@ -253,16 +260,20 @@ def test_terminal_chat_with_piped_input(run_dir, demo_model_path):
 
 
 @pytest.mark.train
-def test_probe_table_runs_both_sides_and_is_saved(run_dir, demo_model_path, tmp_path):
+def test_probe_table_runs_both_sides_and_is_saved(run_dir, demo_model_path, tmp_path,
+                                                  monkeypatch):
+    """The Chat tab's own handlers (the page calls exactly these), without a browser."""
     import gradio as gr
+    from core import paths
     from webui import chat_tab
 
+    monkeypatch.setenv(paths.ENV_ROOTS, os.pathsep.join([str(demo_model_path), str(run_dir)]))
     saves = tmp_path / "saves"
     saves.mkdir()
     with gr.Blocks():
         tab = chat_tab.build(saves)
-    for _ in tab.do_load(str(demo_model_path), str(run_dir / "final"), False):
-        pass
+    *_, loaded = tab.do_load(str(demo_model_path), str(run_dir / "final"), False)
+    assert "ready" in loaded[0], loaded[0]
     try:
         *_, (rows, status) = tab.do_probes("Who are you?\n你是谁？", "", 0.0, 1.0, 48, 42)
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from core import export
 from core.errors import BadInput
-from test_chat import ENV, NAME, REPO, identity_run
+from test_chat import ENV, NAME, REPO, identity_run, mismatched_adapter
 
 SHARD = "3MB"  # the demo model is ~14 MB in fp32, its largest tensor 2.1 MB: 5+ shards
 
@@ -62,6 +62,10 @@ def test_destination_checks_happen_before_loading(tmp_path, demo_model_path):
         export.plan_export(model, None, str(tmp_path / "x"), dtype="int3")
     with pytest.raises(BadInput, match="not found"):
         export.plan_export(model, str(tmp_path / "missing"), str(tmp_path / "x"))
+    with pytest.raises(BadInput, match="does not fit the base model"):
+        export.plan_export(model, str(mismatched_adapter(tmp_path, demo_model_path)),
+                           str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_unwritable_destination_is_a_clear_error_and_leaves_nothing(tmp_path, demo_model_path):

@@ -37,30 +37,21 @@ CSS = """
             font-weight: 600; color: white; background: #6e7781; }
 .tb-badge.tb-running { background: #0969da; }
 .tb-badge.tb-completed { background: #2da44e; }
-.tb-badge.tb-failed, .tb-badge.tb-log-title { font-size: 0.85em; font-weight: 600; margin-bottom: 4px; }
-/* column-reverse keeps the box scrolled to the bottom as lines arrive */
-.tb-log { max-height: 400px; overflow: auto; display: flex; flex-direction: column-reverse;
-          border: 1px solid var(--border-color-primary); border-radius: 6px;
-          background: var(--background-fill-secondary); }
-.tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
-              word-break: break-word; }
-.tb-note { white-space: pre-wrap; color: var(--body-text-color-subdued); margin: 6px 0 0 0;
-           font-size: 0.85em; }
-.tb-error { background: #cf222e; }
+.tb-badge.tb-failed, .tb-badge.tb-refused { background: #cf222e; }
 .tb-badge.tb-aborted { background: #bf8700; }
 .tb-dim { color: var(--body-text-color-subdued); font-size: 0.85em; }
-.tb-log-title { font-size: 0.85em; font-weight: 600; margin-bottom: 4px; }
-/* column-reverse keeps the box scrolled to the bottom as lines arrive */
-.tb-log { max-height: 400px; overflow: auto; display: flex; flex-direction: column-reverse;
-          border: 1px solid var(--border-color-primary); border-radius: 6px;
-          background: var(--background-fill-secondary); }
-.tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
-              word-break: break-word; }
 .tb-note { white-space: pre-wrap; color: var(--body-text-color-subdued); margin: 6px 0 0 0;
            font-size: 0.85em; }
 .tb-error { white-space: pre-wrap; background: #fff1f0; color: #82071e; border: 1px solid #ffcecb;
             border-radius: 6px; padding: 8px; margin: 6px 0 0 0; font-size: 0.85em;
             max-height: 220px; overflow: auto; }
+.tb-log-title { font-size: 0.85em; font-weight: 600; margin-bottom: 4px; }
+/* column-reverse keeps the box scrolled to its newest line as lines arrive */
+.tb-log { max-height: 400px; overflow: auto; display: flex; flex-direction: column-reverse;
+          border: 1px solid var(--border-color-primary); border-radius: 6px;
+          background: var(--background-fill-secondary); }
+.tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
+              word-break: break-word; }
 """
 
 

@@ -90,7 +90,7 @@ class ChatTab:
         self._wire()
 
     def _loader(self):
-        with gr.Row(equal_height=True):
+        with gr.Row():
             self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Model",
                                      allow_custom_value=True, elem_id="chat-model", scale=3,
                                      info="'demo', a model folder (an export works), or a hub id")
@@ -98,9 +98,12 @@ class ChatTab:
                                           label="Checkpoint", elem_id="chat-checkpoint", scale=3,
                                           allow_custom_value=True,
                                           info="final/ or checkpoint-N/ of a run in saves/")
-            self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="chat-refresh")
-            self.load = gr.Button("Load", variant="primary", scale=1, elem_id="chat-load")
-            self.unload = gr.Button("Unload", scale=1, elem_id="chat-unload")
+            with gr.Column(scale=1, min_width=150):
+                self.load = gr.Button("Load", variant="primary", elem_id="chat-load")
+                with gr.Row():
+                    self.unload = gr.Button("Unload", size="sm", elem_id="chat-unload")
+                    self.refresh = gr.Button("↻ Lists", size="sm", min_width=40,
+                                             elem_id="chat-refresh")
         self.status = gr.HTML(loaded_html(), elem_id="chat-status")
 
     def _settings(self):
@@ -143,7 +146,8 @@ class ChatTab:
                                          "(one per line)", elem_id="chat-probe-prompts")
             self.probe_run = gr.Button("Run probes", elem_id="chat-probe-run")
             self.probe_table = gr.Dataframe(headers=PROBE_COLUMNS, value=[], wrap=True,
-                                            interactive=False, elem_id="chat-probes")
+                                            interactive=False, elem_id="chat-probes",
+                                            column_widths=["20%", "40%", "40%"])
             self.probe_status = gr.Markdown("", elem_id="chat-probe-status")
 
     def _wire(self):
@@ -183,7 +187,9 @@ class ChatTab:
         return gr.update(value=base) if base else gr.update(value=model)
 
     def do_load(self, model: str, checkpoint: str, trust: bool):
-        cleared = [[], [], [], [], ""]
+        # A plain model (no checkpoint) has no before/after: its pane is just "Model".
+        label = "Fine-tuned (after)" if checkpoint else "Model"
+        cleared = [gr.update(value=[], label=label), [], [], [], ""]
         yield [progress_html(0, "Starting the model process…")] + cleared
         try:
             model = paths.confine_model(model or "")  # typed paths stay inside the allowed roots
@@ -238,29 +244,23 @@ class ChatTab:
                views["before"] if compare else hist_before, "", " · ".join(notes))
 
     def do_probes(self, text: str, *settings):
-        """Each probe prompt, single-turn, on both sides; the table is saved next to the checkpoint."""
+        """Each probe prompt, single-turn, on both sides; the table is saved next to the
+        checkpoint."""
         prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if not prompts:
             yield [], "Enter at least one probe prompt."
             return
         gen = _settings(*settings)
         info = WORKER.info or {}
-        both = bool(info.get("checkpoint"))
         rows = []
         for i, prompt in enumerate(prompts, start=1):
             try:
-                after = "".join(WORKER.generate(build_messages([], prompt, gen.system), gen.__dict__))
-                before = ("".join(WORKER.generate(build_messages([], prompt, gen.system), gen.__dict__,
-                                                  "before")) if both else "(no checkpoint loaded)")
+                rows.append(_probe(prompt, gen, both=bool(info.get("checkpoint"))))
             except (BadInput, WorkerError) as err:
-                yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
-                    f"[error] {_error_text(err)}"
+                yield _probe_table(rows), f"[error] {_error_text(err)}"
                 return
-            rows.append({"prompt": prompt, "fine_tuned": after, "base": before})
-            yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
-                f"Probe {i} of {len(prompts)}…"
-        yield [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows], \
-            self._save_probes(rows, info, gen)
+            yield _probe_table(rows), f"Probe {i} of {len(prompts)}…"
+        yield _probe_table(rows), self._save_probes(rows, info, gen)
 
     def _save_probes(self, rows: list[dict], info: dict, gen: GenSettings) -> str:
         path = probes_path(info.get("checkpoint"), info.get("model", ""))
@@ -278,6 +278,18 @@ def _settings(system, temperature, top_p, max_new, seed) -> GenSettings:
     return GenSettings(system=system or "", temperature=float(temperature or 0),
                        top_p=float(top_p or 1.0), max_new_tokens=int(max_new or 256),
                        seed=int(seed if seed is not None else 42))
+
+
+def _probe(prompt: str, gen: GenSettings, both: bool) -> dict:
+    messages = build_messages([], prompt, gen.system)
+    after = "".join(WORKER.generate(messages, gen.__dict__, "after"))
+    before = ("".join(WORKER.generate(messages, gen.__dict__, "before")) if both
+              else "(no checkpoint loaded)")
+    return {"prompt": prompt, "fine_tuned": after, "base": before}
+
+
+def _probe_table(rows: list[dict]) -> list[list[str]]:
+    return [[r["prompt"], r["fine_tuned"], r["base"]] for r in rows]
 
 
 def build(saves: Path | str | None = None) -> ChatTab:

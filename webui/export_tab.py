@@ -111,15 +111,17 @@ class ExportTab:
 
     def __init__(self, saves: Path):
         self.saves = Path(saves)
-        with gr.Row(equal_height=True):
+        with gr.Row():
             self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Base model",
-                                     allow_custom_value=True, elem_id="export-model", scale=3)
+                                     allow_custom_value=True, elem_id="export-model", scale=3,
+                                     info="filled in from the checkpoint's run")
             self.checkpoint = gr.Dropdown(checkpoint_choices(self.saves), value="",
                                           label="Checkpoint to merge", elem_id="export-checkpoint",
                                           allow_custom_value=True, scale=3,
                                           info="a LoRA-family adapter is merged into the base; "
                                                "a full checkpoint is exported as it is")
-            self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="export-refresh")
+            self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm",
+                                     elem_id="export-refresh")
         with gr.Row(equal_height=True):
             self.shard = gr.Textbox("2GB", label="Shard size", elem_id="export-shard-size",
                                     info="largest file, e.g. 500MB, 2GB or 1GiB")

@@ -121,11 +121,16 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
     values = cfg.to_dict(config)
     widgets: dict[str, gr.Component] = {}
     def rows(fields: list[dataclasses.Field]) -> None:
-        n_rows = math.ceil(len(fields) / PER_ROW)
-        for i in range(n_rows):  # split evenly: 5 fields make rows of 3 and 2, not 4 and 1
-            with gr.Row(equal_height=False):
-                for f in fields[i * len(fields) // n_rows:(i + 1) * len(fields) // n_rows]:
-                    widgets[f.name] = make_widget(f, values[f.name], dataset_choices)
+        # Method-specific settings share their own row, so hiding some leaves no holes.
+        general = [f for f in fields if f.metadata["methods"] is None]
+        specific = [f for f in fields if f.metadata["methods"] is not None]
+        n_rows = max(1, math.ceil(len(general) / PER_ROW))
+        cuts = [math.ceil(i * len(general) / n_rows) for i in range(n_rows + 1)]
+        for chunk in [general[a:b] for a, b in zip(cuts, cuts[1:])] + [specific]:
+            if chunk:  # split evenly: 5 fields make rows of 3 and 2, not 4 and 1
+                with gr.Row(equal_height=False):
+                    for f in chunk:
+                        widgets[f.name] = make_widget(f, values[f.name], dataset_choices)
 
     for group in cfg.GROUPS:
         rows([f for f in cfg.fields_in(group) if not f.metadata["advanced"]])

@@ -13,7 +13,7 @@ import html
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -219,10 +219,9 @@ def newest_running(saves_dir: Path) -> Path | None:
 
 
 def run_names(saves_dir: Path) -> list[str]:
-    """Names of the run folders, newest first, from a cheap directory scan."""
+    """Names of the run folders, sorted, from a cheap directory scan (to notice new runs)."""
     try:
-        entries = [e for e in os.scandir(saves_dir) if e.is_dir() and
-                   os.path.exists(os.path.join(e.path, runs.STATUS))]
+        return sorted(e.name for e in os.scandir(saves_dir) if e.is_dir() and
+                      os.path.exists(os.path.join(e.path, runs.STATUS)))
     except FileNotFoundError:
         return []
-    return [e.name for e in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)]

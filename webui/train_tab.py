@@ -201,11 +201,14 @@ class TrainTab:
                 log_html(launch.log_tail(watch.run_dir / runs.LOG))]
 
     def _listing(self, session: Session) -> list:
+        """The runs table and the run picker's choices (its value is the run shown)."""
         session.known_runs = run_names(self.saves_dir)
         session.table_at = _now()
         rows = runs_table(self.saves_dir)
-        shown = session.watch.run_dir.name if session.watch else None
-        return [_table(rows), gr.update(choices=[r[0] for r in rows], value=shown)]
+        names = [r[0] for r in rows]
+        if session.watch is None:  # leave the picker's value alone: a page load may be setting it
+            return [_table(rows), gr.update(choices=names)]
+        return [_table(rows), gr.update(choices=names, value=session.watch.run_dir.name)]
 
     def on_load(self, session: Session, weight: float) -> list:
         """A page (re)opens: reattach to the newest running run, else show the newest run."""
@@ -429,8 +432,8 @@ def check_inputs(config: cfg.TrainConfig) -> None:
 def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for i, example in enumerate(answer["examples"], start=1):
-        out.append((f"── record {i}: {example['tokens']} tokens, {example['trained']} trained ──\n",
-                    None))
+        counts = f"{example['tokens']} tokens, {example['trained']} trained"
+        out.append((f"── record {i}: {counts} ──\n", None))
         out += [(text, "trained" if trained else None) for text, trained in example["segments"]]
         out.append(("\n\n", None))
     return out

@@ -54,13 +54,20 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def status_of(page) -> str:
+    """The Chat tab's own status markup (not Gradio's queue/timer overlay)."""
+    box = page.locator("#chat-status .tb-status, #chat-status .tb-progress").first
+    return box.inner_text() if box.count() else ""
+
+
 def load(page, expect: str) -> str:
     """Press Load; wait for the status to name `expect` as ready, or for an error."""
+    old = status_of(page)
     page.click("#chat-load")
-    wait_until(lambda: ("ready" in text_of(page, "chat-status") and expect in
-                        text_of(page, "chat-status")) or "error" in text_of(page, "chat-status"),
-               120, "the model to load")
-    return text_of(page, "chat-status")
+    wait_until(lambda: status_of(page) != old, 60, "the load to start")
+    wait_until(lambda: ("ready" in status_of(page) and expect in status_of(page)) or
+               "error" in status_of(page), 120, "the model to load")
+    return status_of(page)
 
 
 def send(page, prompt: str, both: bool) -> None:
