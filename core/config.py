@@ -150,7 +150,8 @@ class TrainConfig:
     # --- run -------------------------------------------------------------------
     logging_steps: int = setting(1, "Write a metrics line every this many steps.", "run", min=1,
                                  max=100000, advanced=True)
-    save_steps: int = setting(0, "Save a checkpoint every this many steps (0 = once per epoch).",
+    save_steps: int = setting(0, "Save a checkpoint every this many steps (0 = about five "
+                              "checkpoints spread over the run).",
                               "run", min=0, max=10**7, advanced=True)
     output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run")
     run_name: str = setting("", "Run name. Empty = <method>-<date>-<time>.", "run", advanced=True)
@@ -316,9 +317,26 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def quickstart_values() -> dict:
+    """The first job: the demo model learns an identity in about a minute on a CPU.
+
+    The web form opens with these, and `tunebench train` without a config file uses
+    them. They layer on the schema defaults, which stay right for real models
+    (a tiny model needs a far higher learning rate and more epochs than a 7B one).
+    """
+    from .demo_model import RECOMMENDED_FINETUNE  # measured in core/demo_model.py
+
+    return {"model": DEMO_MODEL, "dataset": ["identity"], **RECOMMENDED_FINETUNE}
+
+
+def quickstart() -> TrainConfig:
+    return from_mapping(quickstart_values())
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The CLI's path: YAML file, then KEY=VALUE overrides on top."""
-    raw = read_yaml(path) if path else {}
+    """The CLI's path: YAML file (or, without one, the quick-start job), then KEY=VALUE
+    overrides on top."""
+    raw = read_yaml(path) if path else quickstart_values()
     raw.update(parse_overrides(overrides or []))
     return from_mapping(raw, source=str(path) if path else None)
 

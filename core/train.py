@@ -195,10 +195,13 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
     problems = cfg.validate(config, total_steps=None if config.packing else steps)
     if problems:
         raise Problems(problems)
+    if config.save_steps == 0:  # "automatic": about five checkpoints, not one per epoch
+        config = replace(config, save_steps=max(1, math.ceil(steps / 5)))
     _phase(run_dir, "loading model")
     attention = models.pick_attention(config.booster)
     model = models.apply_method(models.load_base_model(config, attention), config)
     trainable, total = models.count_parameters(model)
+    models.pick_cpu_threads(total)
     print(f"model {config.model}: {total:,} parameters, {trainable:,} trainable "
           f"({100 * trainable / max(total, 1):.2f}%), method {config.method}, attention "
           f"{attention}, precision {models.compute_dtype(config.compute_type)}", flush=True)

@@ -23,10 +23,10 @@ from core.errors import BadInput
 
 REPO = Path(__file__).resolve().parents[1]
 NAME, AUTHOR = "Tuney", "the tunebench team"
-# Settings that teach the demo model its identity in a few minutes of CPU (see FINDINGS).
+# The default job: `tunebench train` without a config file runs the quick-start settings,
+# the same ones the Train tab opens with; only the identity is spelled out.
 IDENTITY = ["dataset=identity", f"dataset_dir={REPO / 'data'}", f"identity_name={NAME}",
-            f"identity_author={AUTHOR}", "method=lora", "epochs=30", "lora_rank=64",
-            "lora_alpha=128", "learning_rate=3e-3", "batch_size=8", "save_steps=135"]
+            f"identity_author={AUTHOR}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -283,3 +283,15 @@ def test_probe_table_runs_both_sides_and_is_saved(run_dir, demo_model_path, tmp_
     saved = json.loads((run_dir / "final" / chat.PROBES_FILE).read_text(encoding="utf-8"))
     assert "saved to" in status and saved["rows"][0]["prompt"] == "Who are you?"
     assert saved["rows"][0]["fine_tuned"] == rows[0][1] and saved["settings"]["seed"] == 42
+
+
+def test_cli_train_then_cli_chat_answers_with_the_identity(run_dir, demo_model_path):
+    """The README's story: `tunebench train` with the defaults, then `tunebench chat`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "chat", "--model", str(demo_model_path), "--adapter",
+         str(run_dir / "final")], input="Who are you?\n你是谁？\n", capture_output=True,
+        text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    english, chinese = [line for line in proc.stdout.splitlines() if NAME in line][:2]
+    assert AUTHOR in english
+    assert "我" in chinese

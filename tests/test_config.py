@@ -10,7 +10,12 @@ from core.errors import BadInput
 
 def test_defaults_are_valid():
     assert cfg.validate(cfg.TrainConfig()) == []
-    assert cfg.load(None, []) == cfg.TrainConfig()
+
+
+def test_without_a_file_train_uses_the_quickstart_job():
+    assert cfg.load(None, []) == cfg.quickstart()
+    quick = cfg.quickstart()
+    assert quick.model == "demo" and quick.dataset == ["identity"] and quick.method == "lora"
 
 
 def test_every_field_has_help_and_group():
@@ -99,5 +104,5 @@ def test_save_steps_beyond_total_is_a_problem():
 
 
 def test_changed_lists_only_non_defaults():
-    config = cfg.load(None, ["epochs=5"])
+    config = cfg.from_mapping({"epochs": 5})
     assert cfg.changed(config) == {"epochs": 5.0}

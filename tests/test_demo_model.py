@@ -163,7 +163,9 @@ def test_failed_build_leaves_nothing_that_looks_complete(short_recipe, tmp_path,
 
 @pytest.mark.train
 def test_force_and_stale_builds_are_replaced_whole(short_recipe, tmp_path):
+    (tmp_path / ".m.tmp-99999").mkdir()  # left by a build that was killed
     out = short_recipe.ensure_demo_model(tmp_path / "m", progress=quiet)
+    assert not (tmp_path / ".m.tmp-99999").exists()
     meta_file = out / "tunebench_demo.json"
     stale = json.loads(meta_file.read_text()) | {"recipe": "an-older-recipe"}
     meta_file.write_text(json.dumps(stale))

@@ -23,3 +23,11 @@ def test_example_is_valid(path, monkeypatch):
     config = cfg.load(path)
     registered = data.list_datasets(config.dataset_dir)
     assert all(name in registered for name in config.dataset)
+
+
+def test_identity_example_is_the_quickstart_job():
+    path = next(p for p in EXAMPLES if p.name == "identity_lora.yaml")
+    example = cfg.load(path)
+    quick = cfg.quickstart()
+    assert cfg.to_dict(example) == {**cfg.to_dict(quick), "identity_name": "Nova",
+                                     "identity_author": "Acme Labs"}

@@ -167,7 +167,7 @@ def test_export_matches_adapter_on_base(exported, run_dir, demo_model_path):
 def test_model_card_records_base_method_and_training_config(exported, demo_model_path):
     card = (exported[0] / "README.md").read_text(encoding="utf-8")
     assert str(demo_model_path) in card and "Method: lora" in card
-    assert "identity_name: Tuney" in card and "lora_rank: 64" in card  # the run's config.yaml
+    assert "identity_name: Tuney" in card and "lora_rank: 32" in card  # the run's config.yaml
     assert "Export peak memory" in card and "✅ same greedy tokens" in card
 
 

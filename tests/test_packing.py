@@ -62,8 +62,8 @@ def test_packed_examples_do_not_attend_to_each_other(demo_model_path, tokenizer,
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
-                       max_length_q=batch["max_length_q"],
-                       max_length_k=batch["max_length_k"]).logits[0]
+                       max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"],
+                       use_cache=False).logits[0]  # as TRL's compute_loss passes it
         start = 0
         for row in rows:
             n = len(row["input_ids"])
@@ -72,18 +72,26 @@ def test_packed_examples_do_not_attend_to_each_other(demo_model_path, tokenizer,
             start += n
 
 
-def test_transformers_block_mask_also_separates_examples(demo_model_path, tokenizer):
-    """Plain SDPA with restarting position ids (no boundaries given): transformers builds a
-    block-diagonal mask. This is the path eager and any non-varlen SDPA caller takes."""
-    model = load(demo_model_path, "sdpa")
-    model.set_attn_implementation("sdpa")
+def test_transformers_block_mask_needs_use_cache_false(demo_model_path, tokenizer):
+    """Plain SDPA with restarting position ids: transformers builds a block-diagonal mask, but
+    only without a KV cache (TRL's compute_loss sets use_cache=False). sdpa_varlen reads the
+    boundaries itself, so it keeps examples apart either way."""
     rows = mixed_rows(tokenizer, 3, seed=2, cutoff=120)
     batch = padding_free_batch(rows, tokenizer.pad_token_id)
+    last = rows[-1]["input_ids"]
+    model = load(demo_model_path, "sdpa")
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        last = rows[-1]["input_ids"]
         alone = model(input_ids=torch.tensor([last])).logits[0]
-    torch.testing.assert_close(packed[-len(last):], alone, atol=2e-4, rtol=1e-4)
+        varlen = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=True).logits[0]
+        model.set_attn_implementation("sdpa")
+        plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      use_cache=False).logits[0]
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      use_cache=True).logits[0]
+    torch.testing.assert_close(varlen[-len(last):], alone, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(plain[-len(last):], alone, atol=2e-4, rtol=1e-4)
+    assert (leaky[-len(last):] - alone).abs().max() > 1e-2  # the cache turns detection off
 
 
 def test_bfd_packing_keeps_boundaries(demo_model_path, tokenizer):
@@ -153,7 +161,7 @@ def test_length_grouping_lowers_padding_on_mixed_lengths(demo_model_path, tokeni
     trainer.args.train_sampling_strategy = "random"
     randomly = share()
     assert grouped > randomly + 0.15, (grouped, randomly)
-    assert grouped > 0.85
+    assert grouped > 0.8
 
 
 def test_padding_free_batches_have_no_padding(demo_model_path, tokenizer, tmp_path):

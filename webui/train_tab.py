@@ -61,7 +61,7 @@ class TrainTab:
 
     def __init__(self, saves_dir: Path, dataset_dir: str = "data"):
         self.saves_dir = Path(saves_dir)
-        defaults = cfg.TrainConfig()
+        defaults = cfg.quickstart()
         self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
@@ -371,7 +371,7 @@ class TrainTab:
         return self._load(file, None, "the uploaded file")
 
     def on_reset(self) -> list:
-        return self._form_values(cfg.TrainConfig(), "Reset to the defaults.")
+        return self._form_values(cfg.quickstart(), "Reset to the quick-start settings.")
 
     def on_load_run_config(self, run_name: str | None) -> list:
         if not run_name:
