@@ -289,9 +289,9 @@ def test_cli_train_then_cli_chat_answers_with_the_identity(run_dir, demo_model_p
     """The README's story: `tunebench train` with the defaults, then `tunebench chat`."""
     proc = subprocess.run(
         [sys.executable, "-m", "core", "chat", "--model", str(demo_model_path), "--adapter",
-         str(run_dir / "final")], input="Who are you?\n你是谁？\n", capture_output=True,
+         str(run_dir / "final")], input="Who are you?\n/reset\n你是谁？\n", capture_output=True,
         text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     english, chinese = [line for line in proc.stdout.splitlines() if NAME in line][:2]
     assert AUTHOR in english
-    assert "我" in chinese
+    assert "我" in chinese  # a fresh conversation (/reset) in Chinese gets a Chinese answer
