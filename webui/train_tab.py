@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import data, launch, paths, runs
+from core import data, launch, memory, paths, runs
 from core.errors import BadInput
 
 from . import configs, form as form_mod, preview
@@ -43,6 +43,14 @@ def dataset_choices(dataset_dir: str) -> list[str]:
         return data.list_datasets(dataset_dir)
     except BadInput:
         return []  # a broken registry is reported when a run or preview reads it
+
+
+def memory_text(config: cfg.TrainConfig) -> str:
+    """The memory estimate shown before Start (core.memory reads config.json, no torch)."""
+    try:
+        return "**Memory:** " + memory.describe(config)
+    except (BadInput, OSError, ValueError) as err:
+        return f"**Memory:** estimate unavailable ({err})"
 
 
 def command_text(config: cfg.TrainConfig, saves_dir: Path) -> str:
@@ -131,6 +139,7 @@ class TrainTab:
         self.command = gr.Code(command_text(defaults, self.saves_dir), language="shell",
                                label="What Start runs: the same as this in a terminal",
                                elem_id="train-command", max_lines=24, interactive=False)
+        self.memory = gr.Markdown(memory_text(defaults), elem_id="train-memory")
         with gr.Group():
             with gr.Row(equal_height=False):
                 self.save_name = gr.Textbox(label="Save the form as", value="my-config",
@@ -162,7 +171,7 @@ class TrainTab:
         self.table.select(self.on_table_select, [self.session], view + listing)
         self.refresh.click(self.on_refresh, [self.session], listing)
         self.weight.change(self.on_weight, [self.session, self.weight], [self.plot], **quiet)
-        gr.on([w.change for w in widgets], self.on_form_change, widgets, [self.command],
+        gr.on([w.change for w in widgets], self.on_form_change, widgets, [self.command, self.memory],
               trigger_mode="always_last", api_visibility="private", **quiet)
         limited = [self.form.widgets[n] for n in self.form.method_limited]
         self.form.widgets["method"].change(
@@ -314,13 +323,13 @@ class TrainTab:
 
     # --- form, data and config files -----------------------------------------------------
 
-    def on_form_change(self, *values) -> str:
+    def on_form_change(self, *values) -> tuple[str, str]:
         try:
             config = form_mod.to_config(self.form.names, list(values))
         except BadInput as err:
             return "# Start is refused until these are fixed:\n" + "".join(
-                f"# {line}\n" for line in str(err).splitlines())
-        return command_text(config, self.saves_dir)
+                f"# {line}\n" for line in str(err).splitlines()), gr.skip()
+        return command_text(config, self.saves_dir), memory_text(config)
 
     def on_upload(self, file: str | None, name: str, dataset_dir: str, current: list[str]):
         if not file:

@@ -172,7 +172,8 @@ def test_watch_live_reload_and_abort(page, server):
     page.wait_for_selector("#train-start")
     # Reattached with the full history, not just what arrives from now on.
     wait_until(lambda: points(page) >= seen, 15, "the reloaded chart to show the history")
-    assert points(page) >= loss_lines(run_dir) - 2
+    # The chart may trail the file by the steps of one tick (a few per second on the demo).
+    wait_until(lambda: points(page) >= loss_lines(run_dir) - 8, 10, "the chart to catch up")
     after_reload = points(page)
     wait_until(lambda: points(page) > after_reload, 60, "new points after the reload")
     shot(page, "train-after-reload")
