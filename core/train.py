@@ -199,6 +199,9 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
         config = replace(config, save_steps=max(1, math.ceil(steps / 5)))
     _phase(run_dir, "loading model")
     attention = models.pick_attention(config.booster)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # adapters are initialised before the trainer would seed anything
     model = models.apply_method(models.load_base_model(config, attention), config)
     trainable, total = models.count_parameters(model)
     models.pick_cpu_threads(total)

@@ -132,7 +132,7 @@ def test_packed_loss_matches_unpacked_and_run_completes(demo_model_path, tmp_pat
     for run in (free, packed):
         assert run[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-4)
         assert run[0]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-3)
-    assert padded[0]["nonpad_share"] < 0.9  # identity answers differ in length: padding
+    assert padded[0]["nonpad_share"] < 1.0  # identity answers differ in length: some padding
     assert free[0]["nonpad_share"] == packed[0]["nonpad_share"] == 1.0
     log = (tmp_path / "packed" / "train.log").read_text()
     assert "padding-free" in log and "packing examples into rows" in log

@@ -1,0 +1,163 @@
+"""The memory estimate: parameter counts, the direction of every knob, and measured peaks.
+
+The measured tests train for real in a subprocess and compare the estimate with
+the process's peak RSS (the kernel's high-water mark), on the demo model and on
+a ~100M-parameter Qwen2 built from a config.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from core import memory
+from core.config import TrainConfig
+from core.device import Device
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = Device("cpu", "cpu", 1, 16.0, bf16=False)
+GPU24 = Device("cuda", "NVIDIA L4", 1, 24.0, bf16=True)
+QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                 tie_word_embeddings=True)
+LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                vocab_size=32000, tie_word_embeddings=False)
+QWEN2_100M = dict(model_type="qwen2", hidden_size=768, intermediate_size=2560, num_hidden_layers=13,
+                  num_attention_heads=12, num_key_value_heads=4, vocab_size=2048,
+                  tie_word_embeddings=True, max_position_embeddings=2048)
+
+
+def est(info, dev=CPU, **settings):
+    return memory.estimate(TrainConfig(**settings), info, dev)
+
+
+@pytest.mark.parametrize("info", [QWEN2_05B, LLAMA_7B, QWEN2_100M], ids=["qwen2", "llama", "100m"])
+def test_parameter_count_matches_transformers(info):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**info)
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config)
+    real = sum(p.numel() for p in model.parameters())
+    assert memory.count_params(memory.shape_of(info))[0] == real
+
+
+def test_demo_model_count(demo_model_path):
+    info = json.loads((demo_model_path / "config.json").read_text())
+    meta = json.loads((demo_model_path / "tunebench_demo.json").read_text())
+    assert memory.count_params(memory.shape_of(info))[0] == meta["params"]
+
+
+def test_each_setting_moves_the_estimate_the_right_way():
+    full, lora = est(LLAMA_7B, method="full"), est(LLAMA_7B, method="lora")
+    qlora4, qlora8 = (est(LLAMA_7B, method="qlora", quant_bits=b) for b in (4, 8))
+    assert qlora4.total_gb < qlora8.total_gb < lora.total_gb < full.total_gb
+    assert lora.trainable < full.trainable / 50
+    assert est(LLAMA_7B, method="freeze", freeze_layers=2).trainable < full.trainable / 10
+    plain, ckpt = est(QWEN2_05B), est(QWEN2_05B, gradient_checkpointing=True)
+    assert ckpt.activations_gb < plain.activations_gb / 3
+    assert est(QWEN2_05B, batch_size=16).activations_gb > plain.activations_gb * 1.9
+    assert est(QWEN2_05B, cutoff_len=2048).activations_gb > plain.activations_gb * 1.9
+    assert est(QWEN2_05B, booster="eager").activations_gb > plain.activations_gb
+    assert est(LLAMA_7B, method="full", compute_type="pure_bf16").weights_gb == \
+        pytest.approx(full.weights_gb / 2, rel=0.01)
+    assert est(LLAMA_7B, method="full", optim="adamw_8bit").optimizer_gb == \
+        pytest.approx(full.optimizer_gb / 4, rel=0.01)
+    assert est(LLAMA_7B, method="full", optim="sgd").optimizer_gb == 0
+    # bf16 autocast on a GPU halves the activations
+    assert est(QWEN2_05B, dev=GPU24).activations_gb < plain.activations_gb * 0.6
+
+
+def test_fits_warns_only_when_too_big():
+    assert memory.fits(est(QWEN2_05B, batch_size=1, cutoff_len=256), CPU) is None
+    warning = memory.fits(est(LLAMA_7B, method="full", dev=GPU24), GPU24)
+    assert warning and "NVIDIA L4 (24 GB)" in warning and "qlora" in warning
+    assert memory.fits(est(LLAMA_7B, method="qlora", batch_size=1, cutoff_len=512, dev=GPU24),
+                       GPU24) is None
+
+
+def test_unknown_model_gives_no_estimate(tmp_path):
+    config = TrainConfig(model=str(tmp_path / "missing"))
+    assert memory.estimate(config) is None
+    assert "unavailable" in memory.describe(config)
+
+
+def test_describe_is_one_line_without_torch(demo_model_path):
+    """The web page calls describe(); it must not import torch (seconds, hundreds of MB)."""
+    code = ("import sys; from core import memory; from core.config import TrainConfig; "
+            f"print(memory.describe(TrainConfig(model={str(demo_model_path)!r}))); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    assert out[0].startswith("≈ ") and " GB needed (weights " in out[0] and "fits in" in out[0]
+
+
+# --- measured against real training -----------------------------------------------
+
+def long_rows(path: Path, n: int, words: int = 420) -> Path:
+    """Chat rows long enough that every one fills cutoff_len: the estimate's worst case."""
+    vocab = "the river turns the old mill wheel through wet springs and dry summers".split()
+    answer = " ".join(vocab[i % len(vocab)] for i in range(words))
+    rows = [{"messages": [{"role": "user", "content": f"Tell story {i}."},
+                          {"role": "assistant", "content": answer}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def peak_rss_gb(cmd: list[str]) -> float:
+    """Run `cmd` and return its peak RSS from the kernel (ru_maxrss of the waited child)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, out[-3000:]
+    return usage.ru_maxrss / 2**20
+
+
+def measured_vs_estimated(model_dir: Path, data: Path, run_dir: Path, **settings):
+    overrides = [f"{k}={v}" for k, v in settings.items()]
+    cmd = [sys.executable, "-m", "core", "train", f"model={model_dir}", f"dataset={data}",
+           f"output_dir={run_dir}", "epochs=1", *overrides]
+    measured = peak_rss_gb(cmd)
+    estimate = memory.estimate(TrainConfig(model=str(model_dir), **settings))
+    return measured, estimate
+
+
+@pytest.mark.train
+def test_estimate_within_half_of_measured_on_demo(demo_model_path, tmp_path):
+    data = long_rows(tmp_path / "long.jsonl", 16)
+    measured, e = measured_vs_estimated(demo_model_path, data, tmp_path / "run", batch_size=8,
+                                        cutoff_len=512, lora_rank=8, lora_alpha=16)
+    assert 0.5 * measured <= e.total_gb <= 1.5 * measured, (measured, e)
+
+
+@pytest.fixture(scope="module")
+def model_100m(demo_model_path, tmp_path_factory):
+    """A randomly initialised ~100M-parameter Qwen2 with the demo tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("qwen2-100m")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**QWEN2_100M))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (demo_model_path / name).exists():
+            shutil.copy(demo_model_path / name, folder / name)
+    return folder
+
+
+@pytest.mark.train
+def test_estimate_within_half_of_measured_on_100m_full(model_100m, tmp_path):
+    data = long_rows(tmp_path / "long.jsonl", 4, words=250)
+    measured, e = measured_vs_estimated(model_100m, data, tmp_path / "run", method="full",
+                                        batch_size=2, cutoff_len=256, learning_rate=1e-5)
+    assert e.params > 95e6
+    assert 0.5 * measured <= e.total_gb <= 1.5 * measured, (measured, e)
