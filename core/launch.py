@@ -162,7 +162,8 @@ def _reap(proc: subprocess.Popen, run_dir: Path) -> None:
     """Wait for the trainer (so it leaves no zombie) and record a death it could not report."""
     code = proc.wait()
     status = runs.read_status_raw(run_dir) or {}
-    if status.get("state") != "running" or status.get("pid") != proc.pid:
+    unreported = status.get("state") == "running" or status.get("guessed")
+    if not unreported or status.get("pid") != proc.pid:
         return  # the trainer wrote its own ending (or a newer start owns the folder)
     if str(run_dir.resolve()) in _aborting:
         return  # abort_run writes the ending

@@ -109,14 +109,17 @@ def read_status(run_dir: Path) -> dict | None:
     """status.json, reconciled with reality.
 
     A run marked "running" whose process is gone (kill -9, OOM killer, reboot) is
-    recorded as failed, so no run stays "running" forever.
+    recorded as failed, so no run stays "running" forever. The ending is marked
+    `guessed`: the launcher, if it is still alive to reap the process, replaces it
+    with the real cause (the signal and the log tail).
     """
     status = read_status_raw(run_dir)
     if status and status.get("state") == "running" and not pid_alive(
             status.get("pid"), status.get("started_at")):
         status = write_status(
             Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
-            error="the training process disappeared without reporting (killed, or out of memory)")
+            error="the training process disappeared without reporting (killed, or out of memory)",
+            guessed=True)
     return status
 
 

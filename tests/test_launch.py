@@ -197,12 +197,28 @@ def test_a_run_that_fails_shows_its_error_in_status(tmp_path, demo_model_path):
     assert "bad.jsonl" in status["error"] and "record 2" in status["error"]
 
 
+def test_the_launcher_replaces_a_guessed_death_with_the_real_cause(tmp_path):
+    """The race that once failed CI: a poll sees the zombie before the launcher reaps it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    runs.write_status(tmp_path, "running", pid=proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_for(lambda: runs.read_status(tmp_path)["state"] == "failed", 10, "the guess")
+    assert runs.read_status(tmp_path)["guessed"]
+    launch._reap(proc, tmp_path)
+    status = runs.read_status(tmp_path)
+    assert "SIGKILL" in status["error"] and not status.get("guessed")
+    assert status["exit_code"] == -signal.SIGKILL
+
+
 @pytest.mark.train
 def test_a_trainer_killed_hard_is_recorded_as_failed_with_the_cause(tmp_path, demo_model_path):
     run_dir = launch.start_run(demo_config(str(demo_model_path), epochs=20), tmp_path)
     wait_for(lambda: last_step(run_dir) >= 1, 180, "the first step")
     os.kill(runs.read_status(run_dir)["pid"], signal.SIGKILL)
     wait_for(lambda: state(run_dir) == "failed", 20, "the failure to be recorded")
+    # A page poll may notice the dead pid before the launcher reaps it; the launcher
+    # then replaces that guess with the real cause.
+    wait_for(lambda: not runs.read_status(run_dir).get("guessed"), 20, "the real cause")
     error = runs.read_status(run_dir)["error"]
     assert "SIGKILL" in error and "out-of-memory" in error
     assert json.loads((run_dir / runs.STATUS).read_text())["exit_code"] == -signal.SIGKILL
