@@ -44,7 +44,7 @@ def _demo_model(args) -> int:
 def _data_check(args) -> int:
     from . import data
     return data.check_command(args.dataset, dataset_dir=args.dataset_dir, model=args.model,
-                              template=args.template)
+                              template=args.template, stage=args.stage)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset-dir", default="data")
     q.add_argument("--model", default="demo", help="tokenizer to preview with")
     q.add_argument("--template", default="auto")
+    q.add_argument("--stage", default="auto", choices=["auto", "sft", "pt"],
+                   help="check the file as training for this stage would read it "
+                        "(auto: as its format suggests)")
     q.set_defaults(func=_data_check)
     return parser
 

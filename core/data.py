@@ -778,22 +778,25 @@ def _length_summary(lengths: list[int], cutoff: int, sampled: int, total: int) -
 
 
 def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
-                  template: str = "auto") -> int:
+                  template: str = "auto", stage: str = "auto") -> int:
     """`tunebench data check`: count, format and the first example as trained.
 
-    model "none" skips the tokenized preview (no tokenizer is loaded).
+    model "none" skips the tokenized preview (no tokenizer is loaded). A `stage`
+    other than "auto" reads the file as training for that stage would.
     """
     from .config import default_value
     identity = (default_value("identity_name"), default_value("identity_author"))
     entry = resolve(dataset, dataset_dir)
     records, src = _read_entry(entry)
+    if stage != "auto":
+        records = _for_stage(records, src, stage)
     records = _fill_all(records, identity)
     print(f"dataset: {entry.name or entry.path}  ({entry.path})")
     print(f"records: {len(records)}")
     mapping = ", ".join(f"{k} <- {v}" for k, v in src.cols.items() if k != v)
     print(f"format:  {src.fmt}" + (" (detected)" if src.detected else "")
           + (f"; columns {mapping}" if mapping else ""))
-    print("stage:   " + ("pt (plain text)" if src.fmt == "text" else "sft (chat)"))
+    print("stage:   " + ("pt (plain text)" if "text" in records[0] else "sft (chat)"))
     if model.lower() == "none":
         print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
         return 0

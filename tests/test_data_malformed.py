@@ -7,8 +7,10 @@ values and bytes: they either read into well-formed records or raise BadInput.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,93 @@ def test_cli_data_check_exits_2_without_traceback(case_id):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert case["expect"][0] in lines[0]
+
+
+# --- every case, in the CLI and in the page --------------------------------------------
+
+def _cli_args(case_id: str, case: dict) -> list[str]:
+    if "dataset_dir" in case:
+        return [case["dataset"], "--dataset-dir", str(HERE / case["dataset_dir"])]
+    return [str(HERE / case_id)]
+
+
+def _expected(case_id: str, case: dict) -> list[str]:
+    """What a person must read: the file, the record, the field and the problem."""
+    wanted = [case.get("file", Path(case_id).name), *case["expect"]]
+    if case["record"] is not None:
+        wanted.append(f"record {case['record']}")
+    if case["field"] is not None:
+        wanted.append(f"field '{case['field']}'")
+    return wanted
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_every_case_in_the_cli_exits_2_with_one_line(case_id, capsys):
+    """`tunebench data check` for the stage training uses, in-process (the cases above run
+    it as a real command)."""
+    from webui import cli
+    stage = CASES[case_id].get("stage", "sft")
+    code = cli.main(["data", "check", *_cli_args(case_id, CASES[case_id]), "--model", "none",
+                     "--stage", stage])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    for fragment in _expected(case_id, CASES[case_id]):
+        assert fragment in err
+
+
+@pytest.fixture(scope="module")
+def train_page(tmp_path_factory):
+    """The Train tab's handlers, as the page calls them, over a scratch saves folder."""
+    import gradio as gr
+
+    from webui import train_tab
+    saves = tmp_path_factory.mktemp("saves")
+    with gr.Blocks():
+        tab = train_tab.TrainTab(saves)
+    return tab, saves
+
+
+def page_text(markup: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_every_case_in_the_page_is_explained_and_nothing_starts(case_id, train_page,
+                                                                monkeypatch):
+    """Start with the case as the dataset: the status box says what is wrong; no run."""
+    from core import config as cfg
+    from core import paths
+    from webui import form, train_tab
+    monkeypatch.setenv(paths.ENV_ROOTS, str(HERE))  # the page may read the corpus folder
+    tab, saves = train_page
+    case = CASES[case_id]
+    if "dataset_dir" in case:
+        config = cfg.TrainConfig(dataset=[case["dataset"]],
+                                 dataset_dir=str(HERE / case["dataset_dir"]))
+    else:
+        config = cfg.TrainConfig(dataset=[str(HERE / case_id)], stage=case.get("stage", "sft"))
+    shown = tab.on_start(train_tab.Session(), *form.values_of(config, tab.form.names))[0]
+    text = page_text(shown)
+    assert "not started" in text and "Traceback" not in text
+    for fragment in _expected(case_id, case):
+        assert fragment in text
+    assert list(saves.iterdir()) == []
+
+
+# Files that are wrong whatever the stage (plain text is fine to upload: it trains with pt).
+UPLOADABLE = sorted(c for c in CASES if "dataset_dir" not in c and "stage" not in c
+                    and (HERE / c).is_file() and c != "text_for_sft.jsonl")
+
+
+@pytest.mark.parametrize("case_id", UPLOADABLE)
+def test_every_file_case_uploaded_in_the_page_is_refused(case_id, train_page, tmp_path):
+    tab, _ = train_page
+    _, message = tab.on_upload(str(HERE / case_id), "", str(tmp_path / "data"), [])
+    assert message.startswith("**Not registered.**")
+    for fragment in _expected(case_id, CASES[case_id]):
+        assert fragment in message
+    assert not (tmp_path / "data" / "dataset_info.json").exists()
 
 
 # --- property tests ------------------------------------------------------------------------

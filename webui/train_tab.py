@@ -421,13 +421,18 @@ def check_inputs(config: cfg.TrainConfig) -> None:
     if config.resume is True:
         raise BadInput("resume: true continues an existing run; pick that run in the runs list "
                        "and press Resume instead (or give a checkpoint folder to start from)")
-    registered = set(dataset_choices(config.dataset_dir))
     paths.confine(config.dataset_dir, "dataset_dir")
+    registered = data.list_datasets(config.dataset_dir)  # a broken registry says so here
     for name in config.dataset:
-        if name not in registered:  # a file path: as given, or inside dataset_dir
-            beside = Path(config.dataset_dir) / name
-            paths.confine(beside if not Path(name).exists() and beside.exists() else name,
-                          "dataset", must_exist=True)
+        if name in registered:
+            continue
+        # A file path, as given or inside dataset_dir. One that exists must lie inside the
+        # allowed folders; for any other name, reading below says what is wrong (an
+        # unknown name with the nearest registered one, or a missing file).
+        beside = Path(config.dataset_dir) / name
+        found = next((p for p in (Path(name), beside) if p.exists()), None)
+        if found is not None:
+            paths.confine(found, "dataset", must_exist=True)
     for what, value in (("output_dir", config.output_dir), ("resume", config.resume)):
         if isinstance(value, str) and value:
             paths.confine(value, what)
