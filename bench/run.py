@@ -37,7 +37,7 @@ RESULTS = REPO / "bench" / "results"
 
 
 def tunebench_cmd(w: Workload, model: str, out: Path, extra: list[str]) -> list[str]:
-    """tunebench's own defaults for speed (length grouping, fp32 on CPU, no checkpointing)
+    """tunebench with its own defaults (padding-free batches, fp32 on CPU, no checkpointing)
     plus the hyperparameters shared with the baseline; the scheduler matches SFTConfig's."""
     name, author = w.identity
     return [sys.executable, "-m", "core", "train", f"model={model}", f"dataset={w.dataset}",

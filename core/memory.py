@@ -33,6 +33,7 @@ FRAGMENTATION = 1.10        # allocator slack on top of live tensors
 # Optimizer state, bytes per trainable parameter (fp32 moments unless noted).
 OPTIMIZER_BYTES = {"adamw_torch": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0,
                    "paged_adamw_32bit": 8.0, "adafactor": 0.2, "sgd": 0.0}
+LOGIT_CHUNK = 32768         # positions TRL's fused LM head scores per chunk
 LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -192,9 +193,12 @@ def _activation_bytes(s: Shape, config, precision: str, tokens: int) -> float:
         kept = s.layers * s.hidden + per_layer
     else:
         kept = s.layers * per_layer
-    # The embedding output, final norm, and TRL's chunked LM head (log-probs, not full logits).
-    kept += 4 * s.hidden + 8
-    return kept * width * tokens
+    # The embedding output and final norm, and while backward runs, one layer's gradients.
+    kept += 4 * s.hidden + per_layer
+    # TRL's LM head scores up to 32,768 positions at a time: fp32 logits plus one
+    # temporary of the same size exist at once (large for big vocabularies).
+    logits = min(tokens, LOGIT_CHUNK) * s.vocab * 4 * 2
+    return kept * width * tokens + logits
 
 
 def _gradient_and_state_bytes(trainable: int, config, precision: str) -> tuple[float, float]:

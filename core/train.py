@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import sys
-import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +59,11 @@ class AbortSignal:
 
 
 def main(config_path: str | None, overrides: list[str]) -> int:
+    # Before torch loads OpenMP: idle worker threads sleep instead of spinning. Spinning
+    # threads on a 2-core CPU that is doing anything else run ~3x slower than one thread;
+    # sleeping ones match one thread then, and are ~1.7x faster when both cores are free
+    # (measured with the demo model; see bench/RESULTS.md and models.pick_cpu_threads).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = cfg.load(config_path, overrides)  # bad input fails here, before any model loads
     if distributed.is_worker():  # the parent prepared the run dir and owns status and log
         return run(config, Path(config.output_dir))
@@ -137,8 +141,8 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
     except BadInput as err:
         print(f"error: {err}", flush=True)
         return _finish(run_dir, "failed", 2, str(err))
-    except (torch.OutOfMemoryError, MemoryError):
-        return _finish(run_dir, "failed", 1, OOM_HINT)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        return _out_of_memory(run_dir, err)
     except OSError as err:
         if err.errno not in DISK_FULL:
             traceback.print_exc()
@@ -148,7 +152,7 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
                        "choose another output_dir")
     except RuntimeError as err:
         if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
-            return _finish(run_dir, "failed", 1, OOM_HINT)
+            return _out_of_memory(run_dir, err)
         if any(sign in str(err) for sign in TORCH_WRITE_FAILED):
             return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was "
                            "hit) while saving a checkpoint; free some space or choose another "
@@ -158,6 +162,24 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
     except Exception as err:  # a bug: keep the traceback in train.log, show the gist
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
+
+
+def _out_of_memory(run_dir: Path, err: BaseException) -> int:
+    """Record an out-of-memory failure, after freeing what the failed step still holds.
+
+    The traceback keeps every frame of the failed step alive, activations included;
+    clearing their locals gives back enough memory to write the ending and the chart.
+    """
+    import gc
+
+    import torch
+
+    traceback.clear_frames(err.__traceback__)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"error: {type(err).__name__}: {str(err)[:300]}", flush=True)
+    return _finish(run_dir, "failed", 1, OOM_HINT)
 
 
 def _phase(run_dir: Path, phase: str) -> None:

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,9 @@ def test_each_setting_moves_the_estimate_the_right_way():
     assert lora.trainable < full.trainable / 50
     assert est(LLAMA_7B, method="freeze", freeze_layers=2).trainable < full.trainable / 10
     plain, ckpt = est(QWEN2_05B), est(QWEN2_05B, gradient_checkpointing=True)
-    assert ckpt.activations_gb < plain.activations_gb / 3
+    assert ckpt.activations_gb < plain.activations_gb  # its 152k-word logits stay
+    assert est(LLAMA_7B, gradient_checkpointing=True).activations_gb < \
+        est(LLAMA_7B).activations_gb / 3
     assert est(QWEN2_05B, batch_size=16).activations_gb > plain.activations_gb * 1.9
     assert est(QWEN2_05B, cutoff_len=2048).activations_gb > plain.activations_gb * 1.9
     assert est(QWEN2_05B, booster="eager").activations_gb > plain.activations_gb
@@ -71,8 +72,8 @@ def test_each_setting_moves_the_estimate_the_right_way():
     assert est(LLAMA_7B, method="full", optim="adamw_8bit").optimizer_gb == \
         pytest.approx(full.optimizer_gb / 4, rel=0.01)
     assert est(LLAMA_7B, method="full", optim="sgd").optimizer_gb == 0
-    # bf16 autocast on a GPU halves the activations
-    assert est(QWEN2_05B, dev=GPU24).activations_gb < plain.activations_gb * 0.6
+    # bf16 autocast on a GPU halves the layers' activations (TRL's logits stay fp32)
+    assert est(LLAMA_7B, dev=GPU24).activations_gb < est(LLAMA_7B).activations_gb * 0.6
 
 
 def test_fits_warns_only_when_too_big():
@@ -129,6 +130,8 @@ def measured_vs_estimated(model_dir: Path, data: Path, run_dir: Path, **settings
            f"output_dir={run_dir}", "epochs=1", *overrides]
     measured = peak_rss_gb(cmd)
     estimate = memory.estimate(TrainConfig(model=str(model_dir), **settings))
+    print(f"peak RSS {measured:.2f} GB, estimated {estimate.total_gb:.2f} GB "
+          f"({estimate.breakdown()})")
     return measured, estimate
 
 
