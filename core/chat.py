@@ -473,14 +473,6 @@ class ChatEngine:
             pass
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's OutOfMemoryError, a MemoryError, or the allocator's RuntimeError text."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in str(err).lower() or "can't allocate memory" in str(err).lower())
-
-
 def oom_message(during: str) -> str:
     """What to tell a person whose load or reply ran out of memory."""
     if during == "load":

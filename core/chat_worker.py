@@ -194,7 +194,8 @@ class ChatWorker:
 # --- worker side ----------------------------------------------------------------
 
 def _handle(engine, request: dict, emit) -> None:
-    from .chat import GenSettings, is_out_of_memory, oom_message
+    from .chat import GenSettings, oom_message
+    from .memory import is_out_of_memory
 
     request_id = request.get("id")
     op = request.get("op")
@@ -225,20 +226,11 @@ def _handle(engine, request: dict, emit) -> None:
 
 
 def _cap_memory() -> None:
-    """TUNEBENCH_CHAT_MEMORY_MB caps what the model may take (address space beyond the
-    libraries), so a model too big for the machine fails here with a clear "out of memory"
-    instead of the system's OOM killer picking a victim, perhaps a training run."""
-    megabytes = os.environ.get("TUNEBENCH_CHAT_MEMORY_MB")
-    if not megabytes:
-        return
-    import resource
-
-    import peft  # noqa: F401 - the libraries' own address space is not counted
-    import psutil
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
-    limit = psutil.Process().memory_info().vms + int(megabytes) * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    """TUNEBENCH_CHAT_MEMORY_MB caps what the model may take, so a model too big for the
+    machine fails here with a clear "out of memory" (see memory.cap_from_env)."""
+    from .memory import cap_from_env
+    cap_from_env("TUNEBENCH_CHAT_MEMORY_MB",
+                 ("peft", "transformers.modeling_utils", "safetensors.torch"))
 
 
 def serve() -> int:

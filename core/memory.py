@@ -21,6 +21,7 @@ on CPU (tests/test_memory.py) and are meant to be right within about +-50%.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,3 +254,50 @@ def describe(config, dev=None) -> str:
     where = f"{dev.memory_gb:.0f} GB GPU memory" if dev.kind == "cuda" else \
         f"{dev.memory_gb:.0f} GB RAM"
     return f"{text} — fits in {where}"
+
+
+# --- running out ------------------------------------------------------------------------
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, a MemoryError, or a RuntimeError in which torch's CPU
+    allocator or safetensors' mmap says memory ran out."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("out of memory", "can't allocate memory",
+                                  "cannot allocate memory"))
+
+
+# --- a hard cap for this process -------------------------------------------------------
+
+def cap_from_env(variable: str, preload: tuple[str, ...]) -> int | None:
+    """Cap this process's address space at what it holds now plus $`variable` MB.
+
+    The trainer (TUNEBENCH_TRAIN_MEMORY_MB) and the chat worker (TUNEBENCH_CHAT_MEMORY_MB)
+    use it so that a job too big for the machine fails with a clear "out of memory"
+    instead of the system's OOM killer picking a victim, perhaps the web server. The
+    modules in `preload` are imported first, so that their code is not counted and no
+    later import is refused. CPU only: CUDA reserves far more address space than it uses.
+    Returns the limit in bytes, or None when there is none.
+    """
+    megabytes = os.environ.get(variable, "").strip()
+    if not megabytes:
+        return None
+    import importlib
+    import resource
+
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        print(f"warning: {variable} is ignored on a GPU machine", flush=True)
+        return None
+    for module in preload:
+        importlib.import_module(module)
+    # Start torch's worker threads now: their stacks are address space too, and a thread
+    # that cannot start under the cap aborts the process instead of raising an error.
+    torch.ones(256, 256) @ torch.ones(256, 256)
+    limit = psutil.Process().memory_info().vms + int(megabytes) * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    return limit

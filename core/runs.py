@@ -264,7 +264,29 @@ class RunSummary:
     error: str | None
 
 
+# Summaries of ended runs, keyed by folder, with the (mtime, size) of the files they came
+# from. Ended runs do not change, so a page listing hundreds of them (from many tabs)
+# reads each metrics file once, not on every refresh.
+_ended_summaries: dict[Path, tuple[tuple, RunSummary]] = {}
+
+
+def _files_signature(run_dir: Path) -> tuple:
+    signature = []
+    for name in (STATUS, METRICS):
+        try:
+            info = os.stat(run_dir / name)
+            signature.append((info.st_mtime_ns, info.st_size))
+        except FileNotFoundError:
+            signature.append(None)
+    return tuple(signature)
+
+
 def summarize(run_dir: Path) -> RunSummary | None:
+    run_dir = Path(run_dir)
+    signature = _files_signature(run_dir)
+    cached = _ended_summaries.get(run_dir)
+    if cached and cached[0] == signature:
+        return cached[1]
     status = read_status(run_dir)
     if status is None:
         return None
@@ -272,9 +294,14 @@ def summarize(run_dir: Path) -> RunSummary | None:
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))
               and math.isfinite(r["loss"])]
     last = records[-1] if records else {}
-    return RunSummary(Path(run_dir), Path(run_dir).name, status["state"],
-                      status.get("started_at") or "", losses[-1] if losses else None,
-                      f"{last.get('step', 0)}/{last.get('total_steps', '?')}", status.get("error"))
+    summary = RunSummary(run_dir, run_dir.name, status["state"],
+                         status.get("started_at") or "", losses[-1] if losses else None,
+                         f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
+                         status.get("error"))
+    if summary.state != "running":
+        # The signature from before reading: a change made while reading shows next time.
+        _ended_summaries[run_dir] = (signature, summary)
+    return summary
 
 
 def list_runs(saves_dir: Path) -> list[RunSummary]:

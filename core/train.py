@@ -20,9 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import config as cfg
-from . import data, distributed, models, runs, templates
+from . import data, distributed, memory, models, runs, templates
 from .errors import BadInput, Problems
 
+MEMORY_CAP_ENV = "TUNEBENCH_TRAIN_MEMORY_MB"  # optional hard cap; see memory.cap_from_env
+TRAINING_LIBRARIES = ("core.trainer", "peft", "transformers.modeling_utils", "safetensors.torch",
+                      "matplotlib.pyplot")
 OOM_HINT = ("ran out of memory. Lower batch_size or cutoff_len, turn on gradient_checkpointing, "
             "or use method qlora")
 
@@ -151,7 +154,7 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
                        f"while writing {err.filename or 'the run folder'}; free some space or "
                        "choose another output_dir")
     except RuntimeError as err:
-        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+        if memory.is_out_of_memory(err):
             return _out_of_memory(run_dir, err)
         if any(sign in str(err) for sign in TORCH_WRITE_FAILED):
             return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was "
@@ -160,6 +163,11 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
     except Exception as err:  # a bug: keep the traceback in train.log, show the gist
+        traceback.print_exc()
+        return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
+    except BaseException as err:  # a Rust library's panic is no Exception, but still a failure
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
 
@@ -220,6 +228,7 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
     if config.save_steps == 0:  # "automatic": about five checkpoints, not one per epoch
         config = replace(config, save_steps=max(1, math.ceil(steps / 5)))
     _phase(run_dir, "loading model")
+    memory.cap_from_env(MEMORY_CAP_ENV, TRAINING_LIBRARIES)  # from here on: model and training
     attention = models.pick_attention(config.booster)
     from transformers import set_seed
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from core import chat
+from core import chat, memory
 from core.chat import ChatEngine, GenSettings, build_messages
 from core.chat_worker import ChatWorker, WorkerError
 from core.errors import BadInput
@@ -233,7 +233,7 @@ def test_out_of_memory_is_recognised_and_reported(demo_model_path):
     import torch
     with pytest.raises(RuntimeError) as err:
         torch.empty(10**13)  # 40 TB
-    assert chat.is_out_of_memory(err.value) and chat.is_out_of_memory(MemoryError())
+    assert memory.is_out_of_memory(err.value) and memory.is_out_of_memory(MemoryError())
     worker = ChatWorker(env={"TUNEBENCH_CHAT_MEMORY_MB": "5"})  # the demo model needs ~14 MB
     with pytest.raises(WorkerError) as err:
         list(worker.load(str(demo_model_path), None))

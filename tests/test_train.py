@@ -181,6 +181,32 @@ def test_bad_input_exits_2_without_traceback(demo_model_path, tmp_path, override
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("cap_mb, loads", [(5, False), (400, True)])
+def test_running_out_of_memory_fails_clearly(demo_model_path, tmp_path, cap_mb, loads):
+    """A real allocation failure under the trainer's hard cap (TUNEBENCH_TRAIN_MEMORY_MB):
+    5 MB fails while loading the 14 MB demo model; 400 MB loads it and fails in the first
+    step, whose batch of 8 x 512 tokens needs over a gigabyte."""
+    words = ("every token of this long answer keeps activations for the backward pass " * 40)
+    long_rows = [{"instruction": f"Tell story {i}.", "output": " ".join(words.split()[:480])}
+                 for i in range(16)]
+    dataset = tmp_path / "long.jsonl"
+    dataset.write_text("\n".join(json.dumps(r) for r in long_rows) + "\n")
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(demo_model_path, run_dir, f"dataset={dataset}", "max_samples=0",
+                    "batch_size=8", "cutoff_len=512")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        **os.environ, "HF_HUB_OFFLINE": "1", "TUNEBENCH_TRAIN_MEMORY_MB": str(cap_mb)})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed"
+    assert status["error"].startswith("ran out of memory") and "batch_size" in status["error"]
+    log = (run_dir / runs.LOG).read_text()
+    assert "Traceback" not in log and "can't allocate memory" in log.lower().replace(
+        "cannot allocate", "can't allocate")
+    assert ("parameters, " in log) == loads  # the model line is printed once it has loaded
+    assert (runs.read_metrics(run_dir) != []) == loads
+
+
 def test_file_size_limit_mid_training_fails_clearly(demo_model_path, tmp_path):
     """A full disk, simulated with RLIMIT_FSIZE: writing a checkpoint fails with EFBIG."""
     import resource
