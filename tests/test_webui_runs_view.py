@@ -74,12 +74,12 @@ def test_long_runs_are_thinned_but_keep_their_last_point():
     assert len(raw) <= runs_view.MAX_POINTS + 1 and raw.step.iloc[-1] == 5000
 
 
-def test_progress_shows_step_epoch_times_and_throughput():
+def test_progress_shows_step_epoch_times_throughput_and_padding():
     status = {"state": "running", "phase": "training"}
-    text = runs_view.progress_html(status, [record(3, loss=1.0, tokens_per_s=1234.0),
-                                            record(3, eval_loss=0.9)])
+    text = runs_view.progress_html(status, [
+        record(3, loss=1.0, tokens_per_s=1234.0, nonpad_share=0.7468), record(3, eval_loss=0.9)])
     for part in ("30%", "step 3/10", "epoch 0.60", "elapsed 0:06", "ETA 0:14", "1,234 tokens/s",
-                 "eval loss 0.9000"):
+                 "eval loss 0.9000", "75% non-padding"):
         assert part in text
     done = runs_view.progress_html({"state": "completed"}, [record(10)])
     assert "100%" in done and "ETA" not in done
@@ -134,3 +134,16 @@ def test_start_checks_paths_and_data_before_launching(tmp_path, monkeypatch):
         train_tab.check_inputs(cfg.TrainConfig(dataset=["broken.jsonl"]))
     with pytest.raises(BadInput, match="outside the allowed folders"):
         train_tab.check_inputs(cfg.TrainConfig(dataset=["broken.jsonl"], output_dir="/tmp/x"))
+
+
+def test_an_ended_run_is_summarised_once_until_its_files_change(run_dir):
+    runs.append_metrics(run_dir, record(10, loss=1.5))
+    runs.write_status(run_dir, "completed", exit_code=0)
+    first = runs.summarize(run_dir)
+    assert first.state == "completed" and first.final_loss == 1.5
+    assert runs.summarize(run_dir) is first  # many tabs listing runs read it once
+    runs.write_status(run_dir, "running", pid=os.getpid())  # resumed
+    runs.append_metrics(run_dir, record(11, total=20, loss=1.2))
+    again = runs.summarize(run_dir)
+    assert again.state == "running" and again.final_loss == 1.2 and again.steps == "11/20"
+    assert runs.summarize(run_dir) is not again  # a running run is always read afresh

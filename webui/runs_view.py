@@ -101,7 +101,7 @@ def _last_with(records: list[dict], key: str) -> dict | None:
 
 
 def progress_html(status: dict | None, records: list[dict]) -> str:
-    """A progress bar with step, epoch, elapsed time, ETA and throughput."""
+    """A progress bar with step, epoch, elapsed time, ETA, throughput and padding waste."""
     if status is None:
         return "<div class='tb-progress tb-idle'>No run selected. Press Start to train.</div>"
     last = records[-1] if records else {}
@@ -124,6 +124,9 @@ def progress_html(status: dict | None, records: list[dict]) -> str:
     speed = _last_with(records, "tokens_per_s")
     if speed:
         parts.append(f"{speed['tokens_per_s']:,.0f} tokens/s")
+    packed = _last_with(records, "nonpad_share")
+    if packed:  # how much of each batch is real tokens rather than padding
+        parts.append(f"{packed['nonpad_share']:.0%} non-padding")
     if state == "running" and not records:
         parts.append(html.escape(status.get("phase") or "starting") + "…")
     elif state == "running" and status.get("phase") not in (None, "training"):

@@ -66,11 +66,8 @@ def _wait_http_200(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no HTTP 200 from {url} within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_model_path):
-    project = tmp_path_factory.mktemp("project")
-    shutil.copytree(REPO / "data", project / "data")
-    (project / "saves").mkdir()
+def start_server(project: Path, demo_model_path: Path) -> Server:
+    """`tunebench webui` in `project`, as a user starts it; returns once it answers HTTP."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     model = str(demo_model_path)
     env["TUNEBENCH_ALLOWED_ROOTS"] = str(Path(demo_model_path).parent)  # the page may use it
@@ -79,23 +76,51 @@ def server(tmp_path_factory, demo_model_path):
         model = "demo"
     port = _free_port()
     started = time.monotonic()
-    proc = subprocess.Popen(_command(port), cwd=project, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(project / "webui.log", "ab") as log:  # a file: an unread pipe could fill up
+        proc = subprocess.Popen(_command(port), cwd=project, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_http_200(url, proc, timeout=120)
-        startup = time.monotonic() - started
-        print(f"\nweb server: first HTTP 200 after {startup:.2f} s")
-        yield Server(url, project, proc, startup, model)
+    except BaseException:
+        stop_server(proc)
+        raise
+    startup = time.monotonic() - started
+    print(f"\nweb server: first HTTP 200 after {startup:.2f} s")
+    return Server(url, project, proc, startup, model)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the web server only; training runs live in their own sessions and go on."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def new_project(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "data", project / "data")
+    (project / "saves").mkdir()
+    return project
+
+
+def abort_all_runs(project: Path) -> None:
+    for run in launch.running_runs(project / "saves"):  # trainers outlive the server
+        launch.abort_run(run.path, grace_s=3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    project = new_project(tmp_path_factory)
+    running = start_server(project, demo_model_path)
+    try:
+        yield running
     finally:
-        for run in launch.running_runs(project / "saves"):  # trainers outlive the server
-            launch.abort_run(run.path, grace_s=3)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        abort_all_runs(project)
+        stop_server(running.proc)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ shards, and the export is loaded back in the Chat tab as a plain model.
 """
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -15,43 +14,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
+from page_helpers import choose, open_tab, shot, text_of, wait_until  # noqa: E402
 from test_chat import NAME, identity_run  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
-SHOTS = Path(os.environ.get("TUNEBENCH_SHOTS", "/tmp/shots"))
 SHARD = "3MB"
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def choose(page, elem_id: str, text: str) -> None:
-    """Type into a Gradio dropdown and take the match (or the typed value), as a person does."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(text)
-    box.press("Enter")
-    box.press("Escape")
-
-
-def text_of(page, elem_id: str) -> str:
-    return page.locator(f"#{elem_id}").inner_text()
-
-
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
 
 
 def status_of(page) -> str:

@@ -8,103 +8,18 @@ a 2-core CPU. Screenshots go to $TUNEBENCH_SHOTS (default /tmp/shots).
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+from page_helpers import (SMOOTH_COLOR, choose, fill, last_step, loss_lines, points, run_dirs,
+                          shot, start_run, status_text, table_rows, wait_until)
 
 from core import config as cfg
-
 from core import runs
-from webui.runs_view import COLORS, SERIES
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
-
-SHOTS = Path(os.environ.get("TUNEBENCH_SHOTS", "/tmp/shots"))
-RAW_COLOR = COLORS[SERIES["raw"]]          # how the chart's SVG paths are told apart
-SMOOTH_COLOR = COLORS[SERIES["smoothed"]]
-
-
-def shot(page, name: str) -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
-def points(page, color: str = RAW_COLOR) -> int:
-    """How many points the chart draws for one series (vertices of its SVG path)."""
-    return page.evaluate("""(color) => {
-        const line = [...document.querySelectorAll('#train-loss-plot g.mark-line path')]
-            .find(p => p.getAttribute('stroke') === color);
-        const d = line ? (line.getAttribute('d') || '') : '';
-        return d ? d.split('L').length : 0;
-    }""", color)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def fill(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def status_text(page) -> str:
-    return page.locator("#train-status").inner_text()
-
-
-def table_rows(page) -> list[list[str]]:
-    """The runs list as rows of cells (the grid renders each cell on its own line)."""
-    lines = [line.strip() for line in page.locator("#train-runs").inner_text().splitlines()]
-    lines = [line for line in lines if line]
-    cells = lines[lines.index("started") + 1:]
-    return [cells[i:i + 5] for i in range(0, len(cells), 5)]
-
-
-def last_step(run_dir: Path) -> int:
-    records = runs.read_metrics(run_dir)
-    return records[-1]["step"] if records else -1
-
-
-def loss_lines(run_dir: Path) -> int:
-    return sum(1 for r in runs.read_metrics(run_dir) if "loss" in r)
-
-
-def run_dirs(saves: Path) -> list[Path]:
-    return sorted(p for p in saves.iterdir() if (p / runs.STATUS).exists())
-
-
-def start_run(page, server, **fields) -> Path:
-    before = set(run_dirs(server.saves))
-    fill(page, "train-model", server.model)
-    for elem_id, value in fields.items():
-        fill(page, elem_id, value)
-    page.click("#train-start")
-    new = wait_until(lambda: set(run_dirs(server.saves)) - before, 20, "a new run folder")
-    run_dir = new.pop()
-    wait_until(lambda: run_dir.name in status_text(page), 20, "the page to show the run")
-    return run_dir
-
-
-def choose(page, elem_id: str, option: str) -> None:
-    """Pick an option of a Gradio dropdown the way a person does: type, then Enter."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(option)
-    box.press("Enter")
-    box.press("Escape")
 
 
 def test_bad_settings_and_bad_data_are_explained_and_nothing_starts(page, server):
