@@ -270,20 +270,18 @@ class RunSummary:
 _ended_summaries: dict[Path, tuple[tuple, RunSummary]] = {}
 
 
-def _files_signature(run_dir: Path) -> tuple:
-    signature = []
-    for name in (STATUS, METRICS):
-        try:
-            info = os.stat(run_dir / name)
-            signature.append((info.st_mtime_ns, info.st_size))
-        except FileNotFoundError:
-            signature.append(None)
-    return tuple(signature)
+def file_signature(path: Path) -> tuple | None:
+    """(mtime, size) of a file, None when it is missing: equal signatures, unchanged file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def summarize(run_dir: Path) -> RunSummary | None:
     run_dir = Path(run_dir)
-    signature = _files_signature(run_dir)
+    signature = (file_signature(run_dir / STATUS), file_signature(run_dir / METRICS))
     cached = _ended_summaries.get(run_dir)
     if cached and cached[0] == signature:
         return cached[1]

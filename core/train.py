@@ -162,13 +162,10 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
                            "output_dir")
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
-    except Exception as err:  # a bug: keep the traceback in train.log, show the gist
-        traceback.print_exc()
-        return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
-    except BaseException as err:  # a Rust library's panic is no Exception, but still a failure
+    except BaseException as err:  # a bug, or a Rust library's panic (no Exception either):
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        traceback.print_exc()
+        traceback.print_exc()  # keep the traceback in train.log, show the gist
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
 
 

@@ -27,14 +27,6 @@ SERIES = {"raw": "loss", "smoothed": "smoothed loss", "eval": "eval loss"}
 COLORS = {SERIES["raw"]: "#b9cdf2", SERIES["smoothed"]: "#1d3f8f", SERIES["eval"]: "#e4572e"}
 
 
-def _signature(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
 @dataclass
 class Changes:
     """What a tick found; None means unchanged (the page keeps what it shows)."""
@@ -63,19 +55,19 @@ class Watch:
     def poll(self) -> Changes:
         """Read only what changed since the last poll."""
         out = Changes()
-        sig = _signature(self.run_dir / runs.STATUS)
+        sig = runs.file_signature(self.run_dir / runs.STATUS)
         running = bool(self.status) and self.status.get("state") == "running"
         stale = running and time.monotonic() - self.checked_at > LIVENESS_EVERY_S
         if sig != self.status_sig or stale or self.status is None:
             # read_status also notices a trainer that died without a word.
             status = runs.read_status(self.run_dir)
             self.checked_at = time.monotonic()
-            self.status_sig = _signature(self.run_dir / runs.STATUS)
+            self.status_sig = runs.file_signature(self.run_dir / runs.STATUS)
             if status != self.status:
                 self.status = out.status = status
         if self.tail.poll():
             out.metrics = self.tail.records
-        sig = _signature(self.run_dir / runs.LOG)
+        sig = runs.file_signature(self.run_dir / runs.LOG)
         if sig != self.log_sig:
             self.log_sig = sig
             out.log = launch.log_tail(self.run_dir / runs.LOG, LOG_LINES)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import abort_all_runs, new_project, start_server, stop_server
+from servers import abort_all_runs, new_project, start_server, stop_server
 from page_helpers import (fill, last_step, loss_lines, points, shot, start_run, status_text,
                           text_of, wait_until)
 
