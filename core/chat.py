@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import yaml
 
+from . import paths
 from .errors import BadInput
 from .runs import now_iso, write_atomic
 
@@ -82,7 +83,7 @@ def resolve_model(model: str) -> str:
 
 def checkpoint_kind(folder: Path) -> str:
     """'adapter' (PEFT folder) or 'full' (whole model folder). BadInput otherwise."""
-    folder = Path(folder)
+    folder = paths.guard(folder, "checkpoint")
     if not folder.is_dir():
         raise BadInput("checkpoint folder not found", file=str(folder))
     if (folder / "adapter_config.json").is_file():
@@ -104,7 +105,10 @@ def checkpoint_kind(folder: Path) -> str:
 
 def run_config(checkpoint: Path) -> dict:
     """The training config of the run a checkpoint belongs to ({} if not inside a run dir)."""
-    path = Path(checkpoint).parent / "config.yaml"
+    try:
+        path = paths.guard(checkpoint, "checkpoint").parent / "config.yaml"
+    except BadInput:
+        return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -118,9 +122,10 @@ def base_model_of(checkpoint: Path) -> str | None:
     if model:
         return str(model)
     try:
-        config = json.loads((Path(checkpoint) / "adapter_config.json").read_text("utf-8"))
+        folder = paths.guard(checkpoint, "checkpoint")
+        config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
         return config.get("base_model_name_or_path") or None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, BadInput):
         return None
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from . import paths
 from .errors import BadInput
 from .runs import now_iso
 
@@ -124,12 +125,12 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     if dtype not in DTYPES:
         raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
     shard_bytes = parse_size(shard_size)
-    ckpt = Path(adapter).expanduser().resolve() if adapter else None
+    ckpt = paths.guard(adapter, "checkpoint").resolve() if adapter else None
     kind = checkpoint_kind(ckpt) if ckpt else "model"
     base = resolve_model(model)
     if not str(out or "").strip():
         raise BadInput("no export folder given", field="out")
-    dest = Path(out).expanduser().resolve()
+    dest = paths.guard(out, "export folder").resolve()
     _check_destination(dest, [Path(base), ckpt], overwrite)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     _check_writable(tmp)

@@ -5,16 +5,16 @@ stdin closed, stdout and stderr appended to `train.log`. Closing the browser or
 restarting the web server does not touch it; from then on the run directory is
 the only channel between the trainer and whoever watches it.
 
-One run at a time per saves folder: a second start is refused with a message
-naming the running run (two trainers would fight over the same CPU or GPU).
-The check and the spawn happen under a file lock, so two clicks at once cannot
-both pass the check.
+One run at a time on this machine, wherever its folder is: a second start is
+refused with a message naming the running run (two trainers would fight over
+the same CPU or GPU). Running jobs are found through core/jobs.py, and the
+check and the spawn happen under its machine-wide lock, so two clicks at once
+cannot both pass the check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import shlex
 import signal
@@ -22,16 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
 from . import config as cfg
-from . import runs
+from . import jobs, paths, runs
 from .errors import BadInput
 
-LOCK = ".launch.lock"
 # Runs this process is aborting: their exit is "aborted", not a crash.
 _aborting: set[str] = set()
 
@@ -45,41 +43,40 @@ def train_command(config_path: Path) -> list[str]:
 
 
 def running_runs(saves_dir: str | Path) -> list[runs.RunSummary]:
-    """Runs under `saves_dir` whose trainer is alive (dead ones are marked failed on the way)."""
-    saves_dir = Path(saves_dir)
-    if not saves_dir.is_dir():
-        return []
-    found = []
-    for child in sorted(saves_dir.iterdir()):
-        status = runs.read_status(child) if (child / runs.STATUS).is_file() else None
+    """Every run whose trainer is alive: those under `saves_dir`, and every job tunebench
+    started elsewhere on this machine (core/jobs.py). Dead ones are marked failed on the way."""
+    found, seen = [], set()
+    for child in runs.run_dirs(Path(saves_dir)):
+        status = runs.read_status(child)
         if status and status.get("state") == "running":
-            found.append(runs.RunSummary(child, child.name, "running", status.get("started_at", ""),
-                                         None, "", None))
+            found.append(_running(child, status))
+            seen.add(child.resolve())
+    for job in jobs.active():
+        if job.run_dir not in seen:
+            status = runs.read_status(job.run_dir) or {"started_at": job.started_at}
+            found.append(_running(job.run_dir, status))
     return found
 
 
-@contextmanager
-def _launch_lock(saves_dir: Path):
-    saves_dir.mkdir(parents=True, exist_ok=True)
-    with open(saves_dir / LOCK, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _running(run_dir: Path, status: dict) -> runs.RunSummary:
+    return runs.RunSummary(run_dir, run_dir.name, "running", status.get("started_at", ""),
+                           None, "", None)
 
 
 def _refuse_if_busy(saves_dir: Path) -> None:
     busy = running_runs(saves_dir)
     if busy:
         run = busy[0]
-        raise BadInput(f"run '{run.name}' is still running (started {run.started_at}); "
+        inside = runs.find_run(saves_dir, run.name) is not None
+        where = f"run '{run.name}'" if inside else f"a run in {run.path}"
+        raise BadInput(f"{where} is still running (started {run.started_at}); "
                        "abort it or wait for it to finish before starting another")
 
 
 def _new_run_dir(config: cfg.TrainConfig, saves_dir: Path) -> Path:
     if config.output_dir:
-        run_dir = Path(config.output_dir)
+        # Runs started here live under the saves folder, where the runs list finds them.
+        run_dir = paths.confine(config.output_dir, "output_dir", roots=[saves_dir.resolve()])
         if (run_dir / runs.STATUS).exists() or (run_dir / runs.CONFIG).exists():
             raise BadInput(f"output_dir '{run_dir}' already holds a run; choose another folder, "
                            "or resume that run")
@@ -104,7 +101,7 @@ def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves") -> Path:
     problems = cfg.validate(config)
     if problems:
         raise BadInput("; ".join(problems))
-    with _launch_lock(saves_dir):
+    with jobs.lock():
         _refuse_if_busy(saves_dir)
         run_dir = _new_run_dir(config, saves_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +123,7 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
                        "instead")
     config = cfg.load(run_dir / runs.CONFIG)
     config = dataclasses.replace(config, output_dir=str(run_dir), resume=True)
-    with _launch_lock(Path(saves_dir)):
+    with jobs.lock():
         _refuse_if_busy(Path(saves_dir))
         _spawn(run_dir, config)
     return run_dir
@@ -145,8 +142,9 @@ def _spawn(run_dir: Path, config: cfg.TrainConfig) -> subprocess.Popen:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True, env=_child_env())
-    # Written right after the spawn; the trainer rewrites it (same pid) once it runs.
+    # Written right after the spawn; the trainer rewrites both (same pid) once it runs.
     runs.write_status(run_dir, "running", pid=proc.pid)
+    jobs.register(run_dir, proc.pid)
     threading.Thread(target=_reap, args=(proc, run_dir), daemon=True,
                      name=f"reap-{proc.pid}").start()
     return proc

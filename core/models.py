@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .config import DEMO_MODEL, LORA_FAMILY, TrainConfig
+from . import paths
 from .errors import BadInput
 from .templates import apply_template
 
@@ -27,7 +28,7 @@ def resolve_model(name: str) -> str:
 
 def check_model_source(name: str) -> str:
     """Resolve and check a model reference before anything heavy is loaded."""
-    path = resolve_model(name)
+    path = resolve_model(paths.guard_model(name))  # confined jobs: inside the allowed roots
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():

@@ -1,13 +1,23 @@
-"""Where the web UI may read and write: the allowed roots, and confinement to them.
+"""Where the web UI may read and write: the allowed roots, and the one gate to them.
 
-Every path typed or uploaded in the page (model, dataset, checkpoint, export
-dir, config) goes through `confine` before use. The roots are the project's
-data/ and saves/, the demo model cache, and whatever the user adds with
-`tunebench webui --allow-root DIR` or TUNEBENCH_ALLOWED_ROOTS (os.pathsep-
-separated). Paths are fully resolved first, so `../` tricks and symlinks that
-point outside a root are refused too.
+Every path that comes from the page, or from a job the page started, goes through
+`confine` before it is used: model, dataset (a registered name resolves to its
+file, and that file is gated), dataset_dir, checkpoint, resume point, output and
+export folders, config files, upload targets. The gate
 
-The CLI is not confined: a person at a terminal already has their own shell.
+  - refuses bad text first (NUL bytes, lone surrogates, over-long names), naming
+    the field, so nothing is created from it;
+  - expands `~`, makes the path absolute against the project folder, and resolves
+    symlinks at every level (the file and each parent);
+  - checks the result against the allowed roots: the project's data/ and saves/,
+    the demo model cache, and folders added with `tunebench webui --allow-root DIR`
+    or TUNEBENCH_ALLOWED_ROOTS (os.pathsep-separated).
+
+The page server sets TUNEBENCH_CONFINE=1 in its own environment, which every job
+it starts inherits (trainer, preview, chat worker, export). Core code that opens a
+user-given path calls `guard`, which is the same gate when confinement is on and
+a plain `~` expansion otherwise: the CLI is not confined, since a person at a
+terminal already has their own shell.
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import limits
 from .errors import BadInput
 
 ENV_ROOTS = "TUNEBENCH_ALLOWED_ROOTS"
+CONFINE_ENV = "TUNEBENCH_CONFINE"
+SAVES_ENV = "TUNEBENCH_SAVES"   # where runs go (`tunebench webui --saves-dir`); default ./saves
 
 
 def project_root() -> Path:
@@ -30,44 +43,118 @@ def cache_root() -> Path:
 
 
 def allowed_roots(extra: list[str] | None = None) -> list[Path]:
+    """The folders the page may use, resolved (a saves/ that is itself a link to a big disk
+    is the owner's choice, and its target is the root)."""
     root = project_root()
-    roots = [root / "data", root / "saves", cache_root()]
-    env = [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p]
-    roots += [Path(p).expanduser().resolve() for p in env + list(extra or [])]
-    return roots
+    saves = os.environ.get(SAVES_ENV) or "saves"
+    roots = [root / "data", root / saves, cache_root()]
+    roots += [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p]
+    roots += list(extra or [])
+    return [Path(p).expanduser().resolve() for p in roots]
+
+
+def confined() -> bool:
+    """True inside the page server and every job it started."""
+    return os.environ.get(CONFINE_ENV) == "1"
+
+
+def confinement_env() -> dict[str, str]:
+    """What a process needs in its environment to be confined as the page server is."""
+    return {CONFINE_ENV: "1", ENV_ROOTS: os.pathsep.join(str(r) for r in allowed_roots())}
 
 
 def is_inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def confine(raw: str | Path, what: str = "path", roots: list[Path] | None = None,
-            must_exist: bool = False) -> Path:
-    """Resolve `raw` (relative to the project) and check it lies under an allowed root."""
-    text = str(raw).strip()
+def is_allowed(path: Path, roots: list[Path] | None = None) -> bool:
+    """Whether an already resolved path lies under one of the roots."""
+    return any(is_inside(path, root) for root in (roots if roots is not None
+                                                  else allowed_roots()))
+
+
+def expand(raw: str | Path, what: str = "path") -> Path:
+    """`~` expanded and made absolute against the project folder; symlinks not yet resolved."""
+    text = limits.check_path_text(str(raw).strip(), what)
     if not text:
         raise BadInput(f"{what} is empty")
-    if "\x00" in text:
-        raise BadInput(f"{what} contains a NUL byte")
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = project_root() / path
-    resolved = path.resolve()  # follows symlinks, so a link out of a root is caught below
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~someone" with no such user: a relative name, taken literally
+        path = Path(text)
+    return path if path.is_absolute() else project_root() / path
+
+
+def confine(raw: str | Path, what: str = "path", roots: list[Path] | None = None,
+            must_exist: bool = False) -> Path:
+    """The gate: `raw` resolved (symlinks at every level) and checked against the roots.
+
+    The existence check comes after the roots check, so the gate never tells whether
+    a file outside the roots exists.
+    """
+    text = str(raw).strip()
+    path = expand(text, what)
+    try:
+        resolved = path.resolve()  # follows every symlink, so a link out of a root is caught
+    except (OSError, RuntimeError) as err:  # a symlink loop, an unreadable parent
+        raise BadInput(f"{what} cannot be resolved: {err}") from None
     roots = roots if roots is not None else allowed_roots()
-    if not any(is_inside(resolved, root) for root in roots):
+    if not is_allowed(resolved, roots):
         shown = ", ".join(str(r) for r in roots)
-        raise BadInput(f"{what} '{text}' is outside the allowed folders ({shown}); start the app "
-                       "with --allow-root DIR to allow another folder")
+        raise BadInput(f"{what} {limits.quote(text)} is outside the allowed folders ({shown}); "
+                       "start the app with --allow-root DIR to allow another folder")
     if must_exist and not resolved.exists():
-        raise BadInput(f"{what} '{text}' does not exist")
+        raise BadInput(f"{what} {limits.quote(text)} does not exist")
     return resolved
+
+
+def guard(raw: str | Path, what: str = "path", must_exist: bool = False) -> Path:
+    """The gate when confined (see the module docstring); otherwise `~` expanded."""
+    if confined():
+        return confine(raw, what, must_exist=must_exist)
+    text = limits.check_path_text(str(raw).strip(), what)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """'name' or 'org/name' that is not a local path: a model id for an online machine."""
+    return (text.count("/") <= 1 and not text.startswith((".", "/", "~"))
+            and not (project_root() / text).exists())
 
 
 def confine_model(raw: str, roots: list[Path] | None = None) -> str:
     """Models may also be 'demo' or a hub id (org/name), which are not paths."""
-    text = str(raw).strip()
-    looks_like_hub_id = (text.count("/") <= 1 and not text.startswith((".", "/", "~"))
-                         and not Path(text).exists())
-    if text == "demo" or looks_like_hub_id:
+    text = limits.check_path_text(str(raw).strip(), "model")
+    if not text:
+        raise BadInput("no model given: enter a model folder, a hub id or 'demo'", field="model")
+    if text == "demo" or looks_like_hub_id(text):
         return text
     return str(confine(text, "model", roots, must_exist=True))
+
+
+def guard_model(raw: str) -> str:
+    """`confine_model` when confined; otherwise the name unchanged."""
+    return confine_model(raw) if confined() else str(raw).strip()
+
+
+def confine_config(config, saves_dir: Path | None = None) -> None:
+    """Gate every path a training config names, as the page does before Start or Preview.
+
+    Registered dataset names resolve to their file, which is gated too. With
+    `saves_dir`, the run folder must lie inside it (page-started runs live there).
+    """
+    from . import data
+
+    confine(config.dataset_dir, "dataset_dir",
+            roots=allowed_roots() + [data.BUNDLED_DIR])
+    for name in config.dataset:
+        data.resolve(name, config.dataset_dir, confine=True)
+    confine_model(config.model)
+    if config.output_dir:
+        roots = [Path(saves_dir).resolve()] if saves_dir is not None else None
+        confine(config.output_dir, "output_dir", roots=roots)
+    if isinstance(config.resume, str) and config.resume:
+        confine(config.resume, "resume", must_exist=True)

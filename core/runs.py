@@ -241,11 +241,17 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first. Temp folders are never listed."""
     found = []
-    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+    run_dir = Path(run_dir)
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
         match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir():
+        if match and child.is_dir() and not _leaves(child, run_dir):
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
+
+
+def _leaves(child: Path, folder: Path) -> bool:
+    """A symlinked entry that resolves outside its folder (never read as part of it)."""
+    return child.is_symlink() and folder.resolve() not in child.resolve().parents
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -302,12 +308,39 @@ def summarize(run_dir: Path) -> RunSummary | None:
     return summary
 
 
+def run_dirs(saves_dir: Path) -> list[Path]:
+    """The run folders directly under `saves_dir`, sorted by name: the one scanner.
+
+    A run folder is a folder holding status.json. Folders are found by resolving: a
+    symlink placed in saves/ counts only when it resolves inside saves/ itself, so a
+    link to a folder elsewhere is neither listed nor opened. Cheap enough for every
+    page tick: a scandir, and a resolve only for the entries that are symlinks.
+    """
+    try:
+        root = Path(saves_dir).resolve()
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_symlink():
+            target = path.resolve()
+            if target.parent != root and root not in target.parents:
+                continue
+        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, STATUS)):
+            found.append(path)
+    return sorted(found)
+
+
+def find_run(saves_dir: Path, name: str) -> Path | None:
+    """The run folder called `name` in the runs list, or None (never a path outside it)."""
+    return next((p for p in run_dirs(saves_dir) if p.name == name), None)
+
+
 def list_runs(saves_dir: Path) -> list[RunSummary]:
     """Every run under `saves_dir`, newest first."""
-    saves_dir = Path(saves_dir)
-    if not saves_dir.is_dir():
-        return []
-    runs = [summarize(child) for child in saves_dir.iterdir() if (child / STATUS).is_file()]
+    runs = [summarize(child) for child in run_dirs(saves_dir)]
     return sorted([r for r in runs if r], key=lambda r: r.started_at, reverse=True)
 
 
@@ -316,7 +349,7 @@ def loadable_checkpoints(saves_dir: Path) -> list[Path]:
     out = []
     for run in list_runs(saves_dir):
         final = run.path / "final"
-        if final.is_dir():
+        if final.is_dir() and not _leaves(final, run.path):
             out.append(final)
         out.extend(reversed(checkpoints(run.path)))
     return out

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import config as cfg
-from . import data, distributed, memory, models, runs, templates
+from . import data, distributed, jobs, memory, models, paths, runs, templates
 from .errors import BadInput, Problems
 
 MEMORY_CAP_ENV = "TUNEBENCH_TRAIN_MEMORY_MB"  # optional hard cap; see memory.cap_from_env
@@ -68,10 +68,13 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     # (measured with the demo model; see bench/RESULTS.md and models.pick_cpu_threads).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = cfg.load(config_path, overrides)  # bad input fails here, before any model loads
+    if paths.confined():  # started by the page: every path it names passes the gate again
+        paths.confine_config(config)
     if distributed.is_worker():  # the parent prepared the run dir and owns status and log
         return run(config, Path(config.output_dir))
     config, run_dir = prepare_run_dir(config)
-    with runs.TeeLog(run_dir / runs.LOG):
+    # Registered while it runs, wherever its folder is, so no second trainer starts beside it.
+    with runs.TeeLog(run_dir / runs.LOG), jobs.own_pid_entry(run_dir):
         if config.num_devices > 1:
             return distributed.launch_and_wait(config, run_dir)
         return run(config, run_dir)

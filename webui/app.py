@@ -16,7 +16,7 @@ import gradio as gr
 from core import data
 from core.errors import BadInput
 
-from . import chat_tab, export_tab, train_tab
+from . import chat_tab, export_tab, login, train_tab
 
 TITLE = "tunebench"
 SAVES_ENV = "TUNEBENCH_SAVES"   # where runs go; default ./saves
@@ -103,5 +103,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     print(f"tunebench web UI on http://{host}:{port} (runs in {saves_dir()})", flush=True)
     demo.launch(server_name=host, server_port=port, auth=credentials, share=share,
                 css=CSS, theme=gr.themes.Soft(), show_error=True, quiet=True,
-                footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES)
+                footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES,
+                # Gradio hands app_kwargs to its FastAPI app. With a login, the gate shows
+                # visitors without a session a sign-in page only; without one it does nothing.
+                app_kwargs={"middleware": login.middleware()})
     return 0

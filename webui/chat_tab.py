@@ -37,11 +37,24 @@ def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
 
 
 def model_choices(saves: Path) -> list[str]:
-    """'demo' plus the exported models under saves/exports (they load as plain models)."""
+    """'demo' plus the exported models under saves/exports (they load as plain models);
+    a folder there that is a link out of the allowed folders is not offered."""
     exports = Path(saves) / "exports"
-    found = sorted((p for p in exports.iterdir() if (p / "config.json").is_file()),
+    found = sorted((p for p in exports.iterdir() if (p / "config.json").is_file()
+                    and paths.is_allowed(p.resolve())),
                    key=lambda p: p.stat().st_mtime, reverse=True) if exports.is_dir() else []
     return ["demo"] + [str(p) for p in found]
+
+
+def base_of_picked(checkpoint: str | None) -> str | None:
+    """The base model of a checkpoint picked in the page; nothing is read from a folder
+    outside the allowed ones (the picker accepts typed values)."""
+    if not (checkpoint or "").strip():
+        return None
+    try:
+        return base_model_of(paths.confine(checkpoint, "checkpoint", must_exist=True))
+    except BadInput:
+        return None
 
 
 # --- html ---------------------------------------------------------------------------
@@ -183,7 +196,7 @@ class ChatTab:
 
     def pick_checkpoint(self, checkpoint: str, model: str):
         """A checkpoint was chosen: select the base model its run was trained from."""
-        base = base_model_of(Path(checkpoint)) if checkpoint else None
+        base = base_of_picked(checkpoint)
         return gr.update(value=base) if base else gr.update(value=model)
 
     def do_load(self, model: str, checkpoint: str, trust: bool):

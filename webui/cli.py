@@ -16,14 +16,17 @@ from core import cli as core_cli
 def _webui(args) -> int:
     import os
 
-    from core.paths import ENV_ROOTS
+    from core.paths import CONFINE_ENV, ENV_ROOTS, SAVES_ENV
 
     if args.saves_dir:
-        os.environ["TUNEBENCH_SAVES"] = args.saves_dir
+        os.environ[SAVES_ENV] = args.saves_dir
     if args.allow_root:
         extra = [str(Path(p).expanduser().resolve()) for p in args.allow_root]
         os.environ[ENV_ROOTS] = os.pathsep.join(
             [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p] + extra)
+    # From here on, this server and every job it starts (trainer, preview, chat worker,
+    # export) pass each path through the gate in core/paths.py.
+    os.environ[CONFINE_ENV] = "1"
     from . import app
     return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share)
 

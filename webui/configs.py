@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from core import config as cfg
-from core import runs
+from core import limits, paths, runs
 from core.errors import BadInput
 
 EXAMPLES = Path("examples")
@@ -37,17 +37,23 @@ def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
     if not _NAME.match(name):
         raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
                        f"starting with a letter or digit; got '{name}'")
-    folder = config_dir(saves_dir)
+    folder = paths.confine(config_dir(saves_dir), "config folder")  # a link out is refused
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     runs.write_atomic(path, cfg.to_yaml(config))
     return path
 
 
-def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:
-    """Read a config file for the form; `allowed` (when given) lists the paths it may be."""
-    if allowed is not None and str(path) not in allowed:
-        raise BadInput("not one of the listed config files", file=str(path))
+def load(path: str | Path, allowed: list[str] | None = None,
+         saves_dir: Path | None = None) -> cfg.TrainConfig:
+    """Read a config file for the form; `allowed` (when given) lists the paths it may be,
+    and those are read only where they resolve inside the configs and examples folders."""
+    if allowed is not None:
+        if str(path) not in allowed:
+            raise BadInput("not one of the listed config files", file=limits.quote(str(path)))
+        # Listed, but a listed name may be a symlink: its target must stay in those folders.
+        roots = [config_dir(saves_dir).resolve(), EXAMPLES.resolve()] if saves_dir else None
+        path = paths.confine(path, "config file", roots=roots, must_exist=True)
     return cfg.load(path)
 
 

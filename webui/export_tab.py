@@ -21,11 +21,10 @@ from pathlib import Path
 import gradio as gr
 
 from core import paths
-from core.chat import base_model_of
 from core.errors import BadInput
 from core.export import DTYPES
 
-from .chat_tab import checkpoint_choices, model_choices, progress_html
+from .chat_tab import base_of_picked, checkpoint_choices, model_choices, progress_html
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +159,7 @@ class ExportTab:
                 gr.update(choices=checkpoint_choices(self.saves), value=checkpoint))
 
     def pick_checkpoint(self, checkpoint: str, model: str):
-        base = base_model_of(Path(checkpoint)) if checkpoint else None
+        base = base_of_picked(checkpoint)
         return gr.update(value=base or model), default_export_dir(self.saves, checkpoint)
 
     def do_export(self, model, checkpoint, out, shard, dtype, overwrite, verify):

@@ -8,17 +8,17 @@ and the metrics byte offset, so a tick that finds nothing new costs a few
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from core import launch, plot, runs
+from core import jobs, launch, paths, plot, runs
 
 LOG_LINES = 30
 MAX_POINTS = 1500          # per series sent to the browser; longer runs are thinned
@@ -196,27 +196,54 @@ def loss_frame(records: list[dict], weight: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
+def outside_running(saves_dir: Path) -> list[Path]:
+    """Running jobs whose folder is not in the saves folder (started from a terminal with
+    another output_dir) but lies inside the allowed folders: they are listed too, so any
+    tab can watch and abort them. Keyed in the page by their path."""
+    inside = {p.resolve() for p in runs.run_dirs(saves_dir)}
+    return [job.run_dir for job in jobs.active()
+            if job.run_dir not in inside and paths.is_allowed(job.run_dir)]
+
+
+def listed_runs(saves_dir: Path) -> list[runs.RunSummary]:
+    """What the runs list shows: every run in the saves folder, then running jobs elsewhere."""
+    found = runs.list_runs(saves_dir)
+    for path in outside_running(saves_dir):
+        summary = runs.summarize(path)
+        if summary is not None:
+            found.append(dataclasses.replace(summary, name=str(path)))
+    return found
+
+
+def find_listed_run(saves_dir: Path, key: str) -> Path | None:
+    """The folder of a run the list shows under `key`; None for anything else."""
+    path = runs.find_run(saves_dir, key)
+    if path is None:
+        path = next((p for p in outside_running(saves_dir) if str(p) == key), None)
+    return path
+
+
 def runs_table(saves_dir: Path) -> list[list]:
     """Rows for the runs list: name, state, steps, final loss, started."""
     rows = []
-    for run in runs.list_runs(saves_dir):
+    for run in listed_runs(saves_dir):
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
         rows.append([run.name, run.state, run.steps, loss, _short_time(run.started_at) or "–"])
     return rows
 
 
 def newest_running(saves_dir: Path) -> Path | None:
-    """The run to reattach to when a page opens: the newest one still going."""
-    busy = launch.running_runs(saves_dir)
+    """The run to reattach to when a page opens: the newest one still going that the
+    list shows."""
+    inside = {p.resolve() for p in runs.run_dirs(saves_dir)}
+    busy = [r for r in launch.running_runs(saves_dir)
+            if r.path.resolve() in inside or paths.is_allowed(r.path.resolve())]
     if not busy:
         return None
     return max(busy, key=lambda r: r.started_at).path
 
 
 def run_names(saves_dir: Path) -> list[str]:
-    """Names of the run folders, sorted, from a cheap directory scan (to notice new runs)."""
-    try:
-        return sorted(e.name for e in os.scandir(saves_dir) if e.is_dir() and
-                      os.path.exists(os.path.join(e.path, runs.STATUS)))
-    except FileNotFoundError:
-        return []
+    """Keys of the listed runs, from a cheap scan (to notice new runs on each tick)."""
+    return [p.name for p in runs.run_dirs(saves_dir)] + \
+        [str(p) for p in outside_running(saves_dir)]

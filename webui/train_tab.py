@@ -16,12 +16,12 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import data, launch, memory, paths, runs
+from core import data, launch, limits, memory, paths, runs
 from core.errors import BadInput
 
-from . import configs, form as form_mod, preview
-from .runs_view import (COLORS, Watch, log_html, loss_frame, message_html, newest_running,
-                        progress_html, run_names, runs_table, status_html)
+from . import configs, data_worker, form as form_mod
+from .runs_view import (COLORS, Watch, find_listed_run, log_html, loss_frame, message_html,
+                        newest_running, progress_html, run_names, runs_table, status_html)
 
 TICK_S = 1.0
 TABLE_REFRESH_S = 15.0       # the running run's row (steps, loss) in the runs list
@@ -271,7 +271,7 @@ class TrainTab:
         """Validate everything, then launch; on bad input show why and launch nothing."""
         try:
             config = form_mod.to_config(self.form.names, list(values))
-            check_inputs(config)
+            check_inputs(config, self.saves_dir)
             run_dir = launch.start_run(config, self.saves_dir)
         except BadInput as err:
             return self._error(err)
@@ -291,17 +291,20 @@ class TrainTab:
             self._listing(session)
 
     def _run_path(self, run_name: str) -> Path:
-        """A run folder named in the page; only direct children of the saves folder."""
-        path = self.saves_dir / run_name
-        if path.parent != self.saves_dir or not (path / runs.STATUS).is_file():
-            raise BadInput("not a run in the runs list", file=run_name)
+        """A run named in the page: only one the runs list shows (found by resolving)."""
+        path = find_listed_run(self.saves_dir, run_name)
+        if path is None:
+            raise BadInput("not a run in the runs list", file=limits.quote(run_name))
         return path
 
     def on_resume(self, session: Session, run_name: str | None) -> list:
         if not run_name:
             return self._error(BadInput("pick a run to resume in the runs list first"))
         try:
-            run_dir = launch.resume_run(self._run_path(run_name), self.saves_dir)
+            run_dir = self._run_path(run_name)
+            # The stored config names paths too: they pass the gate as Start's do.
+            paths.confine_config(cfg.load(run_dir / runs.CONFIG), self.saves_dir)
+            run_dir = launch.resume_run(run_dir, self.saves_dir)
         except BadInput as err:
             return self._error(err)
         return self._render(session, Watch(run_dir)) + \
@@ -335,7 +338,11 @@ class TrainTab:
         if not file:
             return gr.skip(), ""
         try:
-            key = data.register_file(file, dataset_dir or "data", name.strip() or None)
+            dataset_dir = dataset_dir or "data"
+            paths.confine(dataset_dir, "dataset_dir",
+                          roots=paths.allowed_roots() + [data.BUNDLED_DIR])
+            name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
+            key = data_worker.register(file, dataset_dir, name or None)
         except BadInput as err:
             return gr.skip(), f"**Not registered.** {err}"
         chosen = list(current or []) + [key]
@@ -347,7 +354,8 @@ class TrainTab:
     def on_preview(self, *values):
         try:
             config = form_mod.to_config(self.form.names, list(values))
-            answer = preview.preview(config)
+            paths.confine_config(config, self.saves_dir)  # the gate Start uses
+            answer = data_worker.preview(config)
         except BadInput as err:
             return [], f"**Cannot preview.** {err}"
         return preview_highlights(answer), preview_summary(answer)
@@ -368,7 +376,7 @@ class TrainTab:
         if not path:
             return [gr.skip()] * len(self.form.names) + ["Pick a config file first."]
         try:
-            config = configs.load(path, allowed)
+            config = configs.load(path, allowed, self.saves_dir)
         except BadInput as err:
             return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
         return self._form_values(config, f"Loaded {what}.")
@@ -411,9 +419,10 @@ def _table(rows: list[list]):
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
-def check_inputs(config: cfg.TrainConfig) -> None:
-    """What Start checks beyond the schema: paths stay inside the allowed folders, every
-    dataset record reads, and a model folder holds weights.
+def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None:
+    """What Start checks beyond the schema: every path passes the gate (core/paths.py),
+    with the run folder inside the saves folder; every dataset record reads (in a child
+    process, see data_worker.py); a model folder holds weights.
 
     The demo model is built by the trainer on first use, so it is not checked here
     (checking would build it inside the page server).
@@ -421,23 +430,8 @@ def check_inputs(config: cfg.TrainConfig) -> None:
     if config.resume is True:
         raise BadInput("resume: true continues an existing run; pick that run in the runs list "
                        "and press Resume instead (or give a checkpoint folder to start from)")
-    paths.confine(config.dataset_dir, "dataset_dir")
-    registered = data.list_datasets(config.dataset_dir)  # a broken registry says so here
-    for name in config.dataset:
-        if name in registered:
-            continue
-        # A file path, as given or inside dataset_dir. One that exists must lie inside the
-        # allowed folders; for any other name, reading below says what is wrong (an
-        # unknown name with the nearest registered one, or a missing file).
-        beside = Path(config.dataset_dir) / name
-        found = next((p for p in (Path(name), beside) if p.exists()), None)
-        if found is not None:
-            paths.confine(found, "dataset", must_exist=True)
-    for what, value in (("output_dir", config.output_dir), ("resume", config.resume)):
-        if isinstance(value, str) and value:
-            paths.confine(value, what)
-    paths.confine_model(config.model)
-    data.load_records(config)
+    paths.confine_config(config, saves_dir)
+    data_worker.check(config)
     if config.model != cfg.DEMO_MODEL:
         from core import models  # light: no torch until a model is loaded
         models.check_model_source(config.model)

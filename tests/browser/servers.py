@@ -62,9 +62,9 @@ def _wait_http_200(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"no HTTP 200 from {url} within {timeout} s")
 
 
-def start_server(project: Path, demo_model_path: Path) -> Server:
+def start_server(project: Path, demo_model_path: Path, **extra_env: str) -> Server:
     """`tunebench webui` in `project`, as a user starts it; returns once it answers HTTP."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", **extra_env)
     model = str(demo_model_path)
     env["TUNEBENCH_ALLOWED_ROOTS"] = str(Path(demo_model_path).parent)  # the page may use it
     if Path(demo_model_path).name == demo_model.default_path().name:
