@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from . import device
+from . import device, limits
 from .errors import BadInput, Problems
 
 GROUPS = ("model", "data", "method", "training", "run")
@@ -32,16 +32,24 @@ DEMO_MODEL = "demo"
 
 def setting(default: Any, help: str, group: str, *, min: float | None = None,
             max: float | None = None, choices: tuple | None = None, advanced: bool = False,
-            methods: tuple[str, ...] | None = None, widget: str | None = None) -> Any:
+            methods: tuple[str, ...] | None = None, widget: str | None = None,
+            max_len: int | None = None, path: bool = False) -> Any:
     """A dataclass field with the metadata every front end reads.
 
     `methods` limits a setting to some tuning methods (the form hides it otherwise);
     `advanced` folds it away in the form; `widget` overrides the widget guessed
-    from the type ("slider", "textbox", ...).
+    from the type ("slider", "textbox", ...). Text is at most `max_len` characters
+    (each entry, for a list); a `path` setting is at most `limits.MAX_PATH_BYTES`
+    bytes, with no file or folder name over the file system's limit. Text settings
+    without a `max_len` get `limits.MAX_SETTING_CHARS`.
     """
     assert group in GROUPS, group
+    if path:
+        max_len = limits.MAX_PATH_BYTES
+    elif max_len is None and isinstance(default, (str, list)):
+        max_len = limits.MAX_SETTING_CHARS
     meta = dict(help=help, group=group, min=min, max=max, choices=choices,
-                advanced=advanced, methods=methods, widget=widget)
+                advanced=advanced, methods=methods, widget=widget, max_len=max_len, path=path)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,7 +60,7 @@ class TrainConfig:
     # --- model -----------------------------------------------------------------
     model: str = setting(
         DEMO_MODEL, "Base model: a local folder, a hub id (when online), or 'demo' for the "
-        "small model tunebench builds locally on first use.", "model")
+        "small model tunebench builds locally on first use.", "model", path=True)
     template: str = setting(
         "auto", "Chat template. 'auto' uses the tokenizer's own; name one for models without "
         "a template (alpaca, chatml, qwen, llama2, llama3, mistral).", "model",
@@ -73,12 +81,14 @@ class TrainConfig:
 
     # --- data ------------------------------------------------------------------
     dataset: list[str] = setting(
-        ["identity"], "Datasets: names from <dataset_dir>/dataset_info.json, or file paths.", "data")
+        ["identity"], "Datasets: names from <dataset_dir>/dataset_info.json, or file paths.",
+        "data", path=True)
     dataset_dir: str = setting("data", "Folder holding dataset_info.json and the data files.",
-                               "data", advanced=True)
-    identity_name: str = setting("Tuney", "Fills {{name}} in datasets such as 'identity'.", "data")
+                               "data", advanced=True, path=True)
+    identity_name: str = setting("Tuney", "Fills {{name}} in datasets such as 'identity'.", "data",
+                                 max_len=limits.MAX_NAME_CHARS)
     identity_author: str = setting("the tunebench team", "Fills {{author}} in datasets such as "
-                                   "'identity'.", "data")
+                                   "'identity'.", "data", max_len=limits.MAX_NAME_CHARS)
     cutoff_len: int = setting(1024, "Longest sequence in tokens. Longer examples are truncated, "
                               "keeping part of every response.", "data", min=16, max=262144)
     max_samples: int = setting(0, "Use at most this many records per dataset (0 = all).", "data",
@@ -102,7 +112,8 @@ class TrainConfig:
                                   max=0.9, methods=LORA_FAMILY, advanced=True)
     lora_target: str = setting("all-linear", "Modules that get adapters: 'all-linear' or a "
                                "comma-separated list such as q_proj,v_proj.", "method",
-                               methods=LORA_FAMILY, advanced=True)
+                               methods=LORA_FAMILY, advanced=True,
+                               max_len=limits.MAX_LORA_TARGET_CHARS)
     quant_bits: int = setting(4, "Bits of the quantized base model for QLoRA.", "method",
                               choices=(4, 8), methods=("qlora",))
     freeze_layers: int = setting(2, "Train only this many last transformer layers (and the "
@@ -153,10 +164,11 @@ class TrainConfig:
     save_steps: int = setting(0, "Save a checkpoint every this many steps (0 = about five "
                               "checkpoints spread over the run).",
                               "run", min=0, max=10**7, advanced=True)
-    output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run")
-    run_name: str = setting("", "Run name. Empty = <method>-<date>-<time>.", "run", advanced=True)
+    output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run", path=True)
+    run_name: str = setting("", "Run name. Empty = <method>-<date>-<time>.", "run", advanced=True,
+                            max_len=limits.MAX_RUN_NAME_CHARS)
     resume: bool | str = setting(False, "true resumes from this run's last checkpoint; a path "
-                                 "resumes from that checkpoint.", "run", advanced=True)
+                                 "resumes from that checkpoint.", "run", advanced=True, path=True)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -179,7 +191,7 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _to_bool(raw: Any) -> bool:
+def _to_bool(raw: Any, name: str = "") -> bool:
     if isinstance(raw, bool):
         return raw
     if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
@@ -187,7 +199,7 @@ def _to_bool(raw: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _to_int(raw: Any) -> int:
+def _to_int(raw: Any, name: str = "") -> int:
     if isinstance(raw, bool):
         raise ValueError("expected a whole number")
     if isinstance(raw, int):
@@ -202,29 +214,46 @@ def _to_int(raw: Any) -> int:
     raise ValueError("expected a whole number")
 
 
-def _to_float(raw: Any) -> float:
+def _to_float(raw: Any, name: str = "") -> float:
     if isinstance(raw, bool):
         raise ValueError("expected a number")
     try:
         value = float(raw)
     except (TypeError, ValueError):
         raise ValueError("expected a number") from None
+    except OverflowError:  # an integer with hundreds of digits
+        raise ValueError("expected a finite number") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError("expected a finite number")
     return value
 
 
-def _to_str(raw: Any) -> str:
+def _vet(name: str, text: str) -> str:
+    """Refuse text the setting `name` cannot take (too long, control characters, lone
+    surrogates, a path the file system would refuse) with a BadInput naming it."""
+    meta = FIELDS[name].metadata
+    if meta["path"]:
+        return limits.check_path_text(text, name, meta["max_len"])
+    return limits.check_text(text, name, meta["max_len"] or limits.MAX_SETTING_CHARS)
+
+
+def _to_str(raw: Any, name: str) -> str:
     if isinstance(raw, (dict, list)) or raw is None:
         raise ValueError("expected text")
-    return str(raw).strip()
+    return _vet(name, str(raw).strip())
 
 
-def _to_str_list(raw: Any) -> list[str]:
+def _to_str_list(raw: Any, name: str) -> list[str]:
+    most = limits.MAX_LIST_ITEMS
     if isinstance(raw, str):
-        items = [part.strip() for part in raw.split(",")]
+        parts = raw.split(",", most)  # never more than one piece past the limit
+        if len(parts) > most:
+            raise ValueError(f"more than {most} entries; the limit is {most}")
+        items = [_vet(name, part.strip()) for part in parts]
     elif isinstance(raw, list):
-        items = [_to_str(item) for item in raw]
+        if len(raw) > most:
+            raise ValueError(f"{len(raw):,} entries; the limit is {most}")
+        items = [_to_str(item, name) for item in raw]
     else:
         raise ValueError("expected a list of names or paths")
     items = [item for item in items if item]
@@ -233,13 +262,15 @@ def _to_str_list(raw: Any) -> list[str]:
     return items
 
 
-def _to_bool_or_path(raw: Any) -> bool | str:
+def _to_bool_or_path(raw: Any, name: str) -> bool | str:
     try:
         return _to_bool(raw)
     except ValueError:
-        return _to_str(raw)
+        return _to_str(raw, name)
 
 
+# Each converter takes (raw value, setting name); only the text ones use the name,
+# to look up the setting's length limit and to name it when refusing.
 _COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
            list[str]: _to_str_list, bool | str: _to_bool_or_path}
 
@@ -247,10 +278,12 @@ _COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
 def coerce(name: str, raw: Any) -> Any:
     """Convert one raw value (from YAML, the CLI or the form) to the field's type.
 
-    Raises ValueError with a short reason; the caller adds the key name.
+    Raises ValueError with a short reason, to which the caller adds the key name and
+    the value; or, for text the setting cannot take, BadInput naming the key and
+    quoting the value (`limits.check_text`).
     """
     meta = FIELDS[name].metadata
-    value = _COERCE[_TYPES[name]](raw)
+    value = _COERCE[_TYPES[name]](raw, name)
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError("expected one of " + ", ".join(map(str, meta["choices"])))
     if meta["min"] is not None and value < meta["min"]:
@@ -260,9 +293,21 @@ def coerce(name: str, raw: Any) -> Any:
     return value
 
 
-def _unknown_key(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+def _unknown_key(key: Any, suggest: bool = True) -> str:
+    """"unknown key 'x'", with the closest setting name when one is near."""
+    text = key if isinstance(key, str) else limits.quote(key, 64)
+    # difflib is quadratic in the key's length: only look for short, plausible keys
+    close = difflib.get_close_matches(text, FIELDS, n=1) if suggest and len(text) <= 64 else []
+    return f"unknown key {limits.quote(text, 64)}" + (
+        f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def _capped(problems: list[str]) -> list[str]:
+    """The first MAX_REPORTED_PROBLEMS problems, and a count of the rest."""
+    most = limits.MAX_REPORTED_PROBLEMS
+    if len(problems) <= most:
+        return problems
+    return problems[:most] + [f"... and {len(problems) - most:,} more problems"]
 
 
 def from_mapping(raw: dict, source: str | None = None) -> TrainConfig:
@@ -272,14 +317,16 @@ def from_mapping(raw: dict, source: str | None = None) -> TrainConfig:
     problems, values = [], {}
     for key, value in raw.items():
         if key not in FIELDS:
-            problems.append(_unknown_key(str(key)))
+            problems.append(_unknown_key(key, suggest=len(problems) < limits.MAX_REPORTED_PROBLEMS))
             continue
         try:
             values[key] = coerce(key, value)
+        except BadInput as err:  # already names the problem and quotes the value
+            problems.append(f"{key}: {err.what}")
         except ValueError as err:
-            problems.append(f"{key}: {err} (got {value!r})")
+            problems.append(f"{key}: {err} (got {limits.quote(value)})")
     if problems:
-        raise Problems(problems, file=source)
+        raise Problems(_capped(problems), file=source)
     config = TrainConfig(**values)
     problems = validate(config)
     if problems:
@@ -293,23 +340,134 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise BadInput(f"expected KEY=VALUE, got '{pair}'")
+            raise BadInput(f"expected KEY=VALUE, got {limits.quote(pair)}")
         out[key.strip()] = value
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (never constructs Python objects), which also refuses a
+    document that costs far more than its size: values longer than any setting, and
+    aliases that expand past MAX_YAML_NODES values ("billion laughs"). Both are found
+    on the composed node graph, which stays small because an alias shares its node,
+    before a single Python object is built."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph that expands to more than MAX_YAML_NODES values.
+
+    Iterative depth-first walk (a deeply nested file must not exhaust the stack);
+    each distinct node's expanded size is computed once (memoised by id), so the
+    walk costs the graph's size, not the expansion's.
+    """
+    most = limits.MAX_YAML_NODES
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()  # the nodes being expanded: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > most or len(sizes) > most:
+                raise _too_big(len(sizes) > most, node)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise BadInput("a YAML alias (*name) refers to a value that contains it; write the "
+                           "values out")
+        if isinstance(node, yaml.ScalarNode) and len(node.value) > limits.MAX_YAML_SCALAR_CHARS:
+            raise BadInput(f"the value at line {node.start_mark.line + 1} is "
+                           f"{len(node.value):,} characters long; the limit is "
+                           f"{limits.MAX_YAML_SCALAR_CHARS:,}")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _too_big(distinct: bool, node: yaml.Node) -> BadInput:
+    most = limits.MAX_YAML_NODES
+    if distinct:
+        return BadInput(f"config has more than {most:,} values; a config needs about a hundred")
+    return BadInput(f"config expands to more than {most:,} values through YAML aliases "
+                    "(&anchor/*alias); write the values out")
+
+
+def _short(text: str) -> str:
+    """One line of at most MAX_QUOTE_CHARS characters (YAML's messages quote the input)."""
+    text = " ".join(str(text).split())
+    most = limits.MAX_QUOTE_CHARS
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """A short "invalid YAML" message: where, and what PyYAML found, without its
+    multi-line snippet of the file."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        context = f"{_short(err.context)}: " if err.context else ""
+        return f"invalid YAML{where}: {context}{_short(err.problem)}"
+    return f"invalid YAML: {_short(str(err))}"
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, refusing one larger than MAX_CONFIG_BYTES before reading it."""
+    most = limits.MAX_CONFIG_BYTES
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > most:
+            raise BadInput(f"config file is {size:,} bytes; the limit is {most:,} "
+                           "(a config is a few KB)", file=str(path))
+        with path.open("rb") as handle:
+            data = handle.read(most + 1)  # bounded even if the file grows meanwhile
     except FileNotFoundError:
         raise BadInput("config file not found", file=str(path)) from None
-    except (UnicodeDecodeError, IsADirectoryError) as err:
+    except IsADirectoryError as err:
         raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+    except (OSError, ValueError) as err:  # no permission, a NUL in the name
+        raise BadInput(f"cannot read config: {getattr(err, 'strerror', None) or err}",
+                       file=str(path)) from None
+    if len(data) > most:
+        raise BadInput(f"config file is over {most:,} bytes (a config is a few KB)",
+                       file=str(path))
     try:
-        raw = yaml.safe_load(text)  # safe_load: a config must never construct Python objects
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file -> its mapping ({} for an empty file)."""
+    path = Path(path)
+    text = _read_config_text(path)
+    try:
+        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise BadInput(f"invalid YAML: {err}".replace("\n", " "), file=str(path)) from None
+        raise BadInput(_yaml_error(err), file=str(path)) from None
+    except BadInput as err:
+        raise BadInput(err.what, file=str(path)) from None
+    except RecursionError:
+        raise BadInput("invalid YAML: nested too deeply", file=str(path)) from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise BadInput(f"invalid YAML: {_short(str(err))}", file=str(path)) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -379,7 +537,7 @@ def validate(config: TrainConfig, total_steps: int | None = None) -> list[str]:
             part.strip().isidentifier() for part in config.lora_target.split(",")):
         problems.append("lora_target: expected 'all-linear' or module names such as q_proj,v_proj")
     if isinstance(config.resume, str) and not Path(config.resume).is_dir():
-        problems.append(f"resume: checkpoint folder '{config.resume}' does not exist")
+        problems.append(f"resume: checkpoint folder {limits.quote(config.resume)} does not exist")
     if config.run_name and not _is_safe_name(config.run_name):
         problems.append("run_name: use letters, digits, '-', '_' and '.' only")
     problems += _precision_problems(config)

@@ -20,6 +20,7 @@ the record (1-based), the field and what was expected.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import difflib
@@ -34,14 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import limits, paths
 from .errors import BadInput
 
 REGISTRY = "dataset_info.json"
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 FORMATS = ("alpaca", "sharegpt", "openai", "text")
 STAGES = ("sft", "pt")
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # register_file refuses bigger files
-MAX_RECORD_CHARS = 10_000_000  # one record's text; bigger is almost surely a broken file
+MAX_UPLOAD_BYTES = limits.MAX_UPLOAD_BYTES  # register_file refuses bigger files
+MAX_RECORD_CHARS = limits.MAX_RECORD_CHARS  # one record's text; bigger is almost surely broken
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # The fields each format reads, under their canonical names. A registry "columns"
@@ -88,13 +90,16 @@ def _expand(name: str) -> Path:
         return Path(name)
 
 
-def data_dir(dataset_dir: str | os.PathLike = "data") -> Path:
+def data_dir(dataset_dir: str | os.PathLike = "data", confine: bool | None = None) -> Path:
     """The folder to read: `dataset_dir`, or the bundled one when the default
-    "data" is not present in the working directory (tunebench started elsewhere)."""
+    "data" is not present in the working directory (tunebench started elsewhere).
+    Confined, the folder passes the gate (core/paths.py)."""
     path = Path(dataset_dir)
     if str(dataset_dir) == "data" and not _exists(path / REGISTRY, "file") \
             and _exists(BUNDLED_DIR / REGISTRY, "file"):
-        return BUNDLED_DIR
+        path = BUNDLED_DIR
+    if paths.confined() if confine is None else confine:
+        return paths.confine(path, "dataset_dir", roots=paths.allowed_roots() + [BUNDLED_DIR])
     return path
 
 
@@ -124,22 +129,42 @@ class Entry:
     name: str | None = None  # registered name, None for a plain path
 
 
-def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data") -> Entry:
-    """A registered name or a file path -> the file and its registry settings."""
+def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data",
+            confine: bool | None = None) -> Entry:
+    """A registered name or a file path -> the file and its registry settings.
+
+    Confined (inside the page server and the jobs it starts, or `confine=True`), the
+    folder, a registered entry's file and a plain path all pass the gate in
+    core/paths.py, and a path outside the allowed folders is refused before anyone
+    learns whether it exists.
+    """
+    confine = paths.confined() if confine is None else confine
     name = str(name_or_path).strip()
     if not name:
         raise BadInput("empty dataset name; expected a registered name or a file path",
                        field="dataset")
-    folder = data_dir(dataset_dir)
+    limits.check_path_text(name, "dataset")
+    folder = data_dir(dataset_dir, confine)
     registry = read_registry(folder)
     if name in registry:
-        return _registry_entry(name, registry[name], folder)
+        return _registry_entry(name, registry[name], folder, confine)
     path = _expand(name)
     looks_like_path = path.suffix.lower() in EXTENSIONS or "/" in name or os.sep in name
-    for candidate in [path] + ([] if path.is_absolute() else [folder / path]):
+    refusal = None
+    for raw in [name] + ([] if path.is_absolute() else [folder / path]):
+        candidate = _expand(str(raw))
+        if confine:
+            try:  # the gate quotes what was typed, and expands it itself
+                candidate = paths.confine(raw, "dataset")
+            except BadInput as err:
+                refusal = refusal or err
+                continue
         if _exists(candidate):
             _check_file(candidate)
             return Entry(candidate)
+        refusal = None  # an allowed place was looked at: "not found" is the honest answer
+    if refusal is not None:
+        raise refusal
     if looks_like_path:
         raise BadInput(f"file not found (looked in the working directory and in {folder})",
                        file=name)
@@ -154,7 +179,7 @@ def _unknown_name(name: str, registry: dict, folder: Path) -> str:
             f"Give a registered name or a path to a {_ext_list()} file")
 
 
-def _registry_entry(name: str, raw: Any, folder: Path) -> Entry:
+def _registry_entry(name: str, raw: Any, folder: Path, confine: bool = False) -> Entry:
     reg = str(folder / REGISTRY)
     if not isinstance(raw, dict):
         raise BadInput(f"entry '{name}' must be an object with a file_name, got {_kind(raw)}",
@@ -171,6 +196,8 @@ def _registry_entry(name: str, raw: Any, folder: Path) -> Entry:
     columns = _registry_columns(name, raw.get("columns"), fmt, reg)
     path = _expand(file_name)
     path = path if path.is_absolute() else folder / path
+    if confine:  # the registered file, symlinks resolved, must lie inside the roots too
+        path = paths.confine(path, f"dataset '{name}'")
     if not _exists(path):
         raise BadInput(f"dataset '{name}' points to a file that does not exist", file=str(path))
     _check_file(path)
@@ -239,7 +266,14 @@ class _Source:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The whole file, refusing one over MAX_DECODED_BYTES before reading it (for a
+    text file the bytes are the decoded data)."""
     try:
+        size = path.stat().st_size
+        if size > limits.MAX_DECODED_BYTES:
+            raise BadInput(f"file is {size / 2**20:,.0f} MB; the limit is "
+                           f"{limits.MAX_DECODED_BYTES / 2**20:,.0f} MB per file (split it into "
+                           "smaller files)", file=str(path))
         data = path.read_bytes()
     except FileNotFoundError:
         raise BadInput("file not found", file=str(path)) from None
@@ -281,6 +315,9 @@ def _read_rows(path: Path, src: _Source) -> list:
         if not isinstance(rows, list):
             raise src.bad(f"expected a list of records ([{{...}}, ...]) at the top level, got "
                           f"{_kind(rows)}" + _nested_list_hint(rows))
+        # one document: parsed whole (its size is bounded by _read_bytes), counted after
+        if len(rows) > limits.MAX_TABLE_ROWS:
+            raise _too_many_rows(src, len(rows))
         return rows
     if ext == ".jsonl":
         return _read_jsonl(text, src)
@@ -295,12 +332,42 @@ def _nested_list_hint(value: Any) -> str:
     return ""
 
 
+def _too_many_rows(src: _Source, count: int | None = None) -> BadInput:
+    most = limits.MAX_TABLE_ROWS
+    has = f"{count:,}" if count is not None else f"more than {most:,}"
+    return src.bad(f"has {has} records; the limit is {most:,} per file (split it into smaller "
+                   "files)")
+
+
+_NONBLANK = re.compile(r"\S")  # \s is exactly what str.strip() removes
+
+
+def _nonblank_lines(text: str):
+    """(line number, line) for each line with something besides whitespace.
+
+    Lines end at "\n" only: JSON strings may hold raw U+2028, which splitlines()
+    breaks on. Lazy, unlike text.split("\n"), so a reader can stop early and a file
+    of blank lines costs no list; runs of blank lines are skipped by one regex search.
+    """
+    pos, lineno = 0, 1
+    while True:
+        found = _NONBLANK.search(text, pos)
+        if found is None:
+            return
+        newline = text.rfind("\n", pos, found.start())
+        start = pos if newline < 0 else newline + 1
+        lineno += text.count("\n", pos, start)
+        end = text.find("\n", found.start())
+        end = len(text) if end < 0 else end
+        yield lineno, text[start:end]
+        pos, lineno = end + 1, lineno + 1
+
+
 def _read_jsonl(text: str, src: _Source) -> list:
     rows, src.lines = [], []
-    # split on "\n" only: JSON strings may hold raw U+2028, which splitlines() breaks on
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    for lineno, line in _nonblank_lines(text):
+        if len(rows) >= limits.MAX_TABLE_ROWS:  # stop here: the rest is never parsed
+            raise _too_many_rows(src)
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
@@ -322,7 +389,8 @@ def _read_csv(text: str, src: _Source) -> list[dict]:
         if not header or not any(h.strip() for h in header):
             raise src.bad("has no header row; expected column names on the first line")
         header = [h.strip() for h in header]
-        dupes = sorted({h for h in header if header.count(h) > 1})
+        counts = collections.Counter(header)  # not header.count(): quadratic in the columns
+        dupes = sorted(h for h, n in counts.items() if n > 1)
         if dupes or "" in header:
             raise src.bad("header row needs unique, non-empty column names"
                           + (f" (repeated: {', '.join(dupes)})" if dupes else ""))
@@ -330,6 +398,8 @@ def _read_csv(text: str, src: _Source) -> list[dict]:
         for values in reader:
             if not values:
                 continue  # blank line
+            if len(rows) >= limits.MAX_TABLE_ROWS:  # stop here: the rest is never parsed
+                raise _too_many_rows(src)
             if len(values) != len(header):
                 raise src.bad(f"has {len(values)} values but the header has {len(header)} "
                               f"columns (line {reader.line_num})", len(rows) + 1)
@@ -340,22 +410,155 @@ def _read_csv(text: str, src: _Source) -> list[dict]:
     return rows
 
 
+# Rows read at a time (whole row groups, so at least one row group). Strings stay
+# dictionary-encoded until measured, so a read costs its share of the file however
+# often a value repeats.
+_PARQUET_BATCH_ROWS = 65536
+
+
 def _read_parquet(path: Path, src: _Source) -> list[dict]:
+    """A Parquet file -> rows, refusing one that decodes to far more than its size.
+
+    Parquet stores a repeated value once (dictionary encoding) and compresses the
+    rest, so 35 KB can decode to hundreds of MB. The footer gives the row count and
+    the size after decompression, checked before anything is decoded; the size after
+    dictionary decoding is not in it, so the rows are then read a few row groups at a
+    time with strings left dictionary-encoded, and each read's decoded size is
+    measured (`_array_bytes`) before it is decoded into Python objects.
+
+    Row groups rather than iter_batches: a batch carries every dictionary value seen
+    so far in its row group, so on a column of distinct values small batches cost
+    time and memory quadratic in the row group's size.
+    """
     import pyarrow as pa  # lazy: pyarrow takes a while to import
     import pyarrow.parquet as pq
     try:
-        empty = path.stat().st_size == 0
+        size = path.stat().st_size
     except OSError as err:
         raise src.bad(f"cannot read the file: {err.strerror or err}") from None
-    if empty:
+    if size == 0:
         raise src.bad("file is empty; expected records")
+    budget = _parquet_budget(size)
     try:
-        table = pq.read_table(path)
-        rows = table.to_pylist()
+        with pq.ParquetFile(path) as footer:
+            meta = footer.metadata
+        _check_parquet_footer(meta, size, budget, src)
+        strings = [column.path for column in meta.schema
+                   if column.physical_type == "BYTE_ARRAY"]
+        rows, decoded = [], 0
+        with pq.ParquetFile(path, metadata=meta, read_dictionary=strings) as reader:
+            for table in _parquet_tables(reader, meta):
+                decoded += sum(_array_bytes(chunk) for column in table.columns
+                               for chunk in column.chunks)
+                if decoded > budget:
+                    raise _too_big(src, size, budget, "decodes to")
+                rows += _decoded(table).to_pylist()
+            columns = list(reader.schema_arrow.names)
     except (pa.ArrowException, OSError, ValueError, TypeError) as err:
         raise src.bad(f"cannot read as Parquet: {err}") from None
-    src.table = list(table.column_names)
+    src.table = columns
     return rows
+
+
+def _parquet_budget(file_size: int) -> int:
+    """Most decoded bytes a Parquet file of `file_size` bytes may hold: MAX_PARQUET_RATIO
+    times its size (at least PARQUET_RATIO_FLOOR_BYTES), at most MAX_DECODED_BYTES."""
+    return min(limits.MAX_DECODED_BYTES,
+               max(limits.PARQUET_RATIO_FLOOR_BYTES, limits.MAX_PARQUET_RATIO * file_size))
+
+
+def _too_big(src: _Source, file_size: int, budget: int, verb: str) -> BadInput:
+    if budget >= limits.MAX_DECODED_BYTES:
+        return src.bad(f"{verb} more than {budget / 2**20:,.0f} MB of data; the limit is "
+                       f"{limits.MAX_DECODED_BYTES / 2**20:,.0f} MB per file (split it into "
+                       "smaller files)")
+    return src.bad(f"{verb} more than {budget / 2**20:,.1f} MB from {file_size / 2**10:,.0f} KB "
+                   f"on disk, over {limits.MAX_PARQUET_RATIO} times its size: refused as a likely "
+                   "decompression bomb (text compresses about 3 to 10 times)")
+
+
+def _check_parquet_footer(meta, file_size: int, budget: int, src: _Source) -> None:
+    """Refuse from the footer alone: too many rows, or too much data after decompression
+    (total_byte_size is each row group's size uncompressed, before dictionary decoding)."""
+    if meta.num_rows > limits.MAX_TABLE_ROWS:
+        raise _too_many_rows(src, meta.num_rows)
+    uncompressed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if uncompressed > budget:
+        raise _too_big(src, file_size, budget, "decompresses to")
+
+
+def _row_group_runs(meta):
+    """Row-group numbers in runs of about _PARQUET_BATCH_ROWS rows, read together (one
+    read per row group would be slow on a file of many small ones)."""
+    run, rows = [], 0
+    for i in range(meta.num_row_groups):
+        run.append(i)
+        rows += meta.row_group(i).num_rows
+        if rows >= _PARQUET_BATCH_ROWS:
+            yield run
+            run, rows = [], 0
+    if run:
+        yield run
+
+
+def _parquet_tables(reader, meta):
+    """The file as Arrow tables of a run of row groups each."""
+    import pyarrow as pa
+    for groups in _row_group_runs(meta):
+        try:
+            yield reader.read_row_groups(groups)
+        except pa.ArrowNotImplementedError:
+            # Arrow cannot join the row groups' dictionaries under a nested column
+            # ("chunked array outputs"); one row group at a time it can.
+            for group in groups:
+                yield reader.read_row_group(group)
+
+
+def _dense_type(kind):
+    """`kind` with every dictionary type replaced by its value type."""
+    import pyarrow as pa
+    if pa.types.is_dictionary(kind):
+        return kind.value_type
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_dense_type(f.type)) for f in kind])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_dense_type(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_dense_type(kind.value_type)))
+    return kind
+
+
+def _decoded(table):
+    """The table with dictionary columns decoded: to_pylist() is several times faster
+    on plain strings than on dictionary arrays."""
+    import pyarrow as pa
+    schema = pa.schema([f.with_type(_dense_type(f.type)) for f in table.schema],
+                       metadata=table.schema.metadata)
+    try:
+        return table.cast(schema)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # an exotic nesting: read as is
+        return table
+
+
+def _array_bytes(array) -> int:
+    """Decoded size of one Arrow array, computed without decoding it: a dictionary
+    array's size is the sum of its values' lengths, looked up index by index."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        values = array.dictionary
+        if not (pa.types.is_string(values.type) or pa.types.is_binary(values.type)
+                or pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)):
+            return array.dictionary_decode().nbytes  # numbers: at most 8 bytes a value
+        lengths = pc.take(pc.binary_length(values), array.indices)
+        return (pc.sum(lengths).as_py() or 0) + array.indices.nbytes
+    if pa.types.is_struct(kind):
+        return sum(_array_bytes(child) for child in array.flatten())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind) \
+            or pa.types.is_fixed_size_list(kind):
+        return _array_bytes(array.flatten()) + 8 * len(array)  # values + offsets
+    return array.nbytes
 
 
 # --- format detection -----------------------------------------------------------
@@ -730,7 +933,11 @@ def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
                        f"{MAX_UPLOAD_BYTES / 2**20:,.0f} MB", file=str(src))
     records, source = _read_entry(Entry(src))  # validates every record before copying
     folder = data_dir(dataset_dir)
+    if paths.confined():  # written, so only inside the allowed roots (not the bundled data)
+        folder = paths.confine(folder, "dataset_dir")
     (folder / "uploads").mkdir(parents=True, exist_ok=True)
+    if paths.confined():  # an uploads/ that is a link out is refused too
+        paths.confine(folder / "uploads", "dataset_dir")
     with _registry_lock(folder):
         registry = read_registry(folder)
         wanted = _safe_name(name or src.stem)

@@ -50,7 +50,7 @@ def allowed_roots(extra: list[str] | None = None) -> list[Path]:
     roots = [root / "data", root / saves, cache_root()]
     roots += [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p]
     roots += list(extra or [])
-    return [Path(p).expanduser().resolve() for p in roots]
+    return list(dict.fromkeys(Path(p).expanduser().resolve() for p in roots))  # no repeats
 
 
 def confined() -> bool:

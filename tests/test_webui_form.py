@@ -13,7 +13,7 @@ import pytest
 
 from core import config as cfg
 from core.errors import BadInput
-from webui import configs, form, preview, train_tab
+from webui import configs, data_worker, form, train_tab
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_IDS = ["train-model", "train-dataset", "train-method", "train-epochs", "train-lr",
@@ -157,7 +157,7 @@ def test_the_page_server_imports_no_torch():
 def test_preview_marks_the_trained_tokens(demo_model_path):
     config = cfg.TrainConfig(model=str(demo_model_path), dataset=["identity"],
                              dataset_dir=str(REPO / "data"), identity_name="Zorblax")
-    answer = preview.preview(config, count=2)
+    answer = data_worker.preview(config, count=2)
     assert len(answer["examples"]) == 2
     first = answer["examples"][0]
     trained = "".join(text for text, is_trained in first["segments"] if is_trained)
@@ -172,7 +172,7 @@ def test_preview_marks_the_trained_tokens(demo_model_path):
 def test_preview_reports_bad_input_without_a_traceback(tmp_path):
     config = cfg.TrainConfig(dataset=[str(tmp_path / "missing.jsonl")])
     with pytest.raises(BadInput, match="missing.jsonl"):
-        preview.preview(config)
+        data_worker.preview(config)
 
 
 def test_exposing_the_app_requires_a_login(monkeypatch):

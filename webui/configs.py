@@ -37,22 +37,24 @@ def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
     if not _NAME.match(name):
         raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
                        f"starting with a letter or digit; got '{name}'")
-    folder = paths.confine(config_dir(saves_dir), "config folder")  # a link out is refused
+    # configs/ must resolve inside the saves folder: a link out of it is refused.
+    folder = paths.confine(config_dir(saves_dir), "config folder",
+                           roots=[Path(saves_dir).resolve()])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     runs.write_atomic(path, cfg.to_yaml(config))
     return path
 
 
-def load(path: str | Path, allowed: list[str] | None = None,
-         saves_dir: Path | None = None) -> cfg.TrainConfig:
+def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:
     """Read a config file for the form; `allowed` (when given) lists the paths it may be,
-    and those are read only where they resolve inside the configs and examples folders."""
+    and those are read only where they resolve inside the folders they are listed in."""
     if allowed is not None:
         if str(path) not in allowed:
             raise BadInput("not one of the listed config files", file=limits.quote(str(path)))
-        # Listed, but a listed name may be a symlink: its target must stay in those folders.
-        roots = [config_dir(saves_dir).resolve(), EXAMPLES.resolve()] if saves_dir else None
+        # Listed, but a listed name may be a symlink: its target must stay in the folders
+        # the listed files are in.
+        roots = list({Path(p).parent.resolve() for p in allowed})
         path = paths.confine(path, "config file", roots=roots, must_exist=True)
     return cfg.load(path)
 

@@ -339,8 +339,7 @@ class TrainTab:
             return gr.skip(), ""
         try:
             dataset_dir = dataset_dir or "data"
-            paths.confine(dataset_dir, "dataset_dir",
-                          roots=paths.allowed_roots() + [data.BUNDLED_DIR])
+            paths.confine(dataset_dir, "dataset_dir")  # where the upload will be written
             name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
             key = data_worker.register(file, dataset_dir, name or None)
         except BadInput as err:
@@ -376,7 +375,7 @@ class TrainTab:
         if not path:
             return [gr.skip()] * len(self.form.names) + ["Pick a config file first."]
         try:
-            config = configs.load(path, allowed, self.saves_dir)
+            config = configs.load(path, allowed)
         except BadInput as err:
             return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
         return self._form_values(config, f"Loaded {what}.")

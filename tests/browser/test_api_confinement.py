@@ -222,3 +222,43 @@ def test_no_endpoint_reads_or_writes_outside_the_roots(scene):
     assert snapshot(*watched) == before, "a file outside the roots appeared or changed"
     assert sorted(p.name for p in base.iterdir()) == siblings
     assert not (outside / "uploads").exists() and not (outside / ".launch.lock").exists()
+
+
+def test_the_page_refuses_each_finding_as_a_user_meets_it(scene, browser):
+    """The review's four cases, clicked through in Chromium: preview of an outside file, a
+    `~` dataset at Start, an upload into an outside folder, a symlinked run in saves/."""
+    from page_helpers import choose, fill, shot, status_text, table_rows, text_of, wait_until
+
+    server, base, outside = scene
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(server.url)
+    page.wait_for_selector("#train-start")
+    try:
+        assert "linked" not in [row[0] for row in table_rows(page)]  # the symlinked run
+        choose(page, "train-dataset", str(outside / "canary.jsonl"))
+        page.click("#train-data button")  # open the Data accordion
+        page.click("#train-preview-btn")
+        wait_until(lambda: "outside the allowed folders" in text_of(page, "train-preview-summary"),
+                   30, "the preview to refuse the outside file")
+        page.reload()  # a fresh form: the identity dataset, plus the ~ one
+        page.wait_for_selector("#train-start")
+        choose(page, "train-dataset", "~/canary.jsonl")
+        page.click("#train-start")
+        wait_until(lambda: "~/canary.jsonl" in status_text(page), 30, "Start to refuse ~")
+        assert "outside the allowed folders" in status_text(page)
+        page.click("#train-advanced button")
+        fill(page, "train-dataset-dir", str(outside / "registry"))
+        page.click("#train-data button")  # the reload folded the Data accordion again
+        innocent = base / "scratch" / "page-upload.jsonl"
+        innocent.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n")
+        page.set_input_files("#train-upload input[type=file]", str(innocent))
+        wait_until(lambda: "Not registered" in text_of(page, "train-upload-status"), 30,
+                   "the upload to be refused")
+        assert "outside" in text_of(page, "train-upload-status")
+        shot(page, "confinement-refusals")
+        assert TOKEN not in page.content()
+        assert not (outside / "registry").exists()
+    finally:
+        context.close()
