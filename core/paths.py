@@ -141,20 +141,48 @@ def guard_model(raw: str) -> str:
 
 
 def confine_config(config, saves_dir: Path | None = None) -> None:
-    """Gate every path a training config names, as the page does before Start or Preview.
+    """Gate every path a config names, as the page does before Start, Preview or Resume.
 
-    Registered dataset names resolve to their file, which is gated too. With
-    `saves_dir`, the run folder must lie inside it (page-started runs live there).
+    The schema marks path settings (`path=True` in core/config.py); each passes the gate.
+    A few need more than "inside the roots": the model may be 'demo' or a hub id, a
+    registered dataset name resolves to its file (which is gated), and with `saves_dir`
+    the run folder must lie inside it (page-started runs live there). A path setting
+    added later is gated by the default rule without anyone remembering to.
     """
-    from . import data
+    import dataclasses
 
-    confine(config.dataset_dir, "dataset_dir",
-            roots=allowed_roots() + [data.BUNDLED_DIR])
-    for name in config.dataset:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not f.metadata.get("path") or value in ("", None, True, False):
+            continue
+        special = _SPECIAL_PATHS.get(f.name)
+        if special is not None:
+            special(config, value, saves_dir)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                confine(item, f.name)
+
+
+def _confine_datasets(config, names: list[str], saves_dir) -> None:
+    from . import data
+    for name in names:
         data.resolve(name, config.dataset_dir, confine=True)
-    confine_model(config.model)
-    if config.output_dir:
-        roots = [Path(saves_dir).resolve()] if saves_dir is not None else None
-        confine(config.output_dir, "output_dir", roots=roots)
-    if isinstance(config.resume, str) and config.resume:
-        confine(config.resume, "resume", must_exist=True)
+
+
+def _confine_dataset_dir(config, folder: str, saves_dir) -> None:
+    from . import data
+    confine(folder, "dataset_dir", roots=allowed_roots() + [data.BUNDLED_DIR])
+
+
+def _confine_output_dir(config, folder: str, saves_dir) -> None:
+    roots = [Path(saves_dir).resolve()] if saves_dir is not None else None
+    confine(folder, "output_dir", roots=roots)
+
+
+_SPECIAL_PATHS = {
+    "model": lambda config, value, saves_dir: confine_model(value),
+    "dataset": _confine_datasets,
+    "dataset_dir": _confine_dataset_dir,
+    "output_dir": _confine_output_dir,
+    "resume": lambda config, value, saves_dir: confine(value, "resume", must_exist=True),
+}

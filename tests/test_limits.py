@@ -462,3 +462,11 @@ def test_ordinary_text_files_still_register(tmp_path):
     for name in ("ok", "ok-2"):
         records, _ = data.read_dataset(name, folder)
         assert len(records) == 2000 and records[-1]["messages"][1]["content"] == "a1999"
+
+
+def test_the_readme_states_every_limit_with_its_value():
+    """The Security section's table is the documentation of the limits: keep it true."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name, description in limits.describe_limits():
+        value, what = description.split(": ", 1)
+        assert f"| `{name}` | {value} | {what} |" in readme, name

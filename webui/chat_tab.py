@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import paths, runs
+from core import limits, paths, runs
 from core.chat import (DEFAULT_PROBES, GenSettings, base_model_of, build_messages, probes_path,
                        save_probes)
 from core.chat_worker import ChatWorker, WorkerError
@@ -225,7 +225,12 @@ class ChatTab:
         if not prompt:
             yield hist_after, hist_before, hist_after, hist_before, "", ""
             return
-        gen = _settings(*settings)
+        try:
+            gen = _settings(*settings)
+            limits.check_text(prompt, "message", limits.MAX_MESSAGE_CHARS, multiline=True)
+        except BadInput as err:
+            yield hist_after, hist_before, hist_after, hist_before, "", f"**Not sent.** {err}"
+            return
         views = {"after": list(hist_after), "before": list(hist_before)}
         sides = ["after"]
         if compare and (WORKER.info or {}).get("checkpoint"):
@@ -259,11 +264,17 @@ class ChatTab:
     def do_probes(self, text: str, *settings):
         """Each probe prompt, single-turn, on both sides; the table is saved next to the
         checkpoint."""
+        try:
+            limits.check_text(text or "", "probe prompts", limits.MAX_MESSAGE_CHARS,
+                              multiline=True)
+            gen = _settings(*settings)
+        except BadInput as err:
+            yield [], f"**Not run.** {err}"
+            return
         prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if not prompts:
             yield [], "Enter at least one probe prompt."
             return
-        gen = _settings(*settings)
         info = WORKER.info or {}
         rows = []
         for i, prompt in enumerate(prompts, start=1):
@@ -288,7 +299,9 @@ class ChatTab:
 
 
 def _settings(system, temperature, top_p, max_new, seed) -> GenSettings:
-    return GenSettings(system=system or "", temperature=float(temperature or 0),
+    system = limits.check_text(system or "", "system prompt", limits.MAX_MESSAGE_CHARS,
+                               multiline=True)
+    return GenSettings(system=system, temperature=float(temperature or 0),
                        top_p=float(top_p or 1.0), max_new_tokens=int(max_new or 256),
                        seed=int(seed if seed is not None else 42))
 

@@ -16,7 +16,7 @@ from core import cli as core_cli
 def _webui(args) -> int:
     import os
 
-    from core.paths import CONFINE_ENV, ENV_ROOTS, SAVES_ENV
+    from core.paths import ENV_ROOTS, SAVES_ENV, confinement_env
 
     if args.saves_dir:
         os.environ[SAVES_ENV] = args.saves_dir
@@ -26,7 +26,9 @@ def _webui(args) -> int:
             [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p] + extra)
     # From here on, this server and every job it starts (trainer, preview, chat worker,
     # export) pass each path through the gate in core/paths.py.
-    os.environ[CONFINE_ENV] = "1"
+    # The roots are written out absolute, so a job started in another working folder (the
+    # chat worker runs from the package's folder) is confined to this server's folders.
+    os.environ.update(confinement_env())
     from . import app
     return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share)
 

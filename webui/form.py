@@ -95,7 +95,9 @@ def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str]) ->
         # No minimum/maximum on the widget: out-of-range values reach from_mapping,
         # which names the field and the range in the same words as the CLI.
         return gr.Number(value=value, step=_number_step(f), **common)
-    return gr.Textbox(value=value, max_lines=1, scale=2 if f.name == "model" else 1, **common)
+    # The browser stops typing at the documented maximum; the server checks it regardless.
+    return gr.Textbox(value=value, max_lines=1, scale=2 if f.name == "model" else 1,
+                      max_length=meta["max_len"], **common)
 
 
 @dataclasses.dataclass
