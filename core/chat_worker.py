@@ -34,6 +34,10 @@ from .errors import BadInput
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding the core package
 
 
+LOAD_WAIT_S = 600     # a message waits this long for a load in progress (a hub model is slow)
+LOAD_GRACE_S = 1.5    # ... and this long for a load whose button was just pressed
+
+
 class WorkerError(Exception):
     """The worker reported a failure (out of memory, a crash); the message is for people."""
 
@@ -55,6 +59,7 @@ class ChatWorker:
         self._ids = itertools.count(1)
         self._busy = threading.Lock()
         self._write = threading.Lock()
+        self._loading = threading.Event()      # set from Load's press until the load ends
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
 
     @property
@@ -113,14 +118,36 @@ class ChatWorker:
             if event["event"] in ("loaded", "done"):
                 return
 
-    def _acquire(self) -> None:
-        if not self._busy.acquire(timeout=1.0):
+    def _acquire(self, timeout: float = 1.0) -> None:
+        if not self._busy.acquire(timeout=timeout):
             raise BadInput("the chat model is busy (loading or answering); wait for it to finish")
+
+    def expect_load(self) -> None:
+        """Load was pressed: a message sent from now on waits for the load to finish."""
+        self._loading.set()
+
+    def load_abandoned(self) -> None:
+        """The load that was expected will not happen (its input was refused)."""
+        if self._busy.acquire(blocking=False):  # not mid-load
+            self._loading.clear()
+            self._busy.release()
+
+    def _wait_for_load(self) -> float:
+        """How long to wait for the model lock: a load in progress (or just requested) is
+        waited for, so a message sent right after Load is answered, not refused."""
+        if self.info is None and not self._loading.is_set():
+            self._loading.wait(LOAD_GRACE_S)  # Load's handler may start a moment after ours
+        return LOAD_WAIT_S if self._loading.is_set() else 1.0
 
     def load(self, model: str, checkpoint: str | None = None,
              trust_remote_code: bool = False) -> Iterator[dict]:
         """Start a fresh worker and load into it; yields progress events, then 'loaded'."""
-        self._acquire()
+        self._loading.set()
+        try:
+            self._acquire(LOAD_WAIT_S)
+        except BadInput:
+            self._loading.clear()
+            raise
         try:
             self._stop()
             self._start()
@@ -136,16 +163,18 @@ class ChatWorker:
                 self._stop()  # a failed load leaves nothing running
             raise
         finally:
+            self._loading.clear()
             self._busy.release()
 
     def generate(self, messages: list[dict], settings: dict, side: str = "after",
                  stats: dict | None = None) -> Iterator[str]:
         """Stream a reply as text pieces; `stats` (if given) receives the final figures."""
-        if not self.alive or self.info is None:
-            raise BadInput("no model loaded: pick a model and press Load first")
-        self._acquire()
+        self._acquire(self._wait_for_load())
         finished = False
         try:
+            if not self.alive or self.info is None:
+                finished = True
+                raise BadInput("no model loaded: pick a model and press Load first")
             request_id = next(self._ids)
             self._send({"id": request_id, "op": "generate", "messages": messages,
                         "settings": settings, "side": side})
@@ -194,7 +223,8 @@ class ChatWorker:
 # --- worker side ----------------------------------------------------------------
 
 def _handle(engine, request: dict, emit) -> None:
-    from .chat import GenSettings, oom_message
+    from .chat import oom_message
+    from .config import gen_config
     from .memory import is_out_of_memory
 
     request_id = request.get("id")
@@ -207,7 +237,7 @@ def _handle(engine, request: dict, emit) -> None:
                                                         fraction=fraction))
             emit(request_id, "loaded", info=asdict(loaded), text=loaded.describe())
         elif op == "generate":
-            settings = GenSettings(**request.get("settings", {}))
+            settings = gen_config(request.get("settings", {}), source="the chat settings")
             for piece in engine.stream(request["messages"], settings, request.get("side", "after")):
                 emit(request_id, "piece", text=piece)
             stats = engine.stats

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import config as cfg
+from . import schema
 from .errors import BadInput
 
 
@@ -24,14 +26,17 @@ def _train(args) -> int:
 
 def _chat(args) -> int:
     from . import chat
-    return chat.terminal_chat(args.model, args.adapter, system=args.system,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    settings = cfg.gen_config(schema.from_flags(args, cfg.GenConfig), source="the command line")
+    return chat.terminal_chat(args.model, args.adapter, settings)
 
 
 def _export(args) -> int:
     from . import export
-    return export.main(args.model, args.adapter, args.out, shard_size=args.shard_size,
-                       dtype=args.dtype, verify=not args.no_verify, overwrite=args.overwrite)
+    settings = cfg.export_config(schema.from_flags(args, cfg.ExportConfig),
+                                 source="the command line")
+    return export.main(args.model, args.adapter, args.out, shard_size=settings.shard_size,
+                       dtype=settings.dtype, verify=not args.no_verify,
+                       overwrite=args.overwrite)
 
 
 def _demo_model(args) -> int:
@@ -51,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunebench", description="Fine-tune language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train in the foreground (what the Train tab starts)")
+    p = sub.add_parser(
+        "train", help="train in the foreground (what the Train tab starts)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Each value is resolved in this order, each overriding the one before: "
+                    "the schema default, the model's recommended settings "
+                    f"({cfg.RECOMMENDED_FILE} beside its config.json), the YAML file, then "
+                    "KEY=VALUE.",
+        epilog=schema.help_text(cfg.TrainConfig, cfg.GROUPS))
     p.add_argument("config", nargs="?", help="config YAML (omit to use every default)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
     p.set_defaults(func=_train)
@@ -59,17 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat in the terminal, streaming the reply")
     p.add_argument("--model", required=True, help="model folder, hub id or 'demo'")
     p.add_argument("--adapter", help="LoRA adapter or checkpoint folder")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    schema.add_flags(p, cfg.GenConfig)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("export", help="write a merged, size-sharded safetensors model")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
     p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", default="2GB")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    schema.add_flags(p, cfg.ExportConfig)
     p.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export in --out (never any other folder)")

@@ -12,47 +12,25 @@ raised before a model is loaded.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import device, limits
-from .errors import BadInput, Problems
+from . import device, limits, schema
+from .errors import BadInput  # noqa: F401 - callers catch config problems as cfg's
+# Re-exported: callers read and write training configs through this module.
+from .schema import (changed, format_value, parse_overrides, read_yaml,  # noqa: F401
+                     setting, to_dict, to_yaml)
 
 GROUPS = ("model", "data", "method", "training", "run")
-METHODS = ("lora", "qlora", "dora", "full", "freeze")
+METHODS = ("lora", "qlora", "dora", "oft", "full", "freeze")
+# The methods that take the LoRA settings (rank, alpha, target, rsLoRA, PiSSA, LoRA+).
 LORA_FAMILY = ("lora", "qlora", "dora")
+# The methods that train a PEFT adapter: their final/ and checkpoint-N/ are adapter folders
+# (adapter_config.json) that load on the unmodified base model.
+ADAPTER_METHODS = LORA_FAMILY + ("oft",)
 DEMO_MODEL = "demo"
-
-
-def setting(default: Any, help: str, group: str, *, min: float | None = None,
-            max: float | None = None, choices: tuple | None = None, advanced: bool = False,
-            methods: tuple[str, ...] | None = None, widget: str | None = None,
-            max_len: int | None = None, path: bool = False) -> Any:
-    """A dataclass field with the metadata every front end reads.
-
-    `methods` limits a setting to some tuning methods (the form hides it otherwise);
-    `advanced` folds it away in the form; `widget` overrides the widget guessed
-    from the type ("slider", "textbox", ...). Text is at most `max_len` characters
-    (each entry, for a list); a `path` setting is at most `limits.MAX_PATH_BYTES`
-    bytes, with no file or folder name over the file system's limit. Text settings
-    without a `max_len` get `limits.MAX_SETTING_CHARS`.
-    """
-    assert group in GROUPS, group
-    if path:
-        max_len = limits.MAX_PATH_BYTES
-    elif max_len is None and isinstance(default, (str, list)):
-        max_len = limits.MAX_SETTING_CHARS
-    meta = dict(help=help, group=group, min=min, max=max, choices=choices,
-                advanced=advanced, methods=methods, widget=widget, max_len=max_len, path=path)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -102,8 +80,9 @@ class TrainConfig:
     stage: str = setting("sft", "sft: supervised chat fine-tuning. pt: plain-text pre-training.",
                          "method", choices=("sft", "pt"))
     method: str = setting("lora", "lora/dora: small adapters; qlora: adapters on a 4- or 8-bit "
-                          "base; full: every weight; freeze: only the last layers.", "method",
-                          choices=METHODS)
+                          "base; oft: an adapter that rotates each layer's weights (orthogonal "
+                          "fine-tuning); full: every weight; freeze: only the last layers.",
+                          "method", choices=METHODS)
     lora_rank: int = setting(32, "Adapter rank. Higher learns more and uses more memory.", "method",
                              min=1, max=1024, methods=LORA_FAMILY)
     lora_alpha: int = setting(64, "Adapter scale numerator; alpha/rank scales the update.",
@@ -114,10 +93,32 @@ class TrainConfig:
                                "comma-separated list such as q_proj,v_proj.", "method",
                                methods=LORA_FAMILY, advanced=True,
                                max_len=limits.MAX_LORA_TARGET_CHARS)
+    use_rslora: bool = setting(
+        False, "rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank, so high ranks "
+        "keep learning. With the same alpha the update is sqrt(rank) times larger: lower "
+        "lora_alpha or learning_rate to match.", "method", methods=LORA_FAMILY, advanced=True)
+    lora_init: str = setting(
+        "default", "Adapter start. default: B = 0, training starts from the base model. pissa: "
+        "start from the weights' top singular directions (often converges faster), found by a "
+        "16-iteration fast SVD: seconds on a 7B model, where an exact SVD takes minutes, and "
+        "about as good. Saved adapters are converted to plain LoRA (twice the rank) that loads "
+        "on the original base. Not with qlora or dora.", "method", choices=("default", "pissa"),
+        methods=LORA_FAMILY, advanced=True)
+    loraplus_lr_ratio: float = setting(
+        0.0, "LoRA+: the B matrices (and DoRA's magnitudes) learn at learning_rate x this "
+        "ratio, the A matrices at learning_rate (0 = off; the paper suggests 16, often with a "
+        "lower learning_rate). Uses the optimizer chosen in optim; the schedule scales both "
+        "rates alike.", "method",
+        min=0.0, max=1000.0, methods=LORA_FAMILY, advanced=True)
     quant_bits: int = setting(4, "Bits of the quantized base model for QLoRA.", "method",
                               choices=(4, 8), methods=("qlora",))
     freeze_layers: int = setting(2, "Train only this many last transformer layers (and the "
                                  "output head).", "method", min=1, max=1024, methods=("freeze",))
+    oft_block_size: int = setting(
+        32, "OFT block size: each layer's input is rotated in blocks of this many dimensions. "
+        "Bigger learns more and trains about in_features x (size - 1) / 2 parameters per "
+        "layer; rounded to a divisor of each layer's width.", "method", min=2, max=1024,
+        methods=("oft",))
 
     # --- training --------------------------------------------------------------
     epochs: float = setting(3.0, "Passes over the data.", "training", min=0.01, max=1000)
@@ -171,362 +172,191 @@ class TrainConfig:
                                  "resumes from that checkpoint.", "run", advanced=True, path=True)
 
 
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
+@dataclass
+class GenConfig:
+    """How replies are generated: the Chat tab, `tunebench chat`, and later evaluation and
+    serving all read these, so one prompt gets the same reply everywhere."""
+    system: str = setting(
+        "", "System prompt: instructions given before the conversation (empty = none).",
+        "generation", max_len=limits.MAX_MESSAGE_CHARS, multiline=True, flag="--system")
+    temperature: float = setting(
+        0.0, "Randomness of sampling. 0 = greedy: always the most likely token, so a reply "
+        "repeats exactly.", "generation", min=0.0, max=2.0, widget="slider",
+        flag="--temperature")
+    top_p: float = setting(
+        1.0, "Sample only from the most likely tokens whose probabilities add up to this "
+        "(1 = all). Used when temperature > 0.", "generation", min=0.01, max=1.0,
+        widget="slider", flag="--top-p")
+    top_k: int = setting(
+        0, "Sample only from this many most likely tokens (0 = no limit). Used when "
+        "temperature > 0.", "generation", min=0, max=1000, flag="--top-k")
+    max_new_tokens: int = setting(
+        256, "Longest reply in tokens; a reply that reaches it stops with reason 'length'.",
+        "generation", min=1, max=8192, widget="slider", flag="--max-new-tokens")
+    repetition_penalty: float = setting(
+        1.0, "Penalty on tokens already in the conversation (1 = none; 1.1 to 1.3 curbs "
+        "loops).", "generation", min=1.0, max=2.0, widget="slider",
+        flag="--repetition-penalty")
+    seed: int = setting(42, "Random seed, set before each reply (both sides of a comparison "
+                        "use it), so sampled replies can be repeated.", "generation", min=0,
+                        max=2**31 - 1, flag="--seed")
+
+
+EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
+EXPORT_FORMATS = ("safetensors",)
+
+
+@dataclass
+class ExportConfig:
+    """How a checkpoint is written for other tools: the Export tab and `tunebench export`."""
+    format: str = setting("safetensors", "File format: merged, size-sharded safetensors that "
+                          "transformers, vLLM and others load.", "export",
+                          choices=EXPORT_FORMATS, flag="--format")
+    shard_size: str = setting("2GB", "Largest file of the export, e.g. 500MB, 2GB or 1GiB.",
+                              "export", max_len=32, flag="--shard-size")
+    dtype: str = setting("auto", "Precision of the written weights. auto keeps the dtype the "
+                         "weights are stored in.", "export", choices=EXPORT_DTYPES,
+                         flag="--dtype")
+
+
+def gen_config(raw: dict, source: str | None = None) -> GenConfig:
+    """Generation settings from a plain mapping (YAML, flags, the Chat tab's widgets)."""
+    return schema.build(GenConfig, raw, source)
+
+
+def export_config(raw: dict, source: str | None = None) -> ExportConfig:
+    """Export settings from a plain mapping; the shard size must parse."""
+    return schema.build(ExportConfig, raw, source, _export_problems)
+
+
+def _export_problems(config: ExportConfig) -> list[str]:
+    from .export import parse_size  # no torch at import
+    try:
+        parse_size(config.shard_size)
+    except BadInput as err:
+        return [f"shard_size: {err.what}"]
+    return []
+
+
+FIELDS: dict[str, dataclasses.Field] = schema.fields(TrainConfig)
 
 
 def fields_in(group: str) -> list[dataclasses.Field]:
     """The fields of one group, in declaration order (the order of the form)."""
-    return [f for f in FIELDS.values() if f.metadata["group"] == group]
+    return schema.fields_in(TrainConfig, group)
 
 
 def default_value(name: str) -> Any:
-    f = FIELDS[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-# --- coercion: one raw value -> the field's type --------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _to_bool(raw: Any, name: str = "") -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-        return raw.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
-
-
-def _to_int(raw: Any, name: str = "") -> int:
-    if isinstance(raw, bool):
-        raise ValueError("expected a whole number")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            pass
-    raise ValueError("expected a whole number")
-
-
-def _to_float(raw: Any, name: str = "") -> float:
-    if isinstance(raw, bool):
-        raise ValueError("expected a number")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    except OverflowError:  # an integer with hundreds of digits
-        raise ValueError("expected a finite number") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("expected a finite number")
-    return value
-
-
-def _vet(name: str, text: str) -> str:
-    """Refuse text the setting `name` cannot take (too long, control characters, lone
-    surrogates, a path the file system would refuse) with a BadInput naming it."""
-    meta = FIELDS[name].metadata
-    if meta["path"]:
-        return limits.check_path_text(text, name, meta["max_len"])
-    return limits.check_text(text, name, meta["max_len"] or limits.MAX_SETTING_CHARS)
-
-
-def _to_str(raw: Any, name: str) -> str:
-    if isinstance(raw, (dict, list)) or raw is None:
-        raise ValueError("expected text")
-    return _vet(name, str(raw).strip())
-
-
-def _to_str_list(raw: Any, name: str) -> list[str]:
-    most = limits.MAX_LIST_ITEMS
-    if isinstance(raw, str):
-        parts = raw.split(",", most)  # never more than one piece past the limit
-        if len(parts) > most:
-            raise ValueError(f"more than {most} entries; the limit is {most}")
-        items = [_vet(name, part.strip()) for part in parts]
-    elif isinstance(raw, list):
-        if len(raw) > most:
-            raise ValueError(f"{len(raw):,} entries; the limit is {most}")
-        items = [_to_str(item, name) for item in raw]
-    else:
-        raise ValueError("expected a list of names or paths")
-    items = [item for item in items if item]
-    if not items:
-        raise ValueError("expected at least one entry")
-    return items
-
-
-def _to_bool_or_path(raw: Any, name: str) -> bool | str:
-    try:
-        return _to_bool(raw)
-    except ValueError:
-        return _to_str(raw, name)
-
-
-# Each converter takes (raw value, setting name); only the text ones use the name,
-# to look up the setting's length limit and to name it when refusing.
-_COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
-           list[str]: _to_str_list, bool | str: _to_bool_or_path}
+    return schema.default_value(TrainConfig, name)
 
 
 def coerce(name: str, raw: Any) -> Any:
-    """Convert one raw value (from YAML, the CLI or the form) to the field's type.
-
-    Raises ValueError with a short reason, to which the caller adds the key name and
-    the value; or, for text the setting cannot take, BadInput naming the key and
-    quoting the value (`limits.check_text`).
-    """
-    meta = FIELDS[name].metadata
-    value = _COERCE[_TYPES[name]](raw, name)
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise ValueError("expected one of " + ", ".join(map(str, meta["choices"])))
-    if meta["min"] is not None and value < meta["min"]:
-        raise ValueError(f"must be at least {meta['min']:g}")
-    if meta["max"] is not None and value > meta["max"]:
-        raise ValueError(f"must be at most {meta['max']:g}")
-    return value
-
-
-def _unknown_key(key: Any, suggest: bool = True) -> str:
-    """"unknown key 'x'", with the closest setting name when one is near."""
-    text = key if isinstance(key, str) else limits.quote(key, 64)
-    # difflib is quadratic in the key's length: only look for short, plausible keys
-    close = difflib.get_close_matches(text, FIELDS, n=1) if suggest and len(text) <= 64 else []
-    return f"unknown key {limits.quote(text, 64)}" + (
-        f" (did you mean '{close[0]}'?)" if close else "")
-
-
-def _capped(problems: list[str]) -> list[str]:
-    """The first MAX_REPORTED_PROBLEMS problems, and a count of the rest."""
-    most = limits.MAX_REPORTED_PROBLEMS
-    if len(problems) <= most:
-        return problems
-    return problems[:most] + [f"... and {len(problems) - most:,} more problems"]
+    """One raw value (YAML, the CLI or the form) -> the training setting's type."""
+    return schema.coerce(TrainConfig, name, raw)
 
 
 def from_mapping(raw: dict, source: str | None = None) -> TrainConfig:
-    """Build a config from a plain mapping, collecting every problem before failing."""
-    if not isinstance(raw, dict):
-        raise BadInput("expected a mapping of key: value", file=source)
-    problems, values = [], {}
-    for key, value in raw.items():
-        if key not in FIELDS:
-            problems.append(_unknown_key(key, suggest=len(problems) < limits.MAX_REPORTED_PROBLEMS))
-            continue
+    """A training config from a plain mapping, collecting every problem before failing."""
+    return schema.build(TrainConfig, raw, source, validate)
+
+
+# --- resolving a training config: schema, model, YAML, command line -------------------
+
+RECOMMENDED_FILE = "recommended_training.json"   # beside config.json, like generation_config.json
+LAYERS = ("schema", "model", "yaml", "command line")
+
+
+@dataclass
+class Resolved:
+    """A training config and, for each setting, the layer its value came from."""
+    config: TrainConfig
+    sources: dict[str, str]
+
+    def from_layer(self, layer: str) -> dict[str, Any]:
+        return {k: getattr(self.config, k) for k, v in self.sources.items() if v == layer}
+
+
+def recommendations(model: str, stage: str = "sft", method: str = "lora") -> dict[str, Any]:
+    """The settings a model folder recommends for `stage` and `method` ({} when none).
+
+    The file maps stage -> method -> settings, with "*" for every method of a stage:
+    {"sft": {"*": {...}, "lora": {...}}}. The demo model carries its measured values (named
+    as 'demo', they come from its recipe, which writes the same file into its folder).
+    A hub id (or a folder without the file) keeps the schema defaults.
+    """
+    from . import demo_model
+    if model == DEMO_MODEL:  # the recipe's table: the copy in its folder is written from it
+        table = demo_model.RECOMMENDED
+    else:
+        path = Path(model).expanduser() / RECOMMENDED_FILE
         try:
-            values[key] = coerce(key, value)
-        except BadInput as err:  # already names the problem and quotes the value
-            problems.append(f"{key}: {err.what}")
-        except ValueError as err:
-            problems.append(f"{key}: {err} (got {limits.quote(value)})")
-    if problems:
-        raise Problems(_capped(problems), file=source)
-    config = TrainConfig(**values)
-    problems = validate(config)
-    if problems:
-        raise Problems(problems, file=source)
-    return config
+            table = _read_recommendations(path) if path.is_file() else {}
+        except OSError:
+            table = {}
+    per_stage = table.get(stage) or {}
+    return {**(per_stage.get("*") or {}), **(per_stage.get(method) or {})}
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    """KEY=VALUE strings from the command line -> a mapping of raw strings."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"expected KEY=VALUE, got {limits.quote(pair)}")
-        out[key.strip()] = value
-    return out
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader (never constructs Python objects), which also refuses a
-    document that costs far more than its size: values longer than any setting, and
-    aliases that expand past MAX_YAML_NODES values ("billion laughs"). Both are found
-    on the composed node graph, which stays small because an alias shares its node,
-    before a single Python object is built."""
-
-    def get_single_data(self) -> Any:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node)
-        return self.construct_document(node)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Refuse a node graph that expands to more than MAX_YAML_NODES values.
-
-    Iterative depth-first walk (a deeply nested file must not exhaust the stack);
-    each distinct node's expanded size is computed once (memoised by id), so the
-    walk costs the graph's size, not the expansion's.
-    """
-    most = limits.MAX_YAML_NODES
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()  # the nodes being expanded: meeting one again is a cycle
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        if done:
-            on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
-            if sizes[key] > most or len(sizes) > most:
-                raise _too_big(len(sizes) > most, node)
-            continue
-        if key in sizes:
-            continue
-        if key in on_path:
-            raise BadInput("a YAML alias (*name) refers to a value that contains it; write the "
-                           "values out")
-        if isinstance(node, yaml.ScalarNode) and len(node.value) > limits.MAX_YAML_SCALAR_CHARS:
-            raise BadInput(f"the value at line {node.start_mark.line + 1} is "
-                           f"{len(node.value):,} characters long; the limit is "
-                           f"{limits.MAX_YAML_SCALAR_CHARS:,}")
-        on_path.add(key)
-        stack.append((node, True))
-        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
-
-
-def _too_big(distinct: bool, node: yaml.Node) -> BadInput:
-    most = limits.MAX_YAML_NODES
-    if distinct:
-        return BadInput(f"config has more than {most:,} values; a config needs about a hundred")
-    return BadInput(f"config expands to more than {most:,} values through YAML aliases "
-                    "(&anchor/*alias); write the values out")
-
-
-def _short(text: str) -> str:
-    """One line of at most MAX_QUOTE_CHARS characters (YAML's messages quote the input)."""
-    text = " ".join(str(text).split())
-    most = limits.MAX_QUOTE_CHARS
-    return text if len(text) <= most else text[:most] + "…"
-
-
-def _yaml_error(err: yaml.YAMLError) -> str:
-    """A short "invalid YAML" message: where, and what PyYAML found, without its
-    multi-line snippet of the file."""
-    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
-        mark = err.problem_mark
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        context = f"{_short(err.context)}: " if err.context else ""
-        return f"invalid YAML{where}: {context}{_short(err.problem)}"
-    return f"invalid YAML: {_short(str(err))}"
-
-
-def _read_config_text(path: Path) -> str:
-    """The file's text, refusing one larger than MAX_CONFIG_BYTES before reading it."""
-    most = limits.MAX_CONFIG_BYTES
+def _read_recommendations(path: Path) -> dict:
+    import json
     try:
-        size = path.stat().st_size
-        if size > most:
-            raise BadInput(f"config file is {size:,} bytes; the limit is {most:,} "
-                           "(a config is a few KB)", file=str(path))
-        with path.open("rb") as handle:
-            data = handle.read(most + 1)  # bounded even if the file grows meanwhile
-    except FileNotFoundError:
-        raise BadInput("config file not found", file=str(path)) from None
-    except IsADirectoryError as err:
-        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
-    except (OSError, ValueError) as err:  # no permission, a NUL in the name
-        raise BadInput(f"cannot read config: {getattr(err, 'strerror', None) or err}",
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BadInput(f"cannot read the model's recommended settings: {err}",
                        file=str(path)) from None
-    if len(data) > most:
-        raise BadInput(f"config file is over {most:,} bytes (a config is a few KB)",
-                       file=str(path))
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise BadInput("expected {stage: {method or '*': {setting: value}}}", file=str(path))
+    return table
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML config file -> its mapping ({} for an empty file)."""
-    path = Path(path)
-    text = _read_config_text(path)
-    try:
-        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise BadInput(_yaml_error(err), file=str(path)) from None
-    except BadInput as err:
-        raise BadInput(err.what, file=str(path)) from None
-    except RecursionError:
-        raise BadInput("invalid YAML: nested too deeply", file=str(path)) from None
-    except ValueError as err:  # e.g. an integer with more digits than Python converts
-        raise BadInput(f"invalid YAML: {_short(str(err))}", file=str(path)) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise BadInput("expected a mapping of key: value at the top level", file=str(path))
-    return raw
+def resolve(yaml_raw: dict | None = None, overrides: dict | None = None,
+            source: str | None = None) -> Resolved:
+    """Layer the settings, each layer overriding the ones before it: the schema default,
+    the model's recommendation (for the stage and method in force), the YAML file, then
+    KEY=VALUE (or the form). Every problem is reported before any model loads."""
+    yaml_raw, overrides = dict(yaml_raw or {}), dict(overrides or {})
+    chosen = {**yaml_raw, **overrides}
+    picked = schema.build(TrainConfig, {k: chosen[k] for k in ("model", "stage", "method")
+                                        if k in chosen}, source)
+    recommended = recommendations(picked.model, picked.stage, picked.method)
+    where = f"{picked.model} ({RECOMMENDED_FILE})"
+    unknown = [k for k in recommended if k not in FIELDS or k in ("model", "stage", "method")]
+    if unknown:
+        raise BadInput(f"recommends settings that are not training settings: "
+                       f"{', '.join(map(str, unknown))}", file=where)
+    config = from_mapping({**recommended, **yaml_raw, **overrides}, source)
+    sources = {name: "schema" for name in FIELDS}
+    for layer, raw in zip(LAYERS[1:], (recommended, yaml_raw, overrides)):
+        sources.update({k: layer for k in raw})
+    return Resolved(config, sources)
 
 
-def quickstart_values() -> dict:
-    """The first job: the demo model learns an identity in about a minute on a CPU.
-
-    The web form opens with these, and `tunebench train` without a config file uses
-    them. They layer on the schema defaults, which stay right for real models
-    (a tiny model needs a far higher learning rate and more epochs than a 7B one).
-    """
-    from .demo_model import RECOMMENDED_FINETUNE  # measured in core/demo_model.py
-
-    return {"model": DEMO_MODEL, "dataset": ["identity"], **RECOMMENDED_FINETUNE}
-
-
-def quickstart() -> TrainConfig:
-    return from_mapping(quickstart_values())
+def load_resolved(path: str | Path | None = None,
+                  overrides: list[str] | None = None) -> Resolved:
+    """The CLI's path: the YAML file (optional) and KEY=VALUE overrides, resolved."""
+    raw = read_yaml(path) if path else {}
+    return resolve(raw, parse_overrides(overrides or []), source=str(path) if path else None)
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The CLI's path: YAML file (or, without one, the quick-start job), then KEY=VALUE
-    overrides on top."""
-    raw = read_yaml(path) if path else quickstart_values()
-    raw.update(parse_overrides(overrides or []))
-    return from_mapping(raw, source=str(path) if path else None)
+    """`load_resolved`, keeping only the config."""
+    return load_resolved(path, overrides).config
 
 
-def to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def to_yaml(config: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-
-
-def changed(config: TrainConfig) -> dict:
-    """Only the settings that differ from their defaults (what a command line needs)."""
-    return {k: v for k, v in to_dict(config).items() if v != default_value(k)}
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(value)
-    return str(value)
+def first_job() -> TrainConfig:
+    """What the form opens with and Reset returns to: the demo model with its recommended
+    settings (the same as a config that names only `model: demo`)."""
+    return resolve().config
 
 
 # --- cross-field rules: the one place they live ---------------------------------
 
-def validate(config: TrainConfig, total_steps: int | None = None) -> list[str]:
+def validate(config: TrainConfig) -> list[str]:
     """Every rule that spans several settings or the machine. Empty list = fine.
 
     Shared by the CLI and the UI so both refuse the same things with the same words.
-    `total_steps` is known only after the data is read; rules needing it run then.
+    (A save_steps beyond the run's length is no problem: it is how one asks for only the
+    final model, and the trainer says so in the log.)
     """
     problems = []
     if config.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
@@ -543,14 +373,35 @@ def validate(config: TrainConfig, total_steps: int | None = None) -> list[str]:
     problems += _precision_problems(config)
     problems += _distributed_problems(config)
     problems += _booster_problems(config)
-    if total_steps is not None and config.save_steps > total_steps:
-        problems.append(f"save_steps: {config.save_steps} exceeds the run's {total_steps} "
-                        "total steps, so no checkpoint would be saved")
+    problems += _adapter_problems(config)
     return problems
 
 
 def _is_safe_name(name: str) -> bool:
     return all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
+def _adapter_problems(config: TrainConfig) -> list[str]:
+    """PiSSA where its saved adapter could not be converted back to plain LoRA.
+
+    Only the LoRA methods read lora_init; other methods ignore it (the form hides it).
+    """
+    if config.method not in LORA_FAMILY or config.lora_init != "pissa":
+        return []
+    if config.method == "qlora":
+        # PEFT computes PiSSA's SVD on full-precision weights and then changes them; on a
+        # quantized base it refuses, and re-quantizing the residual would change the base.
+        return ["lora_init: pissa needs a full-precision base model; with method qlora use "
+                "lora_init: default, or method lora"]
+    if config.method == "dora":
+        # Measured: DoRA's magnitude is tied to the residual weights, so the converted
+        # adapter gives different outputs on the original base (logits off by ~0.1).
+        return ["lora_init: pissa adapters cannot be converted to load on the original base "
+                "with method dora; use method lora, or lora_init: default"]
+    if config.num_devices > 1 and config.distributed != "ddp":
+        return [f"lora_init: pissa saves through PEFT's conversion, which needs the whole "
+                f"adapter in one process; use distributed: ddp, not {config.distributed}"]
+    return []
 
 
 def _precision_problems(config: TrainConfig) -> list[str]:

@@ -21,7 +21,6 @@ the record (1-based), the field and what was expected.
 from __future__ import annotations
 
 import collections
-import contextlib
 import csv
 import difflib
 import io
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import limits, paths
+from . import limits, locks, paths
 from .errors import BadInput
 
 REGISTRY = "dataset_info.json"
@@ -900,22 +899,6 @@ def _unique(name: str, taken) -> str:
     return candidate
 
 
-@contextlib.contextmanager
-def _registry_lock(folder: Path):
-    """Serialise read-modify-write of the registry between processes (POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: uploads are rare enough to go unlocked
-        yield
-        return
-    with open(folder / "uploads" / ".lock", "w") as handle:  # uploads/ is the writable part
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
                   name: str | None = None) -> str:
     """Validate an uploaded file, copy it to <dataset_dir>/uploads/ and register it.
@@ -938,7 +921,9 @@ def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
     (folder / "uploads").mkdir(parents=True, exist_ok=True)
     if paths.confined():  # an uploads/ that is a link out is refused too
         paths.confine(folder / "uploads", "dataset_dir")
-    with _registry_lock(folder):
+    # The registry's read-modify-write is serialised between processes; the lock file
+    # lives in uploads/, the writable part.
+    with locks.held(folder / "uploads" / ".lock"):
         registry = read_registry(folder)
         wanted = _safe_name(name or src.stem)
         if name and wanted in registry:

@@ -9,8 +9,6 @@ The folder is an ordinary transformers model: `AutoModelForCausalLM` and
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -18,10 +16,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from . import demo_corpus
+from . import demo_corpus, locks
 from .errors import BadInput
+from .templates import CHATML
 
 VERSION = 1  # the cache folder name carries it; recipe_id() catches smaller changes
 SEED = 1234
@@ -34,27 +33,26 @@ SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_at
 PRETRAIN = dict(epochs=1, batch_size=16, learning_rate=2e-3, warmup_ratio=0.05, adam_beta2=0.95,
                 max_len=128)
 
-# Settings that taught the demo model a new identity from data/identity.json (68 rows,
-# 180 steps) for every name, author and seed tried on a 2-core CPU; lr 1e-3 also worked
-# but with no margin (15 epochs failed). The 2e-4 / 3 epochs suited to billion-parameter
-# models leave this model unchanged. Front ends can import this without torch.
-RECOMMENDED_FINETUNE = dict(method="lora", lora_rank=32, lora_alpha=64, learning_rate=2e-3,
-                            epochs=20, batch_size=8)
-
-# ChatML. The {% generation %} markers let transformers (and TRL's
-# assistant_only_loss) tell which tokens the assistant wrote.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>' + '\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# The training settings the demo model recommends, per stage and method ("*": every
+# method of the stage), written beside its config.json as recommended_training.json and
+# read by core/config.py `resolve` (schema default < these < YAML < KEY=VALUE). Measured
+# with bench/recommend.py on a 2-core CPU (bench/results/recommend.json): each taught the
+# model a made-up identity from data/identity.json, asked in English and in Chinese. The
+# 2e-4 / 3 epochs that suit billion-parameter models leave this 3.5M model unchanged.
+RECOMMENDED = {
+    "sft": {
+        "*": dict(learning_rate=2e-3, epochs=20, batch_size=8),
+        "lora": dict(lora_rank=32, lora_alpha=64),
+        "qlora": dict(lora_rank=32, lora_alpha=64),
+        "dora": dict(lora_rank=32, lora_alpha=64),
+        "full": dict(learning_rate=5e-4, epochs=10),  # every weight moves: a gentler, shorter run
+        "freeze": dict(freeze_layers=2),
+    },
+    "pt": {
+        "*": dict(learning_rate=2e-3, epochs=10, batch_size=8),
+        "lora": dict(lora_rank=32, lora_alpha=64),
+    },
+}
 
 Progress = Callable[[str], None]
 
@@ -65,18 +63,13 @@ def default_path() -> Path:
     return Path(cache).expanduser() / f"demo-model-v{VERSION}"
 
 
-def resolve_model(name: str) -> str:
-    """Map "demo" to the demo model's folder (building it if needed); anything else unchanged."""
-    return str(ensure_demo_model()) if name == "demo" else name
-
-
 def recipe_id() -> str:
     """A fingerprint of everything that shapes the model: settings and the corpus source.
 
     A cached build whose fingerprint differs is rebuilt, so changing the recipe can
     never leave an old model in use under the same version number.
     """
-    settings = json.dumps([VERSION, SEED, VOCAB_SIZE, N_ROWS, SHAPE, PRETRAIN, CHAT_TEMPLATE],
+    settings = json.dumps([VERSION, SEED, VOCAB_SIZE, N_ROWS, SHAPE, PRETRAIN, CHATML],
                           sort_keys=True)
     corpus_source = Path(demo_corpus.__file__).read_bytes()
     return hashlib.sha256(settings.encode() + corpus_source).hexdigest()[:16]
@@ -101,10 +94,11 @@ def ensure_demo_model(out: str | Path | None = None, force: bool = False,
     """
     out = Path(out).expanduser().resolve() if out else default_path()
     if not force and is_complete(out):
+        write_recommendations(out)  # re-measured values reach a cached build without a rebuild
         return out
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f".{out.name}.lock"):
+    with locks.held(out.parent / f".{out.name}.lock"):
         if not force and is_complete(out):  # another process built it while we waited
             return out
         _remove_leftovers(out)
@@ -118,6 +112,22 @@ def ensure_demo_model(out: str | Path | None = None, force: bool = False,
     return out
 
 
+def write_recommendations(folder: Path) -> None:
+    """Write RECOMMENDED beside config.json (only when it differs, so a read-only cache
+    that is up to date is never written)."""
+    from .config import RECOMMENDED_FILE
+    from .runs import write_atomic
+
+    path = Path(folder) / RECOMMENDED_FILE
+    text = json.dumps(RECOMMENDED, indent=1) + "\n"
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        write_atomic(path, text)
+    except OSError:
+        pass  # a cache we cannot write: config.py falls back to RECOMMENDED itself
+
+
 def _check_target(out: Path) -> None:
     """Refuse to replace a folder with someone else's files in it."""
     if out.exists() and not out.is_dir():
@@ -125,16 +135,6 @@ def _check_target(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).exists():
         raise BadInput("folder is not empty and is not a tunebench demo model; choose another "
                        "--out or empty it", file=str(out))
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -201,6 +201,7 @@ def _build(folder: Path, progress: Progress) -> dict:
                 vocab_size=len(tokenizer), pretrain_rows=len(rows), pretrain_loss=round(loss, 4),
                 build_seconds=round(time.monotonic() - start, 1),
                 threads=torch.get_num_threads(), transformers=transformers.__version__)
+    write_recommendations(folder)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     progress(f"demo model: pre-training loss {loss:.3f}, built in {meta['build_seconds']} s")
     return meta
@@ -230,7 +231,7 @@ def train_tokenizer(rows: list[list[dict]]):
     texts = [m["content"] for row in rows for m in row] + ["system", "user", "assistant"]
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
-                                   chat_template=CHAT_TEMPLATE, model_max_length=2048,
+                                   chat_template=CHATML, model_max_length=2048,
                                    padding_side="right", clean_up_tokenization_spaces=False)
 
 

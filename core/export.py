@@ -120,7 +120,7 @@ class Plan:
 def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2GB",
                 dtype: str = "auto", overwrite: bool = False) -> Plan:
     """Check the inputs and the destination; nothing heavy is loaded."""
-    from .chat import checkpoint_kind, resolve_model, run_config
+    from .models import check_adapter_fits, checkpoint_kind, load_config, resolve_model, run_config
 
     if dtype not in DTYPES:
         raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
@@ -135,7 +135,6 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     _check_writable(tmp)
     if kind == "adapter":  # shapes against the base config: no weights loaded yet
-        from .chat import check_adapter_fits, load_config
         check_adapter_fits(base, load_config(base), ckpt)
     return Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
                 overwrite, run_config(ckpt) if ckpt else {})
@@ -197,53 +196,32 @@ def _make_temp(plan: Plan, needed_bytes: int) -> None:
 # --- load, reference turn, merge ---------------------------------------------------
 
 def export_dtype(plan: Plan):
-    """auto = the dtype the source weights are stored in (fp32 when unrecorded)."""
-    import torch
-    if plan.dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.dtype]
-    from .chat import load_config
-    stored = getattr(load_config(plan.source), "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    """auto = the dtype the source weights are stored in (fp32 when unrecorded): the one
+    dtype policy's 'stored' (models.pick_dtype). Export always works on the CPU."""
+    from .models import load_config, pick_dtype
+    wanted = "stored" if plan.dtype == "auto" else plan.dtype
+    return pick_dtype(wanted, load_config(plan.source), "cpu")
 
 
 def estimate_bytes(plan: Plan, dtype) -> int:
     """The export's size: the source's weight files, rescaled to the export dtype."""
-    import torch
-    from .chat import load_config
+    from .models import load_config, pick_dtype
     files = list(Path(plan.source).glob("*.safetensors")) if Path(plan.source).is_dir() else []
-    stored = getattr(load_config(plan.source), "dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    stored_size = stored.itemsize if isinstance(stored, torch.dtype) else 4
-    return int(sum(f.stat().st_size for f in files) * dtype.itemsize / stored_size)
+    stored = pick_dtype("stored", load_config(plan.source))
+    return int(sum(f.stat().st_size for f in files) * dtype.itemsize / stored.itemsize)
 
 
 def load_source(plan: Plan, dtype, report: Reporter):
-    """The model to export (adapter applied, not merged yet) and its tokenizer."""
-    from .chat import apply_adapter, load_tokenizer, tokenizer_folder
+    """The model to export (adapter applied, not merged yet) and its tokenizer.
 
-    folder = tokenizer_folder(plan.base, plan.adapter)
-    template = plan.run_config.get("template", "auto") if folder == plan.base else "auto"
-    tokenizer = load_tokenizer(folder, str(template))
-    report.step(0.05, f"loading {Path(plan.source).name} as {str(dtype).replace('torch.', '')}")
-    model = _load_cpu(plan.source, dtype)
-    if plan.kind == "adapter":
-        report.step(0.2, f"applying adapter {plan.adapter.parent.name}/{plan.adapter.name}")
-        model = apply_adapter(model, plan.adapter, plan.base)
+    Export always works on the CPU: it needs no GPU, and CPU RAM is what the memory goal
+    is about.
+    """
+    from .models import load_checkpoint
+    tokenizer, model = load_checkpoint(
+        plan.base, plan.adapter, dtype=dtype, device="cpu",
+        progress=lambda message, fraction: report.step(0.05 + 0.15 * fraction, message))
     return model, tokenizer
-
-
-def _load_cpu(folder: str, dtype):
-    # Export always works on CPU: it needs no GPU, and CPU RAM is what the memory goal is about.
-    from transformers import AutoModelForCausalLM
-    from .chat import load_error
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise load_error(folder, err) from None
-    return model.eval()
 
 
 def greedy_turn(model, tokenizer, eos_ids: list[int] | None = None) -> dict:
@@ -347,14 +325,14 @@ def check_shards(folder: Path, limit: int) -> dict:
 
 def verify(folder: Path, dtype, reference: dict | None, stops: list[int], limit: int,
            report: Reporter) -> list[dict]:
-    """Reload the export with plain transformers and compare it with the source model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Reload the export as a model folder (transformers' from_pretrained, through the one
+    loader, as chat will load it) and compare it with the source model."""
+    from .models import load_checkpoint
 
     checks = [check_shards(folder, limit)]
     report.step(0.75, "verifying: reloading the export with transformers")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer, model = load_checkpoint(str(folder), dtype=dtype, device="cpu")
     except Exception as err:  # noqa: BLE001 - a failed reload is the finding, not a crash
         return checks + [_check("reloads with transformers", False, f"{type(err).__name__}: {err}")]
     checks.append(_check("reloads with transformers", True,

@@ -15,14 +15,13 @@ on the machine: two tabs, two servers, or a server and a script.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths, runs
+from . import locks, paths, runs
 
 
 @dataclass
@@ -41,13 +40,10 @@ def _entry(run_dir: Path) -> Path:
     return jobs_dir() / f"{key}.json"
 
 
-@contextlib.contextmanager
-def lock():
-    """Hold the machine-wide launch lock (released when the file closes, even on a crash)."""
+def lock() -> contextlib.AbstractContextManager:
+    """The machine-wide launch lock, held while the block runs (released even on a crash)."""
     jobs_dir().mkdir(parents=True, exist_ok=True)
-    with open(jobs_dir() / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return locks.held(jobs_dir() / ".lock")
 
 
 def register(run_dir: Path, pid: int, started_at: str | None = None) -> None:

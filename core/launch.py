@@ -74,20 +74,13 @@ def _refuse_if_busy(saves_dir: Path) -> None:
 
 
 def _new_run_dir(config: cfg.TrainConfig, saves_dir: Path) -> Path:
+    """The run folder for a Start: the one naming rule (runs.pick_run_dir), with the page's
+    extra condition that runs started here live under the saves folder, where the runs
+    list finds them."""
     if config.output_dir:
-        # Runs started here live under the saves folder, where the runs list finds them.
-        run_dir = paths.confine(config.output_dir, "output_dir", roots=[saves_dir.resolve()])
-        if (run_dir / runs.STATUS).exists() or (run_dir / runs.CONFIG).exists():
-            raise BadInput(f"output_dir '{run_dir}' already holds a run; choose another folder, "
-                           "or resume that run")
-        return run_dir
-    name = config.run_name or runs.default_run_name(config.method)
-    run_dir, n = saves_dir / name, 2
-    while run_dir.exists():
-        if config.run_name:
-            raise BadInput(f"run_name '{name}' is taken: {run_dir} already exists")
-        run_dir, n = saves_dir / f"{name}-{n}", n + 1  # two starts in the same second
-    return run_dir
+        confined = paths.confine(config.output_dir, "output_dir", roots=[saves_dir.resolve()])
+        config = dataclasses.replace(config, output_dir=str(confined))
+    return runs.pick_run_dir(config, saves_dir)
 
 
 def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves") -> Path:

@@ -58,6 +58,9 @@ MAX_SETTING_CHARS = 200
 # Entries of a list setting (datasets per run). Each is read in full, so this also
 # bounds the work one config can ask for.
 MAX_LIST_ITEMS = 64
+# A chat message, system prompt or the probe list typed into the page. Far more than any
+# context window holds, yet small enough that tokenizing it never stalls the chat worker.
+MAX_MESSAGE_CHARS = 100_000
 
 # --- error messages -------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ _DESCRIPTIONS = {
     "MAX_LORA_TARGET_CHARS": "characters of lora_target",
     "MAX_SETTING_CHARS": "characters of any other text setting",
     "MAX_LIST_ITEMS": "entries of a list setting (datasets per run)",
+    "MAX_MESSAGE_CHARS": "characters of a chat message, system prompt or probe list in the page",
     "MAX_QUOTE_CHARS": "characters of user data quoted in one error message",
     "MAX_REPORTED_PROBLEMS": "config problems listed in one message (the rest are counted)",
     "MAX_UPLOAD_BYTES": "size of an uploaded dataset file",

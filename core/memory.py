@@ -140,10 +140,24 @@ def _lora_params(s: Shape, config) -> int:
     return s.layers * per_layer
 
 
+def _oft_inputs(s: Shape) -> int:
+    """The summed input widths of one decoder layer's linear layers (OFT rotates each input)."""
+    return sum(i for _, i, _ in _linear_shapes(s))
+
+
+def _oft_params(s: Shape, config) -> int:
+    """OFT trains, per linear layer, one skew-symmetric block of size b per b input
+    dimensions: in x (b - 1) / 2 parameters (PEFT rounds b to a divisor of the width)."""
+    return s.layers * sum(i * (min(config.oft_block_size, i) - 1) // 2
+                          for _, i, _ in _linear_shapes(s))
+
+
 def trainable_params(s: Shape, config) -> int:
     total, linear = count_params(s)
     if config.method in ("lora", "qlora", "dora"):
         return _lora_params(s, config)
+    if config.method == "oft":
+        return _oft_params(s, config)
     if config.method == "freeze":
         per_layer = (total - s.vocab * s.hidden * (1 if s.tied else 2)) / s.layers
         return int(per_layer * min(config.freeze_layers, s.layers))
@@ -189,6 +203,12 @@ def _activation_bytes(s: Shape, config, precision: str, tokens: int) -> float:
         per_layer += 2 * s.heads * config.cutoff_len
     if config.method in ("lora", "qlora", "dora"):
         per_layer += 7 * config.lora_rank
+    rotations = 0.0
+    if config.method == "oft":
+        per_layer += _oft_inputs(s)  # each linear layer keeps its rotated input
+        # Per step, not per token: each layer's block rotations and the Cayley-Neumann
+        # powers that build them (about 5 in x b matrices per linear layer, fp32).
+        rotations = s.layers * _oft_inputs(s) * config.oft_block_size * 5 * 4.0
     width = 2.0 if precision in ("bf16", "fp16", "pure_bf16") else 4.0
     if config.gradient_checkpointing:
         kept = s.layers * s.hidden + per_layer
@@ -199,7 +219,7 @@ def _activation_bytes(s: Shape, config, precision: str, tokens: int) -> float:
     # TRL's LM head scores up to 32,768 positions at a time: fp32 logits plus one
     # temporary of the same size exist at once (large for big vocabularies).
     logits = min(tokens, LOGIT_CHUNK) * s.vocab * 4 * 2
-    return kept * width * tokens + logits
+    return kept * width * tokens + logits + rotations
 
 
 def _gradient_and_state_bytes(trainable: int, config, precision: str) -> tuple[float, float]:

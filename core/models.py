@@ -1,36 +1,53 @@
 """Loading models and tokenizers, and preparing them for a tuning method.
 
-Each method maps to what the ecosystem already provides: PEFT for LoRA, DoRA
-and QLoRA adapters, bitsandbytes for the quantized base, plain parameter
+Each method maps to what the ecosystem already provides: PEFT for LoRA, DoRA,
+QLoRA and OFT adapters, bitsandbytes for the quantized base, plain parameter
 freezing for full and freeze tuning.
+
+Loading is one function, `load_checkpoint`, for training, chat and export alike: it
+resolves the model ('demo', a folder, a hub id), checks a checkpoint (a PEFT adapter
+or a whole-model checkpoint) and that an adapter fits its base before any weight is
+read, applies one dtype policy (`pick_dtype`), and reads safetensors only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Callable
 
 from .config import DEMO_MODEL, LORA_FAMILY, TrainConfig
 from . import paths
 from .errors import BadInput
-from .templates import apply_template
+from .templates import CHATML, apply_template
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+ProgressFn = Callable[[str, float], None]
 
+
+# --- what a name or folder is, checked before anything is loaded ---------------------
 
 def resolve_model(name: str) -> str:
-    """'demo' -> the embedded demo model's folder (built on first use); else unchanged."""
+    """'demo', a local model folder or a hub id -> what from_pretrained takes.
+
+    The one check of a model reference, before anything heavy is loaded: the path gate
+    for page-started jobs, 'demo' built on first use, a folder must hold config.json and
+    safetensors weights (pickled .bin weights are never loaded), an adapter folder given
+    as the model is explained, and a hub id needs a network connection. BadInput if unusable.
+    """
+    name = paths.guard_model(name or "")  # confined jobs: inside the allowed roots
+    if not name:
+        raise BadInput("no model given: enter a model folder, a hub id or 'demo'", field="model")
     if name == DEMO_MODEL:
         from .demo_model import ensure_demo_model
         return str(ensure_demo_model())
-    return name
-
-
-def check_model_source(name: str) -> str:
-    """Resolve and check a model reference before anything heavy is loaded."""
-    path = resolve_model(paths.guard_model(name))  # confined jobs: inside the allowed roots
-    local = Path(path).expanduser()
+    local = Path(name).expanduser()
     if local.is_dir():
+        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+            raise BadInput("this folder is an adapter, not a whole model: choose it as the "
+                           "checkpoint and its base model as the model", file=name, field="model")
         if not (local / "config.json").is_file():
             raise BadInput("not a model folder: config.json is missing", file=str(local))
         if not any((local / f).is_file() for f in WEIGHT_FILES) and not (
@@ -38,28 +55,137 @@ def check_model_source(name: str) -> str:
             raise BadInput("the model folder has no safetensors weights (model.safetensors or "
                            "model.safetensors.index.json); tunebench never loads pickled .bin "
                            "weights", file=str(local))
-        return str(local)
+        return str(local.resolve())
     # Hub ids look like "name" or "org/name"; anything else was meant as a folder.
-    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise BadInput("model folder not found (and hub ids need a network connection)",
-                       file=path, field="model")
-    return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct, for online machines
+                       file=name, field="model")
+    return name  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct, for online machines
 
 
-def load_tokenizer(model: str, template: str = "auto", trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+check_model_source = resolve_model  # the name the Train tab's Start check calls it by
 
-    source = check_model_source(model)
+
+def checkpoint_kind(folder: Path) -> str:
+    """'adapter' (PEFT folder) or 'full' (whole model folder). BadInput otherwise."""
+    folder = paths.guard(folder, "checkpoint")
+    if not folder.is_dir():
+        raise BadInput("checkpoint folder not found", file=str(folder))
+    if (folder / "adapter_config.json").is_file():
+        if not (folder / "adapter_model.safetensors").is_file():
+            what = ("only adapter_model.bin, which is pickled and never loaded"
+                    if (folder / "adapter_model.bin").exists() else "no adapter_model.safetensors")
+            raise BadInput(f"adapter folder has {what}", file=str(folder))
+        return "adapter"
+    if not (folder / "config.json").is_file():
+        inside = sorted(p.name for p in folder.iterdir() if p.name == "final" or
+                        p.name.startswith("checkpoint-"))
+        hint = f"; this looks like a run folder, pick {inside[0]}/ inside it" if inside else ""
+        raise BadInput("not a checkpoint: expected adapter_config.json (LoRA family) or "
+                       f"config.json with *.safetensors (full model){hint}", file=str(folder))
+    resolve_model(str(folder))  # config.json and safetensors weights, never pickles
+    return "full"
+
+
+def run_config(checkpoint: Path) -> dict:
+    """The training config of the run a checkpoint belongs to ({} if not inside a run dir)."""
+    import yaml
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise BadInput(f"cannot load the tokenizer: {err}".splitlines()[0], file=source) from None
-    apply_template(tokenizer, template, model=source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        path = paths.guard(checkpoint, "checkpoint").parent / "config.yaml"
+    except BadInput:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
+
+def base_model_of(checkpoint: Path) -> str | None:
+    """The base model a checkpoint was trained from: the run's config, else the adapter's."""
+    model = run_config(checkpoint).get("model")
+    if model:
+        return str(model)
+    try:
+        folder = paths.guard(checkpoint, "checkpoint")
+        config = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+        return config.get("base_model_name_or_path") or None
+    except (OSError, json.JSONDecodeError, BadInput):
+        return None
+
+
+def tokenizer_folder(base: str, checkpoint: Path | None) -> str:
+    """The checkpoint's own tokenizer if saved (it carries the template training used)."""
+    if checkpoint is not None and any((checkpoint / name).is_file() for name in
+                                      ("tokenizer_config.json", "tokenizer.json")):
+        return str(checkpoint)
+    return base
+
+
+def adapter_problems(base_config, adapter_dir: Path, trust_remote_code: bool = False) -> list[str]:
+    """Why an adapter does not fit a base model ([] = it fits).
+
+    Compares each adapter tensor's shape with the layer it patches, using a model
+    built on the meta device from the base config, so nothing is loaded yet.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base_config,
+                                                    trust_remote_code=trust_remote_code)
+    modules = dict(skeleton.named_modules())
+    problems = []
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as fh:
+        for key in fh.keys():
+            problem = _shape_problem(key, fh.get_slice(key).get_shape(), modules)
+            if problem:
+                problems.append(problem)
+            if len(problems) >= 3:
+                break
+    return problems
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|"
+                       r"lora_embedding_B)(?:\.weight)?$")
+
+
+def _shape_problem(key: str, shape: list[int], modules: dict) -> str | None:
+    match = _LORA_KEY.match(key)
+    if not match:
+        return None
+    name, part = match.groups()
+    module = modules.get(name)
+    if module is None:
+        return f"the base model has no layer '{name}'"
+    if hasattr(module, "in_features"):
+        want = module.in_features if part == "lora_A" else module.out_features
+        got = shape[1] if part == "lora_A" else shape[0]
+    elif hasattr(module, "num_embeddings"):
+        want = module.num_embeddings if part == "lora_embedding_A" else module.embedding_dim
+        got = shape[1] if part == "lora_embedding_A" else shape[0]
+    else:
+        return None
+    if want != got:
+        return f"layer '{name}' has size {want} in the base model but {got} in the adapter"
+    return None
+
+
+def check_adapter_fits(base: str, base_config, adapter_dir: Path,
+                       trust_remote_code: bool = False) -> None:
+    problems = adapter_problems(base_config, adapter_dir, trust_remote_code)
+    if problems:
+        trained_on = base_model_of(adapter_dir)
+        hint = f" It was trained on '{trained_on}'." if trained_on else ""
+        raise BadInput(f"this adapter does not fit the base model '{base}': "
+                       f"{'; '.join(problems)}.{hint} Use the base model it was trained on.",
+                       file=str(adapter_dir))
+
+
+# --- precision -------------------------------------------------------------------------
 
 def compute_dtype(compute_type: str):
     """The training precision for `compute_type` on this machine, as (dtype, mixed)."""
@@ -74,88 +200,245 @@ def compute_dtype(compute_type: str):
     return compute_type
 
 
+def pick_dtype(wanted="auto", model_config=None, device: str | None = "cpu", *,
+               train: bool = False):
+    """The one dtype policy: the torch dtype a model's weights are loaded in.
+
+    - a torch dtype is taken as it is; 'bf16', 'fp16', 'fp32' name one;
+    - 'stored': the dtype the weights are stored in (fp32 when unrecorded), what export keeps;
+    - 'auto', to run the model on `device`: on a GPU its stored half precision, else bf16
+      where supported, else fp16; on a CPU fp32, or bf16 for a model stored in bf16;
+    - training (`train`) takes the compute type instead: mixed precision keeps fp32 master
+      weights, pure_bf16 loads bf16 (see compute_dtype).
+    """
+    import torch
+
+    if isinstance(wanted, torch.dtype):
+        return wanted
+    if train:
+        return torch.bfloat16 if compute_dtype(wanted) == "pure_bf16" else torch.float32
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if wanted in named:
+        return named[wanted]
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if wanted == "stored":
+        return stored if stored in named.values() else torch.float32
+    if wanted != "auto":
+        raise BadInput(f"expected one of auto, stored, {', '.join(named)}, got '{wanted}'",
+                       field="dtype")
+    if device not in (None, "cpu"):
+        if stored in (torch.bfloat16, torch.float16):
+            return stored
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
+
+
 def pick_attention(booster: str) -> str:
     """The attention implementation for `booster`; config.validate already rejected missing ones.
 
-    load_base_model may then move SDPA to its padding-free form (core/attention.py).
+    The loader may then move SDPA to its padding-free form (core/attention.py apply_booster).
     """
     from .attention import resolve
 
     return resolve(booster)
 
 
-def _quantization(config: TrainConfig):
+def _quantization(bits: int, compute_type: str):
     import torch
     from transformers import BitsAndBytesConfig
 
-    if config.quant_bits == 8:
+    if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if compute_dtype(config.compute_type) in ("bf16", "pure_bf16") \
+    compute = torch.bfloat16 if compute_dtype(compute_type) in ("bf16", "pure_bf16") \
         else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
-def load_base_model(config: TrainConfig, attention: str):
-    import torch
-    from transformers import AutoModelForCausalLM
+def _rope_scaled(model_config, source: str, scaling: str, factor: float):
+    """`model_config` with RoPE scaling set (transformers 5 reads `rope_parameters`).
 
-    source = check_model_source(config.model)
-    kind = compute_dtype(config.compute_type)
-    # Mixed precision keeps fp32 master weights; pure_bf16 (and fp16 on GPU for QLoRA) does not.
-    dtype = torch.bfloat16 if kind == "pure_bf16" else torch.float32
-    kwargs = dict(dtype=dtype, attn_implementation=attention,
-                  trust_remote_code=config.trust_remote_code, use_safetensors=True)
-    if config.method == "qlora":
-        kwargs["quantization_config"] = _quantization(config)
-    if config.rope_scaling != "none":
-        kwargs["config"] = _rope_scaled_config(source, config)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise BadInput(f"cannot load the model: {str(err).splitlines()[0]}", file=source) from None
-    from .attention import apply_booster
-
-    return apply_booster(model, config.booster)
-
-
-def _rope_scaled_config(source: str, config: TrainConfig):
-    """The model's config with RoPE scaling set (transformers 5 reads `rope_parameters`).
-
-    The context grows `rope_factor` times: max_position_embeddings is raised to
-    match, and yarn/llama3 remember the original length they scale from.
+    The context grows `factor` times: max_position_embeddings is raised to match,
+    and yarn/llama3 remember the original length they scale from.
     """
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     text = model_config.get_text_config()
     old = dict(getattr(text, "rope_parameters", None) or {})
     if not old or any(isinstance(v, dict) for v in old.values()):
         raise BadInput("rope_scaling: this model has no single RoPE setting to scale (it uses "
                        "none, or one per layer type)", file=source, field="rope_scaling")
     original = int(text.max_position_embeddings)
-    params = {"rope_type": config.rope_scaling, "factor": float(config.rope_factor),
+    params = {"rope_type": scaling, "factor": float(factor),
               "rope_theta": old.get("rope_theta", getattr(text, "rope_theta", 10000.0))}
-    if config.rope_scaling in ("yarn", "llama3"):
+    if scaling in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = original
-    if config.rope_scaling == "llama3":
+    if scaling == "llama3":
         params.update(low_freq_factor=1.0, high_freq_factor=4.0)  # Llama 3.1's published values
     if "partial_rotary_factor" in old:
         params["partial_rotary_factor"] = old["partial_rotary_factor"]
     text.rope_parameters = params
-    text.max_position_embeddings = int(original * config.rope_factor)
-    print(f"RoPE scaling: {config.rope_scaling} x{config.rope_factor:g}, context "
+    text.max_position_embeddings = int(original * factor)
+    print(f"RoPE scaling: {scaling} x{factor:g}, context "
           f"{original} -> {text.max_position_embeddings} positions", flush=True)
     return model_config
+
+
+# --- the one loader ----------------------------------------------------------------------
+
+def load_error(name: str, err: Exception, what: str = "the model") -> BadInput:
+    """A failed from_pretrained, for people: a name that is neither a folder nor on the hub,
+    or the library's first line about a folder it could not load."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not Path(name).exists():
+        return BadInput(f"'{name}' is not a local folder and could not be fetched from the hub "
+                        f"(offline, or no such model): {text}", field="model")
+    return BadInput(f"cannot load {what}: {text}", file=name)
+
+
+def load_config(folder: str, trust_remote_code: bool = False):
+    """The model config (config.json) of a resolved model: no weights are read."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise load_error(folder, err, "the model config") from None
+
+
+def _tokenizer(folder: str, template: str, trust_remote_code: bool, fallback: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise load_error(folder, err, "the tokenizer") from None
+    if template == "auto" and not tokenizer.chat_template and fallback:
+        tokenizer.chat_template = fallback
+    apply_template(tokenizer, template, model=folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(model: str, template: str = "auto", trust_remote_code: bool = False):
+    """The tokenizer of `model` (see resolve_model) with chat template `template`: its own
+    ('auto'; a tokenizer without one is refused, so no run trains on a guessed template)
+    or a named one from core/templates.py."""
+    return _tokenizer(resolve_model(model), template, trust_remote_code, fallback=None)
+
+
+def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
+                    purpose: str = "infer", template: str | None = None, dtype="auto",
+                    device: str | None = None, trust_remote_code: bool = False, tokenizer=None,
+                    attention: str | None = None, booster: str | None = None,
+                    quant_bits: int | None = None, rope_scaling: str = "none",
+                    rope_factor: float = 1.0, progress: ProgressFn | None = None):
+    """(tokenizer, model): the one loader, for training, chat and export.
+
+    `model` is 'demo', a local folder or a hub id (see resolve_model); without one, an
+    adapter's base is read from its run's config.yaml or its adapter_config.json.
+    `adapter` is an optional checkpoint: a PEFT adapter folder (applied to the base, after
+    checking that it fits, before the weights load) or a whole-model checkpoint of a
+    full/freeze run (loaded instead of the base). Weights are safetensors only.
+
+    purpose 'infer' (chat, export) returns the model in eval mode on `device` (None: the
+    GPU when there is one), and a tokenizer without a chat template gets ChatML; purpose
+    'train' leaves the model where the Trainer places it and takes `dtype` as the compute
+    type. The dtype policy is pick_dtype's. `template` None means the one the checkpoint
+    was trained with (its saved tokenizer, else its run's template, else the model's own).
+    `tokenizer` reuses one already loaded. Training's extras: `attention` (the attention
+    implementation), `booster` (core/attention.py apply_booster), `quant_bits` (QLoRA's
+    quantized base) and `rope_scaling`/`rope_factor`.
+    `progress(message, fraction)` hears each step.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = purpose == "train"
+    progress = progress or (lambda message, fraction: None)
+    progress("Checking files", 0.02)
+    ckpt = paths.guard(adapter, "checkpoint").resolve() if adapter else None
+    kind = checkpoint_kind(ckpt) if ckpt else None
+    if not model and ckpt is not None:
+        model = base_model_of(ckpt) or (str(ckpt) if kind == "full" else None)
+    base = resolve_model(model)
+    source = str(ckpt) if kind == "full" else base
+    model_config = load_config(source, trust_remote_code)
+    if kind == "adapter":
+        check_adapter_fits(base, model_config, ckpt, trust_remote_code)  # before the long load
+    if device is None and not train:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = pick_dtype(dtype, model_config, device, train=train)
+    if tokenizer is None:
+        progress("Loading tokenizer", 0.08)
+        folder = tokenizer_folder(base, ckpt)
+        if template is None:  # a checkpoint's saved tokenizer already carries its template
+            template = run_config(ckpt).get("template", "auto") if ckpt and folder == base \
+                else "auto"
+        tokenizer = _tokenizer(folder, str(template), trust_remote_code,
+                               fallback=None if train else CHATML)
+    what = f"checkpoint {ckpt.name}" if kind == "full" else f"base model {Path(base).name}"
+    progress(f"Loading {what} as {str(torch_dtype).replace('torch.', '')}", 0.15)
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if device not in (None, "cpu"):
+        kwargs["device_map"] = device
+    if attention:
+        kwargs["attn_implementation"] = attention
+    if quant_bits:
+        kwargs["quantization_config"] = _quantization(quant_bits, str(dtype))
+    if rope_scaling != "none":
+        kwargs["config"] = _rope_scaled(model_config, source, rope_scaling, rope_factor)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise load_error(source, err) from None
+    if booster:
+        from .attention import apply_booster
+        loaded = apply_booster(loaded, booster)
+    if kind == "adapter":
+        progress(f"Applying adapter {ckpt.parent.name}/{ckpt.name}", 0.85)
+        loaded = _apply_adapter(loaded, ckpt, base, trainable=train)
+    if not train:
+        loaded.eval()
+    return tokenizer, loaded
+
+
+def _apply_adapter(model, adapter_dir: Path, base: str, trainable: bool = False):
+    """Wrap `model` with the PEFT adapter (checked to fit already); size errors become BadInput."""
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        # A shape mismatch the pre-check missed (e.g. a modules_to_save layer).
+        raise BadInput(f"this adapter does not fit the base model '{base}': "
+                       f"{str(err).splitlines()[0][:300]}", file=str(adapter_dir)) from None
+
+
+def load_base_model(config: TrainConfig, attention: str, tokenizer=None):
+    """The model `config` trains: the one loader with training's extras (QLoRA's quantized
+    base, the attention booster, RoPE scaling), in the precision of its compute type."""
+    _, model = load_checkpoint(
+        config.model, purpose="train", template=config.template, dtype=config.compute_type,
+        trust_remote_code=config.trust_remote_code, tokenizer=tokenizer, attention=attention,
+        booster=config.booster, quant_bits=config.quant_bits if config.method == "qlora" else None,
+        rope_scaling=config.rope_scaling, rope_factor=config.rope_factor)
+    return model
 
 
 def apply_method(model, config: TrainConfig):
     """Make only the parameters of the chosen method trainable."""
     if config.method in LORA_FAMILY:
         return _add_adapter(model, config)
+    if config.method == "oft":
+        return _add_oft(model, config)
     if config.method == "freeze":
         _train_last_layers(model, config.freeze_layers)
     return model  # full: everything stays trainable
+
+
+# PEFT's fast-SVD PiSSA: 16 subspace iterations initialise a 7B model in seconds and train
+# about as well as the exact SVD, which takes minutes (PEFT's LoraConfig documentation).
+PISSA_INIT = "pissa_niter_16"
 
 
 def _add_adapter(model, config: TrainConfig):
@@ -168,11 +451,80 @@ def _add_adapter(model, config: TrainConfig):
         t.strip() for t in config.lora_target.split(",")]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=target,
-                      use_dora=config.method == "dora", task_type="CAUSAL_LM")
+                      use_dora=config.method == "dora", use_rslora=config.use_rslora,
+                      init_lora_weights=PISSA_INIT if config.lora_init == "pissa" else True,
+                      task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
     except ValueError as err:
         raise BadInput(str(err).splitlines()[0], field="lora_target") from None
+
+
+def _add_oft(model, config: TrainConfig):
+    """An OFT adapter on every linear layer of the decoder.
+
+    Only the block size is given: PEFT derives the number of blocks per layer (its `r`)
+    from each layer's width and refuses both at once.
+    """
+    from peft import OFTConfig, get_peft_model
+
+    oft = OFTConfig(r=0, oft_block_size=config.oft_block_size, target_modules="all-linear",
+                    task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, oft)
+    except ValueError as err:
+        raise BadInput(str(err).splitlines()[0], field="oft_block_size") from None
+
+
+def changes_base_weights(model) -> bool:
+    """Whether the adapter's initialisation changed the base weights (PiSSA keeps the
+    residual W - BA in the base), so it must be converted to plain LoRA when saved."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return str(getattr(config, "init_lora_weights", "")).startswith("pissa")
+
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """The adapter as initialised, before any training: what PEFT subtracts when it converts
+    a PiSSA adapter to one that loads on the original base."""
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # PEFT's conversion requires it, so loading does not re-run SVD
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_converted_adapter(model, folder: Path, initial: Path) -> None:
+    """Save a PiSSA adapter as plain LoRA for the original base: PEFT writes
+    [A | A0] and [B | -B0] (twice the rank), whose product is the trained change AB - A0B0."""
+    model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial))
+
+
+def load_converted_adapter(model, folder: Path) -> None:
+    """Resume a PiSSA run from a checkpoint saved by `save_converted_adapter`.
+
+    The model was just initialised exactly as the run was (same seed, same residual
+    weights); the trained A and B are the first `r` rows of the saved lora_A and the
+    first `r` columns of the saved lora_B, the layout the conversion writes.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    current = get_peft_model_state_dict(model)
+    state = {}
+    for key, value in saved.items():
+        rows, cols = current[key].shape[0], current[key].shape[-1]
+        if ".lora_A." in key:
+            value = value[:rows]
+        elif ".lora_B." in key:
+            value = value[:, :cols]
+        state[key] = value
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise BadInput(f"the checkpoint does not fit this run's adapter "
+                       f"({result.unexpected_keys[0]})", file=str(folder), field="resume")
 
 
 def _decoder_layers(model):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from .errors import BadInput
+
 STATES = ("running", "completed", "failed", "aborted")
 STATUS, METRICS, CONFIG, COMMAND, LOG = (
     "status.json", "metrics.jsonl", "config.yaml", "command.txt", "train.log")
@@ -41,6 +43,58 @@ def now_iso() -> str:
 
 def default_run_name(method: str) -> str:
     return f"{method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def pick_run_dir(config, saves_dir: str | Path = "saves",
+                 config_file: str | Path | None = None) -> Path:
+    """The folder a run of `config` goes to: the one naming rule for `tunebench train`,
+    Start on the Train tab, and its command snippet. Nothing is created.
+
+    - output_dir, when set, is the folder; refused if it already holds a run;
+    - else saves_dir/run_name, refused if that is taken;
+    - else saves_dir/<method>-<date>-<time>, with -2, -3, ... for starts in the same second.
+    Resuming the run in that folder (resume: true, or one of its checkpoints) is allowed.
+    `config_file` is the config file being started (see holds_run).
+    """
+    if config.output_dir:
+        run_dir = Path(config.output_dir).expanduser()
+        if holds_run(run_dir, config_file) and not _resumes(config, run_dir):
+            raise BadInput("this folder already holds a run; choose another output_dir, or "
+                           "resume that run", file=str(run_dir), field="output_dir")
+        return run_dir
+    saves_dir = Path(saves_dir)
+    if config.run_name:
+        run_dir = saves_dir / config.run_name
+        if run_dir.exists() and not _resumes(config, run_dir):
+            raise BadInput(f"run_name '{config.run_name}' is taken: {run_dir} already exists")
+        return run_dir
+    name = default_run_name(config.method)
+    run_dir, n = saves_dir / name, 2
+    while run_dir.exists():
+        run_dir, n = saves_dir / f"{name}-{n}", n + 1  # two starts in the same second
+    return run_dir
+
+
+def holds_run(folder: Path, config_file: str | Path | None = None) -> bool:
+    """Whether `folder` already holds a run: a status, a config or metrics.
+
+    When the config being started is the folder's own config.yaml (the launcher writes it
+    before starting the trainer, and so does the Train tab's snippet), that file and the
+    launcher's status are this run's own preparation: only metrics, which training
+    writes, show an earlier run.
+    """
+    folder = Path(folder)
+    if config_file is not None and Path(config_file).resolve() == (folder / CONFIG).resolve():
+        return (folder / METRICS).exists()
+    return any((folder / name).exists() for name in (STATUS, CONFIG, METRICS))
+
+
+def _resumes(config, run_dir: Path) -> bool:
+    """Whether `config` continues the run in `run_dir` (resume: true, or its checkpoint)."""
+    if config.resume is True:
+        return True
+    return bool(config.resume) and Path(run_dir).resolve() in Path(
+        str(config.resume)).expanduser().resolve().parents
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -27,18 +27,30 @@ class Template:
     stop: str  # text that ends an assistant turn; generation stops on it
 
 
-_CHATML = (
-    "{%- for m in messages -%}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+# ChatML, the one copy: the named "chatml" template, the template baked into the demo
+# model's tokenizer (core/demo_model.py; its build fingerprint hashes this text, so any
+# change rebuilds the cached demo model), and what chat falls back to for a tokenizer
+# without a template. Text is written through {{- '...' -}} so that the newline after
+# each <|im_end|> survives Jinja's whitespace control. The {% generation %} markers let
+# transformers (and TRL's assistant_only_loss) tell which tokens the assistant wrote.
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 # Qwen's variant of ChatML adds a default system prompt when none is given.
 _QWEN = (
     "{%- if messages[0]['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}" + _CHATML
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}" + CHATML
 )
 
 _ALPACA = (
@@ -81,7 +93,7 @@ _MISTRAL = (
 )
 
 TEMPLATES: dict[str, Template] = {
-    "chatml": Template(_CHATML, "<|im_end|>"),
+    "chatml": Template(CHATML, "<|im_end|>"),
     "qwen": Template(_QWEN, "<|im_end|>"),
     "alpaca": Template(_ALPACA, "{eos}"),
     "llama2": Template(_LLAMA2, "{eos}"),

@@ -67,27 +67,38 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     # sleeping ones match one thread then, and are ~1.7x faster when both cores are free
     # (measured with the demo model; see bench/RESULTS.md and models.pick_cpu_threads).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    config = cfg.load(config_path, overrides)  # bad input fails here, before any model loads
+    resolved = cfg.load_resolved(config_path, overrides)  # bad input fails here, early
+    config = resolved.config
     if paths.confined():  # started by the page: every path it names passes the gate again
         paths.confine_config(config)
     if distributed.is_worker():  # the parent prepared the run dir and owns status and log
         return run(config, Path(config.output_dir))
-    config, run_dir = prepare_run_dir(config)
+    config, run_dir = prepare_run_dir(config, config_path)
     # Registered while it runs, wherever its folder is, so no second trainer starts beside it.
     with runs.TeeLog(run_dir / runs.LOG), jobs.own_pid_entry(run_dir):
+        print(settings_origin(resolved), flush=True)
         if config.num_devices > 1:
             return distributed.launch_and_wait(config, run_dir)
         return run(config, run_dir)
 
 
-def prepare_run_dir(config: cfg.TrainConfig) -> tuple[cfg.TrainConfig, Path]:
-    """Create the run folder and write config.yaml and command.txt."""
-    name = config.run_name or (Path(config.output_dir).name if config.output_dir
-                               else runs.default_run_name(config.method))
-    run_dir = Path(config.output_dir or Path("saves") / name).resolve()
-    if not config.resume and (run_dir / runs.METRICS).exists():
-        raise BadInput("this run folder already holds a run; set resume: true to continue it, "
-                       "or choose another output_dir", file=str(run_dir), field="output_dir")
+def settings_origin(resolved: cfg.Resolved) -> str:
+    """One log line saying which values the model recommended (the rest are the schema's
+    defaults, the YAML's or the command line's; config.yaml records them all)."""
+    config, chosen = resolved.config, resolved.from_layer("model")
+    if not chosen:
+        return f"settings: no recommendations from {config.model}; schema defaults apply " \
+               "where the config sets nothing"
+    values = ", ".join(f"{k}={cfg.format_value(v)}" for k, v in chosen.items())
+    return f"settings recommended by {config.model} for {config.stage}/{config.method}: {values}"
+
+
+def prepare_run_dir(config: cfg.TrainConfig,
+                    config_file: str | None = None) -> tuple[cfg.TrainConfig, Path]:
+    """Create the run folder (picked by runs.pick_run_dir) and write config.yaml and
+    command.txt. `config_file` is the config being trained, which may be the folder's own."""
+    run_dir = runs.pick_run_dir(config, "saves", config_file).resolve()
+    name = config.run_name or run_dir.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # a save cut short earlier
@@ -222,18 +233,18 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
     tokenizer = models.load_tokenizer(config.model, config.template, config.trust_remote_code)
     train_rows, eval_rows = build_dataset(config, tokenizer)
     steps = estimate_total_steps(len(train_rows), config)
-    problems = cfg.validate(config, total_steps=None if config.packing else steps)
-    if problems:
-        raise Problems(problems)
     if config.save_steps == 0:  # "automatic": about five checkpoints, not one per epoch
         config = replace(config, save_steps=max(1, math.ceil(steps / 5)))
+    elif config.save_steps > steps and not config.packing:  # packing's step count is a guess
+        print(f"save_steps {config.save_steps} is beyond the run's {steps} steps: no "
+              "checkpoint-N/ will be written, only final/", flush=True)
     _phase(run_dir, "loading model")
     memory.cap_from_env(MEMORY_CAP_ENV, TRAINING_LIBRARIES)  # from here on: model and training
     attention = models.pick_attention(config.booster)
     from transformers import set_seed
 
     set_seed(config.seed)  # adapters are initialised before the trainer would seed anything
-    model = models.apply_method(models.load_base_model(config, attention), config)
+    model = models.apply_method(models.load_base_model(config, attention, tokenizer), config)
     trainable, total = models.count_parameters(model)
     models.pick_cpu_threads(total)
     print(f"model {config.model}: {total:,} parameters, {trainable:,} trainable "

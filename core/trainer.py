@@ -8,12 +8,18 @@ Added by hand, and why:
   checkpoint-N/ that looks complete but is not (transformers writes in place).
 - `TunebenchTrainer` counts real vs padded token positions per step, which the
   trainer does not report.
+- `TunebenchTrainer.create_optimizer` builds PEFT's LoRA+ optimizer (B matrices at
+  a multiple of the learning rate) from the optimizer the `optim` setting names.
+- `TunebenchTrainer._save` converts a PiSSA adapter to plain LoRA on every save, so
+  final/ and checkpoint-N/ load on the original base like any LoRA adapter, and
+  `_load_from_checkpoint` resumes from that converted form.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from . import attention, distributed, models, runs
-from .config import TrainConfig
+from .config import LORA_FAMILY, TrainConfig
 
 STAGING = ".staging"
 
@@ -91,19 +97,68 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
           flush=True)
     if distributed.is_main_process():
         runs.update_status(run_dir, booster=booster)
+    loraplus = config.loraplus_lr_ratio if config.method in LORA_FAMILY else 0.0
+    if loraplus:
+        print(f"LoRA+: B matrices learn at learning_rate x {loraplus:g} ({config.optim})",
+              flush=True)
     trainer = TunebenchTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[callback])
+        callbacks=[callback], loraplus_lr_ratio=loraplus)
     trainer.remove_callback(PrinterCallback)  # RunDirCallback prints one readable line instead
     return trainer
 
 
 class TunebenchTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loraplus_lr_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._positions = self._real_tokens = 0
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self._initial_adapter = None
+        if models.changes_base_weights(self.model):
+            # PiSSA: keep the adapter as initialised, before any step and before a resume
+            # loads a checkpoint; every save subtracts it to get a plain LoRA adapter.
+            self._initial_adapter = tempfile.TemporaryDirectory(prefix="tunebench-pissa-")
+            models.save_initial_adapter(self.model, self._initial_path)
+
+    @property
+    def _initial_path(self) -> Path:
+        return Path(self._initial_adapter.name) / "initial"
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (when a ratio is set): PEFT's optimizer with the B matrices at
+        learning_rate x ratio, built from the class and settings `optim` selects. Each
+        group keeps its own rate under the scheduler, which scales them all alike."""
+        if not self.loraplus_lr_ratio or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self._initial_adapter is not None and self.args.should_save:
+            # Rewrite the adapter just saved (trained against PiSSA's residual base) as
+            # plain LoRA for the original base: chat and export load it like any other.
+            models.save_converted_adapter(self.accelerator.unwrap_model(self.model),
+                                          Path(output_dir or self.args.output_dir),
+                                          self._initial_path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self._initial_adapter is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The checkpoint holds the converted adapter (twice the rank); the trainer's own
+        # loader would add it as a second adapter instead of restoring this one.
+        models.load_converted_adapter(self.accelerator.unwrap_model(model or self.model),
+                                      Path(resume_from_checkpoint))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:

@@ -12,10 +12,43 @@ def test_defaults_are_valid():
     assert cfg.validate(cfg.TrainConfig()) == []
 
 
-def test_without_a_file_train_uses_the_quickstart_job():
-    assert cfg.load(None, []) == cfg.quickstart()
-    quick = cfg.quickstart()
-    assert quick.model == "demo" and quick.dataset == ["identity"] and quick.method == "lora"
+def test_without_a_file_train_runs_the_demo_model_with_its_recommendations():
+    first = cfg.load(None, [])
+    assert first == cfg.first_job() == cfg.resolve({"model": "demo"}).config
+    assert first.model == "demo" and first.dataset == ["identity"] and first.method == "lora"
+    assert first.learning_rate == 2e-3 and first.epochs == 20  # not the 7B-sized 2e-4 / 3
+
+
+def test_settings_are_layered_schema_model_yaml_command_line():
+    resolved = cfg.resolve({"model": "demo", "epochs": 5, "lora_rank": 8},
+                           {"lora_rank": "4", "seed": "7"})
+    config, sources = resolved.config, resolved.sources
+    assert (config.learning_rate, sources["learning_rate"]) == (2e-3, "model")
+    assert (config.epochs, sources["epochs"]) == (5, "yaml")         # YAML beats the model
+    assert (config.lora_rank, sources["lora_rank"]) == (4, "command line")
+    assert (config.seed, sources["seed"]) == (7, "command line")
+    assert (config.warmup_ratio, sources["warmup_ratio"]) == (0.03, "schema")
+    assert resolved.from_layer("model") == {"lora_alpha": 64, "learning_rate": 2e-3,
+                                            "batch_size": 8}
+
+
+def test_recommendations_follow_stage_and_method_and_a_folder_may_carry_them(tmp_path):
+    assert "lora_rank" not in cfg.recommendations("demo", "sft", "full")
+    assert cfg.recommendations("demo", "sft", "full")["learning_rate"] > 0
+    assert cfg.recommendations("Qwen/Qwen2.5-0.5B") == {}   # a hub id: schema defaults
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / cfg.RECOMMENDED_FILE).write_text('{"sft": {"*": {"epochs": 4}, '
+                                              '"lora": {"lora_rank": 16}}}')
+    assert cfg.recommendations(str(model)) == {"epochs": 4, "lora_rank": 16}
+    assert cfg.resolve({"model": str(model)}).config.epochs == 4
+    (model / cfg.RECOMMENDED_FILE).write_text('{"sft": {"*": {"epochz": 4}}}')
+    with pytest.raises(BadInput, match="epochz"):
+        cfg.resolve({"model": str(model)})
+
+
+def test_a_large_save_steps_asks_for_the_final_model_only():
+    assert cfg.validate(cfg.TrainConfig(save_steps=10**6)) == []
 
 
 def test_every_field_has_help_and_group():
@@ -96,11 +129,6 @@ def test_yaml_is_loaded_safely(tmp_path):
     evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(BadInput, match="invalid YAML"):
         cfg.load(evil)
-
-
-def test_save_steps_beyond_total_is_a_problem():
-    problems = cfg.validate(cfg.TrainConfig(save_steps=50), total_steps=10)
-    assert any("save_steps" in p for p in problems)
 
 
 def test_changed_lists_only_non_defaults():

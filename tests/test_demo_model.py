@@ -109,12 +109,16 @@ def test_second_call_reuses_the_build(demo_model_path):
 
 
 def test_resolve_model_maps_only_demo(demo_model_path, monkeypatch):
+    from core.models import resolve_model  # the one resolver (core/models.py)
+
     monkeypatch.setenv("TUNEBENCH_CACHE", str(demo_model_path.parent))
     if demo_model_path.name != demo_model.default_path().name:
         pytest.skip("the shared demo model is not in a cache-style folder")
-    assert demo_model.resolve_model("demo") == str(demo_model_path)
-    assert demo_model.resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    assert demo_model.resolve_model("./my-model") == "./my-model"
+    assert resolve_model("demo") == str(demo_model_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id, when online
+    with pytest.raises(BadInput, match="not found"):
+        resolve_model("./my-model")
 
 
 # --- build mechanics, on a shortened recipe --------------------------------------

@@ -25,9 +25,8 @@ def test_example_is_valid(path, monkeypatch):
     assert all(name in registered for name in config.dataset)
 
 
-def test_identity_example_is_the_quickstart_job():
+def test_identity_example_is_the_first_job_with_a_new_name():
     path = next(p for p in EXAMPLES if p.name == "identity_lora.yaml")
     example = cfg.load(path)
-    quick = cfg.quickstart()
-    assert cfg.to_dict(example) == {**cfg.to_dict(quick), "identity_name": "Nova",
+    assert cfg.to_dict(example) == {**cfg.to_dict(cfg.first_job()), "identity_name": "Nova",
                                      "identity_author": "Acme Labs"}

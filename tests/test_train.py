@@ -5,6 +5,7 @@ checks the run directory, the contract between trainer and everything else.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -110,14 +111,16 @@ def test_kill9_then_resume_restores_step_and_lr(demo_model_path, tmp_path):
     status = runs.read_status(run_dir)
     assert status["state"] == "failed" and "disappeared" in status["error"]
 
-    before = {r["step"]: r for r in runs.read_metrics(run_dir) if "loss" in r}
+    logged = [r for r in runs.read_metrics(run_dir) if "loss" in r]
+    before = {r["step"]: r for r in logged}
     last = runs.last_checkpoint(run_dir)
     resumed_from = int(last.name.split("-")[1])
     run_train(demo_model_path, run_dir, "epochs=3", "save_steps=3", "max_samples=24",
               "resume=true")
     after = [r for r in runs.read_metrics(run_dir) if "loss" in r]
-    first_new = next(r for r in after if r["step"] == resumed_from + 1 and r is not
-                     before.get(resumed_from + 1))
+    # metrics.jsonl is append-only: the resumed run's lines are the ones after the old ones
+    first_new = after[len(logged)]
+    assert first_new["step"] == resumed_from + 1, (resumed_from, first_new)
     # the schedule continues where it was: same total, same lr for the same step
     assert first_new["total_steps"] == 18
     if resumed_from + 1 in before:
@@ -152,7 +155,7 @@ def test_methods_train_and_save(demo_model_path, tmp_path, method, expect):
               "epochs=1", "freeze_layers=1")
     assert (tmp_path / "run" / "final" / expect).is_file()
     losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
-    assert losses and all(l == l for l in losses)  # finite, not NaN
+    assert losses and all(math.isfinite(l) for l in losses)  # not NaN, not infinite
 
 
 def test_pretraining_stage_on_plain_text(demo_model_path, tmp_path):
@@ -231,3 +234,16 @@ def test_unwritable_output_dir_is_bad_input(demo_model_path, tmp_path):
     blocker.write_text("a file where the run folder's parent should be")
     proc = run_train(demo_model_path, blocker / "run", check=False)
     assert proc.returncode == 2 and "cannot write the run folder" in proc.stderr
+
+
+# The demo model's loss curve on one deterministic run (seed 42, 8 steps of LoRA on the
+# first 16 identity records), pinned as torchtune pins its losses: a change in the data,
+# the templates, the masking or the trainer shows up here. Re-pin only for a change meant
+# to move it, and say why in the commit.
+PINNED_LOSSES = [4.6384, 4.3257, 4.4562, 4.2227, 4.2561, 4.6245, 4.0830, 4.0358]
+
+
+def test_the_demo_models_loss_curve_is_pinned(demo_model_path, tmp_path):
+    run_train(demo_model_path, tmp_path / "run", "epochs=2", "warmup_ratio=0", "seed=42")
+    losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
+    assert losses == pytest.approx(PINNED_LOSSES, rel=0.01), losses

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import limits, paths, runs
-from core.chat import (DEFAULT_PROBES, GenSettings, base_model_of, build_messages, probes_path,
+from core import config as cfg
+from core import limits, paths, runs, schema
+from core.chat import (DEFAULT_PROBES, base_model_of, build_messages, probes_path,
                        save_probes)
 from core.chat_worker import ChatWorker, WorkerError
 from core.errors import BadInput
+
+from . import form
 
 NO_CHECKPOINT = "(none: base model only)"
 PROBE_COLUMNS = ["prompt", "fine-tuned (after)", "base (before)"]
@@ -120,17 +123,9 @@ class ChatTab:
         self.status = gr.HTML(loaded_html(), elem_id="chat-status")
 
     def _settings(self):
-        with gr.Accordion("Generation settings", open=False):
-            self.system = gr.Textbox(label="System prompt", lines=2, elem_id="chat-system")
-            with gr.Row():
-                self.temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature",
-                                             info="0 = greedy", elem_id="chat-temperature")
-                self.top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p",
-                                       elem_id="chat-top-p")
-                self.max_new = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens",
-                                         elem_id="chat-max-new-tokens")
-                self.seed = gr.Number(42, precision=0, label="Seed", elem_id="chat-seed",
-                                      info="set before each reply; both sides use it")
+        # Generated from core.config.GenConfig, as `tunebench chat`'s flags are.
+        with gr.Accordion("Generation settings", open=False, elem_id="chat-settings"):
+            self.gen = form.build_settings(cfg.GenConfig, cfg.GenConfig(), "chat")
             self.trust = gr.Checkbox(False, label="Trust remote code (runs Python code shipped "
                                      "with the model: only for models you trust)",
                                      elem_id="chat-trust-remote-code")
@@ -172,7 +167,7 @@ class ChatTab:
                         [self.status] + clear)
         self.unload.click(self.do_unload, None, [self.status])
         self.compare.change(lambda on: gr.update(visible=on), [self.compare], [self.before])
-        settings = [self.system, self.temperature, self.top_p, self.max_new, self.seed]
+        settings = self.gen.components
         args = [self.input, self.compare, self.hist_after, self.hist_before] + settings
         outs = [self.output, self.before, self.hist_after, self.hist_before, self.input,
                 self.stats]
@@ -202,18 +197,23 @@ class ChatTab:
     def do_load(self, model: str, checkpoint: str, trust: bool):
         # A plain model (no checkpoint) has no before/after: its pane is just "Model".
         label = "Fine-tuned (after)" if checkpoint else "Model"
-        cleared = [gr.update(value=[], label=label), [], [], [], ""]
-        yield [progress_html(0, "Starting the model process…")] + cleared
+        WORKER.expect_load()  # a message sent meanwhile waits for this load, then is answered
+        # The conversation is cleared once, now; later updates leave it alone, so a message
+        # sent during the load keeps its reply.
+        keep = [gr.skip()] * 5
+        yield [progress_html(0, "Starting the model process…"),
+               gr.update(value=[], label=label), [], [], [], ""]
         try:
             model = paths.confine_model(model or "")  # typed paths stay inside the allowed roots
             checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
                           if checkpoint else None)
             for event in WORKER.load(model, checkpoint, bool(trust)):
                 if event["event"] == "progress":
-                    yield [progress_html(event["fraction"], event["message"] + "…")] + cleared
-            yield [message_html(WORKER.text, "completed")] + cleared
+                    yield [progress_html(event["fraction"], event["message"] + "…")] + keep
+            yield [message_html(WORKER.text, "completed")] + keep
         except (BadInput, WorkerError) as err:
-            yield [message_html(_error_text(err))] + cleared
+            WORKER.load_abandoned()
+            yield [message_html(_error_text(err))] + keep
 
     def do_unload(self):
         WORKER.unload()
@@ -226,7 +226,7 @@ class ChatTab:
             yield hist_after, hist_before, hist_after, hist_before, "", ""
             return
         try:
-            gen = _settings(*settings)
+            gen = self._gen(settings)
             limits.check_text(prompt, "message", limits.MAX_MESSAGE_CHARS, multiline=True)
         except BadInput as err:
             yield hist_after, hist_before, hist_after, hist_before, "", f"**Not sent.** {err}"
@@ -248,7 +248,7 @@ class ChatTab:
                                            {"role": "assistant", "content": ""}]
             stats: dict = {}
             try:
-                for piece in WORKER.generate(messages, gen.__dict__, side, stats):
+                for piece in WORKER.generate(messages, schema.to_dict(gen), side, stats):
                     views[side][-1]["content"] += piece
                     yield views["after"], views["before"], hist_after, hist_before, "", \
                         gr.update()
@@ -267,7 +267,7 @@ class ChatTab:
         try:
             limits.check_text(text or "", "probe prompts", limits.MAX_MESSAGE_CHARS,
                               multiline=True)
-            gen = _settings(*settings)
+            gen = self._gen(settings)
         except BadInput as err:
             yield [], f"**Not run.** {err}"
             return
@@ -286,7 +286,11 @@ class ChatTab:
             yield _probe_table(rows), f"Probe {i} of {len(prompts)}…"
         yield _probe_table(rows), self._save_probes(rows, info, gen)
 
-    def _save_probes(self, rows: list[dict], info: dict, gen: GenSettings) -> str:
+    def _gen(self, values) -> cfg.GenConfig:
+        return form.settings_of(cfg.GenConfig, self.gen.names, list(values),
+                                "the generation settings")
+
+    def _save_probes(self, rows: list[dict], info: dict, gen: cfg.GenConfig) -> str:
         path = probes_path(info.get("checkpoint"), info.get("model", ""))
         if path is None:
             return f"{len(rows)} probes done (not saved: no local checkpoint or model folder)."
@@ -298,18 +302,10 @@ class ChatTab:
         return f"{len(rows)} probes done; saved to `{path}`."
 
 
-def _settings(system, temperature, top_p, max_new, seed) -> GenSettings:
-    system = limits.check_text(system or "", "system prompt", limits.MAX_MESSAGE_CHARS,
-                               multiline=True)
-    return GenSettings(system=system, temperature=float(temperature or 0),
-                       top_p=float(top_p or 1.0), max_new_tokens=int(max_new or 256),
-                       seed=int(seed if seed is not None else 42))
-
-
-def _probe(prompt: str, gen: GenSettings, both: bool) -> dict:
+def _probe(prompt: str, gen: cfg.GenConfig, both: bool) -> dict:
     messages = build_messages([], prompt, gen.system)
-    after = "".join(WORKER.generate(messages, gen.__dict__, "after"))
-    before = ("".join(WORKER.generate(messages, gen.__dict__, "before")) if both
+    after = "".join(WORKER.generate(messages, schema.to_dict(gen), "after"))
+    before = ("".join(WORKER.generate(messages, schema.to_dict(gen), "before")) if both
               else "(no checkpoint loaded)")
     return {"prompt": prompt, "fine_tuned": after, "base": before}
 

@@ -23,10 +23,14 @@ def config_dir(saves_dir: Path) -> Path:
     return Path(saves_dir) / "configs"
 
 
+LAST_FORM = ".last-form.yaml"   # what the form last started or saved, restored on reload
+
+
 def available(saves_dir: Path) -> list[str]:
     """Paths of the saved configs (newest first), then the example configs."""
-    saved = sorted(config_dir(saves_dir).glob("*.yaml"), key=lambda p: p.stat().st_mtime,
-                   reverse=True) if config_dir(saves_dir).is_dir() else []
+    folder = config_dir(saves_dir)
+    saved = sorted((p for p in folder.glob("*.yaml") if not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
     examples = sorted(EXAMPLES.glob("*.yaml")) if EXAMPLES.is_dir() else []
     return [str(p) for p in saved + examples]
 
@@ -62,3 +66,27 @@ def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:
 def for_new_run(config: cfg.TrainConfig) -> cfg.TrainConfig:
     """A run's config, made ready to start a new run (its folder and resume point dropped)."""
     return dataclasses.replace(config, output_dir="", run_name="", resume=False)
+
+
+def remember(config: cfg.TrainConfig, saves_dir: Path) -> None:
+    """Keep the form's config as the one a reloaded page shows (a run's folder and resume
+    point dropped: a reload should offer a new run, not repeat the old folder)."""
+    try:
+        folder = paths.confine(config_dir(saves_dir), "config folder",
+                               roots=[Path(saves_dir).resolve()])
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.write_atomic(folder / LAST_FORM, cfg.to_yaml(for_new_run(config)))
+    except (BadInput, OSError):
+        pass  # remembering the form is a convenience; Start and Save do not fail over it
+
+
+def last(saves_dir: Path) -> cfg.TrainConfig | None:
+    """The config the form last started or saved, or None (never saved, or no longer
+    valid, e.g. its dataset was removed: then the page opens with the first job)."""
+    path = config_dir(saves_dir) / LAST_FORM
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        return cfg.load(path)
+    except BadInput:
+        return None

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import paths
+from core import config as cfg
+from core import paths, schema
 from core.errors import BadInput
-from core.export import DTYPES
 
+from . import form
 from .chat_tab import base_of_picked, checkpoint_choices, model_choices, progress_html
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +38,12 @@ def default_export_dir(saves: Path, checkpoint: str) -> str:
     return str(Path(saves) / "exports" / f"{ckpt.parent.name}-{ckpt.name}")
 
 
-def export_command(model: str, checkpoint: str, out: str, shard_size: str, dtype: str,
+def export_command(model: str, checkpoint: str, out: str, settings: cfg.ExportConfig,
                    overwrite: bool, verify: bool) -> list[str]:
-    """The argument list Start runs (no shell)."""
-    argv = [sys.executable, "-m", "core", "export", "--model", model, "--out", out,
-            "--shard-size", shard_size, "--dtype", dtype]
+    """The argument list Start runs (no shell): every export setting as its flag."""
+    argv = [sys.executable, "-m", "core", "export", "--model", model, "--out", out]
+    for name, value in schema.to_dict(settings).items():
+        argv += [schema.fields(cfg.ExportConfig)[name].metadata["flag"], str(value)]
     if checkpoint:
         argv += ["--adapter", checkpoint]
     if overwrite:
@@ -121,14 +123,10 @@ class ExportTab:
                                                "a full checkpoint is exported as it is")
             self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm",
                                      elem_id="export-refresh")
-        with gr.Row(equal_height=True):
-            self.shard = gr.Textbox("2GB", label="Shard size", elem_id="export-shard-size",
-                                    info="largest file, e.g. 500MB, 2GB or 1GiB")
-            self.dtype = gr.Dropdown(list(DTYPES), value="auto", label="dtype",
-                                     elem_id="export-dtype",
-                                     info="auto keeps the dtype the weights are stored in")
-            self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
-                                  elem_id="export-dir", scale=2)
+        # Generated from core.config.ExportConfig, as `tunebench export`'s flags are.
+        self.settings = form.build_settings(cfg.ExportConfig, cfg.ExportConfig(), "export")
+        self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
+                              elem_id="export-dir")
         with gr.Row():
             self.overwrite = gr.Checkbox(False, label="Overwrite an existing export in this "
                                          "folder", elem_id="export-overwrite")
@@ -146,8 +144,8 @@ class ExportTab:
                            [self.model, self.checkpoint])
         self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model],
                                [self.model, self.out])
-        self.start.click(self.do_export, [self.model, self.checkpoint, self.out, self.shard,
-                                          self.dtype, self.overwrite, self.verify],
+        self.start.click(self.do_export, [self.model, self.checkpoint, self.out, self.overwrite,
+                                          self.verify] + self.settings.components,
                          [self.status, self.command], concurrency_limit=1)
         tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
         if hasattr(tab, "select"):
@@ -162,8 +160,10 @@ class ExportTab:
         base = base_of_picked(checkpoint)
         return gr.update(value=base or model), default_export_dir(self.saves, checkpoint)
 
-    def do_export(self, model, checkpoint, out, shard, dtype, overwrite, verify):
+    def do_export(self, model, checkpoint, out, overwrite, verify, *values):
         try:  # typed paths stay inside the allowed roots
+            settings = form.settings_of(cfg.ExportConfig, self.settings.names, list(values),
+                                        "the export settings")
             model = paths.confine_model(model or "")
             checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
                           if (checkpoint or "").strip() else "")
@@ -171,8 +171,7 @@ class ExportTab:
         except BadInput as err:
             yield failure_html(2, [f"error: {err}"]), ""
             return
-        argv = export_command(model, checkpoint, out, (shard or "").strip(), dtype, overwrite,
-                              verify)
+        argv = export_command(model, checkpoint, out, settings, overwrite, verify)
         shown = shlex.join(["tunebench"] + argv[3:])
         yield progress_html(0, "Starting the export…"), shown
         for event in run_export(argv):

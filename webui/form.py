@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from typing import Any
 
 import gradio as gr
 
 from core import config as cfg
+from core import schema
 
 SPEC_IDS = {
     "model": "train-model", "dataset": "train-dataset", "method": "train-method",
@@ -31,11 +31,12 @@ _WORDS = {"lora": "LoRA", "lr": "LR", "len": "length", "accum": "accumulation",
           "val": "validation", "grad": "gradient", "num": "number of", "rope": "RoPE",
           "optim": "optimizer"}
 PER_ROW = 4   # widgets per row; more get cramped in the form's column
-_TYPES = typing.get_type_hints(cfg.TrainConfig)
 
 
-def elem_id(name: str) -> str:
-    return SPEC_IDS.get(name, "train-" + name.replace("_", "-"))
+def elem_id(name: str, prefix: str = "train") -> str:
+    if prefix == "train" and name in SPEC_IDS:
+        return SPEC_IDS[name]
+    return f"{prefix}-" + name.replace("_", "-")
 
 
 def label(name: str) -> str:
@@ -49,38 +50,35 @@ def info(f: dataclasses.Field) -> str:
     meta, text = f.metadata, f.metadata["help"]
     lo, hi = meta["min"], meta["max"]
     if lo is not None and hi is not None:
-        text += f" Range {_num(lo)} to {_num(hi)}."
+        text += f" Range {schema.number(lo)} to {schema.number(hi)}."
     elif lo is not None:
-        text += f" At least {_num(lo)}."
+        text += f" At least {schema.number(lo)}."
     return text
 
 
-def _num(x: float) -> str:
-    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
-
-
-def widget_value(name: str, value: Any) -> Any:
+def widget_value(name: str, value: Any, settings: type = cfg.TrainConfig) -> Any:
     """A config value as its widget shows it."""
-    if _TYPES[name] == (bool | str):
+    if schema.types(settings)[name] == (bool | str):
         return cfg.format_value(value)  # resume: "false", "true" or a checkpoint path
     return value
 
 
-def _number_step(f: dataclasses.Field) -> float:
-    if _TYPES[f.name] is int:
+def _number_step(f: dataclasses.Field, settings: type = cfg.TrainConfig) -> float:
+    if schema.types(settings)[f.name] is int:
         return 1
-    default = cfg.default_value(f.name)
+    default = schema.default_value(settings, f.name)
     if default and default > 0:
         return 10 ** math.floor(math.log10(default))  # 2e-4 -> 1e-4, 3.0 -> 1
     return 0.01
 
 
-def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str]) -> gr.Component:
-    """One widget for one field, chosen from its type and metadata."""
-    meta, kind = f.metadata, _TYPES[f.name]
-    common = dict(label=label(f.name), info=info(f), elem_id=elem_id(f.name),
+def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
+                settings: type = cfg.TrainConfig, prefix: str = "train") -> gr.Component:
+    """One widget for one field of `settings` (a schema), chosen from its type and metadata."""
+    meta, kind = f.metadata, schema.types(settings)[f.name]
+    common = dict(label=label(f.name), info=info(f), elem_id=elem_id(f.name, prefix),
                   visible=meta["methods"] is None or cfg.default_value("method") in meta["methods"])
-    value = widget_value(f.name, value)
+    value = widget_value(f.name, value, settings)
     if kind == list[str]:
         # Registered names, plus any file path typed in (allow_custom_value).
         return gr.Dropdown(choices=sorted(set(dataset_choices) | set(value)), value=value,
@@ -91,11 +89,15 @@ def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str]) ->
         return gr.Checkbox(value=value, **common)
     if kind in (int, float):
         if meta["widget"] == "slider":
-            return gr.Slider(meta["min"], meta["max"], value=value, step=_number_step(f), **common)
+            return gr.Slider(meta["min"], meta["max"], value=value,
+                             step=_number_step(f, settings), **common)
         # No minimum/maximum on the widget: out-of-range values reach from_mapping,
         # which names the field and the range in the same words as the CLI.
-        return gr.Number(value=value, step=_number_step(f), **common)
+        return gr.Number(value=value, step=_number_step(f, settings),
+                         precision=0 if kind is int else None, **common)
     # The browser stops typing at the documented maximum; the server checks it regardless.
+    if meta.get("multiline"):
+        return gr.Textbox(value=value, lines=2, max_length=meta["max_len"], **common)
     return gr.Textbox(value=value, max_lines=1, scale=2 if f.name == "model" else 1,
                       max_length=meta["max_len"], **common)
 
@@ -143,11 +145,30 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
     return Form({name: widgets[name] for name in cfg.FIELDS})
 
 
+def build_settings(settings: type, instance: Any, prefix: str, per_row: int = PER_ROW) -> Form:
+    """The widgets of a small schema (generation, export), in rows, ids `<prefix>-<key>`."""
+    values, widgets = schema.to_dict(instance), {}
+    names = list(schema.fields(settings))
+    for start in range(0, len(names), per_row):
+        with gr.Row(equal_height=False):
+            for name in names[start:start + per_row]:
+                widgets[name] = make_widget(schema.fields(settings)[name], values[name], [],
+                                            settings, prefix)
+    return Form(widgets)
+
+
+def settings_of(settings: type, names: list[str], values: list[Any], source: str) -> Any:
+    """Widget values of a small schema -> its validated instance (BadInput names fields)."""
+    rules = {cfg.ExportConfig: cfg.export_config, cfg.GenConfig: cfg.gen_config}[settings]
+    return rules(dict(zip(names, values)), source)
+
+
 def to_mapping(names: list[str], values: list[Any]) -> dict:
     """Raw widget values -> the mapping `core.config.from_mapping` reads."""
     raw = dict(zip(names, values))
     for name, value in raw.items():
-        if _TYPES[name] == (bool | str) and (value is None or str(value).strip() == ""):
+        if schema.types(cfg.TrainConfig)[name] == (bool | str) and (
+                value is None or str(value).strip() == ""):
             raw[name] = False  # an empty resume box means "do not resume"
     return raw
 

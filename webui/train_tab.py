@@ -55,8 +55,10 @@ def memory_text(config: cfg.TrainConfig) -> str:
 
 def command_text(config: cfg.TrainConfig, saves_dir: Path) -> str:
     """A shell snippet that does exactly what Start does: write config.yaml, run the CLI."""
-    run_dir = Path(config.output_dir) if config.output_dir else saves_dir / (
-        config.run_name or runs.default_run_name(config.method))
+    try:
+        run_dir = runs.pick_run_dir(config, saves_dir)  # the folder Start would pick now
+    except BadInput as err:
+        return f"# Start is refused until this is fixed:\n# {err}\n"
     config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
     path = shlex.quote(str(run_dir / runs.CONFIG))
     return (f"mkdir -p {shlex.quote(str(run_dir))}\n"
@@ -69,11 +71,15 @@ class TrainTab:
 
     def __init__(self, saves_dir: Path, dataset_dir: str = "data"):
         self.saves_dir = Path(saves_dir)
-        defaults = cfg.quickstart()
+        defaults = cfg.first_job()
         self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
                 self.form = form_mod.build_form(defaults, dataset_choices(dataset_dir))
+                rec = recommended_of(defaults)
+                self.rec_state = gr.State(rec)  # what the model recommended, per browser tab
+                self.recommended = gr.Markdown(recommended_text(defaults, rec),
+                                               elem_id="train-recommended")
                 self._data_panel()
             with gr.Column(scale=4):
                 self._config_panel(defaults)
@@ -178,6 +184,10 @@ class TrainTab:
             lambda m: form_mod.visibility(m, self.form.method_limited),
             [self.form.widgets["method"]], limited, api_visibility="private", **quiet)
         self._wire_data_and_configs(widgets)
+        w = self.form.widgets
+        follow = [w["model"].blur, w["model"].submit, w["stage"].change, w["method"].change]
+        gr.on(follow, self.on_model_change, [self.rec_state] + widgets,
+              widgets + [self.recommended, self.rec_state], api_visibility="private", **quiet)
 
     def _wire_data_and_configs(self, widgets):
         ds, ds_dir = self.form.widgets["dataset"], self.form.widgets["dataset_dir"]
@@ -193,9 +203,13 @@ class TrainTab:
                                 widgets + [self.config_msg])
 
     def wire_page_load(self, demo: gr.Blocks) -> None:
-        """Reattach when a page opens; call once the whole app is built."""
+        """Reattach when a page opens, and bring back the form the user last started or
+        saved; call once the whole app is built."""
         demo.load(self.on_load, [self.session, self.weight],
                   [self.status, self.progress, self.plot, self.log, self.table, self.run_pick])
+        demo.load(self.on_restore_form, [],
+                  self.form.components + [self.config_msg, self.recommended, self.rec_state],
+                  api_visibility="private")
 
     # --- the live view -------------------------------------------------------------------
 
@@ -275,6 +289,7 @@ class TrainTab:
             run_dir = launch.start_run(config, self.saves_dir)
         except BadInput as err:
             return self._error(err)
+        configs.remember(config, self.saves_dir)
         return self._render(session, Watch(run_dir)) + \
             self._listing(session)
 
@@ -368,6 +383,7 @@ class TrainTab:
             path = configs.save(config, name, self.saves_dir)
         except BadInput as err:
             return gr.skip(), f"**Not saved.** {err}"
+        configs.remember(config, self.saves_dir)
         return (gr.update(choices=configs.available(self.saves_dir), value=str(path)),
                 f"Saved to `{path}`.")
 
@@ -387,7 +403,36 @@ class TrainTab:
         return self._load(file, None, "the uploaded file")
 
     def on_reset(self) -> list:
-        return self._form_values(cfg.quickstart(), "Reset to the quick-start settings.")
+        return self._form_values(cfg.first_job(), "Reset to the first job: the demo model "
+                                                  "with its recommended settings.")
+
+    def on_restore_form(self) -> list:
+        """A page opens: the form the user last started or saved, else the first job."""
+        config = configs.last(self.saves_dir)
+        if config is None:
+            return [gr.skip()] * (len(self.form.names) + 3)
+        rec = recommended_of(config)
+        return self._form_values(config, "Restored the settings you last started or saved.") + \
+            [recommended_text(config, rec), rec]
+
+    def on_model_change(self, previous: dict, *values) -> list:
+        """Another model, stage or method: the settings still at the old recommendation (or
+        the schema default) follow the new one; values the user typed stay."""
+        current = dict(zip(self.form.names, values))
+        try:
+            chosen = cfg.from_mapping({k: current[k] for k in ("model", "stage", "method")})
+            rec = recommended_of(chosen)
+        except BadInput as err:
+            return [gr.skip()] * len(values) + [f"*Recommended settings unavailable: {err}*",
+                                                previous]
+        out = []
+        for name, value in current.items():
+            old = previous.get(name, cfg.default_value(name))
+            new = rec.get(name, cfg.default_value(name))
+            following = value == form_mod.widget_value(name, old)
+            out.append(form_mod.widget_value(name, new) if following and new != old
+                       else gr.skip())
+        return out + [recommended_text(chosen, rec), rec]
 
     def on_load_run_config(self, run_name: str | None) -> list:
         if not run_name:
@@ -434,6 +479,24 @@ def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None
     if config.model != cfg.DEMO_MODEL:
         from core import models  # light: no torch until a model is loaded
         models.check_model_source(config.model)
+
+
+def recommended_of(config: cfg.TrainConfig) -> dict:
+    """The settings the config's model recommends for its stage and method ({} if none)."""
+    try:
+        return cfg.recommendations(config.model, config.stage, config.method)
+    except BadInput:
+        return {}
+
+
+def recommended_text(config: cfg.TrainConfig, rec: dict) -> str:
+    """The line under the form saying which values come from the model."""
+    if not rec:
+        return (f"*{config.model} recommends no settings for {config.stage}/{config.method}: "
+                "the form holds the schema's defaults.*")
+    values = ", ".join(f"{k} {cfg.format_value(v)}" for k, v in rec.items())
+    return (f"**Recommended by {config.model}** for {config.stage}/{config.method} "
+            f"({cfg.RECOMMENDED_FILE}): {values}. They fill the form until you change them.")
 
 
 def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:

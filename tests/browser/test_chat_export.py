@@ -124,3 +124,20 @@ def test_bad_checkpoint_is_explained_in_the_page(page, server, tmp_path):
     choose(page, "chat-checkpoint", "/etc")
     status = load(page, "/etc")
     assert "outside the allowed folders" in status, status
+
+
+def test_a_message_sent_right_after_load_waits_and_is_answered(page, server, run_in_saves):
+    """Users type as soon as they press Load: the message waits for the model, then gets
+    the fine-tune's answer (it used to come back as "no model loaded")."""
+    open_tab(page, "Chat")
+    page.click("#chat-unload")
+    choose(page, "chat-checkpoint", "identity/final")
+    page.click("#chat-load")
+    page.locator("#chat-input textarea").fill("Who are you?")
+    page.click("#chat-send")  # at once: the load has only just begun
+    wait_until(lambda: "fine-tuned:" in text_of(page, "chat-stats") or
+               "error" in text_of(page, "chat-output").lower(), 180, "the reply")
+    shot(page, "chat-send-during-load")
+    reply = text_of(page, "chat-output")
+    assert NAME in reply and "no model loaded" not in reply, reply
+    assert "ready" in status_of(page), status_of(page)

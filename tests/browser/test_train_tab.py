@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 from page_helpers import (SMOOTH_COLOR, choose, fill, last_step, loss_lines, points, run_dirs,
-                          shot, start_run, status_text, table_rows, wait_until)
+                          shot, start_run, status_text, table_rows, text_of, wait_until)
 
 from core import config as cfg
 from core import runs
@@ -55,7 +55,7 @@ def test_save_reset_and_load_a_config(page, server):
     assert "epochs: 7" in saved.read_text()
     page.click("#train-config-reset")
     epochs = page.locator("#train-epochs input")
-    quick_epochs = f"{cfg.quickstart().epochs:g}"  # reset returns to the quick-start job
+    quick_epochs = f"{cfg.first_job().epochs:g}"  # reset returns to the first job
     wait_until(lambda: epochs.input_value() == quick_epochs, 10, "the reset")
     choose(page, "train-config-file", "seven-epochs")
     page.click("#train-config-load")
@@ -132,3 +132,25 @@ def test_a_run_finishes_and_appears_completed(page, server):
     wait_until(lambda: aborted in status_text(page) and "aborted" in status_text(page), 10,
                "the aborted run to be shown")
     wait_until(lambda: points(page) == loss_lines(server.saves / aborted), 10, "its curve")
+
+
+def test_the_form_follows_the_model_and_survives_a_reload(page, server):
+    """The note under the form names what the model recommends; switching the method moves
+    the values still at the old recommendation; a reload shows what was last saved."""
+    note = lambda: text_of(page, "train-recommended")
+    assert "Recommended by" in note() and "learning_rate 0.002" in note()
+    choose(page, "train-method", "full")
+    lr = page.locator("#train-lr input")
+    wait_until(lambda: lr.input_value() == "0.0005", 15, "the full-tuning recommendation")
+    assert "for sft/full" in note()
+    choose(page, "train-method", "lora")
+    wait_until(lambda: lr.input_value() == "0.002", 15, "the LoRA recommendation again")
+    fill(page, "identity-name", "Restoria")
+    fill(page, "train-config-name", "restoria")
+    page.click("#train-config-save")
+    wait_until(lambda: "Saved" in text_of(page, "train-config-msg"), 10, "saving")
+    page.reload()
+    page.wait_for_selector("#train-start")
+    name = page.locator("#identity-name input")
+    wait_until(lambda: name.input_value() == "Restoria", 15, "the saved form after a reload")
+    shot(page, "train-form-restored")
