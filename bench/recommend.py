@@ -30,6 +30,8 @@ CANDIDATES = [
     ("sft", "lora", dict(lora_rank=32, lora_alpha=64, learning_rate=2e-3, epochs=20)),
     ("sft", "dora", dict(lora_rank=32, lora_alpha=64, learning_rate=2e-3, epochs=20)),
     ("sft", "qlora", dict(lora_rank=32, lora_alpha=64, learning_rate=2e-3, epochs=20)),
+    ("sft", "oft", dict(learning_rate=2e-3, epochs=20)),
+    ("sft", "oft", dict(learning_rate=5e-3, epochs=20)),
     ("sft", "full", dict(learning_rate=5e-4, epochs=10)),
     ("sft", "full", dict(learning_rate=1e-3, epochs=10)),
     ("sft", "freeze", dict(freeze_layers=2, learning_rate=1e-3, epochs=15)),

@@ -48,9 +48,11 @@ RECOMMENDED = {
         "full": dict(learning_rate=5e-4, epochs=10),  # every weight moves: a gentler, shorter run
         "freeze": dict(freeze_layers=2),
     },
+    # Plain text (data/text_demo.jsonl): full tuning took the loss from 8.7 to 2.9; LoRA
+    # plateaus higher (8.7 to 5.7 at its best), as adapters do on new text.
     "pt": {
-        "*": dict(learning_rate=2e-3, epochs=10, batch_size=8),
-        "lora": dict(lora_rank=32, lora_alpha=64),
+        "*": dict(learning_rate=1e-3, epochs=30, batch_size=8),
+        "lora": dict(lora_rank=32, lora_alpha=64, learning_rate=3e-3),
     },
 }
 

@@ -513,18 +513,25 @@ def load_converted_adapter(model, folder: Path) -> None:
 
     saved = load_file(str(Path(folder) / "adapter_model.safetensors"))
     current = get_peft_model_state_dict(model)
-    state = {}
-    for key, value in saved.items():
-        rows, cols = current[key].shape[0], current[key].shape[-1]
-        if ".lora_A." in key:
-            value = value[:rows]
-        elif ".lora_B." in key:
-            value = value[:, :cols]
-        state[key] = value
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise BadInput(f"the checkpoint does not fit this run's adapter "
-                       f"({result.unexpected_keys[0]})", file=str(folder), field="resume")
+    state = {key: _trained_part(key, value, current.get(key)) for key, value in saved.items()}
+    misfits = [key for key, value in state.items() if value is None] + sorted(
+        set(current) - set(saved))
+    if misfits:
+        raise BadInput(f"this checkpoint was not saved by a PiSSA run with these LoRA settings "
+                       f"({misfits[0]} does not fit)", file=str(folder), field="resume")
+    set_peft_model_state_dict(model, state)
+
+
+def _trained_part(key: str, saved, current):
+    """The trained half of one converted tensor: lora_A's first rows, lora_B's first
+    columns. None when it is not a converted form of `current` (twice its rank)."""
+    if current is None:
+        return None
+    if ".lora_A." in key and saved.shape == (2 * current.shape[0], current.shape[1]):
+        return saved[:current.shape[0]]
+    if ".lora_B." in key and saved.shape == (current.shape[0], 2 * current.shape[1]):
+        return saved[:, :current.shape[1]]
+    return None
 
 
 def _decoder_layers(model):

@@ -155,8 +155,8 @@ class TunebenchTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self._initial_adapter is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # The checkpoint holds the converted adapter (twice the rank); the trainer's own
-        # loader would add it as a second adapter instead of restoring this one.
+        # The checkpoint holds the converted adapter (twice the rank), which the trainer's
+        # own loader cannot put back into this adapter: restore its trained half instead.
         models.load_converted_adapter(self.accelerator.unwrap_model(model or self.model),
                                       Path(resume_from_checkpoint))
 

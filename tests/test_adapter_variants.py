@@ -20,6 +20,7 @@ import pytest
 
 from core import config as cfg
 from core import export, runs
+from core.errors import BadInput
 
 REPO = Path(__file__).resolve().parents[1]
 # 16 records, 4 per step, 2 epochs: 8 steps with a checkpoint after the first epoch.
@@ -140,6 +141,8 @@ def test_pissa_adapters_load_on_the_original_base_and_resume(demo_model_path, tm
     import torch
     from transformers import AutoModelForCausalLM
 
+    from core import models
+
     trainer, run_dir = train_here(demo_model_path, tmp_path / "pissa", lora_init="pissa")
     trained = logits(trainer.model)
     # PiSSA is in effect: the base weights in memory are the residual, not the original.
@@ -154,10 +157,14 @@ def test_pissa_adapters_load_on_the_original_base_and_resume(demo_model_path, tm
     reloaded = logits(on_original_base(demo_model_path, run_dir / "final"))
     assert (reloaded - trained).abs().max().item() < 1e-4
 
-    # Resuming from the converted checkpoint restores the PiSSA adapter exactly.
+    # Resuming from the converted checkpoint restores the PiSSA adapter exactly...
     resumed, _ = train_here(demo_model_path, tmp_path / "resumed", lora_init="pissa",
                             resume=str(run_dir / "checkpoint-4"))
     assert (logits(resumed.model) - trained).abs().max().item() < 1e-4
+    # ...and an adapter that is not a converted PiSSA one of this rank is refused.
+    trainer.model.save_pretrained(str(tmp_path / "unconverted"))
+    with pytest.raises(BadInput, match="not saved by a PiSSA run"):
+        models.load_converted_adapter(resumed.model, tmp_path / "unconverted")
     assert_exports(demo_model_path, run_dir / "final", tmp_path / "export")
 
 

@@ -29,7 +29,8 @@ SPEC_IDS = {
 # Words that read better spelled out or capitalised in a label.
 _WORDS = {"lora": "LoRA", "lr": "LR", "len": "length", "accum": "accumulation",
           "val": "validation", "grad": "gradient", "num": "number of", "rope": "RoPE",
-          "optim": "optimizer"}
+          "optim": "optimizer", "rslora": "rsLoRA", "loraplus": "LoRA+", "oft": "OFT",
+          "init": "initialisation"}
 PER_ROW = 4   # widgets per row; more get cramped in the form's column
 
 
