@@ -36,10 +36,11 @@ from pathlib import Path
 import yaml
 
 from . import paths
+from .config import EXPORT_DTYPES
 from .errors import BadInput
 from .runs import now_iso
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = EXPORT_DTYPES  # declared once, with the export settings
 PROBE = "Who are you?"
 VERIFY_TOKENS = 48
 INDEX = "model.safetensors.index.json"

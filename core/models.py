@@ -64,7 +64,6 @@ def resolve_model(name: str) -> str:
     return name  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct, for online machines
 
 
-check_model_source = resolve_model  # the name the Train tab's Start check calls it by
 
 
 def checkpoint_kind(folder: Path) -> str:
@@ -188,7 +187,8 @@ def check_adapter_fits(base: str, base_config, adapter_dir: Path,
 # --- precision -------------------------------------------------------------------------
 
 def compute_dtype(compute_type: str):
-    """The training precision for `compute_type` on this machine, as (dtype, mixed)."""
+    """The training precision for `compute_type` on this machine: "bf16", "fp16", "fp32" or
+    "pure_bf16"."""
     import torch
 
     on_gpu = torch.cuda.is_available()

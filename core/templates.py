@@ -53,42 +53,48 @@ _QWEN = (
     "{%- endif -%}" + CHATML
 )
 
+# The templates below, like CHATML, write every piece of text through {{- '...' -}}: text
+# left between tags would lose its newlines and spaces to the tags' whitespace control.
 _ALPACA = (
-    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}\n\n"
-    "{%- else -%}Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n{%- endif -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}"
+    "{%- else -%}{{- 'Below is an instruction that describes a task. Write a response that "
+    "appropriately completes the request.\n\n' -}}{%- endif -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['role'] == 'user' -%}### Instruction:\n{{ m['content'] }}\n\n"
-    "{%- else -%}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{- '### Instruction:\n' + m['content'] + '\n\n' -}}"
+    "{%- else -%}{{- '### Response:\n' + m['content'] -}}{{- eos_token -}}{{- '\n\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}### Response:\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '### Response:\n' -}}{%- endif -%}"
 )
 
 _LLAMA2 = (
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['role'] == 'user' -%}{{ bos_token }}[INST] "
-    "{%- if loop.first and system -%}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{%- endif -%}"
-    "{{ m['content'] }} [/INST]"
-    "{%- else -%} {{ m['content'] }} {{ eos_token }}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{- bos_token -}}{{- '[INST] ' -}}"
+    "{%- if loop.first and system -%}{{- '<<SYS>>\n' + system + '\n<</SYS>>\n\n' -}}"
+    "{%- endif -%}{{- m['content'] + ' [/INST]' -}}"
+    "{%- else -%}{{- ' ' + m['content'] + ' ' -}}{{- eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
 )
 
 _LLAMA3 = (
-    "{{ bos_token }}"
+    "{{- bos_token -}}"
     "{%- for m in messages -%}"
-    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] "
+    "+ '<|eot_id|>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
 )
 
 _MISTRAL = (
-    "{{ bos_token }}"
+    "{{- bos_token -}}"
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['role'] == 'user' -%}[INST] "
-    "{%- if loop.first and system -%}{{ system }}\n\n{%- endif -%}{{ m['content'] }} [/INST]"
-    "{%- else -%}{{ m['content'] }}{{ eos_token }}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{- '[INST] ' -}}"
+    "{%- if loop.first and system -%}{{- system + '\n\n' -}}{%- endif -%}"
+    "{{- m['content'] + ' [/INST]' -}}"
+    "{%- else -%}{{- m['content'] -}}{{- eos_token -}}{%- endif -%}"
     "{%- endfor -%}"
 )
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import config as cfg
 from . import data, distributed, jobs, memory, models, paths, runs, templates
-from .errors import BadInput, Problems
+from .errors import BadInput
 
 MEMORY_CAP_ENV = "TUNEBENCH_TRAIN_MEMORY_MB"  # optional hard cap; see memory.cap_from_env
 TRAINING_LIBRARIES = ("core.trainer", "peft", "transformers.modeling_utils", "safetensors.torch",

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from core import chat, memory
-from core.chat import ChatEngine, GenSettings, build_messages
+from core.chat import ChatEngine, build_messages
+from core.config import GenConfig
 from core.chat_worker import ChatWorker, WorkerError
 from core.errors import BadInput
 
@@ -63,7 +64,7 @@ def engine(run_dir, demo_model_path):
 
 
 def ask(eng, prompt, side="after", **settings):
-    return eng.reply(build_messages([], prompt), GenSettings(max_new_tokens=48, **settings), side)
+    return eng.reply(build_messages([], prompt), GenConfig(max_new_tokens=48, **settings), side)
 
 
 # --- fast checks: no model weights loaded ------------------------------------------
@@ -158,7 +159,7 @@ def test_before_after_shows_the_identity(engine):
 
 @pytest.mark.train
 def test_reply_streams_in_pieces_and_is_reproducible(engine):
-    pieces = list(engine.stream(build_messages([], "Who are you?"), GenSettings(max_new_tokens=32)))
+    pieces = list(engine.stream(build_messages([], "Who are you?"), GenConfig(max_new_tokens=32)))
     assert len(pieces) > 3 and NAME in "".join(pieces)
     sampled = dict(temperature=1.2, top_p=0.95, seed=7)
     assert ask(engine, "Hello", **sampled) == ask(engine, "Hello", **sampled)  # seed set per reply
@@ -166,7 +167,7 @@ def test_reply_streams_in_pieces_and_is_reproducible(engine):
 
 @pytest.mark.train
 def test_multi_turn_history_and_system_prompt(engine):
-    settings = GenSettings(max_new_tokens=40, system="You are a helpful assistant.")
+    settings = GenConfig(max_new_tokens=40, system="You are a helpful assistant.")
     first = engine.reply(build_messages([], "Who are you?", settings.system), settings)
     history = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": first}]
     second = engine.reply(build_messages(history, "What is your name?", settings.system), settings)

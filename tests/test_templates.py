@@ -4,7 +4,7 @@ import pytest
 
 from core import models, templates
 from core.errors import BadInput
-from core.templates import IGNORE
+from core.templates import IGNORE, TEMPLATES
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -82,3 +82,31 @@ def test_text_records_train_every_token(tokenizer):
 def test_unknown_template_is_bad_input(tokenizer):
     with pytest.raises(BadInput, match="unknown template"):
         templates.apply_template(tokenizer, "vicuna")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello</s>\n\n"
+               "### Instruction:\nWho?\n\n### Response:\n"),
+    ("llama2", "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Who? "
+               "[/INST]"),
+    ("llama3", "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>"
+               "assistant<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nWho?<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\n"),
+    ("mistral", "<s>[INST] Be brief.\n\nHi [/INST]Hello</s>[INST] Who? [/INST]"),
+    ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+               "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nWho?<|im_end|>\n"
+               "<|im_start|>assistant\n"),
+])
+def test_named_templates_keep_their_newlines_and_spaces(name, expected):
+    """Text between Jinja tags loses whitespace to `{%-`; each template must still render
+    its separators exactly, as transformers renders chat templates."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Who?"}]
+    rendered, _ = render_jinja_template([messages], chat_template=TEMPLATES[name].jinja,
+                                        add_generation_prompt=True, bos_token="<s>",
+                                        eos_token="</s>")
+    assert rendered[0] == expected

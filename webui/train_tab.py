@@ -478,7 +478,7 @@ def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None
     data_worker.check(config)
     if config.model != cfg.DEMO_MODEL:
         from core import models  # light: no torch until a model is loaded
-        models.check_model_source(config.model)
+        models.resolve_model(config.model)
 
 
 def recommended_of(config: cfg.TrainConfig) -> dict:
