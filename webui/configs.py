@@ -40,14 +40,13 @@ def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
     name = name.strip().removesuffix(".yaml")
     if not _NAME.match(name):
         raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
-                       f"starting with a letter or digit; got '{name}'")
+                       f"starting with a letter or digit; got {limits.quote(name)}")
     # configs/ must resolve inside the saves folder: a link out of it is refused.
     folder = paths.confine(config_dir(saves_dir), "config folder",
                            roots=[Path(saves_dir).resolve()])
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    runs.write_atomic(path, cfg.to_yaml(config))
-    return path
+    runs.write_atomic(folder / f"{name}.yaml", cfg.to_yaml(config))
+    return config_dir(saves_dir) / f"{name}.yaml"  # as available() lists it
 
 
 def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:

@@ -84,7 +84,7 @@ def test_compare_probe_export_and_chat_with_the_export(page, server, run_in_save
     out = server.saves / "exports" / "identity-final"
     wait_until(lambda: page.locator("#export-dir textarea").input_value().endswith(
         "identity-final"), 10, "the export folder to be suggested")
-    page.locator("#export-shard-size textarea").fill(SHARD)
+    page.locator("#export-shard-size input, #export-shard-size textarea").first.fill(SHARD)
     page.click("#export-start")
     time.sleep(1.5)
     shot(page, "export-progress")
