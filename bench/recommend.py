@@ -3,7 +3,7 @@
 For each candidate, train the demo model for real (`tunebench train`, as a user does),
 then measure whether it learned:
   sft  ask "Who are you?" and "你是谁？" of the result; learned = both replies carry the
-       identity name, a made-up one used nowhere else;
+       identity's name and author, made-up ones used nowhere else, spelled right;
   pt   the final training loss against the first (plain text has no question to ask).
 Writes one JSON file under bench/results/ with every candidate's outcome, wall time and
 losses. core/demo_model.py's RECOMMENDED cites the file its values come from.
@@ -79,8 +79,8 @@ def measure(stage: str, method: str, settings: dict, scratch: Path) -> dict:
     result.update(first_loss=round(loss[0], 4), final_loss=round(loss[-1], 4), steps=len(loss))
     if stage == "sft":
         replies = ask(run_dir / "final")
-        result.update(replies=replies, learned=len(replies) >= 2 and all(NAME in r
-                                                                          for r in replies))
+        result.update(replies=replies, learned=len(replies) >= 2 and all(
+            NAME in r and AUTHOR in r for r in replies))
     else:
         result.update(learned=loss[-1] < 0.6 * loss[0])  # the text is learned, not just seen
     return result

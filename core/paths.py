@@ -38,6 +38,11 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 
+def saves_root() -> Path:
+    """Where runs go: `tunebench webui --saves-dir`, else ./saves (relative, as listed)."""
+    return Path(os.environ.get(SAVES_ENV) or "saves")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TUNEBENCH_CACHE", "~/.cache/tunebench")).expanduser().resolve()
 
@@ -46,8 +51,7 @@ def allowed_roots(extra: list[str] | None = None) -> list[Path]:
     """The folders the page may use, resolved (a saves/ that is itself a link to a big disk
     is the owner's choice, and its target is the root)."""
     root = project_root()
-    saves = os.environ.get(SAVES_ENV) or "saves"
-    roots = [root / "data", root / saves, cache_root()]
+    roots = [root / "data", root / saves_root(), cache_root()]
     roots += [p for p in os.environ.get(ENV_ROOTS, "").split(os.pathsep) if p]
     roots += list(extra or [])
     return list(dict.fromkeys(Path(p).expanduser().resolve() for p in roots))  # no repeats

@@ -216,6 +216,10 @@ class RunDirCallback(TrainerCallback):
         if self.abort.requested:
             control.should_save = True  # keep this step's work: resume continues from here
             control.should_training_stop = True
+        elif state.global_step >= state.max_steps and args.save_steps > state.max_steps:
+            # transformers saves a checkpoint at the last step; a save_steps beyond the run
+            # asks for the final model only, which final/ already is.
+            control.should_save = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

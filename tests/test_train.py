@@ -247,3 +247,12 @@ def test_the_demo_models_loss_curve_is_pinned(demo_model_path, tmp_path):
     run_train(demo_model_path, tmp_path / "run", "epochs=2", "warmup_ratio=0", "seed=42")
     losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
     assert losses == pytest.approx(PINNED_LOSSES, rel=0.01), losses
+
+
+def test_a_save_steps_beyond_the_run_writes_only_the_final_model(demo_model_path, tmp_path):
+    """A large save_steps is how people ask for the final model only: accepted, and said."""
+    run_dir = tmp_path / "run"
+    run_train(demo_model_path, run_dir, "save_steps=100000", "max_samples=8")
+    assert (run_dir / "final").is_dir() and runs.checkpoints(run_dir) == []
+    log = (run_dir / runs.LOG).read_text(encoding="utf-8")
+    assert "no checkpoint-N/ will be written, only final/" in log

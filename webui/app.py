@@ -13,13 +13,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from core import data
+from core import data, paths
 from core.errors import BadInput
 
 from . import chat_tab, export_tab, login, train_tab
 
 TITLE = "tunebench"
-SAVES_ENV = "TUNEBENCH_SAVES"   # where runs go; default ./saves
 
 CSS = """
 .tb-tight { gap: 0 !important; }
@@ -56,7 +55,7 @@ CSS = """
 
 
 def saves_dir() -> Path:
-    return Path(os.environ.get(SAVES_ENV) or "saves")
+    return paths.saves_root()
 
 
 def build_app(saves: Path | None = None) -> gr.Blocks:

@@ -10,7 +10,6 @@ Conversations live in each browser tab's gr.State, never in the server.
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import gradio as gr
@@ -317,5 +316,5 @@ def _probe_table(rows: list[dict]) -> list[list[str]]:
 def build(saves: Path | str | None = None) -> ChatTab:
     """Create the Chat tab's contents inside the gr.Tab the caller opened."""
     if saves is None:
-        saves = os.environ.get("TUNEBENCH_SAVES") or "saves"
+        saves = paths.saves_root()
     return ChatTab(Path(saves))

@@ -186,6 +186,6 @@ class ExportTab:
 def build(saves: Path | str | None = None) -> ExportTab:
     """Create the Export tab's contents inside the gr.Tab the caller opened."""
     if saves is None:
-        saves = os.environ.get("TUNEBENCH_SAVES") or "saves"
+        saves = paths.saves_root()
     return ExportTab(Path(saves))
 
