@@ -235,9 +235,9 @@ def runs_table(saves_dir: Path) -> list[list]:
 def newest_running(saves_dir: Path) -> Path | None:
     """The run to reattach to when a page opens: the newest one still going that the
     list shows."""
-    inside = {p.resolve() for p in runs.run_dirs(saves_dir)}
-    busy = [r for r in launch.running_runs(saves_dir)
-            if r.path.resolve() in inside or paths.is_allowed(r.path.resolve())]
+    saves = Path(saves_dir).resolve()
+    busy = [r for r in launch.running_runs(saves_dir)  # those in saves/, and others it lists
+            if r.path.resolve().parent == saves or paths.is_allowed(r.path.resolve())]
     if not busy:
         return None
     return max(busy, key=lambda r: r.started_at).path
