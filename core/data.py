@@ -82,13 +82,6 @@ def _exists(path: Path, kind: str = "any") -> bool:
         return False
 
 
-def _expand(name: str) -> Path:
-    try:
-        return Path(name).expanduser()
-    except RuntimeError:  # "~someone" with no such user: take it literally
-        return Path(name)
-
-
 def data_dir(dataset_dir: str | os.PathLike = "data", confine: bool | None = None) -> Path:
     """The folder to read: `dataset_dir`, or the bundled one when the default
     "data" is not present in the working directory (tunebench started elsewhere).
@@ -147,11 +140,11 @@ def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data",
     registry = read_registry(folder)
     if name in registry:
         return _registry_entry(name, registry[name], folder, confine)
-    path = _expand(name)
+    path = paths.expand_user(name)
     looks_like_path = path.suffix.lower() in EXTENSIONS or "/" in name or os.sep in name
     refusal = None
     for raw in [name] + ([] if path.is_absolute() else [folder / path]):
-        candidate = _expand(str(raw))
+        candidate = paths.expand_user(str(raw))
         if confine:
             try:  # the gate quotes what was typed, and expands it itself
                 candidate = paths.confine(raw, "dataset")
@@ -193,7 +186,7 @@ def _registry_entry(name: str, raw: Any, folder: Path, confine: bool = False) ->
                        + ", ".join(FORMATS) + " (or leave it out to detect it)",
                        file=reg, field=f"{name}.formatting")
     columns = _registry_columns(name, raw.get("columns"), fmt, reg)
-    path = _expand(file_name)
+    path = paths.expand_user(file_name)
     path = path if path.is_absolute() else folder / path
     if confine:  # the registered file, symlinks resolved, must lie inside the roots too
         path = paths.confine(path, f"dataset '{name}'")

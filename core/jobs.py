@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from . import locks, paths, runs
 
@@ -85,13 +86,11 @@ def active() -> list[Job]:
     return sorted(alive, key=lambda j: j.started_at)
 
 
-def own_pid_entry(run_dir: Path) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def own_pid_entry(run_dir: Path) -> Iterator[None]:
     """Register this process for `run_dir` while the block runs (the trainer's side)."""
-    @contextlib.contextmanager
-    def scope():
-        register(run_dir, os.getpid())
-        try:
-            yield
-        finally:
-            unregister(run_dir, os.getpid())
-    return scope()
+    register(run_dir, os.getpid())
+    try:
+        yield
+    finally:
+        unregister(run_dir, os.getpid())

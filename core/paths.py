@@ -77,15 +77,20 @@ def is_allowed(path: Path, roots: list[Path] | None = None) -> bool:
                                                   else allowed_roots()))
 
 
+def expand_user(text: str | Path) -> Path:
+    """`~` expanded, as the shell does; "~someone" with no such user is taken literally."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
 def expand(raw: str | Path, what: str = "path") -> Path:
     """`~` expanded and made absolute against the project folder; symlinks not yet resolved."""
     text = limits.check_path_text(str(raw).strip(), what)
     if not text:
         raise BadInput(f"{what} is empty")
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError:  # "~someone" with no such user: a relative name, taken literally
-        path = Path(text)
+    path = expand_user(text)
     return path if path.is_absolute() else project_root() / path
 
 
@@ -116,11 +121,7 @@ def guard(raw: str | Path, what: str = "path", must_exist: bool = False) -> Path
     """The gate when confined (see the module docstring); otherwise `~` expanded."""
     if confined():
         return confine(raw, what, must_exist=must_exist)
-    text = limits.check_path_text(str(raw).strip(), what)
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:
-        return Path(text)
+    return expand_user(limits.check_path_text(str(raw).strip(), what))
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -175,7 +176,7 @@ def _confine_datasets(config, names: list[str], saves_dir) -> None:
 
 def _confine_dataset_dir(config, folder: str, saves_dir) -> None:
     from . import data
-    confine(folder, "dataset_dir", roots=allowed_roots() + [data.BUNDLED_DIR])
+    data.data_dir(folder, confine=True)  # the roots plus the bundled data, read-only
 
 
 def _confine_output_dir(config, folder: str, saves_dir) -> None:

@@ -35,17 +35,21 @@ def available(saves_dir: Path) -> list[str]:
     return [str(p) for p in saved + examples]
 
 
+def _writable_dir(saves_dir: Path) -> Path:
+    """configs/, created, resolved inside the saves folder: a link out of it is refused."""
+    folder = paths.confine(config_dir(saves_dir), "config folder",
+                           roots=[Path(saves_dir).resolve()])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
     """Write the form's config as <saves>/configs/<name>.yaml. Returns the path."""
     name = name.strip().removesuffix(".yaml")
     if not _NAME.match(name):
         raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
                        f"starting with a letter or digit; got {limits.quote(name)}")
-    # configs/ must resolve inside the saves folder: a link out of it is refused.
-    folder = paths.confine(config_dir(saves_dir), "config folder",
-                           roots=[Path(saves_dir).resolve()])
-    folder.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(folder / f"{name}.yaml", cfg.to_yaml(config))
+    runs.write_atomic(_writable_dir(saves_dir) / f"{name}.yaml", cfg.to_yaml(config))
     return config_dir(saves_dir) / f"{name}.yaml"  # as available() lists it
 
 
@@ -71,10 +75,8 @@ def remember(config: cfg.TrainConfig, saves_dir: Path) -> None:
     """Keep the form's config as the one a reloaded page shows (a run's folder and resume
     point dropped: a reload should offer a new run, not repeat the old folder)."""
     try:
-        folder = paths.confine(config_dir(saves_dir), "config folder",
-                               roots=[Path(saves_dir).resolve()])
-        folder.mkdir(parents=True, exist_ok=True)
-        runs.write_atomic(folder / LAST_FORM, cfg.to_yaml(for_new_run(config)))
+        runs.write_atomic(_writable_dir(saves_dir) / LAST_FORM,
+                          cfg.to_yaml(for_new_run(config)))
     except (BadInput, OSError):
         pass  # remembering the form is a convenience; Start and Save do not fail over it
 

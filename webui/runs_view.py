@@ -196,11 +196,12 @@ def loss_frame(records: list[dict], weight: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
-def outside_running(saves_dir: Path) -> list[Path]:
+def outside_running(saves_dir: Path, listed: list[Path] | None = None) -> list[Path]:
     """Running jobs whose folder is not in the saves folder (started from a terminal with
     another output_dir) but lies inside the allowed folders: they are listed too, so any
-    tab can watch and abort them. Keyed in the page by their path."""
-    inside = {p.resolve() for p in runs.run_dirs(saves_dir)}
+    tab can watch and abort them. Keyed in the page by their path. `listed`: the saves
+    folder's runs, when the caller has scanned them already."""
+    inside = {p.resolve() for p in (runs.run_dirs(saves_dir) if listed is None else listed)}
     return [job.run_dir for job in jobs.active()
             if job.run_dir not in inside and paths.is_allowed(job.run_dir)]
 
@@ -245,5 +246,5 @@ def newest_running(saves_dir: Path) -> Path | None:
 
 def run_names(saves_dir: Path) -> list[str]:
     """Keys of the listed runs, from a cheap scan (to notice new runs on each tick)."""
-    return [p.name for p in runs.run_dirs(saves_dir)] + \
-        [str(p) for p in outside_running(saves_dir)]
+    listed = runs.run_dirs(saves_dir)
+    return [p.name for p in listed] + [str(p) for p in outside_running(saves_dir, listed)]
