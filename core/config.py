@@ -31,6 +31,23 @@ LORA_FAMILY = ("lora", "qlora", "dora")
 # (adapter_config.json) that load on the unmodified base model.
 ADAPTER_METHODS = LORA_FAMILY + ("oft",)
 DEMO_MODEL = "demo"
+STAGES = ("sft", "pt", "rm", "dpo", "kto", "grpo")
+# Stages that learn from preferences against a frozen reference policy: with the LoRA
+# family the reference is the base with the adapter switched off (no second copy).
+PREFERENCE_STAGES = ("dpo", "kto")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+# Reference-free preference losses: no reference forward pass, no reference copy.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+# Built-in rule rewards for grpo (core/rewards.py scores them); a user's own scorer is
+# named as "file.py:function" and read from an allowed folder, never typed into the page.
+BUILTIN_REWARDS = ("exact_match", "format", "length")
+# Stages TRL 1.x no longer has: refused with a pointer to what serves the same purpose.
+REFUSED_STAGES = {
+    "ppo": "TRL 1.x has no PPO trainer, and tunebench does not call something PPO that is "
+           "not. To optimise against a reward model use stage: grpo with reward_model: the "
+           "final/ folder of an rm run (GRPO samples several replies per prompt and scores "
+           "them with it)",
+}
 
 
 @dataclass
@@ -77,8 +94,12 @@ class TrainConfig:
                             "examples never attend to each other.", "data", advanced=True)
 
     # --- method ----------------------------------------------------------------
-    stage: str = setting("sft", "sft: supervised chat fine-tuning. pt: plain-text pre-training.",
-                         "method", choices=("sft", "pt"))
+    stage: str = setting(
+        "sft", "sft: supervised chat fine-tuning. pt: plain-text pre-training. rm: a reward "
+        "model (one score per reply) from chosen/rejected pairs. dpo: preference tuning on "
+        "chosen/rejected pairs. kto: preference tuning on single replies labelled good or bad. "
+        "grpo: online RL that samples replies and scores them with a reward model or rules.",
+        "method", choices=STAGES)
     method: str = setting("lora", "lora/dora: small adapters; qlora: adapters on a 4- or 8-bit "
                           "base; oft: an adapter that rotates each layer's weights (orthogonal "
                           "fine-tuning); full: every weight; freeze: only the last layers.",
@@ -110,6 +131,47 @@ class TrainConfig:
         "lower learning_rate). Uses the optimizer chosen in optim; the schedule scales both "
         "rates alike.", "method",
         min=0.0, max=1000.0, methods=LORA_FAMILY, advanced=True)
+    pref_beta: float = setting(
+        0.1, "How far the tuned model may move from the reference (base) model: higher keeps "
+        "it closer. For dpo and kto it scales the preference loss (for ipo it is the "
+        "regulariser); for grpo it weighs the KL penalty (0 = no reference, no KL).", "method",
+        min=0.0, max=100.0, stages=("dpo", "kto", "grpo"))
+    pref_loss: str = setting(
+        "sigmoid", "Preference loss. sigmoid: DPO. ipo: DPO that resists overfitting. hinge: "
+        "SLiC. orpo: odds-ratio preference with an SFT term, no reference model. simpo: "
+        "length-normalised reward margin, no reference model.", "method",
+        choices=PREF_LOSSES, stages=("dpo",))
+    kto_desirable_weight: float = setting(
+        1.0, "KTO: weight of the replies labelled good. With fewer good than bad replies, raise "
+        "it so that weight x good count is about bad count.", "method", min=0.01, max=100.0,
+        stages=("kto",), advanced=True)
+    kto_undesirable_weight: float = setting(
+        1.0, "KTO: weight of the replies labelled bad.", "method", min=0.01, max=100.0,
+        stages=("kto",), advanced=True)
+    reward_model: str = setting(
+        "", "Reward model that scores each sampled reply: the final/ folder of an rm run, or "
+        "any sequence-classification model (empty = rule rewards only).", "method",
+        stages=("grpo",), path=True)
+    reward_funcs: list[str] = setting(
+        ["exact_match"], "Rule rewards, summed with the reward model's score: exact_match "
+        "(1 when the reply equals the row's answer), format (1 when the reply matches "
+        "reward_format), length (0 up to reward_length_target tokens, falling to -1 at "
+        "max_completion_length); none for the reward model alone. From a config or the CLI, also "
+        "your own scorer as file.py:function, read from an allowed folder.", "method",
+        stages=("grpo",))
+    reward_format: str = setting(
+        "", "Regular expression a whole reply must match for the format reward.", "method",
+        stages=("grpo",), advanced=True, max_len=limits.MAX_NAME_CHARS)
+    reward_length_target: int = setting(
+        0, "Replies up to this many tokens get no length penalty (0 = half of "
+        "max_completion_length).", "method", min=0, max=65536, stages=("grpo",),
+        advanced=True)
+    num_generations: int = setting(
+        4, "Replies sampled per prompt. GRPO learns from how they differ, so at least 2; "
+        "batch_size x grad_accum must be a multiple of it.", "method", min=2, max=256,
+        stages=("grpo",))
+    max_completion_length: int = setting(
+        64, "Longest sampled reply in tokens.", "method", min=1, max=32768, stages=("grpo",))
     quant_bits: int = setting(4, "Bits of the quantized base model for QLoRA.", "method",
                               choices=(4, 8), methods=("qlora",))
     freeze_layers: int = setting(2, "Train only this many last transformer layers (and the "
@@ -257,7 +319,16 @@ def coerce(name: str, raw: Any) -> Any:
 
 def from_mapping(raw: dict, source: str | None = None) -> TrainConfig:
     """A training config from a plain mapping, collecting every problem before failing."""
+    _refuse_stage(raw.get("stage"), source)
     return schema.build(TrainConfig, raw, source, validate)
+
+
+def _refuse_stage(stage: Any, source: str | None) -> None:
+    """A stage TRL dropped is bad input with its own explanation, not a bare 'expected
+    one of'."""
+    name = stage.strip().lower() if isinstance(stage, str) else None
+    if name in REFUSED_STAGES:
+        raise BadInput(f"stage {name}: {REFUSED_STAGES[name]}", file=source, field="stage")
 
 
 # --- resolving a training config: schema, model, YAML, command line -------------------
@@ -316,6 +387,7 @@ def resolve(yaml_raw: dict | None = None, overrides: dict | None = None,
     KEY=VALUE (or the form). Every problem is reported before any model loads."""
     yaml_raw, overrides = dict(yaml_raw or {}), dict(overrides or {})
     chosen = {**yaml_raw, **overrides}
+    _refuse_stage(chosen.get("stage"), source)
     picked = schema.build(TrainConfig, {k: chosen[k] for k in ("model", "stage", "method")
                                         if k in chosen}, source)
     recommended = recommendations(picked.model, picked.stage, picked.method)
@@ -374,8 +446,45 @@ def validate(config: TrainConfig) -> list[str]:
     problems += _distributed_problems(config)
     problems += _booster_problems(config)
     problems += _adapter_problems(config)
+    problems += _stage_problems(config)
     return problems
 
+
+def _stage_problems(config: TrainConfig) -> list[str]:
+    """What each stage needs besides its dataset (checked when the data is read)."""
+    problems = []
+    if config.stage != "grpo":
+        return problems
+    funcs = config.reward_funcs if config.reward_funcs != ["none"] else []
+    if not funcs and not config.reward_model:
+        problems.append("reward_funcs: grpo needs something to score replies: a reward_model, "
+                        "reward_funcs, or both")
+    for name in funcs:
+        if name not in BUILTIN_REWARDS and not _is_scorer_ref(name):
+            problems.append(f"reward_funcs: unknown reward {limits.quote(name)}; expected "
+                            f"{', '.join(BUILTIN_REWARDS)} or file.py:function")
+    if "format" in funcs and not config.reward_format:
+        problems.append("reward_format: the format reward needs a regular expression here")
+    if config.reward_format:
+        import re
+        try:
+            re.compile(config.reward_format)
+        except re.error as err:
+            problems.append(f"reward_format: not a valid regular expression ({err})")
+    if (config.batch_size * config.grad_accum) % config.num_generations:
+        problems.append(f"num_generations: batch_size x grad_accum "
+                        f"({config.batch_size * config.grad_accum}) must be a multiple of "
+                        f"num_generations ({config.num_generations}): each prompt's replies "
+                        "are compared within one batch")
+    if config.packing:
+        problems.append("packing: grpo samples its replies; there is nothing to pack")
+    return problems
+
+
+def _is_scorer_ref(name: str) -> bool:
+    """'path/to/file.py:function' (the file is gated and loaded in core/rewards.py)."""
+    file, sep, func = name.rpartition(":")
+    return bool(sep) and file.endswith(".py") and func.isidentifier()
 
 def _is_safe_name(name: str) -> bool:
     return all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")

@@ -239,3 +239,32 @@ def trained_segments(tokenizer, input_ids: list[int], labels: list[int]) -> list
             segments.append(([tok], trained))
     return [(tokenizer.decode(toks, skip_special_tokens=False), trained)
             for toks, trained in segments]
+
+
+# --- a prompt and one reply (preference, KTO and RL stages) -------------------------
+
+def render_prompt(prompt: list[dict], tokenizer) -> str:
+    """The prompt conversation (ending with the user) as the model sees it just before it
+    writes: the template's text up to and including the assistant header."""
+    return _render(tokenizer, prompt, add_generation_prompt=True)
+
+
+def encode_reply(prompt: list[dict], reply: str, tokenizer,
+                 cutoff_len: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) for one reply to `prompt`, through the same template and
+    masking as SFT: the reply's tokens are exactly the ones `encode_conversation` trains
+    for that turn (its text and the end-of-turn marker), and none of the prompt's are.
+
+    The prompt is tokenized on its own, as it is when the model generates, so prompt ids
+    are the same for every reply to it. When both do not fit in `cutoff_len`, the
+    prompt keeps its end and the reply its start, as `truncate` does for SFT.
+    """
+    messages = prompt + [{"role": "assistant", "content": reply}]
+    text, spans = assistant_spans(tokenizer, messages)
+    start, end = spans[-1]
+    prompt_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+    ids, labels = truncate(prompt_ids + reply_ids,
+                           [IGNORE] * len(prompt_ids) + list(reply_ids), cutoff_len)
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(ids))
+    return list(ids[:first]), list(ids[first:])
