@@ -10,6 +10,11 @@
 Replies stream piece by piece, use the tokenizer's chat template (the one the
 trainer saved with the checkpoint) and stop at the template's stop token.
 
+A reward model (the result of a stage rm run) writes no replies: loading one to chat
+is refused (models.REWARD_MODEL_REFUSAL), in `tunebench chat` as in the page. Loaded
+with head 'score' instead, the engine scores replies to a prompt (`ChatEngine.score`),
+which is what the Chat tab's "Score a reply" panel runs.
+
 Every user-fixable problem (missing folder, no weights, pickled weights, an adapter
 for another base model) is `BadInput`, found before weights are loaded where the
 files allow. torch and transformers are imported inside functions only: the web UI
@@ -27,10 +32,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import paths
-# Loading lives in core/models.py (the one loader); base_model_of and load_tokenizer are
-# imported for the Chat tab and the tests, which know them by these names.
-from .models import (base_model_of, checkpoint_kind, load_checkpoint,  # noqa: F401
-                     load_tokenizer, resolve_model)
+# Loading lives in core/models.py (the one loader); base_model_of, is_reward_model and
+# load_tokenizer are imported for the Chat tab and the tests, which know them by these names.
+from .models import (REWARD_MODEL_REFUSAL, base_model_of, checkpoint_kind,  # noqa: F401
+                     is_reward_model, load_checkpoint, load_tokenizer, resolve_model,
+                     score_replies)
 from .config import GenConfig
 from .errors import BadInput
 from .runs import now_iso, write_atomic
@@ -98,13 +104,18 @@ class Loaded:
     params: int
     load_s: float
     stop_tokens: list[str] = field(default_factory=list)
+    head: str = "causal"            # "causal" (writes replies) or "score" (a reward model)
 
     def describe(self) -> str:
         what = f"{Path(self.checkpoint).parent.name}/{Path(self.checkpoint).name} on " \
             if self.checkpoint else ""
         size = f"{self.params / 1e6:.1f}M" if self.params < 1e9 else f"{self.params / 1e9:.2f}B"
-        return (f"Loaded {what}{self.model} ({size} params, {self.dtype}, {self.device}) in "
-                f"{self.load_s:.1f} s; replies stop at {', '.join(self.stop_tokens)}")
+        loaded = (f"Loaded {'reward model ' if self.head == 'score' else ''}{what}{self.model} "
+                  f"({size} params, {self.dtype}, {self.device}) in {self.load_s:.1f} s")
+        if self.head == "score":
+            return (f"{loaded}: a reward model scores replies, it does not write them; use "
+                    "'Score a reply' below")
+        return f"{loaded}; replies stop at {', '.join(self.stop_tokens)}"
 
 
 class ChatEngine:
@@ -121,23 +132,37 @@ class ChatEngine:
         self._trust = False
 
     def load(self, model: str, checkpoint: str | None = None, trust_remote_code: bool = False,
-             progress: ProgressFn = lambda message, fraction: None) -> Loaded:
-        """Load `model` and optionally a checkpoint of it. Files are checked first."""
+             progress: ProgressFn = lambda message, fraction: None,
+             head: str = "causal") -> Loaded:
+        """Load `model` and optionally a checkpoint of it. Files are checked first.
+
+        head 'causal' loads a model to chat with (a reward model is refused); 'score'
+        loads a reward model, which `score` then runs."""
         start = time.perf_counter()
         ckpt = paths.guard(checkpoint, "checkpoint").resolve() if checkpoint else None
         kind = checkpoint_kind(ckpt) if ckpt else None
         self.tokenizer, self.model = load_checkpoint(
-            model, ckpt, trust_remote_code=trust_remote_code, progress=progress)
+            model, ckpt, head=head, trust_remote_code=trust_remote_code, progress=progress)
         self._base_name, self._trust = resolve_model(model), trust_remote_code
-        stops = stop_token_ids(self.tokenizer, self.model.generation_config)
+        stops = ([] if head == "score" else
+                 stop_token_ids(self.tokenizer, self.model.generation_config))
         self.loaded = Loaded(
             model=model, checkpoint=str(ckpt) if ckpt else None, kind=kind,
             dtype=str(self.model.dtype).replace("torch.", ""), device=str(self.model.device),
             params=sum(p.numel() for p in self.model.parameters()),
             load_s=round(time.perf_counter() - start, 2),
-            stop_tokens=[self.tokenizer.convert_ids_to_tokens(i) for i in stops])
+            stop_tokens=[self.tokenizer.convert_ids_to_tokens(i) for i in stops], head=head)
         progress("Ready", 1.0)
         return self.loaded
+
+    def score(self, prompt: str | list[dict], replies: list[str]) -> list[float]:
+        """The loaded reward model's score of each reply to `prompt` (see models.score_replies)."""
+        if self.model is None:
+            raise BadInput("no model loaded: press Load first")
+        if self.loaded.head != "score":
+            raise BadInput("the loaded model writes replies, it does not score them: load a "
+                           "reward model (the final/ of a stage rm run) to score replies")
+        return score_replies(self.model, self.tokenizer, prompt, list(replies))
 
     def _model_for(self, side: str, progress: ProgressFn):
         """The model answering `side` and whether its adapter must be switched off."""
@@ -164,6 +189,9 @@ class ChatEngine:
 
         if self.model is None:
             raise BadInput("no model loaded: press Load first")
+        if self.loaded.head == "score":
+            raise BadInput(REWARD_MODEL_REFUSAL.format(
+                what="checkpoint" if self.loaded.checkpoint else "model"))
         model, disable_adapter = self._model_for(side, progress)
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -5,13 +5,15 @@ must not take the page server down. Unloading is the process exiting, so the
 memory is really returned to the system. The server stays free of torch.
 
 Protocol: one JSON object per line. Requests (stdin) carry an "id" and an "op":
-    {"op": "load", "model": ..., "checkpoint": ..., "trust_remote_code": false}
+    {"op": "load", "model": ..., "checkpoint": ..., "trust_remote_code": false,
+     "head": "causal"|"score"}      score: a reward model, which scores replies
     {"op": "generate", "messages": [...], "settings": {...}, "side": "after"|"before"}
+    {"op": "score", "prompt": str, "replies": [str, ...]}     with a reward model loaded
     {"op": "cancel"}     stops the reply being generated (handled at once)
     {"op": "exit"}
 Events (stdout) carry the request's "id" and an "event":
     progress {message, fraction} | loaded {info, text} | piece {text} | done {stats}
-    | error {kind: "bad_input"|"oom"|"error", message}
+    | scored {scores} | error {kind: "bad_input"|"oom"|"error", message}
 Run the worker with `python -m core.chat_worker`; `ChatWorker` is the client side.
 """
 
@@ -99,7 +101,7 @@ class ChatWorker:
                            "The model is unloaded; press Load to start again.", "crash")
 
     def _events(self, request_id: int) -> Iterator[dict]:
-        """Events for one request until its final one (loaded, done or error)."""
+        """Events for one request until its final one (loaded, done, scored or error)."""
         while True:
             line = self.proc.stdout.readline()
             if not line:
@@ -115,7 +117,7 @@ class ChatWorker:
                     raise BadInput(event["message"])
                 raise WorkerError(event["message"], event["kind"])
             yield event
-            if event["event"] in ("loaded", "done"):
+            if event["event"] in ("loaded", "done", "scored"):
                 return
 
     def _acquire(self, timeout: float = 1.0) -> None:
@@ -140,8 +142,9 @@ class ChatWorker:
         return LOAD_WAIT_S if self._loading.is_set() else 1.0
 
     def load(self, model: str, checkpoint: str | None = None,
-             trust_remote_code: bool = False) -> Iterator[dict]:
-        """Start a fresh worker and load into it; yields progress events, then 'loaded'."""
+             trust_remote_code: bool = False, head: str = "causal") -> Iterator[dict]:
+        """Start a fresh worker and load into it; yields progress events, then 'loaded'.
+        head 'score' loads a reward model (for `score`) instead of a model to chat with."""
         self._loading.set()
         try:
             self._acquire(LOAD_WAIT_S)
@@ -153,7 +156,7 @@ class ChatWorker:
             self._start()
             request_id = next(self._ids)
             self._send({"id": request_id, "op": "load", "model": model, "checkpoint": checkpoint,
-                        "trust_remote_code": trust_remote_code})
+                        "trust_remote_code": trust_remote_code, "head": head})
             for event in self._events(request_id):
                 if event["event"] == "loaded":
                     self.info, self.text = event["info"], event["text"]
@@ -192,6 +195,22 @@ class ChatWorker:
                 self._send({"op": "cancel"})
                 for _ in self._events(request_id):
                     pass
+            self._busy.release()
+
+    def score(self, prompt: str, replies: list[str]) -> list[float]:
+        """The loaded reward model's score of each reply to `prompt` (one user message)."""
+        self._acquire(self._wait_for_load())
+        try:
+            if not self.alive or self.info is None:
+                raise BadInput("no model loaded: pick the reward model and press Load first")
+            request_id = next(self._ids)
+            self._send({"id": request_id, "op": "score", "prompt": prompt,
+                        "replies": list(replies)})
+            for event in self._events(request_id):
+                if event["event"] == "scored":
+                    return [float(x) for x in event["scores"]]
+            raise self._gone()  # not reached: _events ends with 'scored' or raises
+        finally:
             self._busy.release()
 
     def cancel(self) -> None:
@@ -234,8 +253,13 @@ def _handle(engine, request: dict, emit) -> None:
             loaded = engine.load(
                 request["model"], request.get("checkpoint"), bool(request.get("trust_remote_code")),
                 progress=lambda message, fraction: emit(request_id, "progress", message=message,
-                                                        fraction=fraction))
+                                                        fraction=fraction),
+                head=request.get("head") or "causal")
             emit(request_id, "loaded", info=asdict(loaded), text=loaded.describe())
+        elif op == "score":
+            scores = engine.score(str(request.get("prompt", "")),
+                                  [str(r) for r in request.get("replies", [])])
+            emit(request_id, "scored", scores=scores)
         elif op == "generate":
             settings = gen_config(request.get("settings", {}), source="the chat settings")
             for piece in engine.stream(request["messages"], settings, request.get("side", "after")):

@@ -507,6 +507,11 @@ def _adapter_problems(config: TrainConfig) -> list[str]:
         # adapter gives different outputs on the original base (logits off by ~0.1).
         return ["lora_init: pissa adapters cannot be converted to load on the original base "
                 "with method dora; use method lora, or lora_init: default"]
+    if config.stage in ("dpo", "kto", "grpo"):
+        # The reference policy is the model with its adapter switched off: with PiSSA that
+        # is the residual base, not the model the run started from.
+        return [f"lora_init: pissa changes the base weights, so stage {config.stage} would "
+                "compare against the wrong reference model; use lora_init: default"]
     if config.num_devices > 1 and config.distributed != "ddp":
         return [f"lora_init: pissa saves through PEFT's conversion, which needs the whole "
                 f"adapter in one process; use distributed: ddp, not {config.distributed}"]

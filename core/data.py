@@ -2,20 +2,27 @@
 
 A dataset is a registered name (an entry of `<dataset_dir>/dataset_info.json`) or a
 plain file path. Files are .json (a list of objects), .jsonl, .csv or .parquet, in
-one of four formats, named by the registry or detected from the records' keys:
+one of these formats, named by the registry or detected from the records' keys:
 
-    alpaca    instruction, input, output (+ optional system, history [[q, a], ...])
-    sharegpt  conversations: [{"from": "human"|"gpt"|"system"|..., "value": ...}]
-    openai    messages: [{"role": "system"|"user"|"assistant", "content": ...}]
-    text      text (plain-text pre-training)
+    alpaca          instruction, input, output (+ optional system, history [[q, a], ...])
+    sharegpt        conversations: [{"from": "human"|"gpt"|"system"|..., "value": ...}]
+    openai          messages: [{"role": "system"|"user"|"assistant", "content": ...}]
+    text            text (plain-text pre-training)
+    pairs           prompt, chosen, rejected (TRL's layout; texts or messages)
+    alpaca_pairs    instruction, input (+ system, history), chosen, rejected
+    sharegpt_pairs  conversations ending with the human, chosen/rejected {"from": "gpt", ...}
+    kto             a conversation (messages) or prompt + completion, with a boolean label
+    prompts         prompt, optional answer (RL prompts)
 
 Other layouts (dolly's instruction/context/response, prompt/completion) map onto
 these through the registry's "columns" or are recognised automatically.
 
 Every record becomes {"messages": [...]} (stage sft: an optional leading system
 message, then user/assistant turns alternating, ending with the assistant) or
-{"text": ...} (stage pt). Anything malformed raises `BadInput` naming the file,
-the record (1-based), the field and what was expected.
+{"text": ...} (stage pt); the preference, KTO and RL formats become prompt-and-reply
+records (core/stage_data.py, which also says which kind of data each stage reads).
+Anything malformed raises `BadInput` naming the file, the record (1-based), the
+field and what was expected.
 """
 
 from __future__ import annotations
@@ -35,12 +42,22 @@ from pathlib import Path
 from typing import Any
 
 from . import limits, locks, paths
+from .config import STAGES
 from .errors import BadInput
 
 REGISTRY = "dataset_info.json"
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
-FORMATS = ("alpaca", "sharegpt", "openai", "text")
-STAGES = ("sft", "pt")
+CHAT_FORMATS = ("alpaca", "sharegpt", "openai")
+FORMATS = CHAT_FORMATS + ("text", "pairs", "alpaca_pairs", "sharegpt_pairs", "kto", "prompts")
+# What kind of data each format holds, and the kinds each stage trains on (a pair
+# is also two KTO rows; a chat's last reply is also a GRPO prompt's answer).
+FORMAT_KIND = {"alpaca": "chat", "sharegpt": "chat", "openai": "chat", "text": "text",
+               "pairs": "pairs", "alpaca_pairs": "pairs", "sharegpt_pairs": "pairs",
+               "kto": "kto", "prompts": "prompts"}
+STAGE_KINDS = {"sft": ("chat",), "pt": ("text", "chat"), "rm": ("pairs",), "dpo": ("pairs",),
+               "kto": ("kto", "pairs"), "grpo": ("prompts", "chat")}
+# The stage a kind of data is shown for when none is named (`data check`).
+KIND_STAGE = {"chat": "sft", "text": "pt", "pairs": "dpo", "kto": "kto", "prompts": "grpo"}
 MAX_UPLOAD_BYTES = limits.MAX_UPLOAD_BYTES  # register_file refuses bigger files
 MAX_RECORD_CHARS = limits.MAX_RECORD_CHARS  # one record's text; bigger is almost surely broken
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -52,12 +69,25 @@ FIELDS = {
     "sharegpt": ("conversations", "system"),
     "openai": ("messages", "system"),
     "text": ("text",),
+    "pairs": ("prompt", "chosen", "rejected", "system"),
+    "alpaca_pairs": ("instruction", "input", "chosen", "rejected", "system", "history"),
+    "sharegpt_pairs": ("conversations", "chosen", "rejected", "system"),
+    "kto": ("messages", "conversations", "prompt", "completion", "label", "system"),
+    "prompts": ("prompt", "answer", "system"),
 }
 REQUIRED = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",),
-            "openai": ("messages",), "text": ("text",)}
+            "openai": ("messages",), "text": ("text",), "pairs": ("chosen", "rejected"),
+            "alpaca_pairs": ("instruction", "chosen", "rejected"),
+            "sharegpt_pairs": ("conversations", "chosen", "rejected"), "kto": ("label",),
+            "prompts": ("prompt",)}
+# LLaMA-Factory's names for the alpaca fields. "prompt" means the instruction only in
+# the alpaca layouts; in pairs, kto and prompts it is a field of its own.
 ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}
+ALIASED_FORMATS = (None, "alpaca", "alpaca_pairs")
+STAGE_ONLY_FIELDS = {"chosen", "rejected", "label", "completion", "answer"}
 FORMAT_ALIASES = {"sharegpt": {"messages": "conversations"},
-                  "openai": {"conversations": "messages"}}
+                  "openai": {"conversations": "messages"},
+                  "sharegpt_pairs": {"messages": "conversations"}}
 
 # Speaker names in conversations -> normalized roles. A tool call is something the
 # assistant writes; a tool's result is fed back like a user turn, so the turns
@@ -204,20 +234,22 @@ def _registry_columns(name: str, raw: Any, fmt: str | None, reg: str) -> dict[st
         raise BadInput("expected an object mapping fields to column names, e.g. "
                        '{"prompt": "instruction", "response": "answer"}', file=reg, field=where)
     allowed = set(FIELDS[fmt]) if fmt else {f for fs in FIELDS.values() for f in fs}
+    # Unnamed formatting: a mapping that names a stage field (chosen, label, ...) is for
+    # a stage layout, where "prompt" is the prompt rather than alpaca's instruction.
+    aliased = fmt in ALIASED_FORMATS and not (fmt is None and STAGE_ONLY_FIELDS & set(raw))
     columns = {}
     for key, column in raw.items():
-        canon = _canonical(key, fmt)
+        canon = _canonical(key, fmt, aliased)
         if canon not in allowed:
+            aliases = {k for k, v in ALIASES.items() if v in allowed} if aliased else set()
             raise BadInput(f"unknown field '{key}'; expected one of "
-                           + ", ".join(sorted(allowed | {k for k, v in ALIASES.items()
-                                                         if v in allowed})),
-                           file=reg, field=where)
+                           + ", ".join(sorted(allowed | aliases)), file=reg, field=where)
         columns[canon] = column
     return columns
 
 
-def _canonical(key: str, fmt: str | None) -> str:
-    key = ALIASES.get(key, key)
+def _canonical(key: str, fmt: str | None, aliased: bool = True) -> str:
+    key = ALIASES.get(key, key) if aliased else key
     return FORMAT_ALIASES.get(fmt or "", {}).get(key, key)
 
 
@@ -557,6 +589,22 @@ def _array_bytes(array) -> int:
 
 def _detect(keys: set[str]) -> tuple[str, dict[str, str]] | None:
     """(format, extra column mapping) recognised from a record's keys, or None."""
+    return _detect_stage_format(keys) or _detect_chat_format(keys)
+
+
+def _detect_stage_format(keys: set[str]) -> tuple[str, dict[str, str]] | None:
+    """Preference pairs (chosen or rejected) and KTO rows (a label beside a conversation
+    or a prompt); a bare prompt is an RL prompt only when nothing else fits."""
+    if "chosen" in keys or "rejected" in keys:
+        if "conversations" in keys:
+            return "sharegpt_pairs", {}
+        return ("alpaca_pairs" if "instruction" in keys else "pairs"), {}
+    if "label" in keys and keys & {"messages", "conversations", "prompt", "completion"}:
+        return "kto", {}
+    return None
+
+
+def _detect_chat_format(keys: set[str]) -> tuple[str, dict[str, str]] | None:
     if "messages" in keys:
         return "openai", {}
     if "conversations" in keys:
@@ -573,6 +621,8 @@ def _detect(keys: set[str]) -> tuple[str, dict[str, str]] | None:
         return "alpaca", {"instruction": "prompt", "output": answer}
     if "text" in keys:
         return "text", {}
+    if "prompt" in keys:
+        return "prompts", {}
     return None
 
 
@@ -599,7 +649,8 @@ def _settle_format(rows: list, src: _Source) -> None:
         if found is None:
             raise src.bad("cannot tell the format from the fields "
                           f"({', '.join(map(str, first)) or 'none'}); expected instruction + "
-                          "output (alpaca), conversations (sharegpt), messages (openai) or text",
+                          "output (alpaca), conversations (sharegpt), messages (openai), text, "
+                          "prompt + chosen + rejected (pairs), a label (kto) or prompt (prompts)",
                           1)
         src.fmt, src.detected = found[0], True
         src.cols = {**found[1], **src.mapped}
@@ -682,9 +733,15 @@ def _list(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
 # --- records -> messages ---------------------------------------------------------------
 
 def _alpaca_messages(row: dict, idx: int, src: _Source) -> list[dict]:
+    prompt = _alpaca_prompt(row, idx, src)
+    output = _text(row, "output", idx, src, required=True, nonempty=True)
+    return prompt + [{"role": "assistant", "content": output}]
+
+
+def _alpaca_prompt(row: dict, idx: int, src: _Source) -> list[dict]:
+    """system, history and instruction + input: the messages up to the user's last one."""
     instruction = _text(row, "instruction", idx, src, required=True)
     extra = _text(row, "input", idx, src, required=False)
-    output = _text(row, "output", idx, src, required=True, nonempty=True)
     system = _text(row, "system", idx, src, required=False)
     prompt = "\n".join(p for p in (instruction, extra) if p and p.strip())
     if not prompt:
@@ -693,8 +750,7 @@ def _alpaca_messages(row: dict, idx: int, src: _Source) -> list[dict]:
     for question, answer in _history(row, idx, src):
         messages += [{"role": "user", "content": question},
                      {"role": "assistant", "content": answer}]
-    return messages + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": output}]
+    return messages + [{"role": "user", "content": prompt}]
 
 
 def _history(row: dict, idx: int, src: _Source) -> list[tuple[str, str]]:
@@ -712,24 +768,34 @@ def _history(row: dict, idx: int, src: _Source) -> list[tuple[str, str]]:
     return pairs
 
 
-def _chat_messages(row: dict, idx: int, src: _Source) -> list[dict]:
-    canon = "conversations" if src.fmt == "sharegpt" else "messages"
+def _chat_messages(row: dict, idx: int, src: _Source, canon: str | None = None,
+                   prompt_hint: str | None = None) -> list[dict]:
+    """The conversation in field `canon` (by default the format's own), with the system
+    column in front. With `prompt_hint` it is a prompt and must end with the user."""
+    canon = canon or ("conversations" if src.fmt in ("sharegpt", "sharegpt_pairs")
+                      else "messages")
     example = ('[{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'
                if canon == "conversations" else
                '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
     items = _list(row, canon, idx, src, required=True, example=example)
     name = src.col(canon)
     if not items:
-        raise src.bad("is an empty conversation; expected a user message and an assistant "
-                      "reply", idx, name)
+        raise src.bad("is an empty conversation; expected a user message"
+                      + ("" if prompt_hint else " and an assistant reply"), idx, name)
     turns = [_turn(item, pos, idx, name, src) for pos, item in enumerate(items, 1)]
+    return _ordered(_with_system(turns, row, idx, name, src), idx, name, src, prompt_hint)
+
+
+def _with_system(turns: list[tuple[str, str, int]], row: dict, idx: int, name: str,
+                 src: _Source) -> list[tuple[str, str, int]]:
+    """`turns` with the record's system column (if any) as the first message."""
     system = _text(row, "system", idx, src, required=False)
-    if system and system.strip():
-        if turns[0][0] == "system":
-            raise src.bad(f"a system prompt is given both here and as the first message of "
-                          f"'{name}'; keep one", idx, src.col("system"))
-        turns.insert(0, ("system", system, 0))
-    return _ordered(turns, idx, name, src)
+    if not (system and system.strip()):
+        return turns
+    if turns and turns[0][0] == "system":
+        raise src.bad(f"a system prompt is given both here and as the first message of "
+                      f"'{name}'; keep one", idx, src.col("system"))
+    return [("system", system, 0)] + turns
 
 
 def _turn(item: Any, pos: int, idx: int, name: str, src: _Source) -> tuple[str, str, int]:
@@ -763,16 +829,21 @@ def _join_parts(parts: list, pos: int, idx: int, name: str, src: _Source) -> str
     return "\n".join(p["text"] for p in parts)
 
 
-def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Source) -> list[dict]:
-    """Check: optional system first, then user/assistant alternating, assistant last."""
+def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Source,
+             prompt_hint: str | None = None) -> list[dict]:
+    """Check: optional system first, then user/assistant alternating, assistant last.
+
+    With `prompt_hint` (where the reply is written instead, for the message) the turns
+    are a prompt: they end with the user's message.
+    """
     messages = []
     if turns[0][0] == "system":
         if turns[0][1].strip():  # an empty system prompt is harmless; drop it
             messages.append({"role": "system", "content": turns[0][1]})
         turns = turns[1:]
     if not turns:
-        raise src.bad("has only a system message; expected a user message and an assistant "
-                      "reply", idx, name)
+        raise src.bad("has only a system message; expected a user message"
+                      + ("" if prompt_hint else " and an assistant reply"), idx, name)
     for i, (role, content, pos) in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if role == "system":
@@ -784,6 +855,11 @@ def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Sourc
         if not content.strip():
             raise src.bad(f"message {pos}: empty {role} message; expected text", idx, name)
         messages.append({"role": role, "content": content})
+    if prompt_hint is not None:
+        if messages[-1]["role"] != "user":
+            raise src.bad(f"message {turns[-1][2]}: the prompt ends with an assistant message; "
+                          f"it must end with the user's message ({prompt_hint})", idx, name)
+        return messages
     if messages[-1]["role"] != "assistant":
         raise src.bad(f"message {turns[-1][2]}: the conversation ends with a user message; it "
                       "must end with the assistant's reply (what the model learns to write)",
@@ -798,15 +874,28 @@ def _normalize(row: Any, idx: int, src: _Source) -> dict:
         _check_same_format(row, idx, src)
     if src.fmt == "text":
         record = {"text": _text(row, "text", idx, src, required=True, nonempty=True)}
-        size = len(record["text"])
-    else:
+    elif src.fmt in CHAT_FORMATS:
         builder = _alpaca_messages if src.fmt == "alpaca" else _chat_messages
         record = {"messages": builder(row, idx, src)}
-        size = sum(len(m["content"]) for m in record["messages"])
+    else:
+        from . import stage_data
+        record = stage_data.build_record(row, idx, src)
+    size = _record_chars(record)
     if size > MAX_RECORD_CHARS:
         raise src.bad(f"holds {size:,} characters of text; the limit is {MAX_RECORD_CHARS:,} "
                       "per record (split it into smaller records)", idx)
     return record
+
+
+def _record_chars(record: dict) -> int:
+    """Characters of text in a normalized record, whatever its shape."""
+    size = 0
+    for value in record.values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, list):
+            size += sum(len(m["content"]) for m in value)
+    return size
 
 
 # --- public API ------------------------------------------------------------------------
@@ -831,29 +920,33 @@ def fill_placeholders(text: str, identity: tuple[str, str]) -> str:
 
 
 def _for_stage(records: list[dict], src: _Source, stage: str) -> list[dict]:
+    """The records as `stage` trains on them, or BadInput when it cannot use this kind."""
     if stage not in STAGES:
         raise BadInput(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}",
                        field="stage")
-    if stage == "sft" and src.fmt == "text":
-        raise src.bad("holds plain text (field 'text'), which trains with stage pt; for stage "
-                      "sft use a chat format (alpaca, sharegpt or openai)")
-    if stage == "pt" and src.fmt != "text":
-        # pre-training on chat data: the turns' texts, one paragraph each
-        return [{"text": "\n\n".join(m["content"] for m in r["messages"])} for r in records]
-    return records
+    from . import stage_data
+    kind = FORMAT_KIND[src.fmt]
+    if kind not in STAGE_KINDS[stage]:
+        raise src.bad(stage_data.mismatch(kind, stage))
+    return stage_data.convert(records, kind, stage)
 
 
 def _fill_all(records: list[dict], identity: tuple[str, str] | None) -> list[dict]:
+    """Placeholders filled in every text of every record (messages, prompt and replies)."""
     if identity is None:
         return records
-    out = []
-    for r in records:
-        if "text" in r:
-            out.append({"text": fill_placeholders(r["text"], identity)})
-        else:
-            out.append({"messages": [{"role": m["role"],
-                                      "content": fill_placeholders(m["content"], identity)}
-                                     for m in r["messages"]]})
+    return [_fill_record(r, identity) for r in records]
+
+
+def _fill_record(record: dict, identity: tuple[str, str]) -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, str):
+            value = fill_placeholders(value, identity)
+        elif isinstance(value, list):
+            value = [{"role": m["role"], "content": fill_placeholders(m["content"], identity)}
+                     for m in value]
+        out[key] = value
     return out
 
 
@@ -861,8 +954,11 @@ def read_dataset(name_or_path: str, dataset_dir: str = "data", stage: str = "sft
                  identity: tuple[str, str] | None = None) -> tuple[list[dict], str]:
     """One dataset -> (normalized records, format name).
 
-    sft records are {"messages": [...]}, pt records {"text": ...}. `identity`
-    (name, author) fills the {{name}} and {{author}} placeholders.
+    sft records are {"messages": [...]}, pt records {"text": ...}; rm and dpo records
+    {"prompt": [...], "chosen": str, "rejected": str}, kto records {"prompt": [...],
+    "completion": str, "label": bool}, grpo records {"prompt": [...], "answer": str|None},
+    each prompt ending with the user's message. `identity` (name, author) fills the
+    {{name}} and {{author}} placeholders.
     """
     records, src = _read_entry(resolve(name_or_path, dataset_dir))
     return _fill_all(_for_stage(records, src, stage), identity), src.fmt
@@ -876,6 +972,88 @@ def load_records(config) -> list[dict]:
         rows, _ = read_dataset(name, config.dataset_dir, config.stage, identity)
         records += rows[:config.max_samples] if config.max_samples else rows
     return records
+
+
+def dataset_kind(name_or_path: str, dataset_dir: str | os.PathLike = "data") -> str:
+    """What a dataset holds: "chat", "text", "pairs", "kto" or "prompts" (see STAGE_KINDS).
+
+    Reads as little as it can: a registered entry's formatting when it names one,
+    otherwise the first record's fields (a CSV's header, a Parquet file's schema).
+    """
+    entry = resolve(name_or_path, dataset_dir)
+    if entry.formatting:
+        return FORMAT_KIND[entry.formatting]
+    src = _Source(label=str(entry.path), cols=dict(entry.columns), mapped=dict(entry.columns))
+    keys = _first_keys(entry.path, src)
+    found = _detect(_mapped_keys(keys, src.mapped))
+    if found is None:
+        raise src.bad("cannot tell the format from the fields "
+                      f"({', '.join(sorted(map(str, keys))) or 'none'})", 1)
+    return FORMAT_KIND[found[0]]
+
+
+def datasets_for_stage(stage: str, dataset_dir: str | os.PathLike = "data") -> list[str]:
+    """Registered names whose kind of data `stage` trains on, in registry order. An entry
+    that cannot be read is left out (reading it for training says what is wrong)."""
+    if stage not in STAGES:
+        raise BadInput(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}",
+                       field="stage")
+    try:
+        names = list_datasets(dataset_dir)
+    except BadInput:
+        return []
+    fitting = []
+    for name in names:
+        try:
+            kind = dataset_kind(name, dataset_dir)
+        except (BadInput, OSError, ValueError):
+            continue
+        if kind in STAGE_KINDS[stage]:
+            fitting.append(name)
+    return fitting
+
+
+def _first_keys(path: Path, src: _Source) -> set[str]:
+    """The field names of a file's first record, reading no further than needed."""
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            return set(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise src.bad(f"cannot read as Parquet: {err}") from None
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            if ext == ".csv":
+                return {h.strip() for h in next(csv.reader(handle), [])}
+            if ext == ".jsonl":
+                first = next((line for line in handle if line.strip()), None)
+                if first is None:
+                    raise src.bad("has no records; expected at least one")
+                return _keys_of(_parse_json(first, src.label), src)
+    except UnicodeDecodeError:
+        raise src.bad("not UTF-8 text; save the file as UTF-8") from None
+    except (OSError, csv.Error) as err:
+        raise src.bad(f"cannot read the file: {err}") from None
+    text = _decode(_read_bytes(path), src.label)
+    start = _NONBLANK.search(text)
+    if start is None or text[start.start()] != "[":
+        raise src.bad("expected a list of records ([{...}, ...]) at the top level")
+    first = _NONBLANK.search(text, start.end())
+    if first is None or text[first.start()] == "]":
+        raise src.bad("has no records; expected at least one")
+    try:
+        value = json.JSONDecoder().raw_decode(text, first.start())[0]
+    except (json.JSONDecodeError, RecursionError):
+        raise src.bad("invalid JSON in the first record") from None
+    return _keys_of(value, src)
+
+
+def _keys_of(record: Any, src: _Source) -> set[str]:
+    if not isinstance(record, dict):
+        raise src.bad(f"expected an object ({{...}}), got {_kind(record)}", 1)
+    return set(record)
 
 
 # --- uploads ----------------------------------------------------------------------------
@@ -967,25 +1145,28 @@ def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
     """`tunebench data check`: count, format and the first example as trained.
 
     model "none" skips the tokenized preview (no tokenizer is loaded). A `stage`
-    other than "auto" reads the file as training for that stage would.
+    other than "auto" reads the file as training for that stage would; "auto" shows
+    it for the stage its kind of data suggests (KIND_STAGE).
     """
+    from . import stage_data
     from .config import default_value
     identity = (default_value("identity_name"), default_value("identity_author"))
     entry = resolve(dataset, dataset_dir)
     records, src = _read_entry(entry)
-    if stage != "auto":
-        records = _for_stage(records, src, stage)
-    records = _fill_all(records, identity)
+    shown = KIND_STAGE[FORMAT_KIND[src.fmt]] if stage == "auto" else stage
+    records = _fill_all(_for_stage(records, src, shown), identity)
     print(f"dataset: {entry.name or entry.path}  ({entry.path})")
     print(f"records: {len(records)}")
     mapping = ", ".join(f"{k} <- {v}" for k, v in src.cols.items() if k != v)
     print(f"format:  {src.fmt}" + (" (detected)" if src.detected else "")
           + (f"; columns {mapping}" if mapping else ""))
-    print("stage:   " + ("pt (plain text)" if "text" in records[0] else "sft (chat)"))
+    print(f"stage:   {shown} ({stage_data.STAGE_DATA[shown]})")
     if model.lower() == "none":
         print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
-        return 0
-    _print_tokenized(records, model, template)
+    elif shown in ("sft", "pt"):
+        _print_tokenized(records, model, template)
+    else:
+        stage_data.print_preview(records, shown, model, template)
     return 0
 
 

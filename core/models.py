@@ -8,6 +8,12 @@ Loading is one function, `load_checkpoint`, for training, chat and export alike:
 resolves the model ('demo', a folder, a hub id), checks a checkpoint (a PEFT adapter
 or a whole-model checkpoint) and that an adapter fits its base before any weight is
 read, applies one dtype policy (`pick_dtype`), and reads safetensors only.
+
+A model has one of two heads (`HEADS`): "causal", a language model that writes replies
+(every stage but rm, and chat and export of them), or "score", a reward model
+(`AutoModelForSequenceClassification` with one output) that scores them: what stage rm
+trains, what `load_reward_model` loads for grpo and what `score_replies` runs.
+`is_reward_model` tells a reward-model checkpoint apart from its files alone.
 """
 
 from __future__ import annotations
@@ -87,6 +93,46 @@ def checkpoint_kind(folder: Path) -> str:
     return "full"
 
 
+# A reward model: a sequence-classification model with one output (a score per reply).
+HEADS = ("causal", "score")
+SCORE_ARCHITECTURE = "ForSequenceClassification"
+SCORE_TASK = "SEQ_CLS"
+# The head modules transformers' sequence-classification models use.
+SCORE_HEAD_NAMES = ("score", "classifier")
+REWARD_MODEL_REFUSAL = (
+    "this {what} is a reward model (stage rm): it scores replies, it does not write them; "
+    "use it as the reward_model of a grpo run, or score replies with it in the Chat tab "
+    "(choose it there and use 'Score a reply')")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _scores(architectures) -> bool:
+    return any(str(a).endswith(SCORE_ARCHITECTURE) for a in (architectures or []))
+
+
+def is_reward_model(path: str | Path | None) -> bool:
+    """Whether `path` is a reward model (what stage rm writes): an adapter folder whose
+    adapter_config.json has task_type SEQ_CLS, or a model folder whose config.json names a
+    ...ForSequenceClassification architecture. Reads those JSON files only (the page calls
+    it); False for anything else, including hub ids and folders outside the allowed ones."""
+    if not str(path or "").strip():
+        return False
+    try:
+        folder = paths.guard(path, "checkpoint")
+    except BadInput:
+        return False
+    if (folder / "adapter_config.json").is_file():
+        return _read_json(folder / "adapter_config.json").get("task_type") == SCORE_TASK
+    return _scores(_read_json(folder / "config.json").get("architectures"))
+
+
 def run_config(checkpoint: Path) -> dict:
     """The training config of the run a checkpoint belongs to ({} if not inside a run dir)."""
     import yaml
@@ -123,19 +169,20 @@ def tokenizer_folder(base: str, checkpoint: Path | None) -> str:
     return base
 
 
-def adapter_problems(base_config, adapter_dir: Path, trust_remote_code: bool = False) -> list[str]:
+def adapter_problems(base_config, adapter_dir: Path, trust_remote_code: bool = False,
+                     head: str = "causal") -> list[str]:
     """Why an adapter does not fit a base model ([] = it fits).
 
     Compares each adapter tensor's shape with the layer it patches, using a model
-    built on the meta device from the base config, so nothing is loaded yet.
+    built on the meta device from the base config (with the adapter's `head`), so
+    nothing is loaded yet.
     """
     import torch
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config,
-                                                    trust_remote_code=trust_remote_code)
+        skeleton = _auto_class(head).from_config(base_config,
+                                                 trust_remote_code=trust_remote_code)
     modules = dict(skeleton.named_modules())
     problems = []
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as fh:
@@ -174,8 +221,12 @@ def _shape_problem(key: str, shape: list[int], modules: dict) -> str | None:
 
 
 def check_adapter_fits(base: str, base_config, adapter_dir: Path,
-                       trust_remote_code: bool = False) -> None:
-    problems = adapter_problems(base_config, adapter_dir, trust_remote_code)
+                       trust_remote_code: bool = False, head: str | None = None) -> None:
+    """BadInput naming the misfit when the adapter does not fit `base` (head None: the
+    adapter's own, a score head for a reward-model adapter)."""
+    if head is None:
+        head = "score" if is_reward_model(adapter_dir) else "causal"
+    problems = adapter_problems(base_config, adapter_dir, trust_remote_code, head)
     if problems:
         trained_on = base_model_of(adapter_dir)
         hint = f" It was trained on '{trained_on}'." if trained_on else ""
@@ -245,16 +296,20 @@ def pick_attention(booster: str) -> str:
     return resolve(booster)
 
 
-def _quantization(bits: int, compute_type: str):
+def _quantization(bits: int, compute_type: str, head: str = "causal"):
     import torch
     from transformers import BitsAndBytesConfig
 
+    # A reward model's score head is trained whole (PEFT's modules_to_save): keep it out of
+    # the quantized layers, whose weights cannot be trained.
+    skip = {"llm_int8_skip_modules": list(SCORE_HEAD_NAMES)} if head == "score" else {}
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     compute = torch.bfloat16 if compute_dtype(compute_type) in ("bf16", "pure_bf16") \
         else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+                              **skip)
 
 
 def _rope_scaled(model_config, source: str, scaling: str, factor: float):
@@ -328,12 +383,12 @@ def load_tokenizer(model: str, template: str = "auto", trust_remote_code: bool =
 
 
 def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
-                    purpose: str = "infer", template: str | None = None, dtype="auto",
-                    device: str | None = None, trust_remote_code: bool = False, tokenizer=None,
-                    attention: str | None = None, booster: str | None = None,
+                    purpose: str = "infer", head: str = "causal", template: str | None = None,
+                    dtype="auto", device: str | None = None, trust_remote_code: bool = False,
+                    tokenizer=None, attention: str | None = None, booster: str | None = None,
                     quant_bits: int | None = None, rope_scaling: str = "none",
                     rope_factor: float = 1.0, progress: ProgressFn | None = None):
-    """(tokenizer, model): the one loader, for training, chat and export.
+    """(tokenizer, model): the one loader, for training, chat, scoring and export.
 
     `model` is 'demo', a local folder or a hub id (see resolve_model); without one, an
     adapter's base is read from its run's config.yaml or its adapter_config.json.
@@ -341,20 +396,26 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
     checking that it fits, before the weights load) or a whole-model checkpoint of a
     full/freeze run (loaded instead of the base). Weights are safetensors only.
 
-    purpose 'infer' (chat, export) returns the model in eval mode on `device` (None: the
-    GPU when there is one), and a tokenizer without a chat template gets ChatML; purpose
-    'train' leaves the model where the Trainer places it and takes `dtype` as the compute
-    type. The dtype policy is pick_dtype's. `template` None means the one the checkpoint
-    was trained with (its saved tokenizer, else its run's template, else the model's own).
-    `tokenizer` reuses one already loaded. Training's extras: `attention` (the attention
-    implementation), `booster` (core/attention.py apply_booster), `quant_bits` (QLoRA's
-    quantized base) and `rope_scaling`/`rope_factor`.
+    `head` 'causal' loads a language model (AutoModelForCausalLM); a reward model is then
+    refused (REWARD_MODEL_REFUSAL), whatever the purpose. 'score' loads a reward model
+    (AutoModelForSequenceClassification, one output, config.pad_token_id set from the
+    tokenizer so the score is read at the last real token): for inference the checkpoint
+    (or model) must be one; for training a causal base gets a fresh one-output head.
+    purpose 'infer' (chat, scoring, export) returns the model in eval mode on `device`
+    (None: the GPU when there is one), and a tokenizer without a chat template gets
+    ChatML; purpose 'train' leaves the model where the Trainer places it and takes `dtype`
+    as the compute type. The dtype policy is pick_dtype's. `template` None means the one
+    the checkpoint was trained with (its saved tokenizer, else its run's template, else the
+    model's own). `tokenizer` reuses one already loaded. Training's extras: `attention`
+    (the attention implementation), `booster` (core/attention.py apply_booster),
+    `quant_bits` (QLoRA's quantized base) and `rope_scaling`/`rope_factor`.
     `progress(message, fraction)` hears each step.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     train = purpose == "train"
+    if head not in HEADS:
+        raise BadInput(f"expected head {' or '.join(HEADS)}, got '{head}'", field="head")
     progress = progress or (lambda message, fraction: None)
     progress("Checking files", 0.02)
     ckpt = paths.guard(adapter, "checkpoint").resolve() if adapter else None
@@ -364,8 +425,9 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
     base = resolve_model(model)
     source = str(ckpt) if kind == "full" else base
     model_config = load_config(source, trust_remote_code)
-    if kind == "adapter":
-        check_adapter_fits(base, model_config, ckpt, trust_remote_code)  # before the long load
+    _check_head(head, model_config, ckpt if ckpt else base, kind, train)
+    if kind == "adapter":  # before the long load
+        check_adapter_fits(base, model_config, ckpt, trust_remote_code, head)
     if device is None and not train:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = pick_dtype(dtype, model_config, device, train=train)
@@ -378,18 +440,21 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
         tokenizer = _tokenizer(folder, str(template), trust_remote_code,
                                fallback=None if train else CHATML)
     what = f"checkpoint {ckpt.name}" if kind == "full" else f"base model {Path(base).name}"
-    progress(f"Loading {what} as {str(torch_dtype).replace('torch.', '')}", 0.15)
+    scored = " with a score head (reward model)" if head == "score" else ""
+    progress(f"Loading {what} as {str(torch_dtype).replace('torch.', '')}{scored}", 0.15)
     kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device not in (None, "cpu"):
         kwargs["device_map"] = device
     if attention:
         kwargs["attn_implementation"] = attention
     if quant_bits:
-        kwargs["quantization_config"] = _quantization(quant_bits, str(dtype))
+        kwargs["quantization_config"] = _quantization(quant_bits, str(dtype), head)
     if rope_scaling != "none":
         kwargs["config"] = _rope_scaled(model_config, source, rope_scaling, rope_factor)
+    if head == "score":
+        kwargs["config"] = _score_config(model_config, tokenizer)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        loaded = _auto_class(head).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise load_error(source, err) from None
     if booster:
@@ -403,6 +468,49 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
     return tokenizer, loaded
 
 
+def _auto_class(head: str):
+    """The transformers auto class for a head: a language model, or a reward model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+
+
+def _check_head(head: str, model_config, where: Path | str, kind: str | None,
+                train: bool) -> None:
+    """A reward model is not loaded as a language model, and (except to train one) a
+    language model is not loaded as a reward model: its score head would be random."""
+    if kind == "adapter":
+        task = _read_json(Path(where) / "adapter_config.json").get("task_type")
+        reward = task == SCORE_TASK
+    else:
+        reward = _scores(getattr(model_config, "architectures", None))
+    what = "checkpoint" if kind else "model"
+    if head == "causal" and reward:
+        raise BadInput(REWARD_MODEL_REFUSAL.format(what=what), file=str(where), field=what)
+    if head == "score" and not reward and not train:
+        raise BadInput(f"this {what} is not a reward model: expected the final/ (or a "
+                       "checkpoint) of a stage rm run, or a model whose config.json names a "
+                       f"...{SCORE_ARCHITECTURE} architecture", file=str(where), field=what)
+    labels = getattr(model_config, "num_labels", 1)
+    if head == "score" and reward and kind != "adapter" and labels != 1:
+        raise BadInput(f"this reward model has {labels} outputs per reply; a reward model has "
+                       "one (num_labels 1), the score", file=str(where), field=what)
+
+
+def _score_config(model_config, tokenizer):
+    """The config a reward model loads with: one output (a fresh head on a language model)
+    and the tokenizer's pad id, which sequence classification needs to find each row's
+    last real token. Saved with the model, so it loads the same without tunebench."""
+    if not _scores(getattr(model_config, "architectures", None)):
+        model_config.num_labels = 1
+    pad = tokenizer.pad_token_id
+    model_config.pad_token_id = pad
+    text = model_config.get_text_config()
+    if text is not model_config:
+        text.pad_token_id = pad
+    return model_config
+
+
 def _apply_adapter(model, adapter_dir: Path, base: str, trainable: bool = False):
     """Wrap `model` with the PEFT adapter (checked to fit already); size errors become BadInput."""
     from peft import PeftModel
@@ -414,26 +522,118 @@ def _apply_adapter(model, adapter_dir: Path, base: str, trainable: bool = False)
                        f"{str(err).splitlines()[0][:300]}", file=str(adapter_dir)) from None
 
 
+# --- reward models: scoring replies ------------------------------------------------------
+
+def load_reward_model(path_or_model: str | Path, adapter: str | Path | None = None, *,
+                      device: str | None = None, dtype="auto", trust_remote_code: bool = False,
+                      progress: ProgressFn | None = None):
+    """(model, tokenizer) of a reward model, in eval mode, ready for `score_replies`.
+
+    Goes through the one loader (`load_checkpoint` with head 'score'). `path_or_model` is
+    the final/ (or a checkpoint-N/) of a stage rm run: an adapter folder, whose base is
+    read from its run's config.yaml or adapter_config.json and resolved like any adapter's,
+    or a whole model folder; or any sequence-classification model with one output (a
+    folder, or a hub id when online). With `adapter`, `path_or_model` is its base model.
+    A language model (no score head) is BadInput: its scores would be random. The model
+    can also be handed to TRL as a reward function: its logits[:, 0] is the score.
+    """
+    model: str | None = str(path_or_model)
+    if adapter is None and (paths.expand_user(model) / "adapter_config.json").is_file():
+        model, adapter = None, path_or_model  # gated by the loader, as every checkpoint is
+    tokenizer, loaded = load_checkpoint(model, adapter, head="score", dtype=dtype,
+                                        device=device, trust_remote_code=trust_remote_code,
+                                        progress=progress)
+    return loaded, tokenizer
+
+
+def score_replies(model, tokenizer, prompt_messages: list[dict] | str, replies: list[str], *,
+                  cutoff_len: int | None = None, batch_size: int = 8) -> list[float]:
+    """The reward model's score of each reply to `prompt_messages` (a conversation ending
+    with the user's turn, or one user message as a string), in the order given.
+
+    Each reply is encoded as training encodes it (templates.encode_reply: the chat template
+    up to the assistant header, then the reply and the template's end of turn), so a score
+    here is the score the rm run trained. Rows are right-padded in batches; the model reads
+    its score at each row's last real token. `cutoff_len` truncates as training does (None:
+    no limit below the model's context).
+    """
+    import torch
+
+    from .templates import encode_reply
+
+    prompt = ([{"role": "user", "content": prompt_messages}] if isinstance(prompt_messages, str)
+              else [dict(m) for m in prompt_messages])
+    limit = cutoff_len or getattr(model.config.get_text_config(), "max_position_embeddings",
+                                  None) or 10**9
+    rows = []
+    for reply in replies:
+        prompt_ids, reply_ids = encode_reply(prompt, str(reply), tokenizer, int(limit))
+        rows.append(prompt_ids + reply_ids)
+    device = next(model.parameters()).device
+    # The id the model skips when it looks for each row's last real token.
+    pad = next(p for p in (model.config.pad_token_id, tokenizer.pad_token_id, 0) if p is not None)
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        scores += logits[:, 0].float().tolist()
+    return scores
+
+
 def load_base_model(config: TrainConfig, attention: str, tokenizer=None):
     """The model `config` trains: the one loader with training's extras (QLoRA's quantized
-    base, the attention booster, RoPE scaling), in the precision of its compute type."""
+    base, the attention booster, RoPE scaling), in the precision of its compute type.
+    Stage rm trains a reward model: the base with a fresh one-output score head
+    (AutoModelForSequenceClassification); every other stage a causal language model."""
     _, model = load_checkpoint(
-        config.model, purpose="train", template=config.template, dtype=config.compute_type,
-        trust_remote_code=config.trust_remote_code, tokenizer=tokenizer, attention=attention,
-        booster=config.booster, quant_bits=config.quant_bits if config.method == "qlora" else None,
+        config.model, purpose="train", head=head_of(config), template=config.template,
+        dtype=config.compute_type, trust_remote_code=config.trust_remote_code,
+        tokenizer=tokenizer, attention=attention, booster=config.booster,
+        quant_bits=config.quant_bits if config.method == "qlora" else None,
         rope_scaling=config.rope_scaling, rope_factor=config.rope_factor)
     return model
 
 
+def head_of(config: TrainConfig) -> str:
+    """The head a stage trains: 'score' (a reward model) for rm, else 'causal'."""
+    return "score" if config.stage == "rm" else "causal"
+
+
 def apply_method(model, config: TrainConfig):
-    """Make only the parameters of the chosen method trainable."""
+    """Make only the parameters of the chosen method trainable. A reward model's score head
+    is always trained: PEFT task type SEQ_CLS trains and saves it whole (modules_to_save)
+    beside the adapter; freeze trains it with the last layers; full trains everything."""
     if config.method in LORA_FAMILY:
         return _add_adapter(model, config)
     if config.method == "oft":
         return _add_oft(model, config)
     if config.method == "freeze":
         _train_last_layers(model, config.freeze_layers)
+        if head_of(config) == "score":
+            for param in score_head(model).parameters():
+                param.requires_grad = True
     return model  # full: everything stays trainable
+
+
+def _task_type(config: TrainConfig) -> str:
+    return "SEQ_CLS" if head_of(config) == "score" else "CAUSAL_LM"
+
+
+def score_head(model):
+    """The score head of a reward model (transformers names it score or classifier)."""
+    for name in SCORE_HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise BadInput(f"this model has no score head ({' or '.join(SCORE_HEAD_NAMES)}) to "
+                   "train as a reward model", field="model")
 
 
 # PEFT's fast-SVD PiSSA: 16 subspace iterations initialise a 7B model in seconds and train
@@ -453,7 +653,7 @@ def _add_adapter(model, config: TrainConfig):
                       lora_dropout=config.lora_dropout, target_modules=target,
                       use_dora=config.method == "dora", use_rslora=config.use_rslora,
                       init_lora_weights=PISSA_INIT if config.lora_init == "pissa" else True,
-                      task_type="CAUSAL_LM")
+                      task_type=_task_type(config))
     try:
         return get_peft_model(model, lora)
     except ValueError as err:
@@ -469,7 +669,7 @@ def _add_oft(model, config: TrainConfig):
     from peft import OFTConfig, get_peft_model
 
     oft = OFTConfig(r=0, oft_block_size=config.oft_block_size, target_modules="all-linear",
-                    task_type="CAUSAL_LM")
+                    task_type=_task_type(config))
     try:
         return get_peft_model(model, oft)
     except ValueError as err:

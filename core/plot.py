@@ -1,44 +1,196 @@
-"""loss.png: the final curve of a run, drawn from metrics.jsonl with matplotlib."""
+"""The curves of a run: which metrics are drawn, under which names, and loss.png.
+
+metrics.jsonl lines carry the loss and, for the preference and RL stages, each stage's
+own signals (reward margin, accuracy, mean reward, ...); evaluation lines carry the same
+names prefixed with `eval_`. This module is the one table of those signals and their
+human labels, so the page's live charts and loss.png name them alike.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from . import runs
 
+# The signals a trainer may log besides the loss, in the order they are offered, with the
+# label a person reads. `reward_<func>` (one per grpo reward function) is labelled by
+# `signal_label`. Evaluation lines carry the same names with EVAL_PREFIX.
+SIGNALS = {
+    "reward_margin": "reward margin (chosen − rejected)",
+    "reward_accuracy": "reward accuracy (share of pairs with chosen > rejected)",
+    "accuracy": "accuracy (share of pairs scored chosen > rejected)",
+    "reward_chosen": "reward of the chosen replies",
+    "reward_rejected": "reward of the rejected replies",
+    "reward": "mean reward of the sampled replies",
+    "reward_std": "reward spread within each prompt's group (std)",
+    "completion_length": "sampled reply length (tokens)",
+    "kl": "KL divergence from the reference model",
+}
+REWARD_PREFIX = "reward_"   # reward_<func>: one grpo reward function's mean score
+EVAL_PREFIX = "eval_"
+# What each stage shows unless the user picks otherwise: the signals that say whether
+# training works (sft and pt have the loss alone).
+HEADLINE = {
+    "dpo": ("reward_margin", "reward_accuracy"),
+    "kto": ("reward_margin",),
+    "rm": ("accuracy",),
+    "grpo": ("reward", "completion_length"),
+}
+# Bookkeeping on every line: never a curve.
+_NOT_CURVES = frozenset({"step", "total_steps", "epoch", "elapsed_s", "eta_s"})
+MAX_PNG_SIGNALS = 4   # signal panels under the loss in loss.png
 
-def loss_series(records: list[dict]) -> tuple[list[int], list[float], list[int], list[float]]:
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Curves:
+    """Every metric of a run as {step: value}, built incrementally from metrics records.
+
+    `add` takes only the new lines (a watcher feeds what `runs.MetricsTail.poll` returned),
+    so a live view never rescans its history. The latest line for a step wins: a resumed
+    run re-logs the steps after its checkpoint.
+    """
+
+    def __init__(self, records: list[dict] = ()):
+        self._by_key: dict[str, dict[int, float]] = {}
+        self.add(records)
+
+    def add(self, records: list[dict]) -> None:
+        for record in records:
+            step = record.get("step")
+            if not _number(step):
+                continue
+            for key, value in record.items():
+                if key not in _NOT_CURVES and _number(value):
+                    self._by_key.setdefault(key, {})[step] = value
+
+    def keys(self) -> list[str]:
+        return list(self._by_key)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric, by step ([], [] when it was never logged)."""
+        points = self._by_key.get(key) or {}
+        steps = sorted(points)  # nearly sorted already: linear time
+        return steps, [points[s] for s in steps]
+
+
+def loss_series(records: list[dict] | Curves) -> tuple[list[int], list[float], list[int],
+                                                       list[float]]:
     """(steps, losses, eval steps, eval losses), keeping the latest line for a step
     (a resumed run re-logs the steps after its checkpoint)."""
-    train, evals = {}, {}
-    for r in records:
-        if isinstance(r.get("loss"), (int, float)):
-            train[r["step"]] = r["loss"]
-        if isinstance(r.get("eval_loss"), (int, float)):
-            evals[r["step"]] = r["eval_loss"]
-    ts, es = sorted(train), sorted(evals)
-    return ts, [train[s] for s in ts], es, [evals[s] for s in es]
+    curves = records if isinstance(records, Curves) else Curves(records)
+    return (*curves.series("loss"), *curves.series("eval_loss"))
 
 
-def plot_loss(run_dir: Path, weight: float = 0.9) -> Path | None:
+# --- the stages' own signals ------------------------------------------------------------
+
+def is_signal(name: str) -> bool:
+    """A training signal drawn besides the loss (evaluation names count as theirs)."""
+    name = name.removeprefix(EVAL_PREFIX)
+    return name in SIGNALS or (name.startswith(REWARD_PREFIX) and len(name) > len(REWARD_PREFIX))
+
+
+def signal_label(name: str) -> str:
+    """What a person reads for a signal: 'reward margin (chosen − rejected)',
+    'reward: exact_match', 'eval reward margin (chosen − rejected)'."""
+    if name.startswith(EVAL_PREFIX):
+        return "eval " + signal_label(name[len(EVAL_PREFIX):])
+    if name in SIGNALS:
+        return SIGNALS[name]
+    if name.startswith(REWARD_PREFIX):
+        return f"reward: {name[len(REWARD_PREFIX):]} (mean score of this reward function)"
+    return name.replace("_", " ")
+
+
+def signal_short(name: str) -> str:
+    """The label without its explanation, for an axis: 'reward margin'."""
+    return signal_label(name).split(" (", 1)[0]
+
+
+def signal_names(keys) -> list[str]:
+    """The signals among metric names, eval ones folded into theirs: the known signals in
+    SIGNALS order, then each reward function's, alphabetically."""
+    present = {k.removeprefix(EVAL_PREFIX) for k in keys if is_signal(k)}
+    known = [name for name in SIGNALS if name in present]
+    return known + sorted(present - set(known))
+
+
+def headline(stage: str | None, present: list[str]) -> list[str]:
+    """The signals a stage shows by default, among those present."""
+    return [name for name in HEADLINE.get(stage or "", ()) if name in present]
+
+
+def signal_series(curves: Curves, name: str) -> tuple[list[int], list[float], list[int],
+                                                       list[float]]:
+    """(steps, values, eval steps, eval values) of one signal."""
+    return (*curves.series(name), *curves.series(EVAL_PREFIX + name))
+
+
+def finite(xs: list, ys: list) -> tuple[list, list]:
+    """The points whose value is a finite number (a NaN loss is a gap, not a point)."""
+    kept = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+# --- loss.png ------------------------------------------------------------------------
+
+def run_stage(run_dir: Path) -> str | None:
+    """The stage in a run's config.yaml (None when it cannot be read)."""
+    from .errors import BadInput
+    from .schema import read_yaml
+    try:
+        stage = read_yaml(Path(run_dir) / runs.CONFIG).get("stage")
+    except (BadInput, OSError):  # a missing or odd config only loses the stage's panels
+        return None
+    return stage if isinstance(stage, str) else None
+
+
+def png_signals(curves: Curves, stage: str | None) -> list[str]:
+    """The signal panels loss.png draws: the stage's headline ones, else the first few."""
+    present = signal_names(curves.keys())
+    return headline(stage, present) or present[:MAX_PNG_SIGNALS]
+
+
+def _draw(ax, steps, values, eval_steps, eval_values, weight: float, name: str) -> None:
+    steps, values = finite(steps, values)
+    ax.plot(steps, values, color="#93c5fd", linewidth=1, label=name)
+    ax.plot(steps, runs.smooth(values, weight), color="#1d4ed8", linewidth=2,
+            label=f"smoothed ({weight})")
+    eval_steps, eval_values = finite(eval_steps, eval_values)
+    if eval_steps:
+        ax.plot(eval_steps, eval_values, "o-", color="#ea580c", label=f"eval {name}")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def plot_loss(run_dir: Path, weight: float = 0.9, stage: str | None = None) -> Path | None:
+    """Draw loss.png: the raw, smoothed and eval loss, and under it one panel per signal
+    of the run's stage (read from its config.yaml unless given)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses, eval_steps, eval_losses = loss_series(runs.read_metrics(run_dir))
-    if not steps:
+    curves = Curves(runs.read_metrics(run_dir))
+    steps, losses, eval_steps, eval_losses = loss_series(curves)
+    signals = png_signals(curves, stage or run_stage(run_dir))
+    if not steps and not signals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, losses, color="#93c5fd", linewidth=1, label="loss")
-    ax.plot(steps, runs.smooth(losses, weight), color="#1d4ed8", linewidth=2,
-            label=f"smoothed ({weight})")
-    if eval_steps:
-        ax.plot(eval_steps, eval_losses, "o-", color="#ea580c", label="eval loss")
-    ax.set_xlabel("step")
+    cols = max(1, len(signals))
+    fig = plt.figure(figsize=(7 if cols < 3 else 3 * cols, 6.8 if signals else 4), dpi=110)
+    grid = fig.add_gridspec(2 if signals else 1, cols, height_ratios=[3, 2] if signals else None)
+    ax = fig.add_subplot(grid[0, :])
+    _draw(ax, steps, losses, eval_steps, eval_losses, weight, "loss")
     ax.set_ylabel("loss")
     ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
     ax.legend()
+    for i, name in enumerate(signals):
+        panel = fig.add_subplot(grid[1, i])
+        _draw(panel, *signal_series(curves, name), weight, signal_short(name))
+        panel.set_title(signal_label(name), fontsize=8, wrap=True)
+        panel.tick_params(labelsize=7)
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
     fig.savefig(out)

@@ -1,7 +1,7 @@
-"""`tunebench train`: supervised fine-tuning (or plain-text pre-training) of one run.
+"""`tunebench train`: one run of any stage (sft, pt, rm, dpo, kto, grpo).
 
 Reads top to bottom: load the config, prepare the run directory, then set up
-(tokenizer, data, model), fit with TRL's SFTTrainer, and save. Everything the
+(tokenizer, data, model), fit with the stage's TRL trainer (core/stages.py), and save. Everything the
 outside world learns about the run goes through the run directory (core/runs.py).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import config as cfg
-from . import data, distributed, jobs, memory, models, paths, runs, templates
+from . import data, distributed, jobs, memory, models, paths, runs, stages
 from .errors import BadInput
 
 MEMORY_CAP_ENV = "TUNEBENCH_TRAIN_MEMORY_MB"  # optional hard cap; see memory.cap_from_env
@@ -269,24 +269,33 @@ def resume_checkpoint(config: cfg.TrainConfig, run_dir: Path) -> str | None:
 
 
 def build_dataset(config: cfg.TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """dataset -> template -> tokens and labels, then the eval split."""
+    """dataset -> template -> tokens and labels (the stage's encoding), then the eval split."""
+    encode = stages.STAGES[config.stage].encode
     records = data.load_records(config)
-    rows, dropped = [], 0
-    for record in records:
-        row = templates.encode_example(record, tokenizer, config.cutoff_len)
-        if any(label != templates.IGNORE for label in row["labels"]):
-            rows.append(row)
-        else:
-            dropped += 1
+    rows = [row for row in (encode(r, tokenizer, config.cutoff_len) for r in records)
+            if row is not None]
+    dropped = len(records) - len(rows)
     if dropped:
-        print(f"warning: {dropped} records had nothing to train on after truncation", flush=True)
+        print(f"warning: {dropped} records had nothing to train on after truncation to "
+              f"cutoff_len {config.cutoff_len}", flush=True)
     if not rows:
-        raise BadInput("no trainable records: every record is empty after templating",
-                       field="dataset")
-    lengths = [len(r["input_ids"]) for r in rows]
-    print(f"data: {len(rows)} records, {sum(lengths):,} tokens, length "
+        raise BadInput("no trainable records: every record is empty after templating and "
+                       f"truncation to cutoff_len {config.cutoff_len}", field="dataset")
+    lengths = [_row_length(r) for r in rows]
+    print(f"data: {len(rows)} records for stage {config.stage} "
+          f"({stages.STAGES[config.stage].what}), {sum(lengths):,} tokens, length "
           f"{min(lengths)}..{max(lengths)} (mean {sum(lengths) / len(rows):.0f})", flush=True)
     return split_eval(rows, config.val_size, config.seed)
+
+
+def _row_length(row: dict) -> int:
+    """Tokens in a row of any stage (a pair counts both sequences; a GRPO prompt, its
+    messages' characters / 4, a rough figure for the log only)."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    if "prompt" in row:
+        return sum(len(m["content"]) for m in row["prompt"]) // 4
+    return sum(len(v) for k, v in row.items() if k.endswith("_ids") and k != "KL_completion_ids")
 
 
 def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -303,7 +312,8 @@ def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict]
 
 
 def estimate_total_steps(n_rows: int, config: cfg.TrainConfig) -> int:
-    per_epoch = math.ceil(math.ceil(n_rows / config.batch_size) / config.grad_accum)
+    sequences = n_rows * stages.rows_per_record(config)
+    per_epoch = math.ceil(math.ceil(sequences / config.batch_size) / config.grad_accum)
     return max(1, math.ceil(per_epoch * config.epochs))
 
 

@@ -1,16 +1,22 @@
-"""TRL's SFTTrainer, configured from a TrainConfig, plus what it lacks for tunebench.
+"""TRL's trainers, one per stage (core/stages.py), configured from a TrainConfig, plus
+what they lack for tunebench. Every stage's trainer is TRL's own class with
+`RunFolderMixin` in front of it.
 
 Added by hand, and why:
 - `RunDirCallback` streams metrics.jsonl (throughput, ETA, padding share) and
   turns an abort request into "finish this step, checkpoint, stop".
-- `TunebenchTrainer._save_checkpoint` writes each checkpoint into a staging
+- `RunDirCallback` also maps each stage's own signals (DPO's reward margin, GRPO's
+  mean reward, ...) to stable names in metrics.jsonl (core/stages.signal_name).
+- `RunFolderMixin._prepare_dataset`/`tokenize_row` hand TRL rows already tokenized
+  through core/templates.py, so every stage applies the template once, the same way.
+- `RunFolderMixin._save_checkpoint` writes each checkpoint into a staging
   folder and renames it into place, so a crash mid-save never leaves a
   checkpoint-N/ that looks complete but is not (transformers writes in place).
-- `TunebenchTrainer` counts real vs padded token positions per step, which the
+- `RunFolderMixin` counts real vs padded token positions per step, which the
   trainer does not report.
-- `TunebenchTrainer.create_optimizer` builds PEFT's LoRA+ optimizer (B matrices at
+- `RunFolderMixin.create_optimizer` builds PEFT's LoRA+ optimizer (B matrices at
   a multiple of the learning rate) from the optimizer the `optim` setting names.
-- `TunebenchTrainer._save` converts a PiSSA adapter to plain LoRA on every save, so
+- `RunFolderMixin._save` converts a PiSSA adapter to plain LoRA on every save, so
   final/ and checkpoint-N/ load on the original base like any LoRA adapter, and
   `_load_from_checkpoint` resumes from that converted form.
 """
@@ -23,24 +29,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import functools
+
 import torch
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
 
-from . import attention, distributed, models, runs
+from . import attention, distributed, models, runs, stages
 from .config import LORA_FAMILY, TrainConfig
 
 STAGING = ".staging"
 
 
 def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
-                  padding_free: bool = False) -> SFTConfig:
-    """`padding_free`: the model's attention keeps examples apart inside one row
-    (core/attention.py), so batches put examples end to end instead of padding them."""
+                  padding_free: bool = False):
+    """The stage's TRL config. `padding_free`: the model's attention keeps examples apart
+    inside one row (core/attention.py), so SFT batches put examples end to end instead of
+    padding them."""
     precision = models.compute_dtype(config.compute_type)
     save_by_steps = config.save_steps > 0
-    padded = not (config.packing or padding_free)
-    return SFTConfig(
+    _, args_class = stages.trainer_classes(config)
+    return args_class(
         output_dir=str(run_dir),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
@@ -62,14 +70,6 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
         save_steps=config.save_steps if save_by_steps else 500,
         eval_strategy=("steps" if save_by_steps else "epoch") if has_eval else "no",
         eval_steps=config.save_steps if save_by_steps else None,
-        # Rows are already cut to cutoff_len (templates.truncate keeps part of every reply);
-        # TRL refuses max_length with padding-free batches that are not packed.
-        max_length=config.cutoff_len if config.packing or padded else None,
-        packing=config.packing,  # TRL's best-fit-decreasing packing, always padding-free
-        padding_free=padding_free and not config.packing,
-        # Padded batches: group examples of similar length so little compute goes to padding.
-        # Padding-free batches have none, so keep the data order random.
-        train_sampling_strategy="group_by_length" if padded else "random",
         optim=config.optim,
         report_to="none",
         disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
@@ -77,8 +77,23 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
         dataloader_pin_memory=torch.cuda.is_available(),
         # transformers refuses bf16 on a machine without a GPU unless told it is a CPU run.
         **{**({"use_cpu": True} if precision == "bf16" and not torch.cuda.is_available() else {}),
-           **distributed.trainer_kwargs(config, run_dir)},
+           **distributed.trainer_kwargs(config, run_dir),
+           **(_sft_args(config, padding_free) if config.stage in ("sft", "pt")
+              else stages.stage_args(config))},
     )
+
+
+def _sft_args(config: TrainConfig, padding_free: bool) -> dict:
+    padded = not (config.packing or padding_free)
+    return dict(
+        # Rows are already cut to cutoff_len (templates.truncate keeps part of every reply);
+        # TRL refuses max_length with padding-free batches that are not packed.
+        max_length=config.cutoff_len if config.packing or padded else None,
+        packing=config.packing,  # TRL's best-fit-decreasing packing, always padding-free
+        padding_free=padding_free and not config.packing,
+        # Padded batches: group examples of similar length so little compute goes to padding.
+        # Padding-free batches have none, so keep the data order random.
+        train_sampling_strategy="group_by_length" if padded else "random")
 
 
 def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
@@ -89,9 +104,11 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
 
     from transformers.trainer_callback import PrinterCallback
 
-    padding_free = attention.padding_free(model)
+    # Only SFT's collator puts examples end to end; the preference and RL trainers pad.
+    padding_free = attention.padding_free(model) and config.stage in ("sft", "pt")
     args = training_args(config, run_dir, has_eval=bool(eval_rows), padding_free=padding_free)
-    booster = attention.describe(model)
+    booster = attention.describe(model) if padding_free or config.stage in ("sft", "pt") \
+        else "sdpa (padded batches; TRL 1.16 has no padding-free batches for this stage)"
     print(f"booster: {booster}" + ("; packing examples into rows of "
                                   f"{config.cutoff_len} tokens" if config.packing else ""),
           flush=True)
@@ -101,16 +118,39 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
     if loraplus:
         print(f"LoRA+: B matrices learn at learning_rate x {loraplus:g} ({config.optim})",
               flush=True)
-    trainer = TunebenchTrainer(
+    trainer_class = wrapped(stages.trainer_classes(config)[0])
+    extra = {}
+    if config.stage == "grpo":
+        from . import rewards
+        extra["reward_funcs"] = rewards.reward_functions(config)
+    trainer = trainer_class(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[callback], loraplus_lr_ratio=loraplus)
+        callbacks=[callback], loraplus_lr_ratio=loraplus, **extra)
     trainer.remove_callback(PrinterCallback)  # RunDirCallback prints one readable line instead
+    drop_reference_adapter(trainer.model)
     return trainer
 
 
-class TunebenchTrainer(SFTTrainer):
+def drop_reference_adapter(model) -> None:
+    """TRL's DPO and KTO copy an adapter they are handed into a second, frozen "ref"
+    adapter, in case it was trained before. Ours is freshly initialised (or resumed from
+    a run that started at the base), so the base with the adapter switched off is the
+    exact reference: drop the copy, which TRL then uses (and final/ holds no ref/)."""
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and "ref" in peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+@functools.cache
+def wrapped(trl_class: type) -> type:
+    """TRL's trainer class with tunebench's additions in front of it."""
+    return type(f"Tunebench{trl_class.__name__}", (RunFolderMixin, trl_class), {})
+
+
+class RunFolderMixin:
     def __init__(self, *args, loraplus_lr_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._positions = self._real_tokens = 0
@@ -160,8 +200,33 @@ class TunebenchTrainer(SFTTrainer):
         models.load_converted_adapter(self.accelerator.unwrap_model(model or self.model),
                                       Path(resume_from_checkpoint))
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Rows come tokenized by core/stages.py. DPO needs nothing more; KTO still pairs
+        each reply with a mismatched one for its KL estimate, as TRL does."""
+        columns = dataset.column_names or []
+        if "prompt_ids" not in columns:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if getattr(self, "calculate_KL", False):
+            def shifted(batch):  # each reply is paired with the previous row's, cyclically
+                return {"KL_completion_ids": batch["completion_ids"][-1:]
+                        + batch["completion_ids"][:-1]}
+            dataset = dataset.map(shifted, batched=True,
+                                  batch_size=args.per_device_train_batch_size)
+        return dataset
+
+    def tokenize_row(self, feature, model=None):
+        """ORPO and CPO (SimPO) tokenize in this method: build their columns from ours."""
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            reply = feature[f"{side}_ids"]
+            row[f"{side}_input_ids"] = prompt + reply
+            row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(reply))
+            row[f"{side}_labels"] = [-100] * len(prompt) + reply
+        return row
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
+        if model.training and "input_ids" in inputs:
             self._positions += inputs["input_ids"].numel()
             mask = inputs.get("attention_mask")
             self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
@@ -236,6 +301,10 @@ class RunDirCallback(TrainerCallback):
                 record["grad_norm"] = logs["grad_norm"]
         if "eval_loss" in logs:
             record["eval_loss"] = logs["eval_loss"]
+        for key, value in logs.items():  # the stage's own signals, under stable names
+            name = stages.signal_name(key)
+            if name is not None and isinstance(value, (int, float)):
+                record[name] = round(float(value), 6)
         if "train_runtime" in logs:  # the trainer's end-of-training summary (the benchmark reads it)
             record.update(train_runtime=logs["train_runtime"],
                           train_samples_per_second=logs.get("train_samples_per_second"),

@@ -2,7 +2,8 @@
 
 Nothing here names a setting: each widget is derived from its field's type and
 metadata (choices -> dropdown, bool -> checkbox, number -> number box, help ->
-info text, advanced -> folded away, methods -> shown only for those methods).
+info text, advanced -> folded away, methods/stages -> shown only for those tuning
+methods and training stages).
 The only per-field table is `SPEC_IDS`, the element ids that shared/SPEC.md
 fixes for automation; every other field gets "train-<key>".
 
@@ -73,12 +74,25 @@ def _number_step(f: dataclasses.Field, settings: type = cfg.TrainConfig) -> floa
     return 0.01
 
 
+def limited(f: dataclasses.Field) -> bool:
+    """A setting that only some tuning methods or training stages take."""
+    return f.metadata.get("methods") is not None or f.metadata.get("stages") is not None
+
+
+def shown(f: dataclasses.Field, method: str, stage: str) -> bool:
+    """Whether the form shows a setting for this method and stage: each restriction it
+    declares (`methods=`, `stages=` in the schema) must admit them."""
+    methods, stages = f.metadata.get("methods"), f.metadata.get("stages")
+    return (methods is None or method in methods) and (stages is None or stage in stages)
+
+
 def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
-                settings: type = cfg.TrainConfig, prefix: str = "train") -> gr.Component:
+                settings: type = cfg.TrainConfig, prefix: str = "train",
+                visible: bool = True) -> gr.Component:
     """One widget for one field of `settings` (a schema), chosen from its type and metadata."""
     meta, kind = f.metadata, schema.types(settings)[f.name]
     common = dict(label=label(f.name), info=info(f), elem_id=elem_id(f.name, prefix),
-                  visible=meta["methods"] is None or cfg.default_value("method") in meta["methods"])
+                  visible=visible)
     value = widget_value(f.name, value, settings)
     if kind == list[str]:
         # Registered names, plus any file path typed in (allow_custom_value).
@@ -117,25 +131,35 @@ class Form:
         return list(self.widgets.values())
 
     @property
+    def limited(self) -> list[str]:
+        """The settings shown only for some methods or stages (what `visibility` updates)."""
+        return [n for n in self.widgets if limited(cfg.FIELDS[n])]
+
+    @property
     def method_limited(self) -> list[str]:
         return [n for n in self.widgets if cfg.FIELDS[n].metadata["methods"] is not None]
 
 
 def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
-    """Lay the widgets out: one row per group, advanced settings in a folded accordion."""
+    """Lay the widgets out: one row per group, advanced settings in a folded accordion.
+    Settings for other methods or stages than the config's start hidden."""
     values = cfg.to_dict(config)
     widgets: dict[str, gr.Component] = {}
     def rows(fields: list[dataclasses.Field]) -> None:
-        # Method-specific settings share their own row, so hiding some leaves no holes.
-        general = [f for f in fields if f.metadata["methods"] is None]
-        specific = [f for f in fields if f.metadata["methods"] is not None]
+        # Method- and stage-specific settings get rows of their own, so hiding some leaves
+        # no holes among the general ones (a row wraps when many of them show).
+        general = [f for f in fields if not limited(f)]
+        by_method = [f for f in fields if f.metadata["methods"] is not None]
+        by_stage = [f for f in fields if limited(f) and f not in by_method]
         n_rows = max(1, math.ceil(len(general) / PER_ROW))
         cuts = [math.ceil(i * len(general) / n_rows) for i in range(n_rows + 1)]
-        for chunk in [general[a:b] for a, b in zip(cuts, cuts[1:])] + [specific]:
+        for chunk in [general[a:b] for a, b in zip(cuts, cuts[1:])] + [by_method, by_stage]:
             if chunk:  # split evenly: 5 fields make rows of 3 and 2, not 4 and 1
                 with gr.Row(equal_height=False):
                     for f in chunk:
-                        widgets[f.name] = make_widget(f, values[f.name], dataset_choices)
+                        widgets[f.name] = make_widget(
+                            f, values[f.name], dataset_choices,
+                            visible=shown(f, config.method, config.stage))
 
     for group in cfg.GROUPS:
         rows([f for f in cfg.fields_in(group) if not f.metadata["advanced"]])
@@ -185,6 +209,8 @@ def values_of(config: cfg.TrainConfig, names: list[str]) -> list[Any]:
     return [widget_value(n, data[n]) for n in names]
 
 
-def visibility(method: str, names: list[str]) -> list[dict]:
-    """gr.update(visible=...) for each method-limited widget, for the chosen method."""
-    return [gr.update(visible=method in cfg.FIELDS[n].metadata["methods"]) for n in names]
+def visibility(method: str, names: list[str], stage: str | None = None) -> list[dict]:
+    """gr.update(visible=...) for each widget of `names`, for the chosen method and stage
+    (the default stage when none is given)."""
+    stage = stage or cfg.default_value("stage")
+    return [gr.update(visible=shown(cfg.FIELDS[n], method, stage)) for n in names]

@@ -2,7 +2,8 @@
 
 `Watch` follows one run for one browser session: it remembers file signatures
 and the metrics byte offset, so a tick that finds nothing new costs a few
-`stat` calls and the page is not redrawn. No Gradio here; app code turns
+`stat` calls and the page is not redrawn; new metrics lines are added to the
+run's curves (core.plot.Curves) as they arrive. No Gradio here; app code turns
 `Changes` into component updates.
 """
 
@@ -25,6 +26,9 @@ MAX_POINTS = 1500          # per series sent to the browser; longer runs are thi
 LIVENESS_EVERY_S = 5.0     # how often a "running" status is checked against the process
 SERIES = {"raw": "loss", "smoothed": "smoothed loss", "eval": "eval loss"}
 COLORS = {SERIES["raw"]: "#b9cdf2", SERIES["smoothed"]: "#1d3f8f", SERIES["eval"]: "#e4572e"}
+# A stage's own signals (core.plot.SIGNALS), one panel each, drawn like the loss.
+SIGNAL_SERIES = {"raw": "raw", "smoothed": "smoothed", "eval": "eval"}
+SIGNAL_COLORS = {SIGNAL_SERIES[k]: COLORS[SERIES[k]] for k in SERIES}
 
 
 @dataclass
@@ -47,10 +51,12 @@ class Watch:
     status_sig: tuple | None = None
     log_sig: tuple | None = None
     checked_at: float = 0.0
+    curves: plot.Curves = None
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
         self.tail = runs.MetricsTail(self.run_dir / runs.METRICS)
+        self.curves = plot.Curves()
 
     def poll(self) -> Changes:
         """Read only what changed since the last poll."""
@@ -65,7 +71,9 @@ class Watch:
             self.status_sig = runs.file_signature(self.run_dir / runs.STATUS)
             if status != self.status:
                 self.status = out.status = status
-        if self.tail.poll():
+        new = self.tail.poll()
+        if new:
+            self.curves.add(new)  # only the new lines: the history is never rescanned
             out.metrics = self.tail.records
         sig = runs.file_signature(self.run_dir / runs.LOG)
         if sig != self.log_sig:
@@ -76,6 +84,15 @@ class Watch:
     @property
     def records(self) -> list[dict]:
         return self.tail.records
+
+    @property
+    def stage(self) -> str:
+        return run_stage(self.run_dir)
+
+    @property
+    def signals(self) -> list[str]:
+        """The stage signals this run has logged so far (core.plot.SIGNALS order)."""
+        return plot.signal_names(self.curves.keys())
 
 
 # --- rendering -------------------------------------------------------------------
@@ -181,19 +198,57 @@ def _thin(steps: list, values: list) -> tuple[list, list]:
     return [steps[i] for i in idx], [values[i] for i in idx]
 
 
-def loss_frame(records: list[dict], weight: float) -> pd.DataFrame:
+def _curve_rows(steps: list, raw: list, eval_steps: list, eval_values: list, weight: float,
+                names: dict) -> list[tuple]:
+    """(step, value, series) rows: raw, smoothed and eval, thinned, finite values only."""
+    rows = []
+    for name, (xs, ys) in ((names["raw"], _thin(steps, raw)),
+                           (names["smoothed"], _thin(steps, runs.smooth(raw, weight))),
+                           (names["eval"], (eval_steps, eval_values))):
+        rows += [(x, y, name) for x, y in zip(xs, ys) if math.isfinite(y)]
+    return rows
+
+
+def loss_frame(records: list[dict] | plot.Curves, weight: float) -> pd.DataFrame:
     """Long-form frame (step, loss, series) with raw, smoothed and eval loss.
 
     Uses core.plot.loss_series, as loss.png does: a resumed run re-logs the steps
-    after its checkpoint, and the latest line for a step wins.
+    after its checkpoint, and the latest line for a step wins. A watcher passes its
+    `curves`, kept up to date line by line.
     """
-    steps, raw, eval_steps, eval_losses = plot.loss_series(records)
-    rows = []
-    for name, (xs, ys) in ((SERIES["raw"], _thin(steps, raw)),
-                           (SERIES["smoothed"], _thin(steps, runs.smooth(raw, weight))),
-                           (SERIES["eval"], (eval_steps, eval_losses))):
-        rows += [(x, y, name) for x, y in zip(xs, ys) if math.isfinite(y)]
+    rows = _curve_rows(*plot.loss_series(records), weight, SERIES)
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def signal_frame(curves: plot.Curves, name: str, weight: float) -> pd.DataFrame:
+    """Long-form frame (step, value, series) of one stage signal (core.plot.SIGNALS):
+    raw, smoothed with the loss chart's weight, and its eval_ points."""
+    rows = _curve_rows(*plot.signal_series(curves, name), weight, SIGNAL_SERIES)
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def series_to_show(chosen: list[str] | None, stage: str | None, present: list[str]) -> list[str]:
+    """The signal panels to draw: what the user ticked, else the stage's headline signals;
+    only those the run has logged."""
+    if chosen is None:
+        return plot.headline(stage, present)
+    return [name for name in chosen if name in present]
+
+
+# Each run's stage, read from its config.yaml once per version of that file.
+_stages: dict[Path, tuple[tuple | None, str]] = {}
+
+
+def run_stage(run_dir: Path) -> str:
+    """The run's training stage from its config.yaml ('?' when it cannot be read)."""
+    path = Path(run_dir)
+    sig = runs.file_signature(path / runs.CONFIG)
+    cached = _stages.get(path)
+    if cached and cached[0] == sig:
+        return cached[1]
+    stage = (plot.run_stage(path) or "?") if sig is not None else "?"
+    _stages[path] = (sig, stage)
+    return stage
 
 
 def outside_running(saves_dir: Path, listed: list[Path] | None = None) -> list[Path]:
@@ -225,11 +280,12 @@ def find_listed_run(saves_dir: Path, key: str) -> Path | None:
 
 
 def runs_table(saves_dir: Path) -> list[list]:
-    """Rows for the runs list: name, state, steps, final loss, started."""
+    """Rows for the runs list: name, state, steps, final loss, stage, started."""
     rows = []
     for run in listed_runs(saves_dir):
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
-        rows.append([run.name, run.state, run.steps, loss, _short_time(run.started_at) or "–"])
+        rows.append([run.name, run.state, run.steps, loss, run_stage(run.path),
+                     _short_time(run.started_at) or "–"])
     return rows
 
 

@@ -16,17 +16,28 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import data, launch, limits, memory, paths, runs
+from core import data, launch, limits, memory, paths, plot, runs
 from core.errors import BadInput
 
 from . import configs, data_worker, form as form_mod
-from .runs_view import (COLORS, Watch, find_listed_run, log_html, loss_frame, message_html,
-                        newest_running, progress_html, run_names, runs_table, status_html)
+from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, log_html, loss_frame,
+                        message_html, newest_running, progress_html, run_names, runs_table,
+                        series_to_show, signal_frame, status_html)
 
 TICK_S = 1.0
 TABLE_REFRESH_S = 15.0       # the running run's row (steps, loss) in the runs list
-RUN_COLUMNS = ["run", "state", "steps", "final loss", "started"]
-PREVIEW_COLORS = {"trained": "#3fb950"}
+RUN_COLUMNS = ["run", "state", "steps", "final loss", "stage", "started"]
+# The preview's marks: trained tokens, and for two-reply stages which reply they belong to.
+PREVIEW_COLORS = {"trained": "#3fb950", "chosen (trained)": "#3fb950",
+                  "rejected (trained)": "#f85149", "good reply (trained)": "#3fb950",
+                  "bad reply (trained)": "#f85149", "reference answer": "#d4a72c"}
+SIGNAL_PANELS = 6            # stage signals drawn at once, one panel each
+PANELS_PER_ROW = 3
+# What each stage reads, for the note when the stage change swaps the datasets.
+STAGE_DATA = {"sft": "conversations", "pt": "plain text or conversations",
+              "rm": "preference pairs (chosen and rejected replies)",
+              "dpo": "preference pairs (chosen and rejected replies)",
+              "kto": "single replies labelled good or bad", "grpo": "prompts"}
 
 
 @dataclasses.dataclass
@@ -35,14 +46,47 @@ class Session:
     watch: Watch | None = None
     known_runs: list = dataclasses.field(default_factory=list)
     table_at: float = 0.0
-    weight: float = 0.9          # smoothing of the loss chart
+    weight: float = 0.9          # smoothing of the loss chart and the signal panels
+    series: list | None = None   # the signals ticked; None = the run's stage's headline ones
+    offered: tuple = ()          # the signals the picker lists now
 
 
-def dataset_choices(dataset_dir: str) -> list[str]:
+def dataset_choices(dataset_dir: str, stage: str | None = None) -> list[str]:
+    """Registered datasets: with a stage, only those whose kind that stage trains on."""
     try:
+        for_stage = getattr(data, "datasets_for_stage", None)
+        if stage is not None and for_stage is not None:
+            return list(for_stage(stage, dataset_dir))
         return data.list_datasets(dataset_dir)
     except BadInput:
         return []  # a broken registry is reported when a run or preview reads it
+
+
+def fit_datasets(stage: str, dataset_dir: str, current: list[str] | None
+                 ) -> tuple[list[str], list[str], str]:
+    """(choices, selection, note) for the dataset picker under `stage`.
+
+    A registered dataset of another kind leaves the selection; when none is left the
+    first that fits takes its place, and the note says so. A file path stays: it is read
+    for the stage when Start or Preview checks it, which says why when it does not fit.
+    """
+    dataset_dir = dataset_dir or "data"
+    fits = dataset_choices(dataset_dir, stage)
+    registered = set(dataset_choices(dataset_dir))
+    current = [str(d) for d in current or []]
+    keep = [d for d in current if d in fits or d not in registered]
+    dropped = [d for d in current if d not in keep]
+    if not dropped:
+        return sorted(set(fits) | set(current)), current, ""
+    what = f"Stage {stage} trains on {STAGE_DATA.get(stage, 'its own kind of data')}"
+    if not keep and not fits:
+        return (sorted(set(current)), current,
+                f"{what}, and no registered dataset holds them: upload one below, or type a "
+                f"file's path. *{', '.join(dropped)}* will not be accepted by Start.")
+    if not keep:
+        keep = [fits[0]]
+    return (sorted(set(fits) | set(keep)), keep,
+            f"{what}: replaced *{', '.join(dropped)}* with *{', '.join(keep)}*.")
 
 
 def memory_text(config: cfg.TrainConfig) -> str:
@@ -75,7 +119,9 @@ class TrainTab:
         self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
-                self.form = form_mod.build_form(defaults, dataset_choices(dataset_dir))
+                self.form = form_mod.build_form(
+                    defaults, dataset_choices(defaults.dataset_dir, defaults.stage))
+                self.dataset_note = gr.Markdown(elem_id="train-dataset-note")
                 rec = recommended_of(defaults)
                 self.rec_state = gr.State(rec)  # what the model recommended, per browser tab
                 self.recommended = gr.Markdown(recommended_text(defaults, rec),
@@ -129,6 +175,7 @@ class TrainTab:
                                              "smoothed history never shifts as points arrive.")
             with gr.Column(scale=2):
                 self.log = gr.HTML(log_html(""), elem_id="train-log", **bare)
+        self._signal_panels()
         with gr.Row(equal_height=False):
             self.run_pick = gr.Dropdown(label="Run shown above", choices=[], value=None,
                                         elem_id="train-run", scale=3)
@@ -140,6 +187,26 @@ class TrainTab:
                                   label="Runs (click a row to show it)", elem_id="train-runs",
                                   max_height=280)
         self.timer = gr.Timer(TICK_S)
+
+    def _signal_panels(self):
+        """The stage's own signals (reward margin, accuracy, mean reward, ...): a picker
+        and one chart per ticked signal, each on its own scale. Hidden for a run that
+        logs none (sft, pt)."""
+        with gr.Column(visible=False, elem_id="train-signal-plot") as self.signal_box:
+            self.series = gr.CheckboxGroup(
+                label="Training signals", choices=[], value=[], elem_id="train-series",
+                info=f"What this run's stage logs besides the loss; each one ticked gets a "
+                     f"chart (raw, smoothed with the weight above, eval), up to "
+                     f"{SIGNAL_PANELS} at once.")
+            self.panel_rows, self.panels = [], []
+            for first in range(0, SIGNAL_PANELS, PANELS_PER_ROW):
+                with gr.Row(equal_height=False, visible=False) as row:
+                    self.panel_rows.append(row)
+                    for i in range(first, first + PANELS_PER_ROW):
+                        self.panels.append(gr.LinePlot(
+                            x="step", y="value", color="series", color_map=SIGNAL_COLORS,
+                            x_title="step", height=240, visible=False,
+                            elem_id=f"train-signal-plot-{i + 1}"))
 
     def _config_panel(self, defaults: cfg.TrainConfig):
         self.command = gr.Code(command_text(defaults, self.saves_dir), language="shell",
@@ -163,9 +230,18 @@ class TrainTab:
 
     # --- wiring --------------------------------------------------------------------------
 
+    @property
+    def signal_outputs(self) -> list:
+        return [self.signal_box, self.series] + self.panel_rows + self.panels
+
+    @property
+    def view_outputs(self) -> list:
+        """What drawing a run updates (`_render`, `tick`), in this order."""
+        return [self.status, self.progress, self.plot, self.log] + self.signal_outputs
+
     def _wire(self):
         widgets = self.form.components
-        view = [self.status, self.progress, self.plot, self.log]
+        view = self.view_outputs
         listing = [self.table, self.run_pick]
         quiet = dict(show_progress="hidden")
         self.timer.tick(self.tick, [self.session], view + listing, concurrency_limit=None,
@@ -176,22 +252,28 @@ class TrainTab:
         self.run_pick.input(self.on_pick, [self.session, self.run_pick], view + listing)
         self.table.select(self.on_table_select, [self.session], view + listing)
         self.refresh.click(self.on_refresh, [self.session], listing)
-        self.weight.change(self.on_weight, [self.session, self.weight], [self.plot], **quiet)
+        self.weight.change(self.on_weight, [self.session, self.weight],
+                           [self.plot] + self.panel_rows + self.panels, **quiet)
+        self.series.input(self.on_series, [self.session, self.series],
+                          self.panel_rows + self.panels, **quiet)
         gr.on([w.change for w in widgets], self.on_form_change, widgets, [self.command, self.memory],
               trigger_mode="always_last", api_visibility="private", **quiet)
-        limited = [self.form.widgets[n] for n in self.form.method_limited]
-        self.form.widgets["method"].change(
-            lambda m: form_mod.visibility(m, self.form.method_limited),
-            [self.form.widgets["method"]], limited, api_visibility="private", **quiet)
-        self._wire_data_and_configs(widgets)
         w = self.form.widgets
+        limited = self.form.limited  # settings for some methods or stages only
+        gr.on([w["method"].change, w["stage"].change],
+              lambda method, stage: form_mod.visibility(method, limited, stage),
+              [w["method"], w["stage"]], [w[n] for n in limited], api_visibility="private",
+              **quiet)
+        self._wire_data_and_configs(widgets)
         follow = [w["model"].blur, w["model"].submit, w["stage"].change, w["method"].change]
         gr.on(follow, self.on_model_change, [self.rec_state] + widgets,
-              widgets + [self.recommended, self.rec_state], api_visibility="private", **quiet)
+              widgets + [self.recommended, self.rec_state, self.dataset_note],
+              api_visibility="private", **quiet)
 
     def _wire_data_and_configs(self, widgets):
         ds, ds_dir = self.form.widgets["dataset"], self.form.widgets["dataset_dir"]
-        self.upload.upload(self.on_upload, [self.upload, self.upload_name, ds_dir, ds],
+        self.upload.upload(self.on_upload, [self.upload, self.upload_name, ds_dir, ds,
+                                            self.form.widgets["stage"]],
                            [ds, self.upload_status])
         self.preview_btn.click(self.on_preview, widgets, [self.preview_text, self.preview_summary])
         self.save_btn.click(self.on_save, [self.save_name] + widgets,
@@ -206,7 +288,7 @@ class TrainTab:
         """Reattach when a page opens, and bring back the form the user last started or
         saved; call once the whole app is built."""
         demo.load(self.on_load, [self.session, self.weight],
-                  [self.status, self.progress, self.plot, self.log, self.table, self.run_pick])
+                  self.view_outputs + [self.table, self.run_pick])
         demo.load(self.on_restore_form, [],
                   self.form.components + [self.config_msg, self.recommended, self.rec_state],
                   api_visibility="private")
@@ -215,13 +297,50 @@ class TrainTab:
 
     def _render(self, session: Session, watch: Watch | None) -> list:
         """Every view output, drawn in full (used when a tab switches to another run)."""
+        if watch is None or session.watch is None or watch.run_dir != session.watch.run_dir:
+            session.series, session.offered = None, ()  # another run: its stage's defaults
         session.watch = watch
         if watch is None:
-            return [status_html(None, None), progress_html(None, []), _empty_plot(), log_html("")]
+            return [status_html(None, None), progress_html(None, []), _empty_plot(),
+                    log_html("")] + self._signals(session, None, picker=True)
         watch.poll()
         return [status_html(watch.run_dir, watch.status), progress_html(watch.status,
-                watch.records), loss_frame(watch.records, session.weight),
-                log_html(launch.log_tail(watch.run_dir / runs.LOG))]
+                watch.records), loss_frame(watch.curves, session.weight),
+                log_html(launch.log_tail(watch.run_dir / runs.LOG))] + \
+            self._signals(session, watch, picker=True)
+
+    def _signals(self, session: Session, watch: Watch | None, picker: bool = False) -> list:
+        """The signal box, its picker (refreshed when `picker` or the run logged a new
+        signal; left alone otherwise, so a tick never undoes a click) and the panels."""
+        present = watch.signals if watch else []
+        offered = tuple(present)
+        box = gr.update(visible=bool(present))
+        if picker or offered != session.offered:
+            session.offered = offered
+            shown = series_to_show(session.series, watch.stage if watch else None, present)
+            chooser = gr.update(choices=[(plot.signal_label(n), n) for n in present],
+                                value=shown)
+        else:
+            box, chooser = gr.skip(), gr.skip()
+        return [box, chooser] + self._panels(session, watch)
+
+    def _panels(self, session: Session, watch: Watch | None) -> list:
+        """Rows and charts of the signal panels: one chart per signal shown, own y scale."""
+        present = watch.signals if watch else []
+        shown = series_to_show(session.series, watch.stage if watch else None,
+                               present)[:SIGNAL_PANELS]
+        rows = [gr.update(visible=len(shown) > first)
+                for first in range(0, SIGNAL_PANELS, PANELS_PER_ROW)]
+        charts = []
+        for i in range(SIGNAL_PANELS):
+            if i >= len(shown):
+                charts.append(gr.update(visible=False))
+                continue
+            name = shown[i]
+            charts.append(gr.update(visible=True, label=plot.signal_label(name),
+                                    y_title=plot.signal_short(name),
+                                    value=signal_frame(watch.curves, name, session.weight)))
+        return rows + charts
 
     def _listing(self, session: Session) -> list:
         """The runs table and the run picker's choices (its value is the run shown)."""
@@ -245,7 +364,8 @@ class TrainTab:
 
     def tick(self, session: Session) -> list:
         """Once a second per tab: read only what was appended; skip what did not change."""
-        out = [gr.skip()] * 6
+        n_view = len(self.view_outputs)
+        out = [gr.skip()] * (n_view + 2)
         names = run_names(self.saves_dir)
         new_folder = names != session.known_runs
         watch = session.watch
@@ -255,31 +375,38 @@ class TrainTab:
             if path is not None and (watch is None or path != watch.run_dir):
                 return self._render(session, Watch(path)) + self._listing(session)
         if watch is None:
-            return out[:4] + self._listing(session) if new_folder else out
+            return out[:n_view] + self._listing(session) if new_folder else out
         changes = watch.poll()
         if session.watch is not watch:
-            return [gr.skip()] * 6  # the tab switched runs while this tick was reading
+            return [gr.skip()] * (n_view + 2)  # the tab switched runs while this tick read
         if changes.status is not None:
             out[0] = status_html(watch.run_dir, watch.status)
         if changes.status is not None or changes.metrics is not None:
             out[1] = progress_html(watch.status, watch.records)
         if changes.metrics is not None:
-            out[2] = loss_frame(watch.records, session.weight)
+            out[2] = loss_frame(watch.curves, session.weight)
+            out[4:n_view] = self._signals(session, watch)
         if changes.log is not None:
             out[3] = log_html(changes.log)
         if new_folder or changes.status is not None or (
                 _is_running(watch) and _now() - session.table_at > TABLE_REFRESH_S):
-            out[4:] = self._listing(session)
+            out[n_view:] = self._listing(session)
         return out
 
     def on_weight(self, session: Session, weight: float):
         session.weight = weight
+        n = len(self.panel_rows) + len(self.panels)
         if session.watch is None:
-            return gr.skip()
-        return loss_frame(session.watch.records, weight)
+            return [gr.skip()] * (n + 1)
+        return [loss_frame(session.watch.curves, weight)] + self._panels(session, session.watch)
+
+    def on_series(self, session: Session, chosen: list[str] | None) -> list:
+        """The user ticked signals: draw those (the picker keeps their choice)."""
+        session.series = list(chosen or [])
+        return self._panels(session, session.watch)
 
     def _error(self, err: BadInput) -> list:
-        return [message_html(str(err))] + [gr.skip()] * 5
+        return [message_html(str(err))] + [gr.skip()] * (len(self.view_outputs) + 1)
 
     def on_start(self, session: Session, *values) -> list:
         """Validate everything, then launch; on bad input show why and launch nothing."""
@@ -297,7 +424,7 @@ class TrainTab:
         watch = session.watch
         if watch is None or not watch.status or watch.status.get("state") != "running":
             return [message_html("no running run is shown here to abort", kind="note")] + \
-                [gr.skip()] * 5
+                [gr.skip()] * (len(self.view_outputs) + 1)
         try:
             launch.abort_run(watch.run_dir)
         except BadInput as err:
@@ -349,19 +476,23 @@ class TrainTab:
                 f"# {line}\n" for line in str(err).splitlines()), gr.skip()
         return command_text(config, self.saves_dir), memory_text(config)
 
-    def on_upload(self, file: str | None, name: str, dataset_dir: str, current: list[str]):
+    def on_upload(self, file: str | None, name: str, dataset_dir: str, current: list[str],
+                  stage: str = "sft"):
+        """Validate the file for the form's stage (in the data worker), register it and add
+        it to the selection, in place of registered datasets the stage cannot read."""
         if not file:
             return gr.skip(), ""
         try:
             dataset_dir = dataset_dir or "data"
             paths.confine(dataset_dir, "dataset_dir")  # where the upload will be written
             name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
-            key = data_worker.register(file, dataset_dir, name or None)
+            key = data_worker.register(file, dataset_dir, name or None, stage)
         except BadInput as err:
             return gr.skip(), f"**Not registered.** {err}"
-        chosen = list(current or []) + [key]
-        return (gr.update(choices=sorted(set(dataset_choices(dataset_dir)) | set(chosen)),
-                          value=chosen),
+        fits = dataset_choices(dataset_dir, stage)
+        registered = set(dataset_choices(dataset_dir))
+        chosen = [d for d in current or [] if d in fits or d not in registered] + [key]
+        return (gr.update(choices=sorted(set(fits) | set(chosen)), value=chosen),
                 f"Registered **{key}** in {dataset_dir}/dataset_info.json and added it to "
                 "the datasets above.")
 
@@ -424,15 +555,20 @@ class TrainTab:
             rec = recommended_of(chosen)
         except BadInput as err:
             return [gr.skip()] * len(values) + [f"*Recommended settings unavailable: {err}*",
-                                                previous]
-        out = []
+                                                previous, gr.skip()]
+        out, after = [], {}
         for name, value in current.items():
             old = previous.get(name, cfg.default_value(name))
             new = rec.get(name, cfg.default_value(name))
             following = value == form_mod.widget_value(name, old)
-            out.append(form_mod.widget_value(name, new) if following and new != old
-                       else gr.skip())
-        return out + [recommended_text(chosen, rec), rec]
+            moved = following and new != old
+            out.append(form_mod.widget_value(name, new) if moved else gr.skip())
+            after[name] = form_mod.widget_value(name, new) if moved else value
+        # The datasets offered follow the stage, and a selection it cannot read is replaced.
+        choices, fitted, note = fit_datasets(chosen.stage, after["dataset_dir"],
+                                             after["dataset"])
+        out[self.form.names.index("dataset")] = gr.update(choices=choices, value=fitted)
+        return out + [recommended_text(chosen, rec), rec, note]
 
     def on_load_run_config(self, run_name: str | None) -> list:
         if not run_name:
