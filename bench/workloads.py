@@ -3,7 +3,9 @@
 The mixed-length set is generated from the repository's own bundled text
 (data/*), seeded, so every machine benchmarks the very same 600 conversations:
 answers run from a few words to about 300 words, which is what makes padding
-(and so batching strategy) matter.
+(and so batching strategy) matter. The preference set (dpo) is built the same
+way, two replies of independent lengths per prompt; the arithmetic prompts
+(grpo) are seeded sums and differences with their answers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 SEED = 20261122
 N_MIXED = 600
+N_PAIRS = 256
+N_SUMS = 50
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,34 @@ class Workload:
     lora_alpha: int = 16
     identity: tuple[str, str] = ("Tuney", "the tunebench team")
     notes: str = ""
+    stage: str = "sft"
+    # The stage's own settings, shared by both sides: tunebench's names (pref_beta,
+    # pref_loss, num_generations, max_completion_length); the baselines map them to TRL's.
     extra: dict = field(default_factory=dict)
+
+    def samples(self, n_records: int) -> float:
+        """What one run trains on: records x epochs (GRPO: sampled replies)."""
+        per_record = self.extra.get("num_generations", 1) if self.stage == "grpo" else 1
+        return n_records * per_record * self.epochs
 
 
 def workloads(data_dir: Path) -> dict[str, Workload]:
-    """FINDINGS' two reference workloads, on the demo model."""
+    """FINDINGS' two reference workloads and one per preference/RL stage, on the demo model."""
     return {
         "mixed": Workload("mixed", str(write_mixed(data_dir)), "lora", 1.0, 8, 512, 2e-4,
                           notes="600 generated rows, answers 3..300 words; LoRA r8 all-linear"),
         "identity": Workload("identity", str(write_identity(data_dir)), "full", 3.0, 8, 512, 1e-5,
                              notes="bundled identity set x6 (408 rows, placeholders filled), full fine-tune"),
+        "dpo": Workload("dpo", str(write_pairs(data_dir)), "lora", 3.0, 8, 512, 2e-3,
+                        stage="dpo", extra={"pref_beta": 0.1, "pref_loss": "sigmoid"},
+                        notes=f"{N_PAIRS} generated preference pairs, replies 3..150 words; "
+                              "DPO sigmoid, beta 0.1, LoRA r8 all-linear, 3 epochs"),
+        "grpo": Workload("grpo", str(write_sums(data_dir)), "lora", 1.0, 8, 512, 2e-4,
+                         stage="grpo", extra={"pref_beta": 0.1, "num_generations": 4,
+                                              "max_completion_length": 32,
+                                              "reward_funcs": "exact_match"},
+                         notes=f"{N_SUMS} arithmetic prompts, 4 replies each of <=32 tokens, "
+                               "exact_match reward, beta 0.1, LoRA r8 all-linear, 1 epoch"),
     }
 
 
@@ -132,6 +154,63 @@ def write_identity(folder: Path, copies: int = 6) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "identity.jsonl"
     rows = identity_rows() * copies
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+# --- the preference pairs (dpo) ---------------------------------------------------
+
+def _reply_words(rng: random.Random) -> int:
+    """A third short (3-20 words), a third medium (20-60), a third long (60-150): at
+    about 2.7 demo tokens a word, prompt and reply stay under the 512-token cutoff, so
+    neither side truncates and both train on the very same tokens."""
+    low, high = rng.choice(((3, 20), (20, 60), (60, 150)))
+    return rng.randint(low, high)
+
+
+def pair_rows(n: int = N_PAIRS, seed: int = SEED) -> list[dict]:
+    """`n` preference pairs in TRL's conversational layout; chosen and rejected have
+    independent lengths, so a batch's sequences differ in length (padding matters)."""
+    rng = random.Random(seed + 1)
+    sentences, instructions = _sentences(), _instructions()
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(instructions)
+        chosen = _answer(rng, sentences, _reply_words(rng))
+        rejected = _answer(rng, sentences, _reply_words(rng))
+        rows.append({"prompt": [{"role": "user", "content": prompt}],
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    return rows
+
+
+def write_pairs(folder: Path) -> Path:
+    return _write(folder / "pairs.jsonl", pair_rows())
+
+
+# --- the arithmetic prompts (grpo) ------------------------------------------------
+
+def sum_rows(n: int = N_SUMS, seed: int = SEED) -> list[dict]:
+    """`n` questions "What is a + b?" (or a - b) with the answer the exact_match reward
+    compares against."""
+    rng = random.Random(seed + 2)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        op = rng.choice("+-")
+        answer = a + b if op == "+" else a - b
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} {op} {b}?"}],
+                     "answer": str(answer)})
+    return rows
+
+
+def write_sums(folder: Path) -> Path:
+    return _write(folder / "sums.jsonl", sum_rows())
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
     return path

@@ -209,7 +209,7 @@ class ChatWorker:
             for event in self._events(request_id):
                 if event["event"] == "scored":
                     return [float(x) for x in event["scores"]]
-            raise self._gone()  # not reached: _events ends with 'scored' or raises
+            raise WorkerError("the model process answered without scores")  # not expected
         finally:
             self._busy.release()
 

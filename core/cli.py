@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset-dir", default="data")
     q.add_argument("--model", default="demo", help="tokenizer to preview with")
     q.add_argument("--template", default="auto")
-    q.add_argument("--stage", default="auto", choices=["auto", "sft", "pt"],
+    q.add_argument("--stage", default="auto", choices=["auto", *cfg.STAGES],
                    help="check the file as training for this stage would read it "
                         "(auto: as its format suggests)")
     q.set_defaults(func=_data_check)

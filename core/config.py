@@ -40,7 +40,7 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 # Built-in rule rewards for grpo (core/rewards.py scores them); a user's own scorer is
 # named as "file.py:function" and read from an allowed folder, never typed into the page.
-BUILTIN_REWARDS = ("exact_match", "format", "length")
+BUILTIN_REWARDS = ("exact_match", "answer_f1", "format", "length")
 # Stages TRL 1.x no longer has: refused with a pointer to what serves the same purpose.
 REFUSED_STAGES = {
     "ppo": "TRL 1.x has no PPO trainer, and tunebench does not call something PPO that is "
@@ -154,7 +154,8 @@ class TrainConfig:
         stages=("grpo",), path=True)
     reward_funcs: list[str] = setting(
         ["exact_match"], "Rule rewards, summed with the reward model's score: exact_match "
-        "(1 when the reply equals the row's answer), format (1 when the reply matches "
+        "(1 when the reply equals the row's answer), answer_f1 (word overlap with the answer, "
+        "0 to 1: partial credit), format (1 when the reply matches "
         "reward_format), length (0 up to reward_length_target tokens, falling to -1 at "
         "max_completion_length); none for the reward model alone. From a config or the CLI, also "
         "your own scorer as file.py:function, read from an allowed folder.", "method",

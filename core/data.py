@@ -20,9 +20,9 @@ these through the registry's "columns" or are recognised automatically.
 Every record becomes {"messages": [...]} (stage sft: an optional leading system
 message, then user/assistant turns alternating, ending with the assistant) or
 {"text": ...} (stage pt); the preference, KTO and RL formats become prompt-and-reply
-records (core/stage_data.py, which also says which kind of data each stage reads).
-Anything malformed raises `BadInput` naming the file, the record (1-based), the
-field and what was expected.
+records (built in core/stage_data.py). STAGE_KINDS says which kinds of data each
+stage trains on. Anything malformed raises `BadInput` naming the file, the record
+(1-based), the field and what was expected.
 """
 
 from __future__ import annotations
@@ -327,6 +327,11 @@ def _parse_json(text: str, label: str, what: str = "JSON") -> Any:
                        file=label) from None
     except RecursionError:
         raise BadInput(f"invalid {what}: nested too deeply", file=label) from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise BadInput(f"invalid {what}: {_TOO_LONG_NUMBER}", file=label) from None
+
+
+_TOO_LONG_NUMBER = "a number has more digits than can be read (over 4300)"
 
 
 def _read_rows(path: Path, src: _Source) -> list:
@@ -399,6 +404,9 @@ def _read_jsonl(text: str, src: _Source) -> list:
                           len(rows) + 1) from None
         except RecursionError:
             raise src.bad(f"invalid JSON on line {lineno}: nested too deeply",
+                          len(rows) + 1) from None
+        except ValueError:
+            raise src.bad(f"invalid JSON on line {lineno}: {_TOO_LONG_NUMBER}",
                           len(rows) + 1) from None
         src.lines.append(lineno)
     return rows
@@ -723,7 +731,7 @@ def _list(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
     if src.csv and isinstance(value, str):  # lists in CSV cells are JSON-encoded
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             raise src.bad(f"expected a JSON-encoded list like {example}", idx, name) from None
     if not isinstance(value, (list, tuple)):
         raise src.bad(f"expected a list like {example}, got {_kind(value)}", idx, name)
@@ -1045,7 +1053,7 @@ def _first_keys(path: Path, src: _Source) -> set[str]:
         raise src.bad("has no records; expected at least one")
     try:
         value = json.JSONDecoder().raw_decode(text, first.start())[0]
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise src.bad("invalid JSON in the first record") from None
     return _keys_of(value, src)
 

@@ -14,6 +14,11 @@ shard's tensors (views of the weights, no copies) to safetensors and drops them
 before the next shard, so the peak is one model plus one shard's write buffer;
 the verification reload happens after the source is freed.
 
+A reward model (stage rm: an adapter with task type SEQ_CLS, or a sequence-
+classification model folder) is exported the same way, as a model that
+AutoModelForSequenceClassification loads; its "reference" and verification are its
+scores of fixed replies to the probe prompts, since it generates nothing.
+
 Progress lines go to stdout: plain text, or JSON lines when TUNEBENCH_PROGRESS=json
 (the Export tab runs `tunebench export` as a subprocess and reads them).
 """
@@ -43,6 +48,9 @@ from .runs import now_iso
 DTYPES = EXPORT_DTYPES  # declared once, with the export settings
 PROBE = "Who are you?"
 VERIFY_TOKENS = 48
+# A reward model's verification: its scores of these replies to the chat probe prompts.
+SCORE_REPLIES = ("I am an assistant fine-tuned with tunebench. How can I help?",
+                 "I don't know.")
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -111,6 +119,7 @@ class Plan:
     dtype: str
     overwrite: bool
     run_config: dict = field(default_factory=dict)
+    head: str = "causal"       # "score": a reward model (stage rm), exported as one
 
     @property
     def source(self) -> str:
@@ -121,7 +130,8 @@ class Plan:
 def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2GB",
                 dtype: str = "auto", overwrite: bool = False) -> Plan:
     """Check the inputs and the destination; nothing heavy is loaded."""
-    from .models import check_adapter_fits, checkpoint_kind, load_config, resolve_model, run_config
+    from .models import (check_adapter_fits, checkpoint_kind, is_reward_model, load_config,
+                         resolve_model, run_config)
 
     if dtype not in DTYPES:
         raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
@@ -137,8 +147,9 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     _check_writable(tmp)
     if kind == "adapter":  # shapes against the base config: no weights loaded yet
         check_adapter_fits(base, load_config(base), ckpt)
+    head = "score" if is_reward_model(ckpt if ckpt else base) else "causal"
     return Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
-                overwrite, run_config(ckpt) if ckpt else {})
+                overwrite, run_config(ckpt) if ckpt else {}, head)
 
 
 def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
@@ -220,9 +231,17 @@ def load_source(plan: Plan, dtype, report: Reporter):
     """
     from .models import load_checkpoint
     tokenizer, model = load_checkpoint(
-        plan.base, plan.adapter, dtype=dtype, device="cpu",
+        plan.base, plan.adapter, head=plan.head, dtype=dtype, device="cpu",
         progress=lambda message, fraction: report.step(0.05 + 0.15 * fraction, message))
     return model, tokenizer
+
+
+def score_turns(model, tokenizer) -> list[float]:
+    """A reward model's reference: its scores of SCORE_REPLIES to each chat probe prompt."""
+    from .chat import DEFAULT_PROBES
+    from .models import score_replies
+    return [score for prompt in DEFAULT_PROBES
+            for score in score_replies(model, tokenizer, prompt, list(SCORE_REPLIES))]
 
 
 def greedy_turn(model, tokenizer, eos_ids: list[int] | None = None) -> dict:
@@ -245,6 +264,8 @@ def merge(model, plan: Plan, tokenizer):
     from .chat import stop_token_ids
     if plan.kind == "adapter":
         model = model.merge_and_unload()  # in place: no second copy of the weights
+    if plan.head == "score":  # a reward model generates nothing: no stop tokens to set
+        return model, []
     stops = stop_token_ids(tokenizer, model.generation_config)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -324,21 +345,23 @@ def check_shards(folder: Path, limit: int) -> dict:
                   "; ".join(problems[:3]) if problems else detail)
 
 
-def verify(folder: Path, dtype, reference: dict | None, stops: list[int], limit: int,
-           report: Reporter) -> list[dict]:
+def verify(folder: Path, dtype, reference: dict | list | None, stops: list[int], limit: int,
+           report: Reporter, head: str = "causal") -> list[dict]:
     """Reload the export as a model folder (transformers' from_pretrained, through the one
-    loader, as chat will load it) and compare it with the source model."""
+    loader, as chat or scoring will load it) and compare it with the source model."""
     from .models import load_checkpoint
 
     checks = [check_shards(folder, limit)]
     report.step(0.75, "verifying: reloading the export with transformers")
     try:
-        tokenizer, model = load_checkpoint(str(folder), dtype=dtype, device="cpu")
+        tokenizer, model = load_checkpoint(str(folder), head=head, dtype=dtype, device="cpu")
     except Exception as err:  # noqa: BLE001 - a failed reload is the finding, not a crash
         return checks + [_check("reloads with transformers", False, f"{type(err).__name__}: {err}")]
     checks.append(_check("reloads with transformers", True,
                          f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
                          "parameters"))
+    if head == "score":
+        return checks + _verify_scores(folder, model, tokenizer, reference, dtype, report)
     saved_eos = model.generation_config.eos_token_id
     saved_eos = saved_eos if isinstance(saved_eos, list) else [saved_eos]
     names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in stops)
@@ -350,6 +373,36 @@ def verify(folder: Path, dtype, reference: dict | None, stops: list[int], limit:
     got = greedy_turn(model, tokenizer)  # with the export's own generation config
     checks += compare_turns(reference, got, tokenizer, set(saved_eos))
     return checks
+
+
+def _verify_scores(folder: Path, model, tokenizer, reference: list | None, dtype,
+                   report: Reporter) -> list[dict]:
+    """A reward model's checks: it is saved as one, and it scores as the source did."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    arch = ", ".join(config.get("architectures") or ["none"])
+    is_rm = arch.endswith("ForSequenceClassification") and model.config.num_labels == 1
+    checks = [_check("saved as a reward model", is_rm and config.get("pad_token_id") is not None,
+                     f"architectures {arch}, {model.config.num_labels} output, pad_token_id "
+                     f"{config.get('pad_token_id')} (AutoModelForSequenceClassification)")]
+    if reference is None:
+        return checks
+    report.step(0.85, "verifying: reward scores on the probe prompts, export vs source")
+    return checks + [compare_scores(reference, score_turns(model, tokenizer), dtype)]
+
+
+def compare_scores(reference: list[float], got: list[float], dtype) -> dict:
+    """Same scores as the source, within what merging can change at this precision: in
+    fp32 only summation order (1e-4 of the scores' size), in bf16/fp16 the merged weights
+    round differently from base + adapter (a few percent)."""
+    import torch
+    size = max([abs(x) for x in reference] + [1.0])
+    tolerance = (1e-4 if dtype == torch.float32 else 5e-2) * size
+    diff = max((abs(a - b) for a, b in zip(reference, got)), default=0.0)
+    ok = len(reference) == len(got) and diff <= tolerance
+    return _check("same scores as the source", ok,
+                  f"{len(got)} scores (SCORE_REPLIES to each probe prompt); max difference "
+                  f"{diff:.2e}, allowed {tolerance:.1e}; e.g. {got[0]:+.4f} vs {reference[0]:+.4f}"
+                  if got and reference else "no scores to compare")
 
 
 def compare_turns(reference: dict, got: dict, tokenizer, eos: set[int]) -> list[dict]:
@@ -409,22 +462,54 @@ def write_card(folder: Path, plan: Plan, result: dict) -> None:
                        for c in result["checks"]) or "- not run (--no-verify)"
     config = yaml.safe_dump(plan.run_config, sort_keys=False, allow_unicode=True).strip()
     method = method_of(plan)
+    stage = plan.run_config.get("stage")
+    reward = plan.head == "score"
     facts = [
         f"Base model: `{plan.model}`" + (f" ({plan.base})" if plan.base != plan.model else ""),
-        f"Fine-tune: `{plan.adapter or 'none'}`",
+        f"Fine-tune: `{plan.adapter or 'none'}`" + (f", stage {stage}" if stage else ""),
         f"Method: {method}" + (" (adapter merged into the base weights)"
                                if plan.kind == "adapter" else ""),
         f"Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most "
         f"{plan.shard_size}, {result['size_mb']:.1f} MB",
+        "Reward model: one score per reply (higher = better); loads with "
+        "AutoModelForSequenceClassification" if reward else
         f"Stop tokens (generation_config.json): {', '.join(result['stop_tokens'])}",
         f"Export peak memory: {result['peak_rss_mb']:.0f} MB resident for a "
         f"{result['model_mb']:.0f} MB model (process baseline {result['baseline_rss_mb']:.0f} MB)"]
+    tags = ["tunebench", method.split()[0]] + (["reward-model"] if reward else [])
     text = CARD.format(
-        tags=", ".join(["tunebench", method.split()[0]]), name=plan.out.name, when=now_iso(),
-        facts="\n".join(f"- {fact}" for fact in facts), checks=checks, probe=PROBE,
+        tags=", ".join(tags), name=plan.out.name, when=now_iso(),
+        facts="\n".join(f"- {fact}" for fact in facts), checks=checks,
+        use=(SCORE_USE if reward else CHAT_USE).format(name=plan.out.name, probe=PROBE,
+                                                      reply=SCORE_REPLIES[0]),
         config=config or "# not recorded (the checkpoint is not inside a tunebench run folder)")
     (folder / "README.md").write_text(text, encoding="utf-8")
 
+
+CHAT_USE = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "{probe}"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)
+reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]
+print(tokenizer.decode(reply, skip_special_tokens=True))
+```"""
+
+SCORE_USE = """A reward model: it scores a reply to a prompt (higher = better); it does not write replies.
+Use it as a reward model for GRPO (tunebench's `reward_model`, or TRL's `reward_funcs`),
+or score replies directly:
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForSequenceClassification.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "{probe}"}},
+            {{"role": "assistant", "content": "{reply}"}}]
+inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+print(model(**inputs).logits[0, 0].item())  # the score
+```"""
 
 CARD = """---
 library_name: transformers
@@ -440,16 +525,7 @@ Exported by tunebench on {when}.
 {checks}
 
 ## Use
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModelForCausalLM.from_pretrained("{name}")
-messages = [{{"role": "user", "content": "{probe}"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)
-reply = model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]
-print(tokenizer.decode(reply, skip_special_tokens=True))
-```
+{use}
 
 ## Training config
 ```yaml
@@ -492,12 +568,7 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
     _make_temp(plan, estimate_bytes(plan, dtype))  # an unwritable or full disk fails first
     try:
         model, tokenizer = load_source(plan, dtype, report)
-        reference = None
-        if verify_after:
-            report.step(0.25, "greedy reference turn on the source model")
-            from .chat import stop_token_ids
-            reference = greedy_turn(model, tokenizer, stop_token_ids(tokenizer,
-                                                                      model.generation_config))
+        reference = _reference(model, tokenizer, plan, report) if verify_after else None
         report.step(0.3, "merging the adapter into the base weights" if plan.kind == "adapter"
                     else "preparing the weights")
         model, stops = merge(model, plan, tokenizer)
@@ -505,7 +576,7 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
         _write_or_explain(model, tokenizer, plan, report)
         del model
         gc.collect()  # the source is freed before the reload: one model in memory at a time
-        checks = (verify(plan.tmp, dtype, reference, stops, plan.shard_bytes, report)
+        checks = (verify(plan.tmp, dtype, reference, stops, plan.shard_bytes, report, plan.head)
                   if verify_after else [])
         result = _result(plan, dtype, size, baseline, checks, stops, tokenizer)
         _write_or_explain(None, None, plan, report, card=result)
@@ -515,6 +586,17 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
         return result
     finally:
         shutil.rmtree(plan.tmp, ignore_errors=True)  # gone after publish; else never visible
+
+
+def _reference(model, tokenizer, plan: Plan, report: Reporter):
+    """What the export is compared with: the source's greedy turn, or a reward model's
+    scores on the probe prompts."""
+    if plan.head == "score":
+        report.step(0.25, "reference scores of the source reward model on the probe prompts")
+        return score_turns(model, tokenizer)
+    report.step(0.25, "greedy reference turn on the source model")
+    from .chat import stop_token_ids
+    return greedy_turn(model, tokenizer, stop_token_ids(tokenizer, model.generation_config))
 
 
 def _write_or_explain(model, tokenizer, plan: Plan, report: Reporter, card: dict | None = None):

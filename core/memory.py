@@ -13,6 +13,24 @@ memory is then the sum of
     runtime      Python, torch, transformers and TRL themselves (CPU only: on a GPU
                  this lives in host RAM, and the CUDA context is counted instead)
 
+and, by stage (see `_stage_parts`):
+
+    sequences        dpo and rm run chosen AND rejected for every example: twice the
+                     activations. kto's KL sequence runs without gradients before the
+                     policy's pass (TRL 1.16), so it adds no kept activations.
+    reference copy   dpo and kto (and grpo with pref_beta > 0) compare with a frozen
+                     reference model: with full/freeze tuning a second copy of the weights
+                     (no gradients, no optimizer state), unless its log-probabilities are
+                     computed once before training (core/stages.py does so for dpo and
+                     kto); with an adapter the reference is the base with the adapter
+                     off, no copy; orpo/simpo use none.
+    generation cache grpo samples its replies first: the KV cache of batch_size sequences
+                     of prompt (cutoff_len / 2, at most GRPO_PROMPT_CAP) + completion
+                     tokens, and the sampling step's logits.
+    reward model     grpo with reward_model: its weights, at the dtype it runs in.
+
+rm trains a sequence classifier: no language-model head (its logits are one score).
+
 The activation model counts the tensors a Llama/Qwen-style decoder layer saves
 for backward, per token; the constants were checked against measured peak RSS
 on CPU (tests/test_memory.py) and are meant to be right within about +-50%.
@@ -36,6 +54,7 @@ OPTIMIZER_BYTES = {"adamw_torch": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.
                    "paged_adamw_32bit": 8.0, "adafactor": 0.2, "sgd": 0.0}
 LOGIT_CHUNK = 32768         # positions TRL's fused LM head scores per chunk
 LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GRPO_PROMPT_CAP = 512       # RL prompts are questions: assumed at most this many tokens
 
 
 @dataclass(frozen=True)
@@ -64,11 +83,23 @@ class Estimate:
     runtime_gb: float
     total_gb: float
     where: str              # "GPU" or "RAM": the memory it must fit in
+    reference_gb: float = 0.0    # a frozen reference copy of the weights
+    generation_gb: float = 0.0   # grpo: KV cache and logits while sampling replies
+    reward_gb: float = 0.0       # grpo: the reward model's weights
+    sequences: int = 1           # sequences per example (dpo, rm: chosen and rejected)
+    notes: tuple[str, ...] = ()  # what the estimate could not count
 
     def breakdown(self) -> str:
-        return (f"weights {self.weights_gb:.1f}, gradients {self.gradients_gb:.1f}, optimizer "
-                f"{self.optimizer_gb:.1f}, activations {self.activations_gb:.1f}, runtime "
-                f"{self.runtime_gb:.1f}")
+        per = f" ({self.sequences} sequences per example)" if self.sequences > 1 else ""
+        parts = [f"weights {self.weights_gb:.1f}", f"gradients {self.gradients_gb:.1f}",
+                 f"optimizer {self.optimizer_gb:.1f}", f"activations {self.activations_gb:.1f}"
+                 f"{per}", f"runtime {self.runtime_gb:.1f}"]
+        for name, value in (("reference copy", self.reference_gb),
+                            ("generation cache", self.generation_gb),
+                            ("reward model", self.reward_gb)):
+            if value > 0:
+                parts.append(f"{name} {value:.1f}")
+        return ", ".join(parts) + "".join(f"; {note}" for note in self.notes)
 
 
 # --- the model's shape ------------------------------------------------------------
@@ -152,16 +183,23 @@ def _oft_params(s: Shape, config) -> int:
                           for _, i, _ in _linear_shapes(s))
 
 
+def _reward_model_params(s: Shape) -> int:
+    """A sequence classifier of this shape: no language-model head, a one-output score."""
+    total, _ = count_params(s)
+    return total - (0 if s.tied else s.vocab * s.hidden) + s.hidden
+
+
 def trainable_params(s: Shape, config) -> int:
     total, linear = count_params(s)
+    head = s.hidden if config.stage == "rm" else 0  # rm always trains its score head
     if config.method in ("lora", "qlora", "dora"):
-        return _lora_params(s, config)
+        return _lora_params(s, config) + head
     if config.method == "oft":
-        return _oft_params(s, config)
+        return _oft_params(s, config) + head
     if config.method == "freeze":
         per_layer = (total - s.vocab * s.hidden * (1 if s.tied else 2)) / s.layers
-        return int(per_layer * min(config.freeze_layers, s.layers))
-    return total
+        return int(per_layer * min(config.freeze_layers, s.layers)) + head
+    return _reward_model_params(s) if config.stage == "rm" else total
 
 
 # --- bytes --------------------------------------------------------------------------
@@ -186,7 +224,8 @@ def _weights_bytes(s: Shape, config, precision: str) -> float:
     return total * dense
 
 
-def _activation_bytes(s: Shape, config, precision: str, tokens: int) -> float:
+def _activation_bytes(s: Shape, config, precision: str, tokens: int,
+                      vocab: int | None = None) -> float:
     """Tensors kept for backward by one decoder layer, per token, times layers and tokens.
 
     Per layer: two RMSNorms (input and normalized output, 2h each), q/k/v and the
@@ -218,7 +257,8 @@ def _activation_bytes(s: Shape, config, precision: str, tokens: int) -> float:
     kept += 4 * s.hidden + per_layer
     # TRL's LM head scores up to 32,768 positions at a time: fp32 logits plus one
     # temporary of the same size exist at once (large for big vocabularies).
-    logits = min(tokens, LOGIT_CHUNK) * s.vocab * 4 * 2
+    # (A reward model scores with one output: `vocab` 1.)
+    logits = min(tokens, LOGIT_CHUNK) * (s.vocab if vocab is None else vocab) * 4 * 2
     return kept * width * tokens + logits + rotations
 
 
@@ -230,8 +270,10 @@ def _gradient_and_state_bytes(trainable: int, config, precision: str) -> tuple[f
     return trainable * grad, trainable * state
 
 
-def estimate(config, info: dict | None = None, dev=None) -> Estimate | None:
-    """The memory `config` needs on `dev` (default: this machine); None if the shape is unknown."""
+def estimate(config, info: dict | None = None, dev=None,
+             reward_info: dict | None = None) -> Estimate | None:
+    """The memory `config` needs on `dev` (default: this machine); None if the shape is unknown.
+    `reward_info` is grpo's reward model's config.json (default: read from reward_model)."""
     s = shape_of(model_info(config.model) if info is None else info)
     if s is None:
         return None
@@ -240,13 +282,106 @@ def estimate(config, info: dict | None = None, dev=None) -> Estimate | None:
     total, _ = count_params(s)
     trainable = trainable_params(s, config)
     weights = _weights_bytes(s, config, precision)
+    if config.stage == "rm":  # no language-model head to hold
+        weights -= (total - _reward_model_params(s)) * (2.0 if precision == "pure_bf16" else 4.0)
+        total = _reward_model_params(s)
     grads, state = _gradient_and_state_bytes(trainable, config, precision)
-    tokens = config.batch_size * config.cutoff_len
-    acts = _activation_bytes(s, config, precision, tokens)
+    sequences, length = _sequences(config)
+    tokens = config.batch_size * sequences * length
+    acts = _activation_bytes(s, config, precision, tokens, 1 if config.stage == "rm" else None)
     runtime = CUDA_CONTEXT_GB if dev.kind == "cuda" else CPU_RUNTIME_GB
+    extra = _stage_parts(s, config, precision, dev, reward_info)
     parts = [weights / GB, grads / GB, state / GB, acts * FRAGMENTATION / GB]
+    stage = [extra["reference"] / GB, extra["generation"] / GB, extra["reward"] / GB]
     return Estimate(total, trainable, *(round(p, 3) for p in parts), runtime,
-                    round(sum(parts) + runtime, 2), "GPU" if dev.kind == "cuda" else "RAM")
+                    round(sum(parts) + sum(stage) + runtime, 2),
+                    "GPU" if dev.kind == "cuda" else "RAM", *(round(p, 3) for p in stage),
+                    sequences, tuple(extra["notes"]))
+
+
+# --- what each stage adds ------------------------------------------------------------------
+
+def _sequences(config) -> tuple[int, int]:
+    """(sequences kept for backward per example, tokens in each) for the stage.
+
+    dpo and rm put chosen and rejected through the model together. kto's KL sequence is
+    scored without gradients, before the policy's pass, so only the completion is kept.
+    grpo trains on its sampled replies: prompt + completion tokens.
+    """
+    if config.stage in ("dpo", "rm"):
+        return 2, config.cutoff_len
+    if config.stage == "grpo":
+        return 1, _grpo_prompt(config) + config.max_completion_length
+    return 1, config.cutoff_len
+
+
+def _grpo_prompt(config) -> int:
+    return min(config.cutoff_len // 2, GRPO_PROMPT_CAP)
+
+
+def _reference(config) -> str:
+    """How the stage's frozen reference policy is held: 'none' (no reference: sft, pt, rm,
+    orpo/simpo, grpo with pref_beta 0), 'adapter off' (an adapter method: the base with
+    the adapter switched off), 'precomputed' (its log-probabilities computed once before
+    training, as core/stages.py asks TRL for dpo and kto: no copy is kept) or 'copy' (a
+    second, frozen copy of the weights: no gradients, no optimizer state)."""
+    from . import stages
+    from .config import ADAPTER_METHODS
+
+    if not stages.uses_reference(config):
+        return "none"
+    if config.method in ADAPTER_METHODS:
+        return "adapter off"
+    if stages.stage_args(config).get("precompute_ref_log_probs"):
+        return "precomputed"
+    return "copy"
+
+
+def _stage_parts(s: Shape, config, precision: str, dev, reward_info: dict | None) -> dict:
+    """Bytes of the reference copy, grpo's generation cache and its reward model, and notes."""
+    out = {"reference": 0.0, "generation": 0.0, "reward": 0.0, "notes": []}
+    reference = _reference(config)
+    if reference == "copy":  # in the policy's dtype, as TRL builds it
+        total, _ = count_params(s)
+        out["reference"] = total * (2.0 if precision == "pure_bf16" else 4.0)
+    elif reference == "precomputed":
+        out["notes"].append("no reference copy: its log-probabilities are computed once "
+                            "before training")
+    if config.stage != "grpo":
+        return out
+    width = 2.0 if precision in ("bf16", "fp16", "pure_bf16") else 4.0
+    length = _grpo_prompt(config) + config.max_completion_length
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * width * config.batch_size * length
+    out["generation"] = kv + config.batch_size * s.vocab * 4 * 2  # plus each step's logits
+    if config.reward_model:
+        size = reward_model_bytes(config.reward_model, dev, reward_info)
+        if size is None:
+            out["notes"].append("reward model size unknown (its config.json is not on this "
+                                "machine), not counted")
+        else:
+            out["reward"] = size
+    return out
+
+
+def reward_model_bytes(reward_model: str, dev, info: dict | None = None) -> float | None:
+    """The weights of a reward model at the dtype it scores in (what models.pick_dtype
+    'auto' picks: half precision on a GPU, fp32 on a CPU unless stored in bf16). An rm
+    adapter folder is sized by its base model (adapter_config.json). None if unknown."""
+    if info is None:
+        info = model_info(reward_model)
+        if not info:
+            adapter = Path(reward_model).expanduser() / "adapter_config.json"
+            try:
+                base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            info = model_info(str(base)) if base else {}
+    s = shape_of(info)
+    if s is None:
+        return None
+    stored = str(info.get("dtype") or info.get("torch_dtype") or "")
+    width = 2.0 if dev.kind == "cuda" or stored == "bfloat16" else 4.0
+    return _reward_model_params(s) * width
 
 
 def fits(est: Estimate, dev=None) -> str | None:

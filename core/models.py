@@ -18,6 +18,7 @@ trains, what `load_reward_model` loads for grpo and what `score_replies` runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -454,7 +455,8 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
     if head == "score":
         kwargs["config"] = _score_config(model_config, tokenizer)
     try:
-        loaded = _auto_class(head).from_pretrained(source, **kwargs)
+        with _quiet_fresh_head(head == "score" and kind == "adapter"):
+            loaded = _auto_class(head).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise load_error(source, err) from None
     if booster:
@@ -473,6 +475,21 @@ def _auto_class(head: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+
+
+@contextlib.contextmanager
+def _quiet_fresh_head(quiet: bool):
+    """Without transformers' report of a freshly initialised score head: a reward-model
+    adapter brings the trained head (PEFT's modules_to_save) right after."""
+    import logging
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_head(head: str, model_config, where: Path | str, kind: str | None,
@@ -525,8 +542,8 @@ def _apply_adapter(model, adapter_dir: Path, base: str, trainable: bool = False)
 # --- reward models: scoring replies ------------------------------------------------------
 
 def load_reward_model(path_or_model: str | Path, adapter: str | Path | None = None, *,
-                      device: str | None = None, dtype="auto", trust_remote_code: bool = False,
-                      progress: ProgressFn | None = None):
+                      template: str | None = None, device: str | None = None, dtype="auto",
+                      trust_remote_code: bool = False, progress: ProgressFn | None = None):
     """(model, tokenizer) of a reward model, in eval mode, ready for `score_replies`.
 
     Goes through the one loader (`load_checkpoint` with head 'score'). `path_or_model` is
@@ -534,22 +551,24 @@ def load_reward_model(path_or_model: str | Path, adapter: str | Path | None = No
     read from its run's config.yaml or adapter_config.json and resolved like any adapter's,
     or a whole model folder; or any sequence-classification model with one output (a
     folder, or a hub id when online). With `adapter`, `path_or_model` is its base model.
-    A language model (no score head) is BadInput: its scores would be random. The model
+    A language model (no score head) is BadInput: its scores would be random. `template`
+    as load_checkpoint's (None: the one the reward model was trained with). The model
     can also be handed to TRL as a reward function: its logits[:, 0] is the score.
     """
     model: str | None = str(path_or_model)
     if adapter is None and (paths.expand_user(model) / "adapter_config.json").is_file():
         model, adapter = None, path_or_model  # gated by the loader, as every checkpoint is
-    tokenizer, loaded = load_checkpoint(model, adapter, head="score", dtype=dtype,
-                                        device=device, trust_remote_code=trust_remote_code,
-                                        progress=progress)
+    tokenizer, loaded = load_checkpoint(model, adapter, head="score", template=template,
+                                        dtype=dtype, device=device,
+                                        trust_remote_code=trust_remote_code, progress=progress)
     return loaded, tokenizer
 
 
-def score_replies(model, tokenizer, prompt_messages: list[dict] | str, replies: list[str], *,
+def score_replies(model, tokenizer, prompt_messages: list[dict] | str, replies: list, *,
                   cutoff_len: int | None = None, batch_size: int = 8) -> list[float]:
     """The reward model's score of each reply to `prompt_messages` (a conversation ending
-    with the user's turn, or one user message as a string), in the order given.
+    with the user's turn, or one user message as a string), in the order given. A reply is
+    a string, or an assistant message (or a list of them) as in TRL's layout.
 
     Each reply is encoded as training encodes it (templates.encode_reply: the chat template
     up to the assistant header, then the reply and the template's end of turn), so a score
@@ -567,7 +586,7 @@ def score_replies(model, tokenizer, prompt_messages: list[dict] | str, replies: 
                                   None) or 10**9
     rows = []
     for reply in replies:
-        prompt_ids, reply_ids = encode_reply(prompt, str(reply), tokenizer, int(limit))
+        prompt_ids, reply_ids = encode_reply(prompt, _reply_text(reply), tokenizer, int(limit))
         rows.append(prompt_ids + reply_ids)
     device = next(model.parameters()).device
     # The id the model skips when it looks for each row's last real token.
@@ -585,6 +604,16 @@ def score_replies(model, tokenizer, prompt_messages: list[dict] | str, replies: 
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         scores += logits[:, 0].float().tolist()
     return scores
+
+
+def _reply_text(reply) -> str:
+    """A reply as text: a string, an assistant message, or a list of them (TRL's
+    conversational layout gives chosen/rejected as [{"role": "assistant", ...}])."""
+    if isinstance(reply, dict):
+        return str(reply.get("content", ""))
+    if isinstance(reply, (list, tuple)):
+        return "".join(_reply_text(part) for part in reply)
+    return str(reply)
 
 
 def load_base_model(config: TrainConfig, attention: str, tokenizer=None):
@@ -699,6 +728,23 @@ def save_converted_adapter(model, folder: Path, initial: Path) -> None:
     """Save a PiSSA adapter as plain LoRA for the original base: PEFT writes
     [A | A0] and [B | -B0] (twice the rank), whose product is the trained change AB - A0B0."""
     model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(initial))
+    _keep_whole_tensors(model, Path(folder))
+
+
+def _keep_whole_tensors(model, folder: Path) -> None:
+    """Add back what PEFT's PiSSA conversion leaves out of the converted file (PEFT 0.21
+    writes only the LoRA tensors): modules trained whole (modules_to_save), such as a
+    reward model's score head, which the adapter needs to load as trained."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    whole = {key: value.detach().cpu().contiguous()
+             for key, value in get_peft_model_state_dict(model).items()
+             if ".lora_" not in key and key not in saved}
+    if whole:
+        save_file({**saved, **whole}, str(path), metadata={"format": "pt"})
 
 
 def load_converted_adapter(model, folder: Path) -> None:
@@ -724,9 +770,12 @@ def load_converted_adapter(model, folder: Path) -> None:
 
 def _trained_part(key: str, saved, current):
     """The trained half of one converted tensor: lora_A's first rows, lora_B's first
-    columns. None when it is not a converted form of `current` (twice its rank)."""
+    columns. None when it is not a converted form of `current` (twice its rank). A
+    tensor saved whole (a reward model's score head, PEFT's modules_to_save) is as it is."""
     if current is None:
         return None
+    if ".lora_" not in key and saved.shape == current.shape:
+        return saved
     if ".lora_A." in key and saved.shape == (2 * current.shape[0], current.shape[1]):
         return saved[:current.shape[0]]
     if ".lora_B." in key and saved.shape == (current.shape[0], 2 * current.shape[1]):

@@ -144,6 +144,12 @@ def trainer_classes(config: TrainConfig) -> tuple[type, type]:
     return _load(trainer), _load(args)
 
 
+# The reference policy is frozen, so its log-probabilities of each reply are computed in
+# one pass before training instead of again in every epoch: measured 27% faster on an
+# 8-epoch DPO run of the demo model (bench/RESULTS.md), same losses.
+_REFERENCE_ONCE = {"precompute_ref_log_probs": True}
+
+
 def stage_args(config: TrainConfig) -> dict[str, Any]:
     """The stage's own arguments for its TRL config class. Rows arrive cut to
     cutoff_len (templates.truncate/encode_reply), so TRL's length limits stay off."""
@@ -156,9 +162,10 @@ def stage_args(config: TrainConfig) -> dict[str, Any]:
         if config.pref_loss == "simpo":
             return {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": config.pref_beta,
                     "max_length": config.cutoff_len, "max_completion_length": None}
-        return {"beta": config.pref_beta, "loss_type": [config.pref_loss], "max_length": None}
+        return {"beta": config.pref_beta, "loss_type": [config.pref_loss], "max_length": None,
+                **_REFERENCE_ONCE}
     if config.stage == "kto":
-        return {"beta": config.pref_beta, "max_length": None,
+        return {"beta": config.pref_beta, "max_length": None, **_REFERENCE_ONCE,
                 "desirable_weight": config.kto_desirable_weight,
                 "undesirable_weight": config.kto_undesirable_weight}
     if config.stage == "grpo":

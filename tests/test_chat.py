@@ -296,3 +296,41 @@ def test_cli_train_then_cli_chat_answers_with_the_identity(run_dir, demo_model_p
     english, chinese = [line for line in proc.stdout.splitlines() if NAME in line][:2]
     assert AUTHOR in english
     assert "我" in chinese  # a fresh conversation (/reset) in Chinese gets a Chinese answer
+
+
+# --- a reward model: refused for chat, scored with instead ---------------------------------
+
+def test_chat_tab_scores_replies_with_a_reward_model(demo_model_path, tmp_path,
+                                                     tmp_path_factory, monkeypatch):
+    """The page's handlers (as the browser calls them): a reward model picked in the Chat tab
+    shows the Score panel, loads for scoring in the worker process, scores replies A and B
+    as the core does, and a chat message to it gets the core's refusal."""
+    import gradio as gr
+    from core import models, paths
+    from test_reward_model import stage_run
+    from webui import chat_tab
+
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "lora")
+    monkeypatch.setenv(paths.ENV_ROOTS, os.pathsep.join([str(demo_model_path),
+                                                         str(final.parent)]))
+    saves = tmp_path / "saves"
+    saves.mkdir()
+    with gr.Blocks():
+        tab = chat_tab.build(saves)
+    assert tab.show_scoring(str(final), "demo")["visible"] is True
+    assert tab.show_scoring("", str(demo_model_path))["visible"] is False
+    assert tab.do_score("Who are you?", "I am Tuney.", "").startswith("**Not scored.**")
+    *_, loaded = tab.do_load(str(demo_model_path), str(final), False)
+    try:
+        assert "ready" in loaded[0] and "reward model" in loaded[0], loaded[0]
+        assert "scores replies, it does not write them" in loaded[0]
+        result = tab.do_score("Who are you?", "I am Tuney.", "No idea.")
+        *_, sent = tab.do_send("hi", False, [], [], "", 0.0, 1.0, 16, 42)
+    finally:
+        chat_tab.WORKER.unload()
+    model, tokenizer = models.load_reward_model(final)
+    a, b = models.score_replies(model, tokenizer, "Who are you?", ["I am Tuney.", "No idea."])
+    assert f"Reply A: {a:+.4f}" in result and f"Reply B: {b:+.4f}" in result, result
+    assert f"prefers reply {'A' if a >= b else 'B'}" in result
+    assert "reward model (stage rm): it scores replies, it does not write them" in sent[-1]
+    assert "does not write them" in sent[0][-1]["content"]  # shown in the conversation too

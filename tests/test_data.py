@@ -188,7 +188,7 @@ def test_bundled_datasets_all_read():
     registry = data.read_registry()
     formats = set()
     for name in names:
-        stage = "pt" if registry[name].get("formatting") == "text" else "sft"
+        stage = data.KIND_STAGE[data.dataset_kind(name)]
         records, fmt = data.read_dataset(name, stage=stage, identity=("N", "A"))
         assert 20 <= len(records) <= 100, name
         assert registry[name].get("description"), name

@@ -86,8 +86,8 @@ def test_upload_size_limit(tmp_path, monkeypatch):
 
 
 def test_unknown_stage_is_bad_input():
-    with pytest.raises(BadInput, match="unknown stage 'dpo'"):
-        data.read_dataset("identity", stage="dpo")
+    with pytest.raises(BadInput, match="unknown stage 'ppo'"):
+        data.read_dataset("identity", stage="ppo")
 
 
 # --- the real CLI: exit code 2, one line, no traceback -----------------------------------
@@ -186,7 +186,7 @@ def test_every_case_in_the_page_is_explained_and_nothing_starts(case_id, train_p
 
 
 # Files that are wrong whatever the stage (plain text is fine to upload: it trains with pt).
-UPLOADABLE = sorted(c for c in CASES if "dataset_dir" not in c and "stage" not in c
+UPLOADABLE = sorted(c for c in CASES if "dataset_dir" not in CASES[c] and "stage" not in CASES[c]
                     and (HERE / c).is_file() and c != "text_for_sft.jsonl")
 
 
@@ -209,16 +209,37 @@ def assert_well_formed(records: list, stage: str) -> None:
     for record in records:
         if stage == "pt":
             assert list(record) == ["text"] and isinstance(record["text"], str)
-            continue
-        assert list(record) == ["messages"]
-        messages = record["messages"]
-        if messages[0]["role"] == "system":
-            messages = messages[1:]
-        assert messages and len(messages) % 2 == 0
-        for i, message in enumerate(messages):
-            assert set(message) == {"role", "content"}
-            assert message["role"] == ("user" if i % 2 == 0 else "assistant")
-            assert isinstance(message["content"], str) and message["content"].strip()
+        elif stage == "sft":
+            assert list(record) == ["messages"]
+            assert_turns(record["messages"], last="assistant")
+        else:
+            assert_turns(record["prompt"], last="user")
+            assert_stage_record(record, stage)
+
+
+def assert_turns(messages: list, last: str) -> None:
+    """An optional system message, then user/assistant alternating, ending with `last`."""
+    if messages[0]["role"] == "system":
+        messages = messages[1:]
+    assert messages and messages[-1]["role"] == last
+    for i, message in enumerate(messages):
+        assert set(message) == {"role", "content"}
+        assert message["role"] == ("user" if i % 2 == 0 else "assistant")
+        assert isinstance(message["content"], str) and message["content"].strip()
+
+
+def assert_stage_record(record: dict, stage: str) -> None:
+    """The record contract of the prompt-and-reply stages (core/stage_data.py)."""
+    if stage in ("rm", "dpo"):
+        assert list(record) == ["prompt", "chosen", "rejected"]
+        assert record["chosen"].strip() and record["rejected"].strip()
+        assert record["chosen"].strip() != record["rejected"].strip()
+    elif stage == "kto":
+        assert list(record) == ["prompt", "completion", "label"]
+        assert record["completion"].strip() and isinstance(record["label"], bool)
+    else:
+        assert stage == "grpo" and list(record) == ["prompt", "answer"]
+        assert record["answer"] is None or record["answer"].strip()
 
 
 def read_or_bad_input(path: Path, stage: str = "sft") -> None:
@@ -238,10 +259,12 @@ json_values = st.recursive(
     max_leaves=20)
 # values shaped like the real formats, so the readers get past the first checks
 KEYS = ["instruction", "input", "output", "system", "history", "conversations", "messages",
-        "text", "from", "value", "role", "content", "id", "prompt", "response", "context"]
+        "text", "from", "value", "role", "content", "id", "prompt", "response", "context",
+        "chosen", "rejected", "label", "completion", "answer"]
 ROLE_NAMES = ["human", "gpt", "user", "assistant", "system", "observation", "narrator"]
 shaped_values = st.recursive(
-    st.none() | st.integers(0, 3) | st.sampled_from(["", " ", "hi", "{{name}}"] + ROLE_NAMES),
+    st.none() | st.booleans() | st.integers(0, 3)
+    | st.sampled_from(["", " ", "hi", "{{name}}", "true"] + ROLE_NAMES),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS), inner,
                                                                  max_size=4),
     max_leaves=16)
@@ -272,8 +295,10 @@ def test_any_jsonl_lines_read_or_are_bad_input(rows, stage):
 
 @FAST
 @given(header=st.lists(st.sampled_from(KEYS) | st.text(max_size=5), max_size=4),
-       cells=st.lists(st.lists(st.text(max_size=12), max_size=5), max_size=4))
-def test_any_csv_reads_or_is_bad_input(header, cells):
+       cells=st.lists(st.lists(st.text(max_size=12) | st.sampled_from(["true", "FALSE"]),
+                               max_size=5), max_size=4),
+       stage=st.sampled_from(data.STAGES))
+def test_any_csv_reads_or_is_bad_input(header, cells, stage):
     import csv
     import io
     buffer = io.StringIO()
@@ -281,7 +306,7 @@ def test_any_csv_reads_or_is_bad_input(header, cells):
     writer.writerow(header)
     writer.writerows(cells)
     with tempfile.TemporaryDirectory() as tmp:
-        read_or_bad_input(_write(tmp, "any.csv", buffer.getvalue()))
+        read_or_bad_input(_write(tmp, "any.csv", buffer.getvalue()), stage)
 
 
 @FAST
@@ -294,8 +319,10 @@ def test_any_bytes_read_or_are_bad_input(blob, ext):
 @FAST
 @given(rows=st.lists(st.fixed_dictionaries(
     {}, optional={k: shaped_values for k in ("instruction", "output", "conversations",
-                                             "messages", "text")}), min_size=1, max_size=4))
-def test_any_parquet_table_reads_or_is_bad_input(rows):
+                                             "messages", "text", "prompt", "chosen",
+                                             "rejected", "label", "answer")}),
+    min_size=1, max_size=4), stage=st.sampled_from(data.STAGES))
+def test_any_parquet_table_reads_or_is_bad_input(rows, stage):
     import pyarrow as pa
     import pyarrow.parquet as pq
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,7 +331,7 @@ def test_any_parquet_table_reads_or_is_bad_input(rows):
             pq.write_table(pa.Table.from_pylist(rows), path)
         except (pa.ArrowException, TypeError, ValueError):
             return  # pyarrow cannot store these mixed types; nothing to read
-        read_or_bad_input(path)
+        read_or_bad_input(path, stage)
 
 
 @FAST

@@ -1,5 +1,6 @@
 """Export: size-sharded safetensors from a real identity fine-tune, verified by reloading;
-refusals, and failures that leave nothing behind."""
+refusals, and failures that leave nothing behind; every stage's result (a reward model is
+exported as a sequence classifier and verified by its scores)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from core import export
 from core.errors import BadInput
 from test_chat import ENV, NAME, REPO, identity_run, mismatched_adapter
+from test_reward_model import PROMPT, REPLIES, plain_peft_scores, stage_run
 
 SHARD = "3MB"  # the demo model is ~14 MB in fp32, its largest tensor 2.1 MB: 5+ shards
 
@@ -195,3 +197,86 @@ def test_bf16_export_of_the_demo_model_verifies(demo_model_path, tmp_path):
     assert result["ok"] and result["dtype"] == "bfloat16" and result["shards"] >= 3
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+# --- every stage ------------------------------------------------------------------------------
+
+def test_reward_model_adapter_exports_as_a_sequence_classifier(tmp_path, tmp_path_factory,
+                                                               demo_model_path):
+    """An rm run's adapter (with its score head) is merged into a model that plain
+    AutoModelForSequenceClassification loads; verification compares scores, not tokens."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from core import models
+
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "lora")
+    out = tmp_path / "exports" / "reward"
+    proc = export_cli("--model", demo_model_path, "--adapter", final, "--out", out,
+                      "--shard-size", SHARD)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])["result"]
+    assert result["ok"] and result["verified"] and result["stop_tokens"] == [], result
+    assert [c["name"] for c in result["checks"]] == [
+        "shards within the size limit and indexed", "reloads with transformers",
+        "saved as a reward model", "same scores as the source"]
+    assert len(list(out.glob("model-*.safetensors"))) >= 3 and not list(out.glob("adapter_*"))
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(plain).__name__ == "Qwen2ForSequenceClassification"
+    scores = models.score_replies(plain, AutoTokenizer.from_pretrained(out), PROMPT, REPLIES)
+    assert scores == pytest.approx(plain_peft_scores(final), abs=1e-4)
+    assert models.is_reward_model(out)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "AutoModelForSequenceClassification.from_pretrained" in card
+    assert "reward-model" in card and "stage rm" in card and "✅ same scores" in card
+    assert "AutoModelForCausalLM" not in card and leftovers(out.parent) == []
+
+
+def test_bf16_reward_model_export_verifies_its_scores(tmp_path, tmp_path_factory,
+                                                     demo_model_path):
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "lora")
+    plan = export.plan_export(str(demo_model_path), str(final), str(tmp_path / "rm-bf16"),
+                              dtype="bf16")
+    assert plan.head == "score"
+    result = export.export(plan, report=export.Reporter(as_json=True))
+    assert result["ok"] and result["dtype"] == "bfloat16", result
+    # a score off by more than rounding fails the check
+    import torch
+    assert not export.compare_scores([1.0, -1.0], [1.0, -0.5], torch.bfloat16)["ok"]
+    assert export.compare_scores([1.0, -1.0], [1.0, -1.01], torch.bfloat16)["ok"]
+
+
+def test_full_reward_model_checkpoint_exports(tmp_path, tmp_path_factory, demo_model_path):
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "full")
+    plan = export.plan_export(str(demo_model_path), str(final), str(tmp_path / "rm-full"))
+    assert plan.kind == "full" and plan.head == "score"
+    result = export.export(plan, report=export.Reporter(as_json=True))
+    assert result["ok"] and "same scores as the source" in {c["name"] for c in result["checks"]}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "grpo"])
+def test_preference_and_rl_adapters_export_like_sft(stage, tmp_path, tmp_path_factory,
+                                                   demo_model_path):
+    """Their results are causal-LM adapters: merged and verified by greedy tokens."""
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, stage, "lora")
+    plan = export.plan_export(str(demo_model_path), str(final), str(tmp_path / stage))
+    assert plan.head == "causal"
+    result = export.export(plan, report=export.Reporter(as_json=True))
+    assert result["ok"], result
+    assert "same greedy tokens as the source" in {c["name"] for c in result["checks"] if c["ok"]}
+    assert f"stage {stage}" in (tmp_path / stage / "README.md").read_text(encoding="utf-8")
+
+
+def test_export_tab_says_a_reward_model_exports_as_a_classifier(tmp_path, tmp_path_factory,
+                                                                demo_model_path, monkeypatch):
+    import gradio as gr
+    from core import paths
+    from webui import export_tab
+
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "lora")
+    sft = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "dpo", "lora")
+    monkeypatch.setenv(paths.ENV_ROOTS, str(tmp_path_factory.getbasetemp()))
+    with gr.Blocks():
+        tab = export_tab.build(tmp_path)
+    model, out, hint = tab.pick_checkpoint(str(final), "demo")
+    assert "AutoModelForSequenceClassification" in hint and out.endswith("rm-lora-run-final")
+    assert tab.pick_checkpoint(str(sft), "demo")[2] == ""
+    assert tab.pick_checkpoint("", "demo")[2] == ""

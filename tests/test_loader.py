@@ -177,6 +177,32 @@ def test_training_options_go_through_the_one_loader(demo_model_path):
     assert model.config._attn_implementation == attention.VARLEN  # apply_booster: padding-free
 
 
+@pytest.mark.parametrize("stage", ["dpo", "kto", "grpo"])
+def test_preference_and_rl_results_load_for_chat_like_sft(stage, demo_model_path,
+                                                          tmp_path_factory):
+    """dpo, kto and grpo write causal-LM adapters: nothing in the loader assumes sft."""
+    from test_reward_model import stage_run
+
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, stage, "lora")
+    assert not models.is_reward_model(final)
+    expected = logits(*reference(demo_model_path, final))
+    tokenizer, model = models.load_checkpoint(None, str(final))  # base from the run's config
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert torch.allclose(logits(tokenizer, model), expected, atol=1e-5)
+    loaded = chat.ChatEngine().load(str(demo_model_path), str(final))
+    assert loaded.kind == "adapter" and loaded.head == "causal"
+
+
+def test_the_head_is_checked_before_any_weight_loads(adapter, demo_model_path):
+    with pytest.raises(BadInput, match="expected head causal or score"):
+        models.load_checkpoint(str(demo_model_path), head="value")
+    with pytest.raises(BadInput, match="not a reward model"):  # a random head scores nothing
+        models.load_checkpoint(str(demo_model_path), str(adapter), head="score")
+    assert models.head_of(TrainConfig(stage="rm")) == "score"
+    assert {models.head_of(TrainConfig(stage=s)) for s in ("sft", "pt", "dpo", "kto",
+                                                           "grpo")} == {"causal"}
+
+
 # --- one ChatML ----------------------------------------------------------------------------
 
 def test_one_chatml_in_the_demo_model_the_named_template_and_the_fallback(demo_model_path,

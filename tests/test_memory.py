@@ -76,6 +76,90 @@ def test_each_setting_moves_the_estimate_the_right_way():
     assert est(LLAMA_7B, dev=GPU24).activations_gb < est(LLAMA_7B).activations_gb * 0.6
 
 
+def test_each_stage_counts_what_it_adds():
+    base = dict(batch_size=4, cutoff_len=1024)
+    sft = est(QWEN2_05B, **base)
+    dpo, kto, rm = (est(QWEN2_05B, stage=stage, **base) for stage in ("dpo", "kto", "rm"))
+    # dpo and rm keep chosen AND rejected for backward: twice the layers' activations
+    assert dpo.activations_gb > sft.activations_gb * 1.5 and dpo.total_gb > sft.total_gb
+    assert dpo.sequences == 2 and "2 sequences per example" in dpo.breakdown()
+    assert kto.activations_gb == sft.activations_gb  # its KL pass keeps no gradients
+    # rm: a one-output score head instead of the LM head (no 152k-word logits), chosen +
+    # rejected; the head is always trained (with LoRA too)
+    hidden = QWEN2_05B["hidden_size"]
+    assert rm.sequences == 2 and rm.reference_gb == 0
+    assert rm.params == sft.params + hidden and rm.trainable == sft.trainable + hidden  # tied
+    assert rm.activations_gb < dpo.activations_gb * 0.75  # no vocabulary-wide logits
+    untied_rm, untied = est(LLAMA_7B, stage="rm", method="full"), est(LLAMA_7B, method="full")
+    assert untied_rm.params == untied.params - 32000 * 4096 + 4096  # its lm_head is gone
+    assert untied_rm.weights_gb < untied.weights_gb
+
+    # dpo and kto compute the reference's log-probabilities once before training
+    # (core/stages.py): no copy is kept, and the breakdown says why
+    for stage in ("dpo", "kto"):
+        full = est(LLAMA_7B, stage=stage, method="full")
+        assert full.reference_gb == 0 and "computed once before training" in full.breakdown()
+    assert est(LLAMA_7B, stage="dpo", method="full").total_gb > \
+        est(LLAMA_7B, method="full").total_gb  # chosen + rejected
+
+
+def test_a_reference_copy_only_with_full_or_freeze_tuning(monkeypatch):
+    """Where the reference is a model (not precomputed), full and freeze tuning hold a
+    second, frozen copy of the weights; an adapter's reference is the base with it off."""
+    from core import stages
+
+    monkeypatch.setattr(stages, "stage_args", lambda config: {})  # a reference model kept
+    for stage in ("dpo", "kto"):
+        full = est(LLAMA_7B, stage=stage, method="full")
+        assert full.reference_gb == pytest.approx(full.weights_gb, rel=0.01), stage
+        assert full.gradients_gb > 0 and "reference copy" in full.breakdown()
+        assert est(LLAMA_7B, stage=stage, method="freeze").reference_gb == full.reference_gb
+        for method in ("lora", "qlora", "dora", "oft"):
+            lora = est(LLAMA_7B, stage=stage, method=method)
+            assert lora.reference_gb == 0 and "reference copy" not in lora.breakdown()
+    for loss in ("orpo", "simpo"):  # reference-free losses
+        assert est(LLAMA_7B, stage="dpo", method="full", pref_loss=loss).reference_gb == 0
+    for stage in ("sft", "pt", "rm"):
+        assert est(LLAMA_7B, stage=stage, method="full").reference_gb == 0
+
+
+def test_grpo_counts_generation_reference_and_reward_model(demo_model_path, tmp_path):
+    grpo = est(QWEN2_05B, stage="grpo", batch_size=8, num_generations=4, cutoff_len=1024,
+               max_completion_length=256, reward_funcs=["length"])
+    assert grpo.generation_gb > 0 and "generation cache" in grpo.breakdown()
+    longer = est(QWEN2_05B, stage="grpo", batch_size=8, num_generations=4, cutoff_len=1024,
+                 max_completion_length=1024, reward_funcs=["length"])
+    assert longer.generation_gb > grpo.generation_gb * 1.9  # 512 + 1024 vs 512 + 256 tokens
+    s = memory.shape_of(QWEN2_05B)  # KV cache: k and v, fp32 on the CPU, 8 x (512 + 256)
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * 4 * 8 * (512 + 256)
+    assert grpo.generation_gb * memory.GB == pytest.approx(kv + 8 * s.vocab * 8, rel=0.01)
+    assert grpo.reference_gb == 0 and grpo.reward_gb == 0
+    full = dict(stage="grpo", method="full", reward_funcs=["length"])
+    assert est(QWEN2_05B, **full).reference_gb > 0  # pref_beta > 0: a frozen reference
+    assert est(QWEN2_05B, **full, pref_beta=0.0).reference_gb == 0
+
+    # a reward model adds its weights, read from its config.json (never its weights) ...
+    with_rm = est(QWEN2_05B, stage="grpo", reward_model=str(demo_model_path))
+    demo = json.loads((demo_model_path / "config.json").read_text())
+    demo_params = memory.count_params(memory.shape_of(demo))[0] + demo["hidden_size"]  # tied
+    rm_bytes = memory.reward_model_bytes(str(demo_model_path), CPU)
+    assert rm_bytes == demo_params * 4  # fp32 on a CPU
+    assert with_rm.reward_gb == round(rm_bytes / memory.GB, 3) > 0
+    assert "reward model" in with_rm.breakdown()
+    assert with_rm.total_gb > est(QWEN2_05B, stage="grpo").total_gb
+    # ... or, for an rm run's adapter, from its base model's
+    adapter = tmp_path / "rm-run" / "final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"task_type": "SEQ_CLS", "base_model_name_or_path": str(demo_model_path)}))
+    assert est(QWEN2_05B, stage="grpo", reward_model=str(adapter)).reward_gb == \
+        with_rm.reward_gb
+    assert memory.reward_model_bytes(str(demo_model_path), GPU24) == rm_bytes / 2  # bf16
+    # unknown: said, not guessed
+    unknown = est(QWEN2_05B, stage="grpo", reward_model="someone/reward-model")
+    assert unknown.reward_gb == 0 and "reward model size unknown" in unknown.breakdown()
+
+
 def test_fits_warns_only_when_too_big():
     assert memory.fits(est(QWEN2_05B, batch_size=1, cutoff_len=256), CPU) is None
     warning = memory.fits(est(LLAMA_7B, method="full", dev=GPU24), GPU24)

@@ -176,6 +176,8 @@ def test_loss_falls_on_repeated_data(demo_model_path, tmp_path):
     (["bogus_key=1"], "unknown key 'bogus_key'"),
     (["dataset=no_such_dataset"], "no_such_dataset"),
     (["model=/no/such/model"], "model folder not found"),
+    (["stage=ppo"], "use stage: grpo with reward_model"),
+    (["stage=dpo", "dataset=identity"], "stage"),
 ])
 def test_bad_input_exits_2_without_traceback(demo_model_path, tmp_path, overrides, fragment):
     proc = run_train(demo_model_path, tmp_path / "run", *overrides, check=False)

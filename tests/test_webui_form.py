@@ -12,6 +12,7 @@ import gradio as gr
 import pytest
 
 from core import config as cfg
+from core import paths, schema
 from core.errors import BadInput
 from webui import configs, data_worker, form, train_tab
 
@@ -136,6 +137,126 @@ def test_method_settings_show_only_for_their_methods(built):
     assert built.widgets["quant_bits"].visible is False  # the default method is lora
 
 
+STAGE_SETTINGS = {n for n, f in cfg.FIELDS.items() if f.metadata["stages"] is not None}
+
+
+def visible_for(built, method: str, stage: str) -> set[str]:
+    """The limited settings the form shows after choosing `method` and `stage`."""
+    limited = built.limited
+    return {n for n, u in zip(limited, form.visibility(method, limited, stage)) if u["visible"]}
+
+
+def test_stage_settings_show_only_for_their_stages(built):
+    assert STAGE_SETTINGS <= set(built.limited)
+    dpo = visible_for(built, "lora", "dpo")
+    assert {"pref_beta", "pref_loss", "lora_rank"} <= dpo
+    assert not {"reward_model", "num_generations", "kto_desirable_weight"} & dpo
+    grpo = visible_for(built, "lora", "grpo")
+    assert {"num_generations", "max_completion_length", "reward_model", "reward_funcs",
+            "pref_beta"} <= grpo and "pref_loss" not in grpo
+    assert {"kto_desirable_weight", "kto_undesirable_weight"} <= visible_for(built, "full", "kto")
+    for stage in ("sft", "pt"):
+        assert not STAGE_SETTINGS & visible_for(built, "lora", stage)
+    for name in STAGE_SETTINGS:  # the form opens on sft
+        assert built.widgets[name].visible is False, name
+    with gr.Blocks():  # a form opened on another stage shows that stage's settings
+        on_grpo = form.build_form(cfg.TrainConfig(stage="grpo", method="full"), ["identity"])
+    assert on_grpo.widgets["num_generations"].visible and not on_grpo.widgets["lora_rank"].visible
+
+
+def test_rows_of_hidden_settings_are_hidden_too(built):
+    rows = built.limited_rows
+    assert {n for _, names in rows for n in names} == set(built.limited)
+    def shown_rows(method, stage):
+        return {tuple(names) for (_, names), u in
+                zip(rows, form.row_visibility(built, method, stage)) if u["visible"]}
+    assert not any(STAGE_SETTINGS & set(names) for names in shown_rows("full", "sft"))
+    assert any("pref_loss" in names for names in shown_rows("full", "dpo"))
+    assert any("lora_rank" in names for names in shown_rows("lora", "sft"))
+    opened = {tuple(names) for row, names in rows if row.visible}
+    assert opened == shown_rows("lora", "sft")  # the form opens on sft with LoRA
+
+
+def test_only_the_dataset_list_offers_dataset_names(built):
+    offered = [c[1] for c in built.widgets["dataset"].choices]
+    assert {"identity", "alpaca_demo"} <= set(offered)
+    funcs = [c[1] for c in built.widgets["reward_funcs"].choices]
+    assert "identity" not in funcs and cfg.default_value("reward_funcs")[0] in funcs
+
+
+def test_a_setting_limited_to_methods_and_stages_needs_both():
+    both = schema.setting(1, "help", "method", methods=("lora",), stages=("dpo", "kto"))
+    assert form.shown(both, "lora", "dpo") and form.shown(both, "lora", "kto")
+    assert not form.shown(both, "full", "dpo") and not form.shown(both, "lora", "sft")
+    assert form.shown(schema.setting(1, "help", "method"), "full", "grpo")
+    assert form.limited(both) and not form.limited(schema.setting(1, "help", "method"))
+
+
+def test_the_stage_select_lists_every_stage(built):
+    assert [c[1] for c in built.widgets["stage"].choices] == list(cfg.STAGES)
+
+
+@pytest.fixture
+def pair_registry(tmp_path):
+    """A dataset folder holding a chat dataset, a pairs dataset and a prompts dataset."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "chat.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
+    (folder / "pref.jsonl").write_text(
+        '{"prompt": "Who are you?", "chosen": "I am Tuney.", "rejected": "I am Pico."}\n')
+    (folder / "ask.jsonl").write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    (folder / "dataset_info.json").write_text(
+        '{"chat": {"file_name": "chat.jsonl"}, "pref": {"file_name": "pref.jsonl"}, '
+        '"ask": {"file_name": "ask.jsonl"}}')
+    return folder
+
+
+def test_datasets_offered_follow_the_stage(pair_registry):
+    folder = str(pair_registry)
+    assert train_tab.dataset_choices(folder, "sft") == ["chat"]
+    assert train_tab.dataset_choices(folder, "dpo") == ["pref"]
+    assert set(train_tab.dataset_choices(folder, "grpo")) == {"chat", "ask"}
+    choices, chosen, note = train_tab.fit_datasets("dpo", folder, ["chat"])
+    assert choices == ["pref"] and chosen == ["pref"]
+    assert "dpo" in note and "chat" in note and "pref" in note
+    # A selection that fits stays as it is; a typed file path stays (Start reads it).
+    assert train_tab.fit_datasets("grpo", folder, ["chat"])[1:] == (["chat"], "")
+    choices, chosen, note = train_tab.fit_datasets("dpo", folder, ["chat", "my/file.jsonl"])
+    assert chosen == ["my/file.jsonl"] and "my/file.jsonl" in choices
+    # Nothing registered fits: the selection is kept, and the note says what to do.
+    (pair_registry / "dataset_info.json").write_text('{"chat": {"file_name": "chat.jsonl"}}')
+    choices, chosen, note = train_tab.fit_datasets("dpo", folder, ["chat"])
+    assert chosen == ["chat"] and "upload" in note
+
+
+def test_changing_the_stage_swaps_a_dataset_it_cannot_read(pair_registry, tmp_path):
+    with gr.Blocks():
+        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(pair_registry))
+    names = tab.form.names
+    values = dict(zip(names, [w.value for w in tab.form.components]))
+    values.update(dataset=["chat"], dataset_dir=str(pair_registry), stage="dpo")
+    out = tab.on_model_change({}, *[values[n] for n in names])
+    dataset = out[names.index("dataset")]
+    assert dataset["value"] == ["pref"] and dataset["choices"] == ["pref"]
+    assert "replaced" in out[-1]
+
+
+def test_an_upload_is_validated_for_the_stage(pair_registry, tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.ENV_ROOTS, str(tmp_path))  # the page writes uploads only there
+    with gr.Blocks():
+        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(pair_registry))
+    chat = tmp_path / "mine.jsonl"
+    chat.write_text('{"instruction": "q", "output": "a"}\n')
+    update, message = tab.on_upload(str(chat), "", str(pair_registry), ["pref"], "dpo")
+    assert update == gr.skip() and "stage dpo cannot train on it" in message
+    assert "chosen/rejected" in message  # the data layer's words for what dpo needs
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    update, message = tab.on_upload(str(pairs), "", str(pair_registry), ["chat"], "dpo")
+    assert update["value"] == ["pairs"] and "Registered **pairs**" in message  # chat left
+    assert set(update["choices"]) == {"pref", "pairs"}
+
+
 def test_command_box_is_a_runnable_snippet(tmp_path):
     text = train_tab.command_text(cfg.TrainConfig(run_name="x"), tmp_path)
     assert text.splitlines()[-1] == f"tunebench train {tmp_path / 'x' / 'config.yaml'}"
@@ -167,6 +288,34 @@ def test_preview_marks_the_trained_tokens(demo_model_path):
     assert answer["summary"]["records"] > 10 and answer["summary"]["max"] >= first["tokens"]
     shown = train_tab.preview_highlights(answer)
     assert any(label == "trained" for _, label in shown)
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("stage", ["dpo", "kto", "grpo"])
+def test_preview_follows_the_stage(demo_model_path, pair_registry, stage):
+    dataset = {"dpo": "pref", "kto": "pref", "grpo": "ask"}[stage]
+    config = cfg.TrainConfig(model=str(demo_model_path), dataset=[dataset], stage=stage,
+                             dataset_dir=str(pair_registry))
+    answer = data_worker.preview(config, count=2)
+    first = answer["examples"][0]
+    text = "".join(t for t, _ in first["segments"])
+    marks = {mark for _, mark in first["segments"] if mark}
+    assert "Who are you?" in text or "2+2?" in text
+    if stage == "dpo":
+        assert marks == {"chosen (trained)", "rejected (trained)"}
+        chosen = "".join(t for t, m in first["segments"] if m == "chosen (trained)")
+        assert "Tuney" in chosen and "Who are you" not in chosen
+        assert first["trained"] > 0 and "rejected reply" in first["counts"]
+    elif stage == "kto":  # a pair is a good and a bad KTO row
+        assert marks == {"good reply (trained)"} and "label true" in first["counts"]
+        assert {m for _, m in answer["examples"][1]["segments"] if m} == {"bad reply (trained)"}
+    else:
+        assert marks == {"reference answer"} and first["trained"] == 0
+        assert "4" in "".join(t for t, m in first["segments"] if m)
+    shown = train_tab.preview_highlights(answer)
+    assert shown[0][0].startswith("── record 1:") and {m for _, m in shown if m} <= set(
+        train_tab.PREVIEW_COLORS)
+    assert "Prompt tokens" in train_tab.preview_summary(answer) or stage != "grpo"
 
 
 def test_preview_reports_bad_input_without_a_traceback(tmp_path):

@@ -67,6 +67,16 @@ def test_smoothed_history_never_shifts_and_eval_points_are_drawn():
     assert frame[frame.series == "eval loss"].values.tolist() == [[39, 0.5, "eval loss"]]
 
 
+def test_every_frame_names_every_series_so_colours_never_change():
+    """Gradio's chart keeps the colours of the series in the first frame it draws; a
+    series that appears later (eval points) must already be named, without a value."""
+    for records in ([], [record(1, loss=2.0)], [record(1, loss=2.0), record(1, eval_loss=1.5)]):
+        frame = runs_view.loss_frame(records, 0.9)
+        assert list(dict.fromkeys(frame.series)) == list(runs_view.SERIES.values())
+    frame = runs_view.loss_frame([record(1, loss=2.0)], 0.9)
+    assert frame[frame.series == "eval loss"].loss.isna().all()
+
+
 def test_long_runs_are_thinned_but_keep_their_last_point():
     records = [record(i, 10_000, loss=1.0 + 1 / i) for i in range(1, 5001)]
     frame = runs_view.loss_frame(records, 0.9)
@@ -101,9 +111,12 @@ def test_runs_table_lists_state_steps_and_final_loss(run_dir):
     empty = run_dir.parent / "lora-2"
     empty.mkdir()
     runs.write_status(empty, "failed", pid=os.getpid(), error="boom")
+    (run_dir / runs.CONFIG).write_text("stage: dpo\n")
     rows = {r[0]: r for r in runs_view.runs_table(run_dir.parent)}
-    assert rows["lora-1"][1:4] == ["completed", "4/10", "0.7500"]
+    assert rows["lora-1"][1:5] == ["completed", "4/10", "0.7500", "dpo"]
     assert rows["lora-2"][1] == "failed" and rows["lora-2"][3] == "–"
+    assert rows["lora-2"][4] == "?"  # no config.yaml: the stage is unknown
+    assert len(rows["lora-1"]) == len(train_tab.RUN_COLUMNS)
 
 
 def test_a_tick_with_nothing_new_redraws_nothing(run_dir):
@@ -113,11 +126,84 @@ def test_a_tick_with_nothing_new_redraws_nothing(run_dir):
     runs.append_metrics(run_dir, record(1, loss=2.0))
     first = tab.tick(session)  # no run shown yet: follows the running one
     assert session.watch.run_dir == run_dir and "lora-1" in first[0]
-    assert len(first[2]) == 2  # raw and smoothed point
-    assert tab.tick(session) == [SKIP] * 6
+    assert len(first[2].dropna()) == 2  # raw and smoothed point
+    n_out = len(tab.view_outputs) + 2
+    assert tab.tick(session) == [SKIP] * n_out
     runs.append_metrics(run_dir, record(2, loss=1.0))
     out = tab.tick(session)
-    assert out[0] == SKIP and out[2] is not SKIP and len(out[2]) == 4 and out[3] == SKIP
+    assert len(out) == n_out
+    assert out[0] == SKIP and out[2] is not SKIP and len(out[2].dropna()) == 4
+    assert out[3] == SKIP
+
+
+def dpo_record(step: int, **extra) -> dict:
+    return record(step, 100, loss=0.69 - step / 100, reward_margin=step * 0.5,
+                  reward_accuracy=min(1.0, step / 10), reward_chosen=step * 0.3,
+                  reward_rejected=-step * 0.2, **extra)
+
+
+def test_a_dpo_run_draws_its_signals_next_to_the_loss(run_dir):
+    (run_dir / runs.CONFIG).write_text("stage: dpo\nmethod: lora\n")
+    with gr.Blocks():
+        tab = train_tab.TrainTab(run_dir.parent)
+    session = train_tab.Session()
+    runs.append_metrics(run_dir, dpo_record(1))
+    out = dict(zip(tab.view_outputs, tab.tick(session)))
+    assert out[tab.signal_box]["visible"] is True
+    picker = out[tab.series]
+    assert [value for _, value in picker["choices"]] == [
+        "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"]
+    assert ("reward margin (chosen − rejected)", "reward_margin") in picker["choices"]
+    assert picker["value"] == ["reward_margin", "reward_accuracy"]  # dpo's headline signals
+    first, second, third = (out[p] for p in tab.panels[:3])
+    assert first["visible"] and first["label"].startswith("reward margin")
+    assert first["value"].dropna().values.tolist() == [[1, 0.5, "raw"], [1, 0.5, "smoothed"]]
+    assert second["visible"] and third["visible"] is False
+    assert out[tab.panel_rows[0]]["visible"] and not out[tab.panel_rows[1]]["visible"]
+
+    # New lines arrive: panels redraw, the picker (unchanged choices) is left alone.
+    runs.append_metrics(run_dir, dpo_record(2))
+    runs.append_metrics(run_dir, record(2, 100, eval_loss=0.6, eval_reward_margin=0.7))
+    out = dict(zip(tab.view_outputs, tab.tick(session)))
+    assert out[tab.series] == SKIP
+    frame = out[tab.panels[0]]["value"]
+    assert frame[frame.series == "eval"].values.tolist() == [[2, 0.7, "eval"]]
+
+    # The user picks other signals: those are drawn, and later ticks keep the choice.
+    rows_and_panels = tab.on_series(session, ["reward_chosen"])
+    panels = rows_and_panels[len(tab.panel_rows):]
+    assert panels[0]["label"] == "reward of the chosen replies" and not panels[1]["visible"]
+    runs.append_metrics(run_dir, dpo_record(3, kl=0.01))
+    out = dict(zip(tab.view_outputs, tab.tick(session)))
+    assert "kl" in [v for _, v in out[tab.series]["choices"]]   # a new signal is offered
+    assert out[tab.series]["value"] == ["reward_chosen"]
+    assert out[tab.panels[0]]["label"] == "reward of the chosen replies"
+
+
+def test_an_sft_run_hides_the_signal_panels(run_dir):
+    (run_dir / runs.CONFIG).write_text("stage: sft\n")
+    with gr.Blocks():
+        tab = train_tab.TrainTab(run_dir.parent)
+    session = train_tab.Session()
+    runs.append_metrics(run_dir, record(1, loss=2.0, learning_rate=1e-3, tokens_per_s=10.0))
+    out = dict(zip(tab.view_outputs, tab.tick(session)))
+    assert out[tab.signal_box]["visible"] is False
+    assert all(out[p]["visible"] is False for p in tab.panels)
+
+
+def test_the_watch_adds_only_new_lines_to_its_curves(run_dir, monkeypatch):
+    runs.append_metrics(run_dir, dpo_record(1))
+    watch = Watch(run_dir)
+    watch.poll()
+    seen = []
+    real_add = watch.curves.add
+    monkeypatch.setattr(watch.curves, "add", lambda new: (seen.append(len(new)), real_add(new)))
+    runs.append_metrics(run_dir, dpo_record(2))
+    runs.append_metrics(run_dir, dpo_record(3))
+    watch.poll()
+    assert seen == [2]  # the two new lines, not the history
+    assert watch.curves.series("reward_margin") == ([1, 2, 3], [0.5, 1.0, 1.5])
+    assert watch.signals[:2] == ["reward_margin", "reward_accuracy"] and watch.stage == "?"
 
 
 def test_start_checks_paths_and_data_before_launching(tmp_path, monkeypatch):

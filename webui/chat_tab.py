@@ -5,6 +5,11 @@ out-of-memory error there cannot take this page server down, and Unload ends the
 process so the memory really goes back. The server keeps one worker, shared by
 all browser tabs (a workbench has one user and usually one model in memory).
 Conversations live in each browser tab's gr.State, never in the server.
+
+A reward model (the final/ of a stage rm run, or an export of one) writes no replies:
+when one is chosen, Load loads it for scoring and the "Score a reply" panel scores
+replies to a prompt with it, in the same worker process; a message sent to it gets the
+core's refusal (the same words `tunebench chat` prints).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import gradio as gr
 
 from core import config as cfg
 from core import limits, paths, runs, schema
-from core.chat import (DEFAULT_PROBES, base_model_of, build_messages, probes_path,
-                       save_probes)
+from core.chat import (DEFAULT_PROBES, base_model_of, build_messages, is_reward_model,
+                       probes_path, save_probes)
 from core.chat_worker import ChatWorker, WorkerError
 from core.errors import BadInput
 
@@ -57,6 +62,34 @@ def base_of_picked(checkpoint: str | None) -> str | None:
         return base_model_of(paths.confine(checkpoint, "checkpoint", must_exist=True))
     except BadInput:
         return None
+
+
+def reward_picked(checkpoint: str | None, model: str | None) -> bool:
+    """Whether the picked checkpoint (else the model) is a reward model; its JSON files are
+    read only inside the allowed folders."""
+    try:
+        if (checkpoint or "").strip():
+            return is_reward_model(paths.confine(checkpoint, "checkpoint", must_exist=True))
+        model = paths.confine_model(model or "")
+    except BadInput:
+        return False
+    return model != "demo" and Path(model).is_dir() and is_reward_model(model)
+
+
+def scores_markdown(scores: list[float]) -> str:
+    """Reply A's score (and B's, with which one the model prefers and how surely: a reward
+    model is trained so that sigmoid(score A - score B) is the chance A is the better)."""
+    import math
+
+    lines = [f"**Reply {name}: {score:+.4f}**" for name, score in zip("AB", scores)]
+    if len(scores) == 2:
+        margin = scores[0] - scores[1]
+        better, worse = ("A", "B") if margin >= 0 else ("B", "A")
+        odds = 1 / (1 + math.exp(-abs(margin)))
+        lines.append(f"The reward model prefers reply {better} over {worse} by "
+                     f"{abs(margin):.4f} (its odds that {better} is the better reply: "
+                     f"{odds:.0%}).")
+    return "  \n".join(lines)
 
 
 # --- html ---------------------------------------------------------------------------
@@ -101,6 +134,7 @@ class ChatTab:
         self._loader()
         self._settings()
         self._conversation()
+        self._scoring()
         self._probes()
         self._wire()
 
@@ -147,6 +181,20 @@ class ChatTab:
             self.clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
         self.stats = gr.Markdown("", elem_id="chat-stats")
 
+    def _scoring(self):
+        # Shown when the picked checkpoint (or model) is a reward model.
+        with gr.Group(visible=False, elem_id="chat-score") as self.score_panel:
+            gr.Markdown("**Score a reply** with the reward model: it gives each reply to the "
+                        "prompt a score (higher = better). Load it first.")
+            self.score_prompt = gr.Textbox(label="Prompt (the user's message)", lines=2,
+                                           elem_id="chat-score-prompt")
+            with gr.Row():
+                self.score_reply = gr.Textbox(label="Reply A", lines=3, elem_id="chat-score-reply")
+                self.score_reply_b = gr.Textbox(label="Reply B (optional: compare two)", lines=3,
+                                                elem_id="chat-score-reply-b")
+            self.score_start = gr.Button("Score", variant="primary", elem_id="chat-score-start")
+            self.score_result = gr.Markdown("", elem_id="chat-score-result")
+
     def _probes(self):
         with gr.Accordion("Probe prompts: run a fixed set against both models", open=False):
             self.probe_text = gr.Textbox("\n".join(DEFAULT_PROBES), lines=5, label="Prompts "
@@ -161,6 +209,10 @@ class ChatTab:
         self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
                            [self.model, self.checkpoint])
         self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model], [self.model])
+        for picker in (self.checkpoint, self.model):
+            picker.change(self.show_scoring, [self.checkpoint, self.model], [self.score_panel])
+        self.score_start.click(self.do_score, [self.score_prompt, self.score_reply,
+                                               self.score_reply_b], [self.score_result])
         clear = [self.output, self.before, self.hist_after, self.hist_before, self.stats]
         self.load.click(self.do_load, [self.model, self.checkpoint, self.trust],
                         [self.status] + clear)
@@ -193,6 +245,25 @@ class ChatTab:
         base = base_of_picked(checkpoint)
         return gr.update(value=base) if base else gr.update(value=model)
 
+    def show_scoring(self, checkpoint: str, model: str):
+        return gr.update(visible=reward_picked(checkpoint, model))
+
+    def do_score(self, prompt: str, reply_a: str, reply_b: str):
+        """Score reply A (and B) to the prompt with the loaded reward model, in the worker."""
+        try:
+            for text, what in ((prompt, "prompt"), (reply_a, "reply A"), (reply_b, "reply B")):
+                limits.check_text(text or "", what, limits.MAX_MESSAGE_CHARS, multiline=True)
+            replies = [r.strip() for r in (reply_a or "", reply_b or "") if r.strip()]
+            if not (prompt or "").strip() or not (reply_a or "").strip():
+                raise BadInput("enter a prompt and reply A (reply B is optional)")
+            if (WORKER.info or {}).get("head") != "score" and WORKER.info is not None:
+                raise BadInput("the loaded model writes replies, it does not score them: pick "
+                               "a reward model (the final/ of a stage rm run) and press Load")
+            scores = WORKER.score(prompt.strip(), replies)
+        except (BadInput, WorkerError) as err:
+            return f"**Not scored.** {_error_text(err)}"
+        return scores_markdown(scores)
+
     def do_load(self, model: str, checkpoint: str, trust: bool):
         # A plain model (no checkpoint) has no before/after: its pane is just "Model".
         label = "Fine-tuned (after)" if checkpoint else "Model"
@@ -206,7 +277,9 @@ class ChatTab:
             model = paths.confine_model(model or "")  # typed paths stay inside the allowed roots
             checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
                           if checkpoint else None)
-            for event in WORKER.load(model, checkpoint, bool(trust)):
+            # A reward model is loaded to score replies (the Score panel), not to chat.
+            head = "score" if reward_picked(checkpoint, model) else "causal"
+            for event in WORKER.load(model, checkpoint, bool(trust), head):
                 if event["event"] == "progress":
                     yield [progress_html(event["fraction"], event["message"] + "…")] + keep
             yield [message_html(WORKER.text, "completed")] + keep

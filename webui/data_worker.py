@@ -62,29 +62,129 @@ def register(file: str, dataset_dir: str, name: str | None) -> str:
     return ask("register", {"file": file, "dataset_dir": dataset_dir, "name": name})["name"]
 
 
+def register_for_stage(file: str, dataset_dir: str, name: str | None,
+                       stage: str) -> tuple[str, str | None]:
+    """`register`, then read the registered copy as `stage` trains on it: (its name, why
+    the stage cannot train on it, or None when it can). A valid file of another kind
+    stays registered, for the stage that reads it."""
+    answer = ask("register", {"file": file, "dataset_dir": dataset_dir, "name": name,
+                              "stage": stage})
+    return answer["name"], answer.get("misfit")
+
+
+def stage_datasets(dataset_dir: str) -> dict[str, list[str]]:
+    """The registered datasets each stage can train on (core.data.datasets_for_stage),
+    by stage. Telling a dataset's kind may read its first record, hence the child."""
+    return ask("stage_datasets", {"dataset_dir": dataset_dir})["stages"]
+
+
 def length_summary(lengths: list[int], cutoff: int, total: int) -> dict:
     return {"records": total, "measured": len(lengths), "min": min(lengths),
             "median": statistics.median(lengths), "max": max(lengths),
             "over_cutoff": sum(n > cutoff for n in lengths), "cutoff_len": cutoff}
 
 
+def _chat_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
+    """sft and pt: the whole sequence, trained tokens marked."""
+    from core import templates
+    row = templates.encode_example(record, tokenizer, cutoff)
+    segments = templates.trained_segments(tokenizer, row["input_ids"], row["labels"])
+    full = len(templates.encode_example(record, tokenizer, 10**9)["input_ids"])
+    return {"segments": segments, "tokens": len(row["input_ids"]),
+            "trained": sum(lab != templates.IGNORE for lab in row["labels"])}, full
+
+
+def _reply_segments(prompt_ids: list[int], reply_ids: list[int], tokenizer, mark: str
+                    ) -> list[tuple[str, str | None]]:
+    """A prompt and one reply as text runs, the reply's (trained) tokens marked `mark`."""
+    from core import templates
+    labels = [templates.IGNORE] * len(prompt_ids) + list(reply_ids)
+    return [(text, mark if trained else None) for text, trained in
+            templates.trained_segments(tokenizer, prompt_ids + reply_ids, labels)]
+
+
+def _skipped(why: str) -> dict:
+    return {"segments": [(f"(left out of training: {why})", None)], "tokens": 0, "trained": 0,
+            "counts": "left out"}
+
+
+def _pair_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
+    """rm and dpo: the prompt, then the chosen and the rejected reply, each as trained
+    (the token ids core.stages gives the trainer)."""
+    from core import stages
+    whole = stages.encode_pair(record, tokenizer, 10**9)
+    full = len(whole["prompt_ids"]) + max(len(whole["chosen_ids"]),
+                                          len(whole["rejected_ids"])) if whole else 0
+    row = stages.encode_pair(record, tokenizer, cutoff)
+    if row is None:
+        return _skipped(f"a reply is empty within cutoff_len {cutoff}"), full
+    prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
+    segments = _reply_segments(prompt, chosen, tokenizer, "chosen (trained)")
+    segments += [("\n── rejected reply to the same prompt ──\n", None)]
+    segments += _reply_segments([], rejected, tokenizer, "rejected (trained)")
+    return {"segments": segments, "tokens": len(prompt) + max(len(chosen), len(rejected)),
+            "trained": len(chosen) + len(rejected),
+            "counts": f"prompt {len(prompt)} tokens, chosen reply {len(chosen)}, rejected "
+                      f"reply {len(rejected)}"}, full
+
+
+def _labelled_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
+    """kto: the prompt and the reply, marked by its label."""
+    from core import stages
+    whole = stages.encode_labelled(record, tokenizer, 10**9)
+    full = len(whole["prompt_ids"]) + len(whole["completion_ids"]) if whole else 0
+    row = stages.encode_labelled(record, tokenizer, cutoff)
+    if row is None:
+        return _skipped(f"the reply is empty within cutoff_len {cutoff}"), full
+    prompt, reply, good = row["prompt_ids"], row["completion_ids"], row["label"]
+    mark = "good reply (trained)" if good else "bad reply (trained)"
+    return {"segments": _reply_segments(prompt, reply, tokenizer, mark),
+            "tokens": len(prompt) + len(reply), "trained": len(reply),
+            "counts": f"label {str(good).lower()} ({'desirable' if good else 'undesirable'}); "
+                      f"prompt {len(prompt)} tokens, reply {len(reply)}"}, full
+
+
+def _prompt_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
+    """grpo: the prompt as rendered for sampling, and the answer rule rewards compare to."""
+    from core import templates
+    text = templates.render_prompt(record["prompt"], tokenizer)
+    length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    answer = record.get("answer")
+    segments = [(text, None), ("\n── answer ──\n", None)]
+    segments.append((answer, "reference answer") if answer is not None else
+                    ("(none: only a reward_model or rewards that need no answer can score "
+                     "this prompt)", None))
+    return {"segments": segments, "tokens": length, "trained": 0,
+            "counts": f"prompt {length} tokens; the replies are sampled while training"}, length
+
+
+def _example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
+    """One record as its stage trains on it (the shapes core.data.read_dataset returns),
+    and its untruncated length in tokens."""
+    if "chosen" in record:
+        return _pair_example(record, tokenizer, cutoff)
+    if "label" in record:
+        return _labelled_example(record, tokenizer, cutoff)
+    if "prompt" in record:
+        return _prompt_example(record, tokenizer, cutoff)
+    return _chat_example(record, tokenizer, cutoff)
+
+
 def _compute(config: cfg.TrainConfig, count: int) -> dict:
-    from core import data, models, templates
+    from core import data, models
 
     records = data.load_records(config)
     if not records:
         raise BadInput("the datasets hold no records", field="dataset")
     tokenizer = models.load_tokenizer(config.model, config.template, config.trust_remote_code)
-    shown = []
-    for record in records[:count]:
-        row = templates.encode_example(record, tokenizer, config.cutoff_len)
-        segments = templates.trained_segments(tokenizer, row["input_ids"], row["labels"])
-        shown.append({"segments": segments, "tokens": len(row["input_ids"]),
-                      "trained": sum(lab != templates.IGNORE for lab in row["labels"])})
-    lengths = [len(templates.encode_example(r, tokenizer, 10**9)["input_ids"])
-               for r in records[:LENGTH_SAMPLE]]
-    return {"examples": shown, "summary": length_summary(lengths, config.cutoff_len,
-                                                          len(records))}
+    shown, lengths = [], []
+    for i, record in enumerate(records[:max(count, LENGTH_SAMPLE)]):
+        example, length = _example(record, tokenizer, config.cutoff_len)
+        lengths.append(length)
+        if i < count:
+            shown.append(example)
+    return {"examples": shown, "stage": config.stage,
+            "summary": length_summary(lengths, config.cutoff_len, len(records))}
 
 
 def _check(request: dict) -> dict:
@@ -97,8 +197,24 @@ def _check(request: dict) -> dict:
 def _register(request: dict) -> dict:
     from core import data
 
-    return {"name": data.register_file(request["file"], request["dataset_dir"],
-                                       request.get("name"))}
+    key = data.register_file(request["file"], request["dataset_dir"], request.get("name"))
+    stage = request.get("stage")
+    if not stage:
+        return {"name": key}
+    # The registered copy, not the upload: it lies inside the allowed folders, and it is
+    # read exactly as Start will read it.
+    try:
+        data.read_dataset(key, request["dataset_dir"], stage)
+    except BadInput as err:
+        return {"name": key, "misfit": str(err)}
+    return {"name": key, "misfit": None}
+
+
+def _stage_datasets(request: dict) -> dict:
+    from core import data
+
+    return {"stages": {stage: data.datasets_for_stage(stage, request["dataset_dir"])
+                       for stage in cfg.STAGES}}
 
 
 def _preview(request: dict) -> dict:
@@ -106,7 +222,8 @@ def _preview(request: dict) -> dict:
     return _compute(config, int(request.get("count", 3)))
 
 
-ACTIONS = {"check": _check, "register": _register, "preview": _preview}
+ACTIONS = {"check": _check, "register": _register, "preview": _preview,
+           "stage_datasets": _stage_datasets}
 
 
 def main() -> int:

@@ -4,6 +4,8 @@ Start runs the CLI as a subprocess (as the Train tab runs `tunebench train`), wi
 TUNEBENCH_PROGRESS=json so its stdout is JSON lines: {"progress", "message"} while
 it works and {"result"} at the end (the verification checks). The page reads those
 back and draws a progress bar, then the verification result. No torch here.
+A reward model (the result of a stage rm run) is exported as a sequence classifier;
+picking one says so under the pickers.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from core import paths, schema
 from core.errors import BadInput
 
 from . import form
-from .chat_tab import base_of_picked, checkpoint_choices, model_choices, progress_html
+from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, progress_html,
+                       reward_picked)
 
 _ROOT = Path(__file__).resolve().parent.parent
+REWARD_HINT = ("This is a reward model (stage rm): it is exported as a sequence classifier "
+               "that `AutoModelForSequenceClassification` loads (one score per reply), and "
+               "verified by comparing its scores on the probe prompts with the source's.")
 
 
 def default_export_dir(saves: Path, checkpoint: str) -> str:
@@ -123,6 +129,7 @@ class ExportTab:
                                                "a full checkpoint is exported as it is")
             self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm",
                                      elem_id="export-refresh")
+        self.hint = gr.Markdown("", elem_id="export-hint")
         # Generated from core.config.ExportConfig, as `tunebench export`'s flags are.
         self.settings = form.build_settings(cfg.ExportConfig, cfg.ExportConfig(), "export")
         self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
@@ -143,7 +150,7 @@ class ExportTab:
         self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
                            [self.model, self.checkpoint])
         self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model],
-                               [self.model, self.out])
+                               [self.model, self.out, self.hint])
         self.start.click(self.do_export, [self.model, self.checkpoint, self.out, self.overwrite,
                                           self.verify] + self.settings.components,
                          [self.status, self.command], concurrency_limit=1)
@@ -158,7 +165,8 @@ class ExportTab:
 
     def pick_checkpoint(self, checkpoint: str, model: str):
         base = base_of_picked(checkpoint)
-        return gr.update(value=base or model), default_export_dir(self.saves, checkpoint)
+        hint = REWARD_HINT if reward_picked(checkpoint, model) else ""
+        return gr.update(value=base or model), default_export_dir(self.saves, checkpoint), hint
 
     def do_export(self, model, checkpoint, out, overwrite, verify, *values):
         try:  # typed paths stay inside the allowed roots

@@ -95,8 +95,11 @@ def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
                   visible=visible)
     value = widget_value(f.name, value, settings)
     if kind == list[str]:
-        # Registered names, plus any file path typed in (allow_custom_value).
-        return gr.Dropdown(choices=sorted(set(dataset_choices) | set(value)), value=value,
+        # A list of paths (the datasets) offers the registered names, another list what its
+        # field suggests (metadata "suggest", when the schema gives one); anything typed
+        # is taken too (allow_custom_value), and checked by the schema.
+        offered = dataset_choices if meta["path"] else list(meta.get("suggest") or ())
+        return gr.Dropdown(choices=sorted(set(offered) | set(value)), value=value,
                            multiselect=True, allow_custom_value=True, scale=2, **common)
     if meta["choices"] is not None:
         return gr.Dropdown(choices=list(meta["choices"]), value=value, **common)
@@ -119,8 +122,10 @@ def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
 
 @dataclasses.dataclass
 class Form:
-    """The widgets of the form, keyed by config field name, in schema order."""
+    """The widgets of the form, keyed by config field name, in schema order, and the rows
+    that hold only method- or stage-specific settings (hidden when none of theirs show)."""
     widgets: dict[str, gr.Component]
+    limited_rows: list[tuple[gr.Row, list[str]]] = dataclasses.field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -140,26 +145,35 @@ class Form:
         return [n for n in self.widgets if cfg.FIELDS[n].metadata["methods"] is not None]
 
 
+def _even_rows(fields: list) -> list[list]:
+    """Fields split evenly into rows of at most PER_ROW: 5 make rows of 3 and 2, not 4 and 1."""
+    n_rows = max(1, math.ceil(len(fields) / PER_ROW))
+    cuts = [math.ceil(i * len(fields) / n_rows) for i in range(n_rows + 1)]
+    return [fields[a:b] for a, b in zip(cuts, cuts[1:]) if fields[a:b]]
+
+
 def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
     """Lay the widgets out: one row per group, advanced settings in a folded accordion.
     Settings for other methods or stages than the config's start hidden."""
     values = cfg.to_dict(config)
     widgets: dict[str, gr.Component] = {}
+    limited_rows: list[tuple[gr.Row, list[str]]] = []
+
     def rows(fields: list[dataclasses.Field]) -> None:
         # Method- and stage-specific settings get rows of their own, so hiding some leaves
-        # no holes among the general ones (a row wraps when many of them show).
+        # no holes among the general ones, and a row with none showing is hidden too.
         general = [f for f in fields if not limited(f)]
         by_method = [f for f in fields if f.metadata["methods"] is not None]
         by_stage = [f for f in fields if limited(f) and f not in by_method]
-        n_rows = max(1, math.ceil(len(general) / PER_ROW))
-        cuts = [math.ceil(i * len(general) / n_rows) for i in range(n_rows + 1)]
-        for chunk in [general[a:b] for a, b in zip(cuts, cuts[1:])] + [by_method, by_stage]:
-            if chunk:  # split evenly: 5 fields make rows of 3 and 2, not 4 and 1
-                with gr.Row(equal_height=False):
-                    for f in chunk:
-                        widgets[f.name] = make_widget(
-                            f, values[f.name], dataset_choices,
-                            visible=shown(f, config.method, config.stage))
+        for chunk in _even_rows(general) + _even_rows(by_method) + _even_rows(by_stage):
+            visible = [shown(f, config.method, config.stage) for f in chunk]
+            specific = limited(chunk[0])
+            with gr.Row(equal_height=False, visible=any(visible) or not specific) as row:
+                for f, show in zip(chunk, visible):
+                    widgets[f.name] = make_widget(f, values[f.name], dataset_choices,
+                                                  visible=show)
+            if specific:
+                limited_rows.append((row, [f.name for f in chunk]))
 
     for group in cfg.GROUPS:
         rows([f for f in cfg.fields_in(group) if not f.metadata["advanced"]])
@@ -167,7 +181,7 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
         for group in cfg.GROUPS:
             rows([f for f in cfg.fields_in(group) if f.metadata["advanced"]])
     # Keep schema order so positional handler arguments line up with cfg.FIELDS.
-    return Form({name: widgets[name] for name in cfg.FIELDS})
+    return Form({name: widgets[name] for name in cfg.FIELDS}, limited_rows)
 
 
 def build_settings(settings: type, instance: Any, prefix: str, per_row: int = PER_ROW) -> Form:
@@ -214,3 +228,10 @@ def visibility(method: str, names: list[str], stage: str | None = None) -> list[
     (the default stage when none is given)."""
     stage = stage or cfg.default_value("stage")
     return [gr.update(visible=shown(cfg.FIELDS[n], method, stage)) for n in names]
+
+
+def row_visibility(form: Form, method: str, stage: str) -> list[dict]:
+    """gr.update(visible=...) for each of the form's method- or stage-specific rows: shown
+    when any of its settings is."""
+    return [gr.update(visible=any(shown(cfg.FIELDS[n], method, stage) for n in names))
+            for _, names in form.limited_rows]

@@ -200,12 +200,20 @@ def _thin(steps: list, values: list) -> tuple[list, list]:
 
 def _curve_rows(steps: list, raw: list, eval_steps: list, eval_values: list, weight: float,
                 names: dict) -> list[tuple]:
-    """(step, value, series) rows: raw, smoothed and eval, thinned, finite values only."""
+    """(step, value, series) rows: raw, smoothed and eval, thinned, finite values only.
+
+    A series with no point yet gets one row without a value (NaN, which the chart does
+    not draw): Gradio's chart fixes its colours to the series of the first frame it
+    draws and only swaps the data afterwards, so a series that appeared later (the eval
+    points, at the end of an epoch) would be drawn without a colour, invisible.
+    """
     rows = []
+    first = steps[0] if steps else (eval_steps[0] if eval_steps else 0)
     for name, (xs, ys) in ((names["raw"], _thin(steps, raw)),
                            (names["smoothed"], _thin(steps, runs.smooth(raw, weight))),
                            (names["eval"], (eval_steps, eval_values))):
-        rows += [(x, y, name) for x, y in zip(xs, ys) if math.isfinite(y)]
+        drawn = [(x, y, name) for x, y in zip(xs, ys) if math.isfinite(y)]
+        rows += drawn or [(first, math.nan, name)]
     return rows
 
 

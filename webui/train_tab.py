@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import data, launch, limits, memory, paths, plot, runs
+from core import data, launch, limits, memory, paths, plot, runs, stage_data
 from core.errors import BadInput
 
 from . import configs, data_worker, form as form_mod
@@ -33,11 +33,6 @@ PREVIEW_COLORS = {"trained": "#3fb950", "chosen (trained)": "#3fb950",
                   "bad reply (trained)": "#f85149", "reference answer": "#d4a72c"}
 SIGNAL_PANELS = 6            # stage signals drawn at once, one panel each
 PANELS_PER_ROW = 3
-# What each stage reads, for the note when the stage change swaps the datasets.
-STAGE_DATA = {"sft": "conversations", "pt": "plain text or conversations",
-              "rm": "preference pairs (chosen and rejected replies)",
-              "dpo": "preference pairs (chosen and rejected replies)",
-              "kto": "single replies labelled good or bad", "grpo": "prompts"}
 
 
 @dataclasses.dataclass
@@ -51,13 +46,24 @@ class Session:
     offered: tuple = ()          # the signals the picker lists now
 
 
+# Registered datasets per stage, for the registry file as it was when asked:
+# {(folder, signature of dataset_info.json): {stage: [names]}}.
+_by_stage: dict[tuple, dict[str, list[str]]] = {}
+
+
 def dataset_choices(dataset_dir: str, stage: str | None = None) -> list[str]:
-    """Registered datasets: with a stage, only those whose kind that stage trains on."""
+    """Registered datasets: with a stage, only those whose kind that stage trains on
+    (asked of the data worker once per version of the registry)."""
     try:
-        for_stage = getattr(data, "datasets_for_stage", None)
-        if stage is not None and for_stage is not None:
-            return list(for_stage(stage, dataset_dir))
-        return data.list_datasets(dataset_dir)
+        if stage is None:
+            return data.list_datasets(dataset_dir)
+        folder = data.data_dir(dataset_dir or "data")
+        key = (str(folder), runs.file_signature(folder / data.REGISTRY))
+        if key not in _by_stage:
+            found = data_worker.stage_datasets(dataset_dir or "data")
+            _by_stage.clear()  # one registry version is enough to keep
+            _by_stage[key] = found
+        return list(_by_stage[key].get(stage, []))
     except BadInput:
         return []  # a broken registry is reported when a run or preview reads it
 
@@ -78,7 +84,7 @@ def fit_datasets(stage: str, dataset_dir: str, current: list[str] | None
     dropped = [d for d in current if d not in keep]
     if not dropped:
         return sorted(set(fits) | set(current)), current, ""
-    what = f"Stage {stage} trains on {STAGE_DATA.get(stage, 'its own kind of data')}"
+    what = f"Stage {stage} trains on {stage_data.STAGE_DATA.get(stage, 'its own kind of data')}"
     if not keep and not fits:
         return (sorted(set(current)), current,
                 f"{what}, and no registered dataset holds them: upload one below, or type a "
@@ -120,7 +126,7 @@ class TrainTab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
                 self.form = form_mod.build_form(
-                    defaults, dataset_choices(defaults.dataset_dir, defaults.stage))
+                    defaults, dataset_choices(dataset_dir, defaults.stage))
                 self.dataset_note = gr.Markdown(elem_id="train-dataset-note")
                 rec = recommended_of(defaults)
                 self.rec_state = gr.State(rec)  # what the model recommended, per browser tab
@@ -205,7 +211,8 @@ class TrainTab:
                     for i in range(first, first + PANELS_PER_ROW):
                         self.panels.append(gr.LinePlot(
                             x="step", y="value", color="series", color_map=SIGNAL_COLORS,
-                            x_title="step", height=240, visible=False,
+                            x_title="step", height=240, visible=False, label="signal",
+                            show_label=True,
                             elem_id=f"train-signal-plot-{i + 1}"))
 
     def _config_panel(self, defaults: cfg.TrainConfig):
@@ -261,11 +268,16 @@ class TrainTab:
         w = self.form.widgets
         limited = self.form.limited  # settings for some methods or stages only
         gr.on([w["method"].change, w["stage"].change],
-              lambda method, stage: form_mod.visibility(method, limited, stage),
-              [w["method"], w["stage"]], [w[n] for n in limited], api_visibility="private",
-              **quiet)
+              lambda method, stage: form_mod.visibility(method, limited, stage) +
+              form_mod.row_visibility(self.form, method, stage),
+              [w["method"], w["stage"]],
+              [w[n] for n in limited] + [row for row, _ in self.form.limited_rows],
+              api_visibility="private", **quiet)
         self._wire_data_and_configs(widgets)
-        follow = [w["model"].blur, w["model"].submit, w["stage"].change, w["method"].change]
+        # A new model, stage or method brings its recommendations; a new stage or dataset
+        # folder, the datasets that fit.
+        follow = [w["model"].blur, w["model"].submit, w["stage"].change, w["method"].change,
+                  w["dataset_dir"].blur, w["dataset_dir"].submit]
         gr.on(follow, self.on_model_change, [self.rec_state] + widgets,
               widgets + [self.recommended, self.rec_state, self.dataset_note],
               api_visibility="private", **quiet)
@@ -337,8 +349,9 @@ class TrainTab:
                 charts.append(gr.update(visible=False))
                 continue
             name = shown[i]
+            # Only the label and the data change: a changed axis title would make Gradio
+            # redraw the chart from its previous data.
             charts.append(gr.update(visible=True, label=plot.signal_label(name),
-                                    y_title=plot.signal_short(name),
                                     value=signal_frame(watch.curves, name, session.weight)))
         return rows + charts
 
@@ -478,17 +491,23 @@ class TrainTab:
 
     def on_upload(self, file: str | None, name: str, dataset_dir: str, current: list[str],
                   stage: str = "sft"):
-        """Validate the file for the form's stage (in the data worker), register it and add
-        it to the selection, in place of registered datasets the stage cannot read."""
+        """Validate and register the file (in the data worker), then add it to the selection
+        if the form's stage can train on it, in place of registered datasets it cannot read;
+        otherwise say why, and leave the selection alone."""
         if not file:
             return gr.skip(), ""
         try:
             dataset_dir = dataset_dir or "data"
             paths.confine(dataset_dir, "dataset_dir")  # where the upload will be written
             name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
-            key = data_worker.register(file, dataset_dir, name or None, stage)
+            key, misfit = data_worker.register_for_stage(file, dataset_dir, name or None,
+                                                         stage or "sft")
         except BadInput as err:
             return gr.skip(), f"**Not registered.** {err}"
+        if misfit:
+            return (gr.skip(), f"Registered **{key}** in {dataset_dir}/dataset_info.json, but "
+                    f"did not add it to the datasets: stage {stage} cannot train on it. "
+                    f"{misfit}")
         fits = dataset_choices(dataset_dir, stage)
         registered = set(dataset_choices(dataset_dir))
         chosen = [d for d in current or [] if d in fits or d not in registered] + [key]
@@ -503,7 +522,11 @@ class TrainTab:
             answer = data_worker.preview(config)
         except BadInput as err:
             return [], f"**Cannot preview.** {err}"
-        return preview_highlights(answer), preview_summary(answer)
+        shown = preview_highlights(answer)
+        used = {mark for _, mark in shown if mark}  # the legend lists only these marks
+        return (gr.update(value=shown, color_map={k: v for k, v in PREVIEW_COLORS.items()
+                                                  if k in used}),
+                preview_summary(answer))
 
     def _form_values(self, config: cfg.TrainConfig, message: str) -> list:
         return form_mod.values_of(config, self.form.names) + [message]
@@ -636,11 +659,15 @@ def recommended_text(config: cfg.TrainConfig, rec: dict) -> str:
 
 
 def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:
+    """The preview's records as (text, mark) runs: a segment's mark is True for trained
+    tokens (sft, pt), or names what it is (chosen, rejected, ...; see PREVIEW_COLORS)."""
     out: list[tuple[str, str | None]] = []
     for i, example in enumerate(answer["examples"], start=1):
-        counts = f"{example['tokens']} tokens, {example['trained']} trained"
+        counts = example.get("counts") or \
+            f"{example['tokens']} tokens, {example['trained']} trained"
         out.append((f"── record {i}: {counts} ──\n", None))
-        out += [(text, "trained" if trained else None) for text, trained in example["segments"]]
+        out += [(text, "trained" if mark is True else (mark or None))
+                for text, mark in example["segments"]]
         out.append(("\n\n", None))
     return out
 
@@ -649,9 +676,11 @@ def preview_summary(answer: dict) -> str:
     s = answer["summary"]
     scope = (f"the first {s['measured']} of {s['records']}" if s["measured"] < s["records"]
              else f"all {s['records']}")
-    return (f"**{s['records']} records.** Tokens per record ({scope}): min {s['min']}, median "
-            f"{s['median']:g}, max {s['max']}; {s['over_cutoff']} longer than cutoff_len "
-            f"{s['cutoff_len']} (those are truncated).")
+    prompts = answer.get("stage") == "grpo"  # a prompt too long to reply to is left out
+    return (f"**{s['records']} records.** {'Prompt tokens' if prompts else 'Tokens'} per record "
+            f"({scope}): min {s['min']}, median {s['median']:g}, max {s['max']}; "
+            f"{s['over_cutoff']} longer than cutoff_len {s['cutoff_len']} (those are "
+            f"{'skipped' if prompts else 'truncated'}).")
 
 
 def _new_session() -> Session:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from core import runs
 from webui.runs_view import COLORS, SERIES
+from webui import train_tab
 
 SHOTS = Path(os.environ.get("TUNEBENCH_SHOTS", "/tmp/shots"))
 RAW_COLOR = COLORS[SERIES["raw"]]          # how the chart's SVG paths are told apart
@@ -79,7 +80,8 @@ def table_rows(page) -> list[list[str]]:
     lines = [line.strip() for line in text_of(page, "train-runs").splitlines()]
     lines = [line for line in lines if line]
     cells = lines[lines.index("started") + 1:]
-    return [cells[i:i + 5] for i in range(0, len(cells), 5)]
+    width = len(train_tab.RUN_COLUMNS)
+    return [cells[i:i + width] for i in range(0, len(cells), width)]
 
 
 def last_step(run_dir: Path) -> int:
