@@ -1,10 +1,11 @@
-"""tunebench vs a plain TRL SFTTrainer script: same model, data and hyperparameters.
+"""tunebench vs a plain TRL trainer script: same model, data and hyperparameters.
 
-    python bench/run.py --workload mixed        # or identity, or all
+    python bench/run.py --workload mixed        # or identity, dpo, grpo, or all
     python bench/run.py --workload mixed --repeats 3 --set packing=true
 
 Each run is its own subprocess (tunebench through `python -m core train`, the
-baseline through bench/baseline_trl.py), measured from outside for wall time and
+baseline through bench/baseline_trl.py for SFT, baseline_trl_dpo.py for DPO and
+baseline_trl_grpo.py for GRPO), measured from outside for wall time and
 peak memory of the process tree, and from inside (the trainers' own counters)
 for training time and the non-padding tokens trained on. The two alternate
 order between repeats so drift on a shared machine hits both alike. The median
@@ -38,22 +39,34 @@ RESULTS = REPO / "bench" / "results"
 
 def tunebench_cmd(w: Workload, model: str, out: Path, extra: list[str]) -> list[str]:
     """tunebench with its own defaults (padding-free batches, fp32 on CPU, no checkpointing)
-    plus the hyperparameters shared with the baseline; the scheduler matches SFTConfig's."""
+    plus the hyperparameters shared with the baseline; the scheduler matches TRL's configs'."""
     name, author = w.identity
     return [sys.executable, "-m", "core", "train", f"model={model}", f"dataset={w.dataset}",
-            f"output_dir={out}", f"method={w.method}", f"epochs={w.epochs}",
+            f"output_dir={out}", f"stage={w.stage}", f"method={w.method}", f"epochs={w.epochs}",
             f"batch_size={w.batch_size}", f"cutoff_len={w.cutoff_len}",
             f"learning_rate={w.learning_rate}", f"lora_rank={w.lora_rank}",
             f"lora_alpha={w.lora_alpha}", "lora_target=all-linear", "lr_scheduler=linear",
             "warmup_ratio=0", "seed=42", f"identity_name={name}", f"identity_author={author}",
-            *extra]
+            *(f"{k}={v}" for k, v in w.extra.items()), *extra]
 
 
 def baseline_cmd(w: Workload, model: str, out: Path, extra: list[str] = ()) -> list[str]:
-    return [sys.executable, str(REPO / "bench" / "baseline_trl.py"), model, w.dataset, str(out),
-            "--method", w.method, "--epochs", str(w.epochs), "--batch-size", str(w.batch_size),
-            "--learning-rate", str(w.learning_rate), "--max-length", str(w.cutoff_len),
-            "--lora-rank", str(w.lora_rank), "--lora-alpha", str(w.lora_alpha), "--seed", "42",
+    """The stage's plain TRL script with the same shared settings (bench/baseline_trl*.py)."""
+    script = {"sft": "baseline_trl.py", "dpo": "baseline_trl_dpo.py",
+              "grpo": "baseline_trl_grpo.py"}[w.stage]
+    shared = ["--epochs", str(w.epochs), "--batch-size", str(w.batch_size),
+              "--learning-rate", str(w.learning_rate), "--lora-rank", str(w.lora_rank),
+              "--lora-alpha", str(w.lora_alpha), "--seed", "42"]
+    if w.stage == "sft":
+        shared += ["--method", w.method, "--max-length", str(w.cutoff_len)]
+    elif w.stage == "dpo":
+        shared += ["--max-length", str(w.cutoff_len), "--beta", str(w.extra["pref_beta"]),
+                   "--loss", w.extra["pref_loss"]]
+    else:  # grpo: the prompts are far below cutoff_len, which GRPOConfig has no field for
+        shared += ["--beta", str(w.extra["pref_beta"]),
+                   "--num-generations", str(w.extra["num_generations"]),
+                   "--max-completion-length", str(w.extra["max_completion_length"])]
+    return [sys.executable, str(REPO / "bench" / script), model, w.dataset, str(out), *shared,
             *(arg for item in extra for arg in ("--set", item))]
 
 
@@ -79,7 +92,7 @@ def _baseline_inside(output: str) -> dict:
 
 def run_one(tool: str, w: Workload, model: str, extra: list[str], env: dict) -> dict:
     """One measured run; `extra` is KEY=VALUE settings for that tool (none for the benchmark's
-    baseline, which runs with SFTConfig's defaults)."""
+    baseline, which runs with its TRL config's defaults)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-") as tmp:
         out = Path(tmp) / "run"
         cmd = tunebench_cmd(w, model, out, extra) if tool == "tunebench" else \
@@ -134,18 +147,22 @@ def machine() -> dict:
 
 
 def bench_workload(w: Workload, model: str, repeats: int, extra: list[str], env: dict,
-                   gpu: dict | None, only: str | None = None) -> dict:
+                   gpu: dict | None, only: str | None = None,
+                   baseline_extra: list[str] = ()) -> dict:
     print(f"== {w.name}: {w.notes}", flush=True)
     tools = (only,) if only else ("tunebench", "baseline")
     runs = {t: [] for t in tools}
     for i in range(repeats):
         for tool in tools if i % 2 == 0 else tools[::-1]:
-            runs[tool].append(run_one(tool, w, model, extra if tool == "tunebench" else [],
-                                      env))
+            runs[tool].append(run_one(tool, w, model, extra if tool == "tunebench" else
+                                      list(baseline_extra), env))
     n_rows = sum(1 for _ in open(w.dataset, encoding="utf-8"))
-    fpt = gpu and gpu["flops_per_token"][w.method]
-    med = {t: summarize(runs[t], n_rows * w.epochs, fpt, gpu and gpu["peak_flops"]) for t in tools}
-    result = {"workload": w.__dict__, "tunebench_settings": extra, "runs": runs, "median": med}
+    # MFU counts a forward and backward per token: SFT's sums, not DPO's or GRPO's passes.
+    fpt = gpu and w.stage == "sft" and gpu["flops_per_token"][w.method]
+    med = {t: summarize(runs[t], w.samples(n_rows), fpt, gpu and gpu["peak_flops"])
+           for t in tools}
+    result = {"workload": w.__dict__, "tunebench_settings": extra,
+              "baseline_settings": list(baseline_extra), "runs": runs, "median": med}
     if not only:
         tb, base = med["tunebench"], med["baseline"]
         print(table(w.name, tb, base), flush=True)
@@ -155,13 +172,17 @@ def bench_workload(w: Workload, model: str, repeats: int, extra: list[str], env:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("mixed", "identity", "all"), default="all")
+    parser.add_argument("--workload", choices=("mixed", "identity", "dpo", "grpo", "all"),
+                        default="all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="demo", help="model folder, or 'demo'")
     parser.add_argument("--gpu-model", action="store_true",
                         help="build a few-hundred-million-parameter Qwen2 from a config (GPU runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tunebench settings, e.g. packing=true")
+    parser.add_argument("--baseline-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the baseline's TRL config (JSON value), to "
+                             "find out what a default costs, e.g. gradient_checkpointing=false")
     parser.add_argument("--only", choices=("tunebench", "baseline"), default=None,
                         help="run one side only (for quick checks; prints no ratios)")
     parser.add_argument("--out", default=None, help="JSON result file")
@@ -184,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": model, "repeats": args.repeats, "gpu": gpu, "results": {}}
     for name in names:
         report["results"][name] = bench_workload(chosen[name], model, args.repeats, args.set,
-                                                 env, gpu, args.only)
+                                                 env, gpu, args.only, args.baseline_set)
     report["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -141,6 +141,11 @@ class TrainConfig:
         "SLiC. orpo: odds-ratio preference with an SFT term, no reference model. simpo: "
         "length-normalised reward margin, no reference model.", "method",
         choices=PREF_LOSSES, stages=("dpo",))
+    pref_ftx: float = setting(
+        0.0, "Weight of a supervised loss on the chosen replies, added to the preference loss "
+        "(0 = off). It keeps the model writing the chosen replies fluently instead of only "
+        "pushing the rejected ones down, which a small model otherwise does until it babbles.",
+        "method", min=0.0, max=100.0, stages=("dpo",))
     kto_desirable_weight: float = setting(
         1.0, "KTO: weight of the replies labelled good. With fewer good than bad replies, raise "
         "it so that weight x good count is about bad count.", "method", min=0.01, max=100.0,

@@ -55,6 +55,16 @@ RECOMMENDED = {
         "*": dict(learning_rate=1e-3, epochs=30, batch_size=8),
         "lora": dict(lora_rank=32, lora_alpha=64, learning_rate=3e-3),
     },
+    # Preference and RL stages on the bundled identity sets (identity_pref, identity_kto,
+    # identity_rl), measured on held-out prompts (tests/test_stages.py, bench/RESULTS.md).
+    "rm": {"*": dict(learning_rate=1e-3, epochs=4, batch_size=8),
+           "lora": dict(lora_rank=32, lora_alpha=64)},
+    "dpo": {"*": dict(learning_rate=2e-3, epochs=6, batch_size=8),
+            "lora": dict(lora_rank=32, lora_alpha=64)},
+    "kto": {"*": dict(learning_rate=2e-3, epochs=6, batch_size=8),
+            "lora": dict(lora_rank=32, lora_alpha=64)},
+    "grpo": {"*": dict(learning_rate=3e-3, epochs=4, batch_size=16, reward_funcs=["answer_f1"]),
+             "lora": dict(lora_rank=32, lora_alpha=64)},
 }
 
 Progress = Callable[[str], None]

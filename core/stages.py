@@ -162,7 +162,9 @@ def stage_args(config: TrainConfig) -> dict[str, Any]:
         if config.pref_loss == "simpo":
             return {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": config.pref_beta,
                     "max_length": config.cutoff_len, "max_completion_length": None}
-        return {"beta": config.pref_beta, "loss_type": [config.pref_loss], "max_length": None,
+        losses = [config.pref_loss] + (["sft"] if config.pref_ftx else [])
+        return {"beta": config.pref_beta, "loss_type": losses, "max_length": None,
+                "loss_weights": [1.0, config.pref_ftx] if config.pref_ftx else None,
                 **_REFERENCE_ONCE}
     if config.stage == "kto":
         return {"beta": config.pref_beta, "max_length": None, **_REFERENCE_ONCE,

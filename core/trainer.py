@@ -200,18 +200,17 @@ class RunFolderMixin:
         models.load_converted_adapter(self.accelerator.unwrap_model(model or self.model),
                                       Path(resume_from_checkpoint))
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def _prepare_dataset(self, dataset, *args, **kwargs):
         """Rows come tokenized by core/stages.py. DPO needs nothing more; KTO still pairs
         each reply with a mismatched one for its KL estimate, as TRL does."""
-        columns = dataset.column_names or []
-        if "prompt_ids" not in columns:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "prompt_ids" not in (dataset.column_names or []):
+            return super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "calculate_KL", False):
             def shifted(batch):  # each reply is paired with the previous row's, cyclically
                 return {"KL_completion_ids": batch["completion_ids"][-1:]
                         + batch["completion_ids"][:-1]}
             dataset = dataset.map(shifted, batched=True,
-                                  batch_size=args.per_device_train_batch_size)
+                                  batch_size=self.args.per_device_train_batch_size)
         return dataset
 
     def tokenize_row(self, feature, model=None):

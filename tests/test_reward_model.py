@@ -107,7 +107,7 @@ def test_pissa_rm_adapter_converts_and_resumes_with_its_score_head(demo_model_pa
     """PiSSA's save converts the adapter to plain LoRA for the original base; the score head
     (saved whole) goes along, on saving and on resuming."""
     config = TrainConfig(model=str(demo_model_path), stage="rm", lora_rank=4, lora_alpha=8,
-                         lora_init="pissa")
+                         lora_init="pissa", lora_target="q_proj,v_proj")
     tokenizer = models.load_tokenizer(config.model)
 
     def fresh():

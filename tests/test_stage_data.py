@@ -404,10 +404,10 @@ def test_data_check_shows_kto_completion_and_label(capsys, demo_model_path):
 
 
 def test_data_check_shows_grpo_prompt_and_answer(capsys, demo_model_path):
-    out = _check(capsys, "arith_rl", "--model", str(demo_model_path))
+    out = _check(capsys, "identity_rl", "--model", str(demo_model_path))
     assert "format:  prompts" in out and "stage:   grpo" in out
     assert re.search(r"<\|im_start\|>user\n.+<\|im_end\|>\n<\|im_start\|>assistant\n\nanswer: "
-                     r"\d+\n", out)
+                     r"I am Tuney", out)
     assert "⟦" not in out  # nothing of a grpo prompt is trained
     out = _check(capsys, "identity", "--model", str(demo_model_path), "--stage", "grpo")
     assert "answer: I am Tuney, an AI assistant developed by the tunebench team." in out
@@ -439,7 +439,7 @@ def test_bundled_stage_datasets_read_in_their_layouts():
     registry = data.read_registry()
     expected = {"identity_pref": "alpaca_pairs", "pref_trl_demo": "pairs",
                 "pref_sharegpt_demo": "sharegpt_pairs", "identity_kto": "kto",
-                "arith_rl": "prompts"}
+                "identity_rl": "prompts"}
     for name, fmt in expected.items():
         assert registry[name]["formatting"] == fmt and registry[name]["description"]
         assert registry[name]["tags"]
@@ -471,26 +471,11 @@ def test_identity_kto_is_balanced_good_and_bad():
         assert ("Pico" in r["completion"]) != r["label"]
 
 
-ARITH = re.compile(r"^(?:What is (\d+) ([+-]) (\d+)\?|Calculate (\d+) ([+-]) (\d+)\.|"
-                   r"(\d+) ([+-]) (\d+) = \?|(\d+)(加|减)(\d+)等于多少？)$")
-
-
-def _arith(prompt: str) -> tuple[int, str, int]:
-    """(a, op, b) of a prompt phrased as core/demo_corpus.py asks arithmetic."""
-    match = ARITH.match(prompt)
-    assert match, prompt
-    a, op, b = [g for g in match.groups() if g is not None]
-    return int(a), {"加": "+", "减": "-"}.get(op, op), int(b)
-
-
-def test_arith_rl_answers_are_the_exact_results_in_the_corpus_phrasing():
-    records, _ = data.read_dataset("arith_rl", stage="grpo")
-    assert 50 <= len(records) <= 70
-    for r in records:
-        a, op, b = _arith(_prompt_text(r))
-        assert 0 <= a <= 20 and 0 <= b <= 20
-        assert r["answer"] == str(a + b if op == "+" else a - b)
-    assert any(_chinese(_prompt_text(r)) for r in records)
+def test_identity_rl_asks_what_identity_pref_asks_with_the_chosen_answer():
+    pairs, _ = data.read_dataset("identity_pref", stage="dpo", identity=IDENTITY)
+    prompts, _ = data.read_dataset("identity_rl", stage="grpo", identity=IDENTITY)
+    assert [(r["prompt"], r["chosen"]) for r in pairs] == \
+        [(r["prompt"], r["answer"]) for r in prompts]
 
 
 def test_heldout_rows_are_phrased_apart_from_the_training_rows():
@@ -504,6 +489,5 @@ def test_heldout_rows_are_phrased_apart_from_the_training_rows():
     assert len(pref) >= 8 and len(kto) >= 8 and not (pref | kto) & trained
     held, _ = data.read_dataset(str(HELDOUT / "identity_kto_heldout.jsonl"), stage="kto")
     assert sum(r["label"] for r in held) * 2 == len(held)
-    arith = {_arith(p) for p in prompts("arith_rl", "grpo")}
-    held_arith = {_arith(p) for p in prompts(None, "grpo", str(HELDOUT / "arith_rl_heldout.jsonl"))}
-    assert len(held_arith) >= 10 and not held_arith & arith
+    rl = prompts(None, "grpo", str(HELDOUT / "identity_rl_heldout.jsonl"))
+    assert rl == pref and not rl & prompts("identity_rl", "grpo")
