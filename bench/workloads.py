@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 SEED = 20261122
 N_MIXED = 600
-N_PAIRS = 256
+N_PAIRS = 128
 N_SUMS = 50
 
 
@@ -58,7 +58,7 @@ def workloads(data_dir: Path) -> dict[str, Workload]:
                              notes="bundled identity set x6 (408 rows, placeholders filled), full fine-tune"),
         "dpo": Workload("dpo", str(write_pairs(data_dir)), "lora", 3.0, 8, 512, 2e-3,
                         stage="dpo", extra={"pref_beta": 0.1, "pref_loss": "sigmoid"},
-                        notes=f"{N_PAIRS} generated preference pairs, replies 3..150 words; "
+                        notes=f"{N_PAIRS} generated preference pairs, replies 3..100 words; "
                               "DPO sigmoid, beta 0.1, LoRA r8 all-linear, 3 epochs"),
         "grpo": Workload("grpo", str(write_sums(data_dir)), "lora", 1.0, 8, 512, 2e-4,
                          stage="grpo", extra={"pref_beta": 0.1, "num_generations": 4,
@@ -162,10 +162,10 @@ def write_identity(folder: Path, copies: int = 6) -> Path:
 # --- the preference pairs (dpo) ---------------------------------------------------
 
 def _reply_words(rng: random.Random) -> int:
-    """A third short (3-20 words), a third medium (20-60), a third long (60-150): at
+    """A third short (3-20 words), a third medium (20-50), a third long (50-100): at
     about 2.7 demo tokens a word, prompt and reply stay under the 512-token cutoff, so
     neither side truncates and both train on the very same tokens."""
-    low, high = rng.choice(((3, 20), (20, 60), (60, 150)))
+    low, high = rng.choice(((3, 20), (20, 50), (50, 100)))
     return rng.randint(low, high)
 
 

@@ -206,11 +206,12 @@ class RunFolderMixin:
         if "prompt_ids" not in (dataset.column_names or []):
             return super()._prepare_dataset(dataset, *args, **kwargs)
         if getattr(self, "calculate_KL", False):
+            batch_size = (args[1] if len(args) > 1 else kwargs["args"]).per_device_train_batch_size
+
             def shifted(batch):  # each reply is paired with the previous row's, cyclically
                 return {"KL_completion_ids": batch["completion_ids"][-1:]
                         + batch["completion_ids"][:-1]}
-            dataset = dataset.map(shifted, batched=True,
-                                  batch_size=self.args.per_device_train_batch_size)
+            dataset = dataset.map(shifted, batched=True, batch_size=batch_size)
         return dataset
 
     def tokenize_row(self, feature, model=None):
