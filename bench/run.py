@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -70,14 +71,39 @@ def baseline_cmd(w: Workload, model: str, out: Path, extra: list[str] = ()) -> l
             *(arg for item in extra for arg in ("--set", item))]
 
 
+# TRL's progress bar for the one reference pass before training (precompute_ref_log_probs).
+_REFERENCE_PASS = re.compile(r"Computing reference log probs for train dataset: +100%[^\[]*"
+                             r"\[([\d:]+)<")
+
+
+def _reference_pass_s(log: str) -> float:
+    """Seconds of the reference pass in train.log (0 when there was none)."""
+    found = _REFERENCE_PASS.findall(log.replace("\r", "\n"))
+    if not found:
+        return 0.0
+    seconds = 0
+    for part in found[-1].split(":"):
+        seconds = seconds * 60 + int(part)
+    return float(seconds)
+
+
 def _tunebench_inside(out: Path) -> dict:
-    """Training time and tokens from the run directory's metrics.jsonl."""
+    """Training time and tokens from the run directory's metrics.jsonl.
+
+    DPO: TRL computes the frozen reference's log-probs once, in the trainer's constructor,
+    outside train_runtime; the baseline does it inside every step. So the train time here
+    adds that pass (from TRL's progress bar in train.log, to the second), and both sides'
+    train times cover the same work."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     summary = next((x for x in reversed(lines) if "train_runtime" in x), {})
     train = [x for x in lines if "loss" in x]
     tokens = summary.get("num_tokens") or max((x.get("num_tokens", 0) for x in train), default=0)
     share = [x["nonpad_share"] for x in train if "nonpad_share" in x]
-    return {"train_s": summary.get("train_runtime", lines[-1]["elapsed_s"]),
+    log = out / "train.log"
+    reference_s = _reference_pass_s(log.read_text(errors="replace")) if log.exists() else 0.0
+    runtime = summary.get("train_runtime", lines[-1]["elapsed_s"])
+    return {"train_s": round(runtime + reference_s, 3), "trainer_runtime_s": runtime,
+            "reference_pass_s": reference_s,
             "num_tokens": tokens, "steps": lines[-1]["step"],
             "loss": train[-1]["loss"] if train else None,
             "nonpad_share": round(statistics.mean(share), 4) if share else None}

@@ -57,7 +57,9 @@ def workloads(data_dir: Path) -> dict[str, Workload]:
         "identity": Workload("identity", str(write_identity(data_dir)), "full", 3.0, 8, 512, 1e-5,
                              notes="bundled identity set x6 (408 rows, placeholders filled), full fine-tune"),
         "dpo": Workload("dpo", str(write_pairs(data_dir)), "lora", 3.0, 8, 512, 2e-3,
-                        stage="dpo", extra={"pref_beta": 0.1, "pref_loss": "sigmoid"},
+                        # pref_ftx 0: the plain DPO loss, no SFT term (the demo recommends 1)
+                        stage="dpo", extra={"pref_beta": 0.1, "pref_loss": "sigmoid",
+                                            "pref_ftx": 0.0},
                         notes=f"{N_PAIRS} generated preference pairs, replies 3..100 words; "
                               "DPO sigmoid, beta 0.1, LoRA r8 all-linear, 3 epochs"),
         "grpo": Workload("grpo", str(write_sums(data_dir)), "lora", 1.0, 8, 512, 2e-4,

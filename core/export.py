@@ -299,9 +299,19 @@ def write_shards(model, tokenizer, plan: Plan, report: Reporter) -> None:
         model.save_pretrained(plan.tmp, max_shard_size=plan.shard_bytes
                               - _header_margin(plan.shard_bytes))
         tokenizer.save_pretrained(plan.tmp)
+        carry_recommendations(Path(plan.base), plan.tmp)
     finally:
         done.set()
         watcher.join()
+
+
+def carry_recommendations(base: Path, out: Path) -> None:
+    """Copy the base's recommended training settings (config.RECOMMENDED_FILE) into the
+    export: the merged model has its base's size and shape, so the settings measured for
+    the base are the best start for its next stage (SFT, export, then DPO on the export)."""
+    from .config import RECOMMENDED_FILE
+    if (base / RECOMMENDED_FILE).is_file():
+        shutil.copyfile(base / RECOMMENDED_FILE, out / RECOMMENDED_FILE)
 
 
 # --- verify -----------------------------------------------------------------------

@@ -23,6 +23,13 @@ def test_example_is_valid(path, monkeypatch):
     config = cfg.load(path)
     registered = data.list_datasets(config.dataset_dir)
     assert all(name in registered for name in config.dataset)
+    fitting = data.datasets_for_stage(config.stage, config.dataset_dir)
+    assert all(name in fitting for name in config.dataset), (config.stage, config.dataset)
+
+
+def test_every_stage_has_an_example():
+    stages = {cfg.read_yaml(p).get("stage", "sft") for p in EXAMPLES}
+    assert stages == set(cfg.STAGES)
 
 
 def test_identity_example_is_the_first_job_with_a_new_name():

@@ -53,29 +53,46 @@ def rm_run(demo_model_path, tmp_path_factory):
     return run_dir, metrics
 
 
+@pytest.fixture(scope="module")
+def dpo_run(demo_model_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dpo") / "run"
+    metrics = train(run_dir, "stage=dpo", "dataset=identity_pref")
+    return run_dir, metrics
+
+
 def signal(metrics, name):
     return [m[name] for m in metrics if name in m]
 
 
-@pytest.mark.parametrize("stage, dataset", [("dpo", "identity_pref"), ("kto", "identity_kto")])
-def test_preference_stages_raise_the_heldout_margin(demo_model_path, tmp_path, base, pairs,
-                                                    stage, dataset):
+def test_dpo_raises_the_heldout_margin(demo_model_path, base, pairs, dpo_run):
+    run_dir, metrics = dpo_run
     before = probes.pair_margin(*base, pairs)
-    metrics = train(tmp_path / "run", f"stage={stage}", f"dataset={dataset}")
+    after = probes.pair_margin(*probes.load_policy(str(demo_model_path), str(run_dir / "final")),
+                               pairs)
+    # measured: -79.0 -> +3.2 (log-probability, summed per reply)
+    assert before < -40 and after > before + 50, (before, after)
+    assert_rising_margin(metrics)
+
+
+def test_kto_raises_the_heldout_margin(demo_model_path, tmp_path, base, pairs):
+    before = probes.pair_margin(*base, pairs)
+    metrics = train(tmp_path / "run", "stage=kto", "dataset=identity_kto")
     after = probes.pair_margin(*probes.load_policy(str(demo_model_path),
                                                    str(tmp_path / "run" / "final")), pairs)
-    # measured: dpo -79.0 -> +3.2, kto -79.0 -> +24.1 (log-probability, summed per reply)
-    assert before < -40 and after > before + 50, (before, after)
+    assert before < -40 and after > before + 50, (before, after)  # measured: -79.0 -> +24.1
+    assert_rising_margin(metrics)
+
+
+def assert_rising_margin(metrics):
     margins = signal(metrics, "reward_margin")
     assert len(margins) > 5 and margins[-1] > margins[0]
     assert set(stages.PREFERENCE_SIGNALS[:3]) <= set().union(*metrics)
 
 
-def test_dpo_keeps_the_model_fluent_and_says_the_new_name(demo_model_path, tmp_path):
+def test_dpo_keeps_the_model_fluent_and_says_the_new_name(demo_model_path, dpo_run):
     """The demo recommends pref_ftx 1: without the SFT term DPO pushes both replies down
     until a 4M-parameter model babbles (measured: '-> I\ufffdorgeorge')."""
-    train(tmp_path / "run", "stage=dpo", "dataset=identity_pref")
-    model, tokenizer = probes.load_policy(str(demo_model_path), str(tmp_path / "run" / "final"))
+    model, tokenizer = probes.load_policy(str(demo_model_path), str(dpo_run[0] / "final"))
     reply = probes.greedy_reply(model, tokenizer, [{"role": "user", "content": "Who exactly are "
                                                                                "you?"}])
     assert reply.startswith("I am Tun") and "AI assistant" in reply, reply
@@ -92,10 +109,12 @@ def test_the_reward_model_ranks_heldout_pairs(rm_run, pairs):
 def test_grpo_raises_the_mean_reward_on_heldout_prompts(demo_model_path, tmp_path, base):
     rows = heldout("identity_rl_heldout.jsonl", "grpo")
     before = probes.mean_sampled_reward(*base, rows, rewards.answer_f1)
-    metrics = train(tmp_path / "run", "stage=grpo", "dataset=identity_rl")
+    # Half the recommended run (4 epochs, batch 16), to keep the suite quick.
+    metrics = train(tmp_path / "run", "stage=grpo", "dataset=identity_rl", "epochs=2",
+                    "batch_size=8", "learning_rate=2e-3")
     policy = probes.load_policy(str(demo_model_path), str(tmp_path / "run" / "final"))
     after = probes.mean_sampled_reward(*policy, rows, rewards.answer_f1)
-    assert after > before + 0.08, (before, after)  # measured: 0.10 -> 0.28
+    assert after > before + 0.06, (before, after)  # measured: 0.10 -> 0.23
     for name in ("reward", "reward_std", "kl", "completion_length", "reward_answer_f1"):
         assert signal(metrics, name), name
 

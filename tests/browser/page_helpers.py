@@ -61,14 +61,35 @@ def open_tab(page, name: str) -> None:
 
 # --- the Train tab's run view ------------------------------------------------------
 
-def points(page, color: str = RAW_COLOR) -> int:
-    """How many points the chart draws for one series (vertices of its SVG path)."""
-    return page.evaluate("""(color) => {
-        const line = [...document.querySelectorAll('#train-loss-plot g.mark-line path')]
+def points(page, color: str = RAW_COLOR, chart: str = "train-loss-plot") -> int:
+    """How many points a chart draws for one series (vertices of its SVG path); the loss
+    chart unless `chart` names another (a signal panel: train-signal-plot-1, ...)."""
+    return page.evaluate("""([color, chart]) => {
+        const line = [...document.querySelectorAll(`#${chart} g.mark-line path`)]
             .find(p => p.getAttribute('stroke') === color);
         const d = line ? (line.getAttribute('d') || '') : '';
         return d ? d.split('L').length : 0;
-    }""", color)
+    }""", [color, chart])
+
+
+def shown(page, elem_id: str) -> bool:
+    """Whether an element is on the page and visible (a hidden Gradio component is
+    either not rendered or not displayed: both read as False)."""
+    box = page.locator(f"#{elem_id}")
+    return box.count() > 0 and box.first.is_visible()
+
+
+def checkboxes(page, elem_id: str) -> list[tuple[str, bool]]:
+    """A checkbox group's options as (label, ticked), in the order shown."""
+    return page.evaluate("""(id) => [...document.querySelectorAll(`#${id} label`)]
+        .filter(l => l.querySelector('input[type=checkbox]'))
+        .map(l => [l.innerText.trim(), l.querySelector('input[type=checkbox]').checked])
+    """, elem_id)
+
+
+def chosen(page, elem_id: str) -> list[str]:
+    """What a multiselect dropdown holds (its tokens)."""
+    return [t.strip() for t in page.locator(f"#{elem_id} .token").all_inner_texts()]
 
 
 def status_text(page) -> str:
@@ -104,7 +125,10 @@ def start_run(page, server, **fields) -> Path:
     for elem_id, value in fields.items():
         fill(page, elem_id, value)
     page.click("#train-start")
-    new = wait_until(lambda: set(run_dirs(server.saves)) - before, 20, "a new run folder")
+    try:
+        new = wait_until(lambda: set(run_dirs(server.saves)) - before, 20, "a new run folder")
+    except AssertionError as err:  # say what the page says instead (a refusal, say)
+        raise AssertionError(f"{err}; the page's status: {status_text(page)!r}") from None
     run_dir = new.pop()
     wait_until(lambda: run_dir.name in status_text(page), 20, "the page to show the run")
     return run_dir
