@@ -211,7 +211,7 @@ class TrainTab:
                     for i in range(first, first + PANELS_PER_ROW):
                         self.panels.append(gr.LinePlot(
                             x="step", y="value", color="series", color_map=SIGNAL_COLORS,
-                            x_title="step", height=240, visible=False, label="signal",
+                            x_title="step", visible=False, label="signal",
                             show_label=True,
                             elem_id=f"train-signal-plot-{i + 1}"))
 

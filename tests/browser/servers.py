@@ -104,5 +104,9 @@ def new_project(tmp_path_factory) -> Path:
 
 
 def abort_all_runs(project: Path) -> None:
-    for run in launch.running_runs(project / "saves"):  # trainers outlive the server
-        launch.abort_run(run.path, grace_s=3)
+    """Stop the test's own trainers (they outlive the server); a job that something else
+    on the machine runs with the same cache folder is left alone."""
+    own = (project / "saves").resolve()
+    for run in launch.running_runs(project / "saves"):
+        if run.path.resolve().is_relative_to(own):
+            launch.abort_run(run.path, grace_s=3)
