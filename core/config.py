@@ -234,7 +234,8 @@ class TrainConfig:
                               "checkpoints spread over the run).",
                               "run", min=0, max=10**7, advanced=True)
     output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run", path=True)
-    run_name: str = setting("", "Run name. Empty = <method>-<date>-<time>.", "run", advanced=True,
+    run_name: str = setting("", "Run name. Empty = <method>-<date>-<time> (<stage>-<method>-... "
+                            "for stages other than sft).", "run", advanced=True,
                             max_len=limits.MAX_RUN_NAME_CHARS)
     resume: bool | str = setting(False, "true resumes from this run's last checkpoint; a path "
                                  "resumes from that checkpoint.", "run", advanced=True, path=True)

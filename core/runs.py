@@ -41,8 +41,11 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def default_run_name(method: str) -> str:
-    return f"{method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+def default_run_name(method: str, stage: str = "sft") -> str:
+    """<method>-<date>-<time>; stages other than sft lead with the stage (dpo-lora-...), so
+    a reward model or a DPO run is told apart in the runs list and in saves/."""
+    prefix = method if stage == "sft" else f"{stage}-{method}"
+    return f"{prefix}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def pick_run_dir(config, saves_dir: str | Path = "saves",
@@ -52,7 +55,8 @@ def pick_run_dir(config, saves_dir: str | Path = "saves",
 
     - output_dir, when set, is the folder; refused if it already holds a run;
     - else saves_dir/run_name, refused if that is taken;
-    - else saves_dir/<method>-<date>-<time>, with -2, -3, ... for starts in the same second.
+    - else saves_dir/<method>-<date>-<time> (<stage>-<method>-... for stages other than
+      sft), with -2, -3, ... for starts in the same second.
     Resuming the run in that folder (resume: true, or one of its checkpoints) is allowed.
     `config_file` is the config file being started (see holds_run).
     """
@@ -68,7 +72,7 @@ def pick_run_dir(config, saves_dir: str | Path = "saves",
         if run_dir.exists() and not _resumes(config, run_dir):
             raise BadInput(f"run_name '{config.run_name}' is taken: {run_dir} already exists")
         return run_dir
-    name = default_run_name(config.method)
+    name = default_run_name(config.method, config.stage)
     run_dir, n = saves_dir / name, 2
     while run_dir.exists():
         run_dir, n = saves_dir / f"{name}-{n}", n + 1  # two starts in the same second

@@ -229,7 +229,7 @@ def test_one_chatml_in_the_demo_model_the_named_template_and_the_fallback(demo_m
 # --- one run-folder rule -----------------------------------------------------------------------
 
 def test_run_folder_naming(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "default_run_name", lambda method: f"{method}-20260101-120000")
+    monkeypatch.setattr(runs, "default_run_name", lambda method, stage="sft": f"{method}-20260101-120000")
     config = TrainConfig()
     first = runs.pick_run_dir(config, tmp_path)
     assert first == tmp_path / "lora-20260101-120000"
