@@ -809,7 +809,7 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def pick_cpu_threads(n_params: int) -> None:
+def pick_cpu_threads(n_params: int, generates: bool = False) -> None:
     """Train small models on one CPU thread, unless OpenMP threads sleep when idle.
 
     Measured on a 2-core machine with the 3.5M-parameter demo model: 1 thread ran
@@ -818,12 +818,16 @@ def pick_cpu_threads(n_params: int) -> None:
     `tunebench train` sets before torch loads, 2 threads ran at ~5,200 tokens/s on
     free cores and ~2,900 (as fast as one) on a busy machine, so they keep torch's
     default. Bigger models always do. An explicit OMP_NUM_THREADS always wins.
+
+    `generates` (GRPO samples its replies one token at a time): each step is too small to
+    share, and waking a second thread costs more than it saves: GRPO on the demo model
+    trained in 5.2 s on one thread and 7.6 s on two sleeping ones (bench/RESULTS.md).
     """
     import torch
 
     if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
         return
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and not generates:
         return
     if n_params < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)

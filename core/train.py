@@ -246,7 +246,7 @@ def setup(config: cfg.TrainConfig, run_dir: Path, abort: AbortSignal):
     set_seed(config.seed)  # adapters are initialised before the trainer would seed anything
     model = models.apply_method(models.load_base_model(config, attention, tokenizer), config)
     trainable, total = models.count_parameters(model)
-    models.pick_cpu_threads(total)
+    models.pick_cpu_threads(total, generates=config.stage == "grpo")
     print(f"model {config.model}: {total:,} parameters, {trainable:,} trainable "
           f"({100 * trainable / max(total, 1):.2f}%), method {config.method}, attention "
           f"{attention}, precision {models.compute_dtype(config.compute_type)}", flush=True)

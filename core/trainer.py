@@ -214,6 +214,21 @@ class RunFolderMixin:
             dataset = dataset.map(shifted, batched=True, batch_size=batch_size)
         return dataset
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches for the pair and KTO stages: transformers measures rows by
+        input_ids, which they do not have, so give it each row's padded length."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        names = getattr(dataset, "column_names", None) or []
+        if self.args.train_sampling_strategy != "group_by_length" or not (
+                {"chosen_ids", "completion_ids"} & set(names)):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+        wanted = [n for n in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+                  if n in names]
+        lengths = stages.padded_lengths({n: dataset[n] for n in wanted})
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, dataset=dataset, lengths=lengths)
+
     def tokenize_row(self, feature, model=None):
         """ORPO and CPO (SimPO) tokenize in this method: build their columns from ours."""
         prompt = feature["prompt_ids"]
