@@ -410,6 +410,9 @@ def describe(schema: type, name: str) -> str:
         parts.append(f"range {number(meta['min'])} to {number(meta['max'])}")
     elif meta["min"] is not None:
         parts.append(f"at least {number(meta['min'])}")
+    for key, what in (("stages", "stage"), ("methods", "method")):
+        if meta.get(key):
+            parts.append(f"{what} {', '.join(meta[key])} only")
     return f"{'; '.join(parts)}. {meta['help']}"
 
 
