@@ -633,6 +633,7 @@ def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None
     if config.resume is True:
         raise BadInput("resume: true continues an existing run; pick that run in the runs list "
                        "and press Resume instead (or give a checkpoint folder to start from)")
+    paths.confine_config(config, saves_dir)
     code = [n for n in config.reward_funcs if n not in cfg.BUILTIN_REWARDS + ("none",)]
     if config.stage == "grpo" and code:
         raise BadInput(f"reward_funcs: {limits.quote(code[0])} names Python code, which the "
@@ -640,7 +641,6 @@ def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None
                        f"{', '.join(cfg.BUILTIN_REWARDS)}) here, or start a run with your own "
                        "scorer from the command line: tunebench train CONFIG",
                        field="reward_funcs")
-    paths.confine_config(config, saves_dir)
     data_worker.check(config)
     if config.model != cfg.DEMO_MODEL:
         from core import models  # light: no torch until a model is loaded
