@@ -244,6 +244,10 @@ def test_the_page_refuses_each_finding_as_a_user_meets_it(scene, browser):
                    30, "the preview to refuse the outside file")
         page.reload()  # a fresh form: the identity dataset, plus the ~ one
         page.wait_for_selector("#train-start")
+        # The page has loaded once it lists the runs (and shows the busy one); a Start
+        # refusal shown before that would be replaced by the busy run's status.
+        wait_until(lambda: "busy" in [row[0] for row in table_rows(page)], 30,
+                   "the page to list its runs")
         choose(page, "train-dataset", "~/canary.jsonl")
         page.click("#train-start")
         wait_until(lambda: "~/canary.jsonl" in status_text(page), 30, "Start to refuse ~")
