@@ -319,6 +319,28 @@ def estimate_total_steps(n_rows: int, config: cfg.TrainConfig) -> int:
 
 # --- save -----------------------------------------------------------------------
 
+def write_card(folder: Path, run_dir: str) -> None:
+    """final/README.md: what the run trained and how to load it without tunebench (in place
+    of PEFT's empty template). A reward model needs the sequence-classification class."""
+    config = cfg.load(Path(run_dir) / runs.CONFIG)
+    adapter = (folder / "adapter_config.json").is_file()
+    kind = "SequenceClassification" if config.stage == "rm" else "CausalLM"
+    loader = f"AutoPeftModelFor{kind}" if adapter else f"AutoModelFor{kind}"
+    extra = ", num_labels=1" if config.stage == "rm" and adapter else ""
+    module = "peft" if adapter else "transformers"
+    what = stages.STAGES[config.stage].what
+    use = ("Its output is one score per sequence (prompt and reply rendered with the chat "
+           "template): higher means a better reply." if config.stage == "rm" else
+           "Chat with it through its tokenizer's chat template.")
+    card = (f"# {config.run_name or Path(run_dir).name}\n\nTrained with tunebench, stage "
+            f"`{config.stage}` ({what}), method `{config.method}`, from `{config.model}` on "
+            f"{', '.join(config.dataset)}. The run's config.yaml records every setting.\n\n"
+            f"```python\nfrom {module} import {loader}\n"
+            f"model = {loader}.from_pretrained(\"final\"{extra})\n"
+            f"```\n\n{use}\n")
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
 def save_final(trainer, run_dir: Path) -> Path:
     """Write final/ atomically: a temp folder renamed into place once complete."""
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
@@ -330,6 +352,7 @@ def save_final(trainer, run_dir: Path) -> Path:
         return final
     trainer.processing_class.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors only
+    write_card(tmp, trainer.args.output_dir)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
