@@ -148,8 +148,8 @@ def trainer_classes(config: TrainConfig) -> tuple[type, type]:
 # one pass before training instead of again in every epoch: an 8-epoch DPO run of the
 # demo model on 24 pairs trained in 6.4 s instead of 8.8 s (measured while building this).
 _REFERENCE_ONCE = {"precompute_ref_log_probs": True}
-# The pair and KTO trainers pad each batch to its longest row (TRL 1.16 has no
-# padding-free DPO): batches of similar length waste less (see RunFolderMixin's sampler).
+# The pair trainers pad each batch to its longest row (TRL 1.16 has no padding-free DPO):
+# batches of similar length waste less (see RunFolderMixin's sampler).
 _SIMILAR_LENGTHS = {"train_sampling_strategy": "group_by_length"}
 
 
@@ -170,8 +170,9 @@ def stage_args(config: TrainConfig) -> dict[str, Any]:
                 "loss_weights": [1.0, config.pref_ftx] if config.pref_ftx else None,
                 **_REFERENCE_ONCE, **_SIMILAR_LENGTHS}
     if config.stage == "kto":
+        # No length grouping: KTO pairs each reply with its batch neighbour's for the KL
+        # estimate, which needs TRL's fixed (sequential) order.
         return {"beta": config.pref_beta, "max_length": None, **_REFERENCE_ONCE,
-                **_SIMILAR_LENGTHS,
                 "desirable_weight": config.kto_desirable_weight,
                 "undesirable_weight": config.kto_undesirable_weight}
     if config.stage == "grpo":

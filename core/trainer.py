@@ -215,7 +215,7 @@ class RunFolderMixin:
         return dataset
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length-grouped batches for the pair and KTO stages: transformers measures rows by
+        """Length-grouped batches for the pair stages (rm, dpo): transformers measures rows by
         input_ids, which they do not have, so give it each row's padded length."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
         names = getattr(dataset, "column_names", None) or []
