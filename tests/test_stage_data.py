@@ -3,7 +3,6 @@ to the record contract, in every file type; kinds, stage fit and `data check`.""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -14,30 +13,11 @@ import pytest
 from core import config as cfg
 from core import data
 from core.errors import BadInput
+from test_data import write_rows  # the one writer of test files in every layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = Path(__file__).parent / "data"
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    """Write rows as .json, .jsonl, .csv (lists and objects JSON-encoded) or .parquet."""
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                        encoding="utf-8")
-    elif path.suffix == ".csv":
-        with path.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                              for k, v in r.items()} for r in rows)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
 def user(text):
