@@ -50,21 +50,9 @@ def rm_score(reward_model: str):
     from core import models
     model, tokenizer = models.load_reward_model(reward_model)
 
-    def score(replies, answers, prompt=None):
+    def score(replies, answers, prompt):
         return models.score_replies(model, tokenizer, prompt, replies)
     return score
-
-
-def mean_rm_score(policy, rows, scorer, n=8) -> float:
-    import torch
-
-    import stage_probes as probes
-    torch.manual_seed(0)
-    scores = []
-    for row in rows:
-        replies = probes.sampled_replies(*policy, row["prompt"], n)
-        scores += scorer(replies, None, row["prompt"])
-    return round(sum(scores) / len(scores), 3)
 
 
 def main() -> None:
@@ -100,11 +88,11 @@ def main() -> None:
                             f"output_dir={grpo}")
     rows = heldout("identity_rl_heldout.jsonl", "grpo")
     scorer = rm_score(str(rm / "final"))
+    policies = {"base": probes.load_policy(demo), "sft": probes.load_policy(str(merged)),
+                "sft+grpo": probes.load_policy(str(merged), str(grpo / "final"))}
     result["heldout_rm_score"] = {
-        "base": mean_rm_score(probes.load_policy(demo), rows, scorer),
-        "sft": mean_rm_score(probes.load_policy(str(merged)), rows, scorer),
-        "sft+grpo": mean_rm_score(probes.load_policy(str(merged), str(grpo / "final")), rows,
-                                  scorer)}
+        name: round(probes.mean_sampled_reward(*policy, rows, scorer), 3)
+        for name, policy in policies.items()}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -79,10 +79,11 @@ def sampled_replies(model, tokenizer, prompt: list[dict], n: int, max_new_tokens
 def mean_sampled_reward(model, tokenizer, rows: list[dict], scorer, n: int = 8,
                         seed: int = 0) -> float:
     """Mean reward of `n` sampled replies per prompt, as GRPO samples them in training:
-    the expected reward it optimises, estimated on rows it never saw."""
+    the expected reward it optimises, estimated on rows it never saw. `scorer` is called
+    as GRPO calls a reward function: replies, answers, and the prompt by keyword."""
     torch.manual_seed(seed)
     scores = []
     for row in rows:
         replies = sampled_replies(model, tokenizer, row["prompt"], n)
-        scores += scorer(replies, [row["answer"]] * n)
+        scores += scorer(replies, [row.get("answer")] * n, prompt=row["prompt"])
     return sum(scores) / len(scores)
