@@ -23,6 +23,7 @@ imports this module for `save_probes` and must not pay for torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -91,6 +92,16 @@ def build_messages(history: list[dict], prompt: str, system: str = "") -> list[d
 # --- the engine -----------------------------------------------------------------
 
 ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class Reply:
+    """One generated reply: its text, its token counts, and why it ended ('stop' at a stop
+    token, 'length' at max_new_tokens), as an API reports them."""
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish: str
 
 
 @dataclass
@@ -179,6 +190,57 @@ class ChatEngine:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    @contextlib.contextmanager
+    def using(self, side: str = "after"):
+        """The model answering `side` ('after': with the checkpoint, 'before': the base),
+        with the adapter switched off for the base of a LoRA checkpoint while in the block."""
+        model, disable_adapter = self._model_for(side, lambda message, fraction: None)
+        if disable_adapter:
+            with model.disable_adapter():
+                yield model
+        else:
+            yield model
+
+    def replies(self, conversations: list[list[dict]], settings: GenConfig,
+                side: str = "after") -> list[Reply]:
+        """One reply per conversation, generated together in one batch.
+
+        Prompts are rendered with the chat template and left-padded, so every row's new
+        tokens start at the same column and the KV cache serves the whole batch; each
+        reply is cut at its first stop token. Greedy replies match `reply`'s (the
+        attention mask hides the padding), which tests and bench/ check.
+        """
+        import torch
+        from transformers import set_seed
+
+        from .templates import render_prompt
+
+        if self.model is None:
+            raise BadInput("no model loaded: press Load first")
+        tok = self.tokenizer
+        prompts = [tok(render_prompt(c, tok), add_special_tokens=False)["input_ids"]
+                   for c in conversations]
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with self.using(side) as model:
+            config = self._generation_config(model, settings)
+            set_seed(settings.seed)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids.to(model.device),
+                                     attention_mask=mask.to(model.device),
+                                     generation_config=config)
+        stops = set(config.eos_token_id)
+        return [self._cut(row[width:].tolist(), stops, len(p)) for row, p in zip(out, prompts)]
+
+    def _cut(self, new: list[int], stops: set[int], prompt_tokens: int) -> Reply:
+        end = next((i for i, t in enumerate(new) if t in stops), None)
+        kept = new if end is None else new[:end]
+        return Reply(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept),
+                     prompt_tokens, "length" if end is None else "stop")
+
 
     def stream(self, messages: list[dict], settings: GenConfig, side: str = "after",
                progress: ProgressFn = lambda message, fraction: None) -> Iterator[str]:

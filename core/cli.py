@@ -18,10 +18,20 @@ from .errors import BadInput
 
 def _train(args) -> int:
     from . import train
+    return train.main(*_config_and_overrides(args))
+
+
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """`tunebench CMD CONFIG KEY=VALUE ...`, where CONFIG may be left out."""
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config] + overrides  # `tunebench train key=value ...`
-    return train.main(config, overrides)
+        config, overrides = None, [config] + overrides
+    return config, overrides
+
+
+def _eval(args) -> int:
+    from . import evaluate
+    return evaluate.main(*_config_and_overrides(args))
 
 
 def _chat(args) -> int:
@@ -67,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="config YAML (omit to use every default)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model and a checkpoint of it into a job folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Writes a job folder under saves/ (or output_dir) with results.json, and "
+                    "predictions.jsonl for predict and probes. An eval of a run's checkpoint "
+                    "takes the run's model, template and identity settings unless given.",
+        epilog=schema.help_text(cfg.EvalConfig, ("eval", "model", "data", "generation", "run")))
+    p.add_argument("config", nargs="?", help="eval config YAML (omit to use every default)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("chat", help="chat in the terminal, streaming the reply")
     p.add_argument("--model", required=True, help="model folder, hub id or 'demo'")

@@ -288,6 +288,51 @@ class ExportConfig:
                          flag="--dtype")
 
 
+EVAL_TASKS = ("loss", "predict", "choice", "harness", "probes")
+
+
+@dataclass
+class EvalConfig(GenConfig):
+    """One evaluation job: `tunebench eval` and the Evaluate tab. The model, data and
+    generation settings are the training and chat ones (borrowed, so declared once)."""
+    model: str = schema.borrow(TrainConfig, "model")
+    adapter: str = setting("", "Checkpoint to evaluate on the model: a run's final/ or "
+                           "checkpoint-N/ (an adapter or a whole model). Empty = the model "
+                           "alone.", "eval", path=True)
+    eval_task: str = setting(
+        "predict", "loss: loss and perplexity on the dataset, masked as training masks it. "
+        "predict: generate a reply to each prompt and score it against the reference (BLEU-4, "
+        "ROUGE, exact match). choice: a multiple-choice file (question, A-D, answer) through "
+        "lm-evaluation-harness. harness: lm-evaluation-harness tasks by name. probes: the Chat "
+        "tab's probe prompts.", "eval", choices=EVAL_TASKS)
+    dataset: list[str] = schema.borrow(TrainConfig, "dataset")
+    dataset_dir: str = schema.borrow(TrainConfig, "dataset_dir")
+    harness_tasks: list[str] = setting(
+        [], "lm-evaluation-harness task names for eval_task harness (e.g. arc_easy, mmlu); "
+        "their data downloads from the hub, so the machine must be online.", "eval",
+        max_len=200)
+    num_fewshot: int = setting(0, "Solved examples shown before each benchmark question.",
+                               "eval", min=0, max=25, advanced=True)
+    compare_base: bool = setting(True, "Also evaluate the model without the checkpoint, in "
+                                 "the same table.", "eval")
+    max_samples: int = schema.borrow(TrainConfig, "max_samples", group="eval")
+    batch_size: int = setting(8, "Prompts generated (or rows scored) together. Larger is "
+                              "faster until memory runs out.", "eval", min=1, max=512)
+    template: str = schema.borrow(TrainConfig, "template")
+    cutoff_len: int = schema.borrow(TrainConfig, "cutoff_len")
+    identity_name: str = schema.borrow(TrainConfig, "identity_name")
+    identity_author: str = schema.borrow(TrainConfig, "identity_author")
+    trust_remote_code: bool = schema.borrow(TrainConfig, "trust_remote_code")
+    output_dir: str = setting("", "Job folder. Empty = saves/eval-<task>-<date>-<time>.", "run",
+                              path=True)
+
+
+# Settings an eval of a run's checkpoint takes from that run's config.yaml unless given:
+# the same template, placeholders and length that the rows were trained with.
+EVAL_FROM_RUN = ("model", "template", "cutoff_len", "identity_name", "identity_author",
+                 "trust_remote_code")
+
+
 def gen_config(raw: dict, source: str | None = None) -> GenConfig:
     """Generation settings from a plain mapping (YAML, flags, the Chat tab's widgets)."""
     return schema.build(GenConfig, raw, source)
@@ -296,6 +341,21 @@ def gen_config(raw: dict, source: str | None = None) -> GenConfig:
 def export_config(raw: dict, source: str | None = None) -> ExportConfig:
     """Export settings from a plain mapping; the shard size must parse."""
     return schema.build(ExportConfig, raw, source, _export_problems)
+
+
+def eval_config(raw: dict, source: str | None = None) -> EvalConfig:
+    """Eval settings from a plain mapping, with the cross-field rules of an eval job."""
+    return schema.build(EvalConfig, raw, source, _eval_problems)
+
+
+def _eval_problems(config: EvalConfig) -> list[str]:
+    problems = []
+    if config.eval_task == "harness" and not config.harness_tasks:
+        problems.append("harness_tasks: name at least one lm-evaluation-harness task for "
+                        "eval_task harness (e.g. arc_easy)")
+    if config.eval_task in ("loss", "predict", "choice") and not config.dataset:
+        problems.append(f"dataset: eval_task {config.eval_task} needs a dataset")
+    return problems
 
 
 def _export_problems(config: ExportConfig) -> list[str]:

@@ -34,12 +34,17 @@ from .errors import BadInput
 _aborting: set[str] = set()
 
 
-def train_command(config_path: Path) -> list[str]:
-    """The argument list that trains `config_path`: the CLI, exactly as a user types it."""
+def job_command(command: str, config_path: Path) -> list[str]:
+    """The argument list that runs `tunebench <command> <config_path>` (train or eval): the
+    CLI, exactly as a user types it."""
     script = Path(sys.executable).with_name("tunebench")
     if script.is_file() and os.access(script, os.X_OK):
-        return [str(script), "train", str(config_path)]
-    return [sys.executable, "-m", "core", "train", str(config_path)]
+        return [str(script), command, str(config_path)]
+    return [sys.executable, "-m", "core", command, str(config_path)]
+
+
+def train_command(config_path: Path) -> list[str]:
+    return job_command("train", config_path)
 
 
 def running_runs(saves_dir: str | Path) -> list[runs.RunSummary]:
@@ -122,13 +127,28 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
     return run_dir
 
 
-def _spawn(run_dir: Path, config: cfg.TrainConfig) -> subprocess.Popen:
+def start_eval(config: cfg.EvalConfig, saves_dir: str | Path = "saves") -> Path:
+    """Create an eval job folder under `saves_dir` and start `tunebench eval` on it in the
+    background, as start_run does for training (one job at a time on this machine)."""
+    from .evaluate import KIND, LOG, job_dir_for
+    saves_dir = Path(saves_dir)
+    with jobs.lock():
+        _refuse_if_busy(saves_dir)
+        folder = job_dir_for(dataclasses.replace(config, output_dir=""), saves_dir)
+        folder.mkdir(parents=True)
+        config = dataclasses.replace(config, output_dir=str(folder))
+        _spawn(folder, config, "eval", LOG, kind=KIND)
+    return folder
+
+
+def _spawn(run_dir: Path, config, command: str = "train", log_name: str = runs.LOG,
+           **status) -> subprocess.Popen:
     config_path = run_dir / runs.CONFIG
     runs.write_atomic(config_path, cfg.to_yaml(config))
-    argv = train_command(config_path)
+    argv = job_command(command, config_path)
     runs.write_atomic(run_dir / runs.COMMAND, shlex.join(argv) + "\n")
     _aborting.discard(str(run_dir.resolve()))
-    with open(run_dir / runs.LOG, "ab") as log:
+    with open(run_dir / log_name, "ab") as log:
         # Own session: the trainer and its workers form one process group that
         # abort can signal as a whole, and that a Ctrl-C in the server's terminal
         # (or the server exiting) never reaches.
@@ -136,7 +156,7 @@ def _spawn(run_dir: Path, config: cfg.TrainConfig) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True, env=_child_env())
     # Written right after the spawn; the trainer rewrites both (same pid) once it runs.
-    runs.write_status(run_dir, "running", pid=proc.pid)
+    runs.write_status(run_dir, "running", pid=proc.pid, **status)
     jobs.register(run_dir, proc.pid)
     threading.Thread(target=_reap, args=(proc, run_dir), daemon=True,
                      name=f"reap-{proc.pid}").start()
@@ -163,18 +183,20 @@ def _reap(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def _death_message(code: int, run_dir: Path) -> str:
+    what = "evaluation" if runs.log_path(run_dir).name != runs.LOG else "training"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        cause = f"the training process was killed by {name}"
+        cause = f"the {what} process was killed by {name}"
         if code == -signal.SIGKILL:
             cause += " (often the out-of-memory killer: lower batch_size or cutoff_len)"
     else:
-        cause = f"the training process exited with code {code} without reporting why"
-    tail = log_tail(run_dir / runs.LOG, lines=8).strip()
-    return cause + (f"; last lines of train.log:\n{tail}" if tail else "")
+        cause = f"the {what} process exited with code {code} without reporting why"
+    log = runs.log_path(run_dir)
+    tail = log_tail(log, lines=8).strip()
+    return cause + (f"; last lines of {log.name}:\n{tail}" if tail else "")
 
 
 def log_tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:

@@ -34,6 +34,7 @@ from .errors import BadInput
 STATES = ("running", "completed", "failed", "aborted")
 STATUS, METRICS, CONFIG, COMMAND, LOG = (
     "status.json", "metrics.jsonl", "config.yaml", "command.txt", "train.log")
+EVAL_LOG = "eval.log"  # an eval job's log (core/evaluate.py); its status says kind "eval"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -125,6 +126,8 @@ def write_status(run_dir: Path, state: str, *, pid: int | None = None, error: st
         "exit_code": exit_code,
         "error": error,
     }
+    if old.get("kind"):  # what the folder holds (an eval job) outlives every rewrite
+        status["kind"] = old["kind"]
     status.update(extra)
     write_atomic(Path(run_dir) / STATUS, json.dumps(status, indent=1))
     return status
@@ -317,6 +320,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def log_path(folder: Path) -> Path:
+    """The folder's log: eval.log for an eval job, train.log for a run."""
+    folder = Path(folder)
+    return folder / EVAL_LOG if (folder / EVAL_LOG).exists() else folder / LOG
+
+
 @dataclass
 class RunSummary:
     path: Path
@@ -326,6 +335,7 @@ class RunSummary:
     final_loss: float | None
     steps: str
     error: str | None
+    kind: str = "train"           # "eval" for an eval job (core/evaluate.py)
 
 
 # Summaries of ended runs, keyed by folder, with the (mtime, size) of the files they came
@@ -359,7 +369,7 @@ def summarize(run_dir: Path) -> RunSummary | None:
     summary = RunSummary(run_dir, run_dir.name, status["state"],
                          status.get("started_at") or "", losses[-1] if losses else None,
                          f"{last.get('step', 0)}/{last.get('total_steps', '?')}",
-                         status.get("error"))
+                         status.get("error"), status.get("kind") or "train")
     if summary.state != "running":
         # The signature from before reading: a change made while reading shows next time.
         _ended_summaries[run_dir] = (signature, summary)

@@ -56,6 +56,17 @@ def setting(default: Any, help: str, group: str, *, min: float | None = None,
     return field(default=default, metadata=meta)
 
 
+def borrow(schema: type, name: str, **changes: Any) -> Any:
+    """A new field declared as `schema`'s `name` is (same default, help, bounds), for a job
+    schema that shares a setting with another: the declaration stays in one place.
+    `changes` overrides metadata where the meaning narrows (e.g. another group)."""
+    f = fields(schema)[name]
+    meta = {**f.metadata, **changes}
+    if f.default is dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=meta)
+    return field(default=f.default, metadata=meta)
+
+
 @functools.cache
 def fields(schema: type) -> dict[str, dataclasses.Field]:
     """The schema's fields by name, in declaration order."""
@@ -176,6 +187,8 @@ def coerce(schema: type, name: str, raw: Any) -> Any:
     quoting the value (`limits.check_text`).
     """
     meta = fields(schema)[name].metadata
+    if raw in ([], "") and default_value(schema, name) == []:
+        return []  # a list that is empty by default may be emptied again
     value = _COERCE[types(schema)[name]](raw, name, meta)
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError("expected one of " + ", ".join(map(str, meta["choices"])))

@@ -154,6 +154,7 @@ class RunFolderMixin:
     def __init__(self, *args, loraplus_lr_ratio: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._positions = self._real_tokens = 0
+        self._eval_sum, self._eval_tokens = 0.0, 0
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self._initial_adapter = None
         if models.changes_base_weights(self.model):
@@ -161,6 +162,28 @@ class RunFolderMixin:
             # loads a checkpoint; every save subtracts it to get a plain LoRA adapter.
             self._initial_adapter = tempfile.TemporaryDirectory(prefix="tunebench-pissa-")
             models.save_initial_adapter(self.model, self._initial_path)
+
+    # Eval loss, token-weighted: the summed loss over every trained token of the eval set,
+    # divided by their count. transformers averages per-batch means instead, a figure that
+    # moves with the batch size and the order; this one is what `tunebench eval`'s loss
+    # task reports on the same rows, however it batches them.
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        if out[0] is not None and labels is not None and self.args.world_size == 1:
+            n = int((labels[..., 1:] != -100).sum())
+            self._eval_sum += float(out[0]) * n
+            self._eval_tokens += n
+        return out
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_sum, self._eval_tokens = 0.0, 0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only,
+                                         ignore_keys, metric_key_prefix)
+        if self._eval_tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = self._eval_sum / self._eval_tokens
+        return output
 
     @property
     def _initial_path(self) -> Path:

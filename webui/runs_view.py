@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import jobs, launch, paths, plot, runs
+from core import jobs, launch, paths, plot, runs, schema
+from core.errors import BadInput
 
 LOG_LINES = 30
 MAX_POINTS = 1500          # per series sent to the browser; longer runs are thinned
@@ -75,10 +76,10 @@ class Watch:
         if new:
             self.curves.add(new)  # only the new lines: the history is never rescanned
             out.metrics = self.tail.records
-        sig = runs.file_signature(self.run_dir / runs.LOG)
+        sig = runs.file_signature(runs.log_path(self.run_dir))
         if sig != self.log_sig:
             self.log_sig = sig
-            out.log = launch.log_tail(self.run_dir / runs.LOG, LOG_LINES)
+            out.log = launch.log_tail(runs.log_path(self.run_dir), LOG_LINES)
         return out
 
     @property
@@ -171,10 +172,10 @@ def message_html(text: str, kind: str = "error") -> str:
             f"<pre class='{box}'>{html.escape(text)}</pre></div>")
 
 
-def log_html(text: str) -> str:
-    """The log tail in a box that stays scrolled to its newest line."""
+def log_html(text: str, name: str = runs.LOG) -> str:
+    """The log tail in a box that stays scrolled to its newest line (`name`: the log's)."""
     body = html.escape(text) if text else "<span class='tb-dim'>(no output yet)</span>"
-    return (f"<div class='tb-log-title'>train.log (last {LOG_LINES} lines)</div>"
+    return (f"<div class='tb-log-title'>{html.escape(name)} (last {LOG_LINES} lines)</div>"
             f"<div class='tb-log'><pre>{body}</pre></div>")
 
 
@@ -287,12 +288,40 @@ def find_listed_run(saves_dir: Path, key: str) -> Path | None:
     return path
 
 
+def stage_or_kind(run: runs.RunSummary) -> str:
+    """The runs list's stage column: a run's training stage, or "eval: <task>" for an eval
+    job (core/evaluate.py), which the list shows beside the runs."""
+    if run.kind == "eval":
+        return f"eval: {eval_task_of(run.path)}"
+    return run_stage(run.path)
+
+
+# Each eval job's task, read from its config.yaml once per version of that file.
+_eval_tasks: dict[Path, tuple[tuple | None, str]] = {}
+
+
+def eval_task_of(job_dir: Path) -> str:
+    """An eval job's eval_task from its config.yaml ('?' when it cannot be read)."""
+    path = Path(job_dir)
+    sig = runs.file_signature(path / runs.CONFIG)
+    cached = _eval_tasks.get(path)
+    if cached and cached[0] == sig:
+        return cached[1]
+    try:
+        task = schema.read_yaml(path / runs.CONFIG).get("eval_task") if sig else None
+    except (BadInput, OSError):
+        task = None
+    _eval_tasks[path] = (sig, task if isinstance(task, str) else "?")
+    return _eval_tasks[path][1]
+
+
 def runs_table(saves_dir: Path) -> list[list]:
-    """Rows for the runs list: name, state, steps, final loss, stage, started."""
+    """Rows for the runs list: name, state, steps, final loss, stage (or eval: task),
+    started."""
     rows = []
     for run in listed_runs(saves_dir):
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
-        rows.append([run.name, run.state, run.steps, loss, run_stage(run.path),
+        rows.append([run.name, run.state, run.steps, loss, stage_or_kind(run),
                      _short_time(run.started_at) or "–"])
     return rows
 

@@ -19,7 +19,7 @@ from core import config as cfg
 from core import data, launch, limits, memory, paths, plot, runs, stage_data
 from core.errors import BadInput
 
-from . import configs, data_worker, form as form_mod
+from . import configs, data_worker, eval_tab, form as form_mod
 from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, log_html, loss_frame,
                         message_html, newest_running, progress_html, run_names, runs_table,
                         series_to_show, signal_frame, status_html)
@@ -44,6 +44,9 @@ class Session:
     weight: float = 0.9          # smoothing of the loss chart and the signal panels
     series: list | None = None   # the signals ticked; None = the run's stage's headline ones
     offered: tuple = ()          # the signals the picker lists now
+    # A refusal or note shown in the status line stays until the user acts again: a tick
+    # that reads the watched run's new status must not wipe the answer to a click.
+    holding_message: bool = False
 
 
 # Registered datasets per stage, for the registry file as it was when asked:
@@ -170,6 +173,11 @@ class TrainTab:
         with gr.Column(elem_classes="tb-tight"):
             self.status = gr.HTML(status_html(None, None), elem_id="train-status", **bare)
             self.progress = gr.HTML(progress_html(None, []), elem_id="train-progress", **bare)
+        # The eval jobs of the run shown (core.evaluate.jobs_of_run); app.py wires picking
+        # one to open it in the Evaluate tab.
+        self.evals = gr.Radio(choices=[], value=None, visible=False, elem_id="train-evals",
+                              label="Evaluations of this run (pick one to open it in the "
+                                    "Evaluate tab)")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 self.plot = gr.LinePlot(
@@ -259,6 +267,13 @@ class TrainTab:
         self.run_pick.input(self.on_pick, [self.session, self.run_pick], view + listing)
         self.table.select(self.on_table_select, [self.session], view + listing)
         self.refresh.click(self.on_refresh, [self.session], listing)
+        # The run shown changed (a pick, a reload, a new run), or the tab opened after an
+        # evaluation: list the run's eval jobs again.
+        self.run_pick.change(self.on_evals, [self.run_pick], [self.evals], **quiet)
+        tab = gr.context.Context.block  # the gr.Tab app.py opened
+        if hasattr(tab, "select"):
+            tab.select(self.on_evals, [self.run_pick], [self.evals], api_visibility="private",
+                       **quiet)
         self.weight.change(self.on_weight, [self.session, self.weight],
                            [self.plot] + self.panel_rows + self.panels, **quiet)
         self.series.input(self.on_series, [self.session, self.series],
@@ -299,11 +314,13 @@ class TrainTab:
     def wire_page_load(self, demo: gr.Blocks) -> None:
         """Reattach when a page opens, and bring back the form the user last started or
         saved; call once the whole app is built."""
-        demo.load(self.on_load, [self.session, self.weight],
-                  self.view_outputs + [self.table, self.run_pick])
+        # The form first, then the runs: once the runs list shows, the form is the user's
+        # to edit and no late restore can overwrite what they chose.
         demo.load(self.on_restore_form, [],
                   self.form.components + [self.config_msg, self.recommended, self.rec_state],
-                  api_visibility="private")
+                  api_visibility="private").then(
+            self.on_load, [self.session, self.weight],
+            self.view_outputs + [self.table, self.run_pick])
 
     # --- the live view -------------------------------------------------------------------
 
@@ -312,13 +329,14 @@ class TrainTab:
         if watch is None or session.watch is None or watch.run_dir != session.watch.run_dir:
             session.series, session.offered = None, ()  # another run: its stage's defaults
         session.watch = watch
+        session.holding_message = False
         if watch is None:
             return [status_html(None, None), progress_html(None, []), _empty_plot(),
                     log_html("")] + self._signals(session, None, picker=True)
         watch.poll()
         return [status_html(watch.run_dir, watch.status), progress_html(watch.status,
                 watch.records), loss_frame(watch.curves, session.weight),
-                log_html(launch.log_tail(watch.run_dir / runs.LOG))] + \
+                log_html(launch.log_tail(runs.log_path(watch.run_dir)))] + \
             self._signals(session, watch, picker=True)
 
     def _signals(self, session: Session, watch: Watch | None, picker: bool = False) -> list:
@@ -392,7 +410,7 @@ class TrainTab:
         changes = watch.poll()
         if session.watch is not watch:
             return [gr.skip()] * (n_view + 2)  # the tab switched runs while this tick read
-        if changes.status is not None:
+        if changes.status is not None and not session.holding_message:
             out[0] = status_html(watch.run_dir, watch.status)
         if changes.status is not None or changes.metrics is not None:
             out[1] = progress_html(watch.status, watch.records)
@@ -418,8 +436,12 @@ class TrainTab:
         session.series = list(chosen or [])
         return self._panels(session, session.watch)
 
-    def _error(self, err: BadInput) -> list:
-        return [message_html(str(err))] + [gr.skip()] * (len(self.view_outputs) + 1)
+    def _message(self, session: Session, text: str, kind: str = "error") -> list:
+        session.holding_message = True
+        return [message_html(text, kind=kind)] + [gr.skip()] * (len(self.view_outputs) + 1)
+
+    def _error(self, session: Session, err: BadInput) -> list:
+        return self._message(session, str(err))
 
     def on_start(self, session: Session, *values) -> list:
         """Validate everything, then launch; on bad input show why and launch nothing."""
@@ -428,7 +450,7 @@ class TrainTab:
             check_inputs(config, self.saves_dir)
             run_dir = launch.start_run(config, self.saves_dir)
         except BadInput as err:
-            return self._error(err)
+            return self._error(session, err)
         configs.remember(config, self.saves_dir)
         return self._render(session, Watch(run_dir)) + \
             self._listing(session)
@@ -436,12 +458,11 @@ class TrainTab:
     def on_abort(self, session: Session) -> list:
         watch = session.watch
         if watch is None or not watch.status or watch.status.get("state") != "running":
-            return [message_html("no running run is shown here to abort", kind="note")] + \
-                [gr.skip()] * (len(self.view_outputs) + 1)
+            return self._message(session, "no running run is shown here to abort", kind="note")
         try:
             launch.abort_run(watch.run_dir)
         except BadInput as err:
-            return self._error(err)
+            return self._error(session, err)
         return self._render(session, Watch(watch.run_dir)) + \
             self._listing(session)
 
@@ -454,14 +475,14 @@ class TrainTab:
 
     def on_resume(self, session: Session, run_name: str | None) -> list:
         if not run_name:
-            return self._error(BadInput("pick a run to resume in the runs list first"))
+            return self._error(session, BadInput("pick a run to resume in the runs list first"))
         try:
             run_dir = self._run_path(run_name)
             # The stored config names paths too: they pass the gate as Start's do.
             paths.confine_config(cfg.load(run_dir / runs.CONFIG), self.saves_dir)
             run_dir = launch.resume_run(run_dir, self.saves_dir)
         except BadInput as err:
-            return self._error(err)
+            return self._error(session, err)
         return self._render(session, Watch(run_dir)) + \
             self._listing(session)
 
@@ -469,7 +490,7 @@ class TrainTab:
         try:
             path = self._run_path(run_name) if run_name else None
         except BadInput as err:
-            return self._error(err)
+            return self._error(session, err)
         return self._render(session, Watch(path) if path else None) + self._listing(session)
 
     def on_table_select(self, session: Session, evt: gr.SelectData) -> list:
@@ -478,6 +499,12 @@ class TrainTab:
 
     def on_refresh(self, session: Session) -> list:
         return self._listing(session)
+
+    def on_evals(self, run_name: str | None):
+        """The eval jobs of the run shown, each named with its headline result."""
+        path = find_listed_run(self.saves_dir, run_name) if run_name else None
+        choices = eval_tab.evals_of_run(self.saves_dir, path)
+        return gr.update(choices=choices, value=None, visible=bool(choices))
 
     # --- form, data and config files -----------------------------------------------------
 

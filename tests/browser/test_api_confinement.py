@@ -82,7 +82,7 @@ def hostile_values(outside: Path) -> list[str]:
 
 def busy_run(project: Path) -> subprocess.Popen:
     """A run that counts as running (its pid is alive), so no Start actually trains."""
-    sleeper = subprocess.Popen(["sleep", "900"])
+    sleeper = subprocess.Popen(["sleep", "3600"])
     run_dir = project / "saves" / "busy"
     run_dir.mkdir()
     runs.write_status(run_dir, "running", pid=sleeper.pid)
