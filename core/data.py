@@ -13,6 +13,7 @@ one of these formats, named by the registry or detected from the records' keys:
     sharegpt_pairs  conversations ending with the human, chosen/rejected {"from": "gpt", ...}
     kto             a conversation (messages) or prompt + completion, with a boolean label
     prompts         prompt, optional answer (RL prompts)
+    choice          question, A, B, C, D, answer (multiple choice, MMLU / C-Eval layout)
 
 Other layouts (dolly's instruction/context/response, prompt/completion) map onto
 these through the registry's "columns" or are recognised automatically.
@@ -21,8 +22,10 @@ Every record becomes {"messages": [...]} (stage sft: an optional leading system
 message, then user/assistant turns alternating, ending with the assistant) or
 {"text": ...} (stage pt); the preference, KTO and RL formats become prompt-and-reply
 records (built in core/stage_data.py). STAGE_KINDS says which kinds of data each
-stage trains on. Anything malformed raises `BadInput` naming the file, the record
-(1-based), the field and what was expected.
+stage trains on. A multiple-choice file (kind "choice") is for evaluation only: no
+stage trains on it; `read_choice` reads it as {"question": ..., "choices": [four
+texts], "answer": "A".."D"} (core/harness.py scores it). Anything malformed raises
+`BadInput` naming the file, the record (1-based), the field and what was expected.
 """
 
 from __future__ import annotations
@@ -48,12 +51,16 @@ from .errors import BadInput
 REGISTRY = "dataset_info.json"
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 CHAT_FORMATS = ("alpaca", "sharegpt", "openai")
-FORMATS = CHAT_FORMATS + ("text", "pairs", "alpaca_pairs", "sharegpt_pairs", "kto", "prompts")
+FORMATS = CHAT_FORMATS + ("text", "pairs", "alpaca_pairs", "sharegpt_pairs", "kto", "prompts",
+                          "choice")
 # What kind of data each format holds, and the kinds each stage trains on (a pair
-# is also two KTO rows; a chat's last reply is also a GRPO prompt's answer).
+# is also two KTO rows; a chat's last reply is also a GRPO prompt's answer). The
+# kinds in EVAL_KINDS are for evaluation: no stage trains on them, so the Train
+# tab and `datasets_for_stage` never offer them.
 FORMAT_KIND = {"alpaca": "chat", "sharegpt": "chat", "openai": "chat", "text": "text",
                "pairs": "pairs", "alpaca_pairs": "pairs", "sharegpt_pairs": "pairs",
-               "kto": "kto", "prompts": "prompts"}
+               "kto": "kto", "prompts": "prompts", "choice": "choice"}
+EVAL_KINDS = ("choice",)
 STAGE_KINDS = {"sft": ("chat",), "pt": ("text", "chat"), "rm": ("pairs",), "dpo": ("pairs",),
                "kto": ("kto", "pairs"), "grpo": ("prompts", "chat")}
 # The stage a kind of data is shown for when none is named (`data check`).
@@ -74,12 +81,15 @@ FIELDS = {
     "sharegpt_pairs": ("conversations", "chosen", "rejected", "system"),
     "kto": ("messages", "conversations", "prompt", "completion", "label", "system"),
     "prompts": ("prompt", "answer", "system"),
+    "choice": ("question", "A", "B", "C", "D", "answer"),
 }
+# The options of a multiple-choice question, by the letter that names each one.
+CHOICE_LETTERS = ("A", "B", "C", "D")
 REQUIRED = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",),
             "openai": ("messages",), "text": ("text",), "pairs": ("chosen", "rejected"),
             "alpaca_pairs": ("instruction", "chosen", "rejected"),
             "sharegpt_pairs": ("conversations", "chosen", "rejected"), "kto": ("label",),
-            "prompts": ("prompt",)}
+            "prompts": ("prompt",), "choice": FIELDS["choice"]}
 # LLaMA-Factory's names for the alpaca fields. "prompt" means the instruction only in
 # the alpaca layouts; in pairs, kto and prompts it is a field of its own.
 ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}
@@ -597,7 +607,16 @@ def _array_bytes(array) -> int:
 
 def _detect(keys: set[str]) -> tuple[str, dict[str, str]] | None:
     """(format, extra column mapping) recognised from a record's keys, or None."""
-    return _detect_stage_format(keys) or _detect_chat_format(keys)
+    return _detect_choice_format(keys) or _detect_stage_format(keys) or _detect_chat_format(keys)
+
+
+def _detect_choice_format(keys: set[str]) -> tuple[str, dict[str, str]] | None:
+    """A question beside lettered options: multiple choice. Two options are enough, so a
+    file that lacks one is reported by the column it lacks; a bare question and answer
+    is not multiple choice."""
+    if "question" in keys and len(keys & set(CHOICE_LETTERS)) >= 2:
+        return "choice", {}
+    return None
 
 
 def _detect_stage_format(keys: set[str]) -> tuple[str, dict[str, str]] | None:
@@ -658,7 +677,8 @@ def _settle_format(rows: list, src: _Source) -> None:
             raise src.bad("cannot tell the format from the fields "
                           f"({', '.join(map(str, first)) or 'none'}); expected instruction + "
                           "output (alpaca), conversations (sharegpt), messages (openai), text, "
-                          "prompt + chosen + rejected (pairs), a label (kto) or prompt (prompts)",
+                          "prompt + chosen + rejected (pairs), a label (kto), prompt (prompts) or "
+                          "question + A, B, C, D + answer (choice)",
                           1)
         src.fmt, src.detected = found[0], True
         src.cols = {**found[1], **src.mapped}
@@ -882,6 +902,8 @@ def _normalize(row: Any, idx: int, src: _Source) -> dict:
         _check_same_format(row, idx, src)
     if src.fmt == "text":
         record = {"text": _text(row, "text", idx, src, required=True, nonempty=True)}
+    elif src.fmt == "choice":
+        record = _choice_record(row, idx, src)
     elif src.fmt in CHAT_FORMATS:
         builder = _alpaca_messages if src.fmt == "alpaca" else _chat_messages
         record = {"messages": builder(row, idx, src)}
@@ -901,9 +923,74 @@ def _record_chars(record: dict) -> int:
     for value in record.values():
         if isinstance(value, str):
             size += len(value)
-        elif isinstance(value, list):
-            size += sum(len(m["content"]) for m in value)
+        elif isinstance(value, list):  # messages, or a question's options
+            size += sum(len(m) if isinstance(m, str) else len(m["content"]) for m in value)
     return size
+
+
+# --- multiple choice ---------------------------------------------------------------------
+
+_CHOICE_COLUMNS = "question, A, B, C, D and answer"
+
+
+def _choice_record(row: dict, idx: int, src: _Source) -> dict:
+    """One multiple-choice row -> {"question", "choices" (the texts of A to D), "answer"
+    (the right option's letter)}, texts stripped."""
+    return {"question": _choice_text(row, "question", idx, src),
+            "choices": [_choice_text(row, letter, idx, src) for letter in CHOICE_LETTERS],
+            "answer": _choice_answer(row, idx, src)}
+
+
+def _choice_text(row: dict, canon: str, idx: int, src: _Source) -> str:
+    name = src.col(canon)
+    value = row.get(name)
+    what = "the question" if canon == "question" else f"option {canon}"
+    if value is None:
+        raise src.bad(f"is {'null' if name in row else 'missing'}; expected the text of {what} "
+                      f"(a multiple-choice record has {_CHOICE_COLUMNS})", idx, name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a number as an option, as in arithmetic questions
+    if not isinstance(value, str):
+        raise src.bad(f"expected the text of {what}, got {_kind(value)}", idx, name)
+    if not value.strip():
+        raise src.bad(f"is empty; expected the text of {what}", idx, name)
+    return _check_text(value.strip(), idx, name, src)
+
+
+def _choice_answer(row: dict, idx: int, src: _Source) -> str:
+    name = src.col("answer")
+    value = row.get(name)
+    expected = "expected the right option's letter: A, B, C or D"
+    if value is None:
+        raise src.bad(f"is {'null' if name in row else 'missing'}; {expected}", idx, name)
+    if not isinstance(value, str):
+        raise src.bad(f"{expected}, got {_kind(value)}", idx, name)
+    letter = value.strip().upper()
+    if letter not in CHOICE_LETTERS:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise src.bad(f"is {shown!r}, which is not one of the options; {expected}", idx, name)
+    return letter
+
+
+def read_choice(name_or_path: str, dataset_dir: str | os.PathLike = "data"
+                ) -> tuple[Path, list[dict]]:
+    """A multiple-choice dataset -> (its file, records {"question": str, "choices": [the
+    texts of A, B, C and D], "answer": "A".."D"}).
+
+    A file in another format (registered, or recognised from its first record) is
+    refused as such; one whose format cannot be told is read as multiple choice, so
+    the message names the column it lacks.
+    """
+    entry = resolve(name_or_path, dataset_dir)
+    if entry.formatting is None:
+        src = _Source(label=str(entry.path), mapped=dict(entry.columns))
+        found = _detect(_mapped_keys(_first_keys(entry.path, src), src.mapped))
+        entry.formatting = found[0] if found else "choice"
+    records, src = _read_entry(entry)
+    if src.fmt != "choice":
+        raise src.bad(f"holds {src.fmt} records; expected multiple-choice questions "
+                      f"({_CHOICE_COLUMNS})")
+    return entry.path, records
 
 
 # --- public API ------------------------------------------------------------------------
@@ -934,6 +1021,10 @@ def _for_stage(records: list[dict], src: _Source, stage: str) -> list[dict]:
                        field="stage")
     from . import stage_data
     kind = FORMAT_KIND[src.fmt]
+    if kind in EVAL_KINDS:
+        raise src.bad(f"holds multiple-choice questions, which are for evaluation (tunebench "
+                      f"eval, eval_task choice or harness), not training; for stage {stage} "
+                      f"use {stage_data.NEEDS[stage]}")
     if kind not in STAGE_KINDS[stage]:
         raise src.bad(stage_data.mismatch(kind, stage))
     return stage_data.convert(records, kind, stage)
@@ -983,7 +1074,8 @@ def load_records(config) -> list[dict]:
 
 
 def dataset_kind(name_or_path: str, dataset_dir: str | os.PathLike = "data") -> str:
-    """What a dataset holds: "chat", "text", "pairs", "kto" or "prompts" (see STAGE_KINDS).
+    """What a dataset holds: "chat", "text", "pairs", "kto", "prompts" (see STAGE_KINDS)
+    or "choice" (multiple choice, for evaluation only).
 
     Reads as little as it can: a registered entry's formatting when it names one,
     otherwise the first record's fields (a CSV's header, a Parquet file's schema).
@@ -1161,6 +1253,8 @@ def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
     identity = (default_value("identity_name"), default_value("identity_author"))
     entry = resolve(dataset, dataset_dir)
     records, src = _read_entry(entry)
+    if FORMAT_KIND[src.fmt] in EVAL_KINDS and stage == "auto":
+        return _print_choice_check(entry, records, src)
     shown = KIND_STAGE[FORMAT_KIND[src.fmt]] if stage == "auto" else stage
     records = _fill_all(_for_stage(records, src, shown), identity)
     print(f"dataset: {entry.name or entry.path}  ({entry.path})")
@@ -1175,6 +1269,16 @@ def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
         _print_tokenized(records, model, template)
     else:
         stage_data.print_preview(records, shown, model, template)
+    return 0
+
+
+def _print_choice_check(entry: Entry, records: list[dict], src: _Source) -> int:
+    """`data check` of a multiple-choice file: no stage trains on it, so no token view."""
+    print(f"dataset: {entry.name or entry.path}  ({entry.path})")
+    print(f"records: {len(records)}")
+    print(f"format:  {src.fmt}" + (" (detected)" if src.detected else ""))
+    print("use:     tunebench eval (eval_task choice or harness); no stage trains on it")
+    print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
     return 0
 
 

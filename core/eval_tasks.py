@@ -317,6 +317,8 @@ def _pooled(results: list[dict]) -> dict:
     if len(results) == 1:
         return _metrics(results[0])
     accuracy = sum(r["accuracy"] * r["n"] for r in results) / n
+    if any(r["accuracy_stderr"] is None for r in results):  # a one-question task has none
+        return {"accuracy": round(accuracy, 4), "accuracy_stderr": None}
     stderr = math.sqrt(sum((r["accuracy_stderr"] * r["n"]) ** 2 for r in results)) / n
     return {"accuracy": round(accuracy, 4), "accuracy_stderr": round(stderr, 4)}
 

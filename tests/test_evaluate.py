@@ -164,6 +164,26 @@ def test_a_stopped_predict_keeps_the_rows_it_did(tmp_path, run_dir):
     assert results["model"]["rouge_l"] > 0
 
 
+# --- multiple choice through lm-evaluation-harness ------------------------------------------
+
+def test_the_bundled_choice_set_runs_through_the_harness_for_both_sides(tmp_path, run_dir):
+    questions = len(data.read_choice("mc_demo", str(REPO / "data"))[1])
+    assert in_process(tmp_path, f"adapter={run_dir / 'final'}", "eval_task=choice",
+                      "dataset=mc_demo") == 0
+    job = only_job(tmp_path)
+    results = evaluate.read_results(job)
+    assert results["n"] == questions
+    for side in ("model", "base"):
+        assert set(results[side]) == {"accuracy", "accuracy_stderr"}
+        assert 0 <= results[side]["accuracy"] <= 100
+        # a binomial standard error of a share near chance over ~40 questions: 5 to 9 points
+        assert 3 < results[side]["accuracy_stderr"] < 10, results
+    (task,) = results["tasks"]
+    assert results["tasks"][task]["n"] == questions
+    assert (job / "harness" / f"{task}.yaml").is_file()
+    assert runs.read_metrics(job)[-1]["step"] == 2  # one task, two sides
+
+
 # --- bad input: named, and no job folder ---------------------------------------------------
 
 def refused(tmp_path: Path, *overrides: str) -> str:
@@ -192,6 +212,26 @@ def test_an_adapter_for_another_base_is_refused(tmp_path, demo_model_path):
     adapter = mismatched_adapter(tmp_path, demo_model_path)
     message = refused(tmp_path, f"adapter={adapter}", f"model={demo_model_path}")
     assert "does not fit the base model" in message and str(adapter) in message
+
+
+def test_a_choice_file_with_a_wrong_answer_is_refused(tmp_path):
+    file = tmp_path / "quiz.jsonl"
+    row = {"question": "2 + 2?", "A": "3", "B": "4", "C": "5", "D": "6", "answer": "B"}
+    file.write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": "E"}) + "\n")
+    message = refused(tmp_path, "eval_task=choice", f"dataset={file}")
+    assert "record 2" in message and "field 'answer'" in message and "A, B, C or D" in message
+
+
+def test_a_choice_file_missing_a_column_is_refused(tmp_path):
+    file = tmp_path / "quiz.csv"
+    file.write_text("question,A,B,D,answer\n2 + 2?,3,4,6,B\n")
+    message = refused(tmp_path, "eval_task=choice", f"dataset={file}")
+    assert "field 'C'" in message and str(file) in message
+
+
+def test_an_unknown_harness_task_names_the_closest(tmp_path):
+    message = refused(tmp_path, "eval_task=harness", "harness_tasks=arc_eazy")
+    assert "arc_eazy" in message and "closest: arc_easy" in message
 
 
 def test_the_cli_says_bad_input_in_one_line(tmp_path):

@@ -37,3 +37,17 @@ def test_identity_example_is_the_first_job_with_a_new_name():
     example = cfg.load(path)
     assert cfg.to_dict(example) == {**cfg.to_dict(cfg.first_job()), "identity_name": "Nova",
                                      "identity_author": "Acme Labs"}
+
+
+EVAL_EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "eval").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EVAL_EXAMPLES, ids=lambda p: p.name)
+def test_eval_example_is_valid(path, monkeypatch):
+    """Eval configs load through the eval schema and name bundled datasets (their adapter,
+    saves/identity/final, exists once the identity example has been trained)."""
+    monkeypatch.chdir(path.parents[2])
+    config = cfg.eval_config(cfg.read_yaml(path), str(path))
+    registered = data.list_datasets(config.dataset_dir)
+    assert config.eval_task == "harness" or all(n in registered for n in config.dataset)
+    assert {cfg.read_yaml(p)["eval_task"] for p in EVAL_EXAMPLES} >= {"predict", "loss", "choice"}

@@ -230,7 +230,8 @@ def test_registry_refuses_unknown_fields_for_a_stage_format(tmp_path):
 def test_stage_table_covers_every_stage():
     assert data.STAGES == cfg.STAGES and set(data.STAGE_KINDS) == set(cfg.STAGES)
     assert set(data.FORMAT_KIND) == set(data.FORMATS)
-    kinds = set(data.FORMAT_KIND.values())
+    kinds = set(data.FORMAT_KIND.values()) - set(data.EVAL_KINDS)  # no stage trains on those
+    assert not set(data.EVAL_KINDS) & {k for ks in data.STAGE_KINDS.values() for k in ks}
     assert {k for ks in data.STAGE_KINDS.values() for k in ks} == kinds == set(data.KIND_STAGE)
     for kind, stage in data.KIND_STAGE.items():  # each kind's own stage reads it
         assert kind in data.STAGE_KINDS[stage]
