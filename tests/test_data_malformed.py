@@ -30,6 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _read_case(case_id: str, case: dict):
+    if "eval_task" in case:  # read as `tunebench eval` checks it, before any job folder
+        from core import config as cfg
+        from core.eval_tasks import TASKS
+        config = cfg.eval_config({"eval_task": case["eval_task"], "dataset": [str(HERE / case_id)]})
+        return TASKS[config.eval_task].check(config)
     if "dataset_dir" in case:
         return data.read_dataset(case["dataset"], dataset_dir=str(HERE / case["dataset_dir"]))
     return data.read_dataset(str(HERE / case_id), stage=case.get("stage", "sft"))
@@ -136,9 +141,12 @@ def test_every_case_in_the_cli_exits_2_with_one_line(case_id, capsys):
     """`tunebench data check` for the stage training uses, in-process (the cases above run
     it as a real command)."""
     from webui import cli
-    stage = CASES[case_id].get("stage", "sft")
-    code = cli.main(["data", "check", *_cli_args(case_id, CASES[case_id]), "--model", "none",
-                     "--stage", stage])
+    case = CASES[case_id]
+    if "eval_task" in case:  # a file for `tunebench eval`: checked as the job checks it
+        code = cli.main(["eval", f"eval_task={case['eval_task']}", f"dataset={HERE / case_id}"])
+    else:
+        code = cli.main(["data", "check", *_cli_args(case_id, case), "--model", "none",
+                         "--stage", case.get("stage", "sft")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
@@ -162,7 +170,12 @@ def page_text(markup: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", markup))
 
 
-@pytest.mark.parametrize("case_id", sorted(CASES))
+# Cases that are bad for any job; the eval-only ones are fine to train on (RL prompts
+# without an answer train with grpo) and are refused by the eval job alone.
+TRAIN_CASES = sorted(c for c in CASES if not CASES[c].get("eval_only"))
+
+
+@pytest.mark.parametrize("case_id", TRAIN_CASES)
 def test_every_case_in_the_page_is_explained_and_nothing_starts(case_id, train_page,
                                                                 monkeypatch):
     """Start with the case as the dataset: the status box says what is wrong; no run."""
@@ -186,7 +199,7 @@ def test_every_case_in_the_page_is_explained_and_nothing_starts(case_id, train_p
 
 
 # Files that are wrong whatever the stage (plain text is fine to upload: it trains with pt).
-UPLOADABLE = sorted(c for c in CASES if "dataset_dir" not in CASES[c] and "stage" not in CASES[c]
+UPLOADABLE = sorted(c for c in TRAIN_CASES if "dataset_dir" not in CASES[c] and "stage" not in CASES[c]
                     and (HERE / c).is_file() and c != "text_for_sft.jsonl")
 
 
