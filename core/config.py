@@ -316,7 +316,7 @@ class EvalConfig(GenConfig):
     compare_base: bool = setting(True, "Also evaluate the model without the checkpoint, in "
                                  "the same table.", "eval")
     max_samples: int = schema.borrow(TrainConfig, "max_samples", group="eval")
-    batch_size: int = setting(8, "Prompts generated (or rows scored) together. Larger is "
+    batch_size: int = setting(16, "Prompts generated (or rows scored) together. Larger is "
                               "faster until memory runs out.", "eval", min=1, max=512)
     template: str = schema.borrow(TrainConfig, "template")
     cutoff_len: int = schema.borrow(TrainConfig, "cutoff_len")
