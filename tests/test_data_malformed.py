@@ -199,7 +199,8 @@ def test_every_case_in_the_page_is_explained_and_nothing_starts(case_id, train_p
 
 
 # Files that are wrong whatever the stage (plain text is fine to upload: it trains with pt).
-UPLOADABLE = sorted(c for c in TRAIN_CASES if "dataset_dir" not in CASES[c] and "stage" not in CASES[c]
+UPLOADABLE = sorted(c for c in TRAIN_CASES
+                    if "dataset_dir" not in CASES[c] and "stage" not in CASES[c]
                     and (HERE / c).is_file() and c != "text_for_sft.jsonl")
 
 
