@@ -1,4 +1,4 @@
-"""The tunebench web app: Train, Chat and Export tabs in one Gradio page.
+"""The tunebench web app: Train, Chat, Evaluate and Export tabs in one Gradio page.
 
 `serve()` is what `tunebench webui` runs. The page server imports no torch or
 transformers (see tests/test_webui_form.py): it starts in a couple of seconds,
@@ -16,7 +16,7 @@ import gradio as gr
 from core import data, paths
 from core.errors import BadInput
 
-from . import chat_tab, export_tab, login, train_tab
+from . import chat_tab, eval_tab, export_tab, login, train_tab
 
 TITLE = "tunebench"
 
@@ -51,6 +51,19 @@ CSS = """
           background: var(--background-fill-secondary); }
 .tb-log pre { margin: 0; padding: 8px; font-size: 0.78em; white-space: pre-wrap;
               word-break: break-word; }
+/* the Evaluate tab's tables: results, per task, predictions, comparison */
+.tb-table { border-collapse: collapse; width: 100%; font-size: 0.88em; margin: 4px 0 10px 0; }
+.tb-table th { text-align: left; font-weight: 600; background: var(--background-fill-secondary); }
+.tb-table th, .tb-table td { padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary);
+                             vertical-align: top; }
+.tb-table .tb-num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.tb-table td.tb-metric { font-family: var(--font-mono); font-size: 0.95em; }
+.tb-better { color: #1a7f37; font-weight: 600; }
+.tb-worse { color: #cf222e; font-weight: 600; }
+.tb-eval-head { margin: 2px 0 6px 0; font-size: 0.92em; }
+.tb-eval-sub { font-size: 0.85em; font-weight: 600; margin-top: 6px; }
+.tb-preds td { max-width: 340px; }
+.tb-cell { max-height: 8.5em; overflow: auto; white-space: pre-wrap; word-break: break-word; }
 """
 
 
@@ -63,13 +76,18 @@ def build_app(saves: Path | None = None) -> gr.Blocks:
     saves = Path(saves) if saves else saves_dir()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown("## tunebench · fine-tune a language model in the browser")
-        with gr.Tab("Train", elem_id="tab-train"):
-            train = train_tab.TrainTab(saves)
-        with gr.Tab("Chat", elem_id="tab-chat"):
-            chat_tab.build(saves)
-        with gr.Tab("Export", elem_id="tab-export"):
-            export_tab.build(saves)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab.TrainTab(saves)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat_tab.build(saves)
+            with gr.Tab("Evaluate", id="eval", elem_id="tab-eval"):
+                evaluate = eval_tab.EvalTab(saves)
+            with gr.Tab("Export", id="export", elem_id="tab-export"):
+                export_tab.build(saves)
         train.wire_page_load(demo)
+        evaluate.wire_page_load(demo)
+        evaluate.wire_open_from(train.evals, tabs, "eval")  # a run's evaluations open there
     return demo
 
 

@@ -78,6 +78,19 @@ def stage_datasets(dataset_dir: str) -> dict[str, list[str]]:
     return ask("stage_datasets", {"dataset_dir": dataset_dir})["stages"]
 
 
+def eval_check(config: cfg.EvalConfig) -> dict:
+    """Every bad-input check of an eval job (core.evaluate.check: the checkpoint fits the
+    model, each record has what the task needs), before any job folder exists. It loads
+    tokenizers and reads adapters, hence the child. Returns what was read: rows, files."""
+    return ask("eval_check", {"config": cfg.to_dict(config)})
+
+
+def dataset_kinds(dataset_dir: str) -> dict[str, str | None]:
+    """What each registered dataset holds (core.data.dataset_kind: chat, text, pairs, kto,
+    prompts, choice), None for one that cannot be read. Telling may read a first record."""
+    return ask("dataset_kinds", {"dataset_dir": dataset_dir})["kinds"]
+
+
 def length_summary(lengths: list[int], cutoff: int, total: int) -> dict:
     return {"records": total, "measured": len(lengths), "min": min(lengths),
             "median": statistics.median(lengths), "max": max(lengths),
@@ -217,13 +230,38 @@ def _stage_datasets(request: dict) -> dict:
                        for stage in cfg.STAGES}}
 
 
+def _eval_check(request: dict) -> dict:
+    from core import evaluate
+
+    config = cfg.eval_config(request["config"], "the form")
+    inputs = evaluate.check(config)
+    return {"rows": len(inputs.rows), "files": len(inputs.files), "tasks": len(inputs.tasks)}
+
+
+def _dataset_kinds(request: dict) -> dict:
+    from core import data
+
+    try:
+        names = data.list_datasets(request["dataset_dir"])
+    except BadInput:
+        return {"kinds": {}}
+    kinds = {}
+    for name in names:
+        try:
+            kinds[name] = data.dataset_kind(name, request["dataset_dir"])
+        except (BadInput, OSError, ValueError):
+            kinds[name] = None  # reading it for a job says what is wrong
+    return {"kinds": kinds}
+
+
 def _preview(request: dict) -> dict:
     config = cfg.from_mapping(request["config"], source="the form")
     return _compute(config, int(request.get("count", 3)))
 
 
 ACTIONS = {"check": _check, "register": _register, "preview": _preview,
-           "stage_datasets": _stage_datasets}
+           "stage_datasets": _stage_datasets, "eval_check": _eval_check,
+           "dataset_kinds": _dataset_kinds}
 
 
 def main() -> int:

@@ -1,0 +1,930 @@
+"""The Evaluate tab: a front end to `tunebench eval`, as the Train tab is to `tunebench train`.
+
+Start checks every input in a data-worker child (core.evaluate.check needs transformers,
+which the page server never imports), then core.launch.start_eval writes the job folder
+and starts the CLI detached. From then on everything shown is read back from job folders:
+status.json, metrics.jsonl (the progress bar), eval.log, results.json and
+predictions.jsonl. Which job a browser tab shows, its page of predictions and the job it
+compares with live in a `gr.State`; a closed browser or a restarted server loses nothing.
+
+The form is generated from core.config.EvalConfig by webui/form.py's machinery; only
+the pickers whose choices come from the saves folder (model, checkpoint) and the task
+picker are made here, with the schema's label and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import yaml
+
+from core import config as cfg
+from core import data, eval_tasks, evaluate, launch, models, paths, runs, schema
+from core.errors import BadInput
+
+from . import data_worker, form
+from .chat_tab import model_choices
+from .runs_view import Watch, _short_time, log_html, message_html, progress_html, status_html
+
+TICK_S = 1.0
+PAGE_SIZE = 10
+JOB_COLUMNS = ["job", "task", "dataset", "state", "result", "started"]
+NO_CHECKPOINT = "none (model alone)"
+NO_JOB = "<div class='tb-status'>No eval job yet.</div>"
+# Element ids that shared/SPEC.md fixes; every other setting gets "eval-<key>".
+SPEC_IDS = {"adapter": "eval-checkpoint", "eval_task": "eval-task"}
+LABELS = {"adapter": "Checkpoint", "eval_task": "Task"}
+# The first row: what is evaluated, and on what. The rest follow in schema order.
+PICKERS = ("model", "adapter", "eval_task")
+WHAT_ON = ("dataset", "harness_tasks")
+# The page always writes the job to saves/eval-<task>-<date>-<time> (launch.start_eval).
+NOT_IN_FORM = ("output_dir",)
+# Settings only some tasks read (hidden for the others). The schema has no tasks=
+# restriction yet, as it has methods= and stages= for training.
+FOR_TASKS = {"dataset": ("loss", "predict", "choice"), "harness_tasks": ("harness",),
+             "num_fewshot": ("choice", "harness")}
+# The kinds of dataset (core.data.dataset_kind) each task reads (core/eval_tasks.py).
+TASK_KINDS = {"loss": tuple(eval_tasks.LOSS_STAGE), "predict": tuple(eval_tasks.READS_REFERENCES),
+              "choice": tuple(data.EVAL_KINDS), "harness": (), "probes": ()}
+# The metric that sums a job up in the lists, per task.
+HEADLINE = {"loss": "loss", "predict": "rouge_l", "choice": "accuracy", "harness": "accuracy",
+            "probes": "mentions_name"}
+WRITES_PREDICTIONS = ("predict", "probes")   # the tasks with a predictions.jsonl
+LOWER_IS_BETTER = ("loss", "perplexity")
+NOT_COMPARED = ("tokens", "accuracy_stderr")   # no better or worse: sizes and spreads
+METRIC_HELP = {
+    "loss": "mean token loss on the trained tokens (lower is better)",
+    "perplexity": "exp(loss) (lower is better)", "tokens": "tokens scored",
+    "bleu_4": "BLEU-4, 0-100", "rouge_1": "ROUGE-1 F, 0-100", "rouge_2": "ROUGE-2 F, 0-100",
+    "rouge_l": "ROUGE-L F, 0-100", "exact_match": "replies equal to the reference, %",
+    "accuracy": "questions answered right, %", "accuracy_stderr": "standard error of accuracy",
+    "mentions_name": "replies that name the identity, %"}
+
+
+@dataclasses.dataclass
+class Session:
+    """What one browser tab is looking at. Lives in gr.State, never in the server."""
+    watch: Watch | None = None
+    known: list = dataclasses.field(default_factory=list)   # folder names at the last tick
+    page: int = 1
+    compare_with: str | None = None
+    results_sig: tuple | None = None
+    preds_sig: tuple | None = None
+    holding_message: bool = False   # a refusal stays until the user acts again
+
+
+# --- numbers ---------------------------------------------------------------------------
+
+def fmt_metric(name: str, value: Any) -> str:
+    """A metric as the tables show it: loss to 4 places, perplexity to 2, tokens whole,
+    the 0-100 scores to 1."""
+    if value is None:
+        return "–"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return html.escape(str(value))
+    if not math.isfinite(value):
+        return str(value)
+    if name == "tokens":
+        return f"{value:,.0f}"
+    if name == "loss":
+        return f"{value:.4f}"
+    if name in ("perplexity", "accuracy_stderr"):
+        return f"{value:.2f}"
+    return f"{value:.1f}"
+
+
+def difference(name: str, model: Any, base: Any) -> tuple[str, str]:
+    """(text, css class) of model - base: tb-better, tb-worse or '' (no judgement)."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (model, base)):
+        return "–", ""
+    delta = model - base
+    text = ("+" if delta > 0 else "−" if delta < 0 else "±") + fmt_metric(name, abs(delta))
+    if name in NOT_COMPARED or delta == 0:
+        return text, ""
+    better = delta < 0 if name in LOWER_IS_BETTER else delta > 0
+    return text, "tb-better" if better else "tb-worse"
+
+
+def headline(results: dict | None) -> str:
+    """The job in a few words: 'rouge_l 65.0 vs base 23.3' ('' when it has no results)."""
+    if not results:
+        return ""
+    name = HEADLINE.get(results.get("task"), "")
+    model, base = (results.get("model") or {}), (results.get("base") or {})
+    if name not in model:
+        name = next(iter(model), "")
+    if not name:
+        return ""
+    text = f"{name} {fmt_metric(name, model[name])}"
+    if name in base:
+        text += f" vs base {fmt_metric(name, base[name])}"
+    return ("partial: " if results.get("partial") else "") + text
+
+
+# --- results -------------------------------------------------------------------------
+
+def _metric_cell(name: str) -> str:
+    return (f"<td class='tb-metric' title='{html.escape(METRIC_HELP.get(name, name))}'>"
+            f"{html.escape(name)}</td>")
+
+
+def _side_names(results: dict) -> tuple[str, str]:
+    return ("fine-tune", "base") if results.get("adapter") else ("model", "base")
+
+
+def metrics_table(results: dict) -> str:
+    """Rows: metrics; columns: fine-tune, base and their difference (the base columns only
+    when the base was evaluated)."""
+    model, base = results.get("model") or {}, results.get("base")
+    first, second = _side_names(results)
+    head = f"<th>metric</th><th class='tb-num'>{first}</th>"
+    if base is not None:
+        head += f"<th class='tb-num'>{second}</th><th class='tb-num'>difference</th>"
+    rows = []
+    for name in list(model) + [n for n in (base or {}) if n not in model]:
+        cells = _metric_cell(name) + f"<td class='tb-num'>{fmt_metric(name, model.get(name))}</td>"
+        if base is not None:
+            text, kind = difference(name, model.get(name), base.get(name))
+            cells += (f"<td class='tb-num'>{fmt_metric(name, base.get(name))}</td>"
+                      f"<td class='tb-num {kind}'>{text}</td>")
+        rows.append(f"<tr data-metric='{html.escape(name)}'>{cells}</tr>")
+    return (f"<table class='tb-table' id='eval-metrics'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def tasks_table(results: dict) -> str:
+    """Harness and choice jobs: accuracy per task, fine-tune beside base ('' otherwise)."""
+    tasks = results.get("tasks") or {}
+    if not tasks:
+        return ""
+    first, second = _side_names(results)
+    rows = []
+    for task, found in tasks.items():
+        model, base = found.get("model") or {}, found.get("base") or {}
+        acc, acc_base = model.get("accuracy"), base.get("accuracy")
+        text, kind = difference("accuracy", acc, acc_base)
+        rows.append(f"<tr data-task='{html.escape(task)}'><td>{html.escape(task)}</td>"
+                    f"<td class='tb-num'>{fmt_metric('tokens', found.get('n'))}</td>"
+                    f"<td class='tb-num'>{fmt_metric('accuracy', acc)}</td>"
+                    f"<td class='tb-num'>{fmt_metric('accuracy', acc_base)}</td>"
+                    f"<td class='tb-num {kind}'>{text}</td></tr>")
+    return (f"<div class='tb-eval-sub'>Accuracy per task</div><table class='tb-table' "
+            f"id='eval-tasks'><thead><tr><th>task</th><th class='tb-num'>n</th>"
+            f"<th class='tb-num'>{first}</th><th class='tb-num'>{second}</th>"
+            f"<th class='tb-num'>difference</th></tr></thead><tbody>{''.join(rows)}</tbody>"
+            "</table>")
+
+
+def results_html(results: dict | None, status: dict | None = None) -> str:
+    """results.json as the page shows it: what was measured, then the tables."""
+    if not results:
+        state = (status or {}).get("state")
+        text = {"running": "Results appear here when the job ends (a stopped job keeps the "
+                           "rows it did).",
+                "failed": "No results: the job failed (the status above says why).",
+                None: "No eval job shown. Pick a checkpoint, a task and a dataset, then "
+                      "press Start."}.get(state, "This job wrote no results.")
+        return f"<div class='tb-eval-results tb-idle' data-state='{state or ''}'>{text}</div>"
+    task = str(results.get("task", "?"))
+    on = ", ".join(map(str, results.get("dataset") or [])) or ", ".join(results.get("tasks") or {})
+    what = html.escape(str(results.get("model_name") or "?"))
+    if results.get("adapter"):
+        what += " + " + html.escape(_short_path(results["adapter"]))
+    partial = ("<span class='tb-badge tb-aborted'>partial</span> " if results.get("partial")
+               else "")
+    elapsed = results.get("elapsed_s")
+    head = (f"{partial}<b>{html.escape(task)}</b> on {html.escape(on or '–')} · "
+            f"n = {results.get('n', '?')} · {what}"
+            + (f" · {elapsed:.0f} s" if isinstance(elapsed, (int, float)) else ""))
+    return (f"<div class='tb-eval-results' data-task='{html.escape(task)}' "
+            f"data-partial='{str(bool(results.get('partial'))).lower()}'>"
+            f"<div class='tb-eval-head'>{head}</div>{metrics_table(results)}"
+            f"{tasks_table(results)}</div>")
+
+
+def _short_path(path: str) -> str:
+    """A checkpoint as run/checkpoint, the way the pickers name it."""
+    p = Path(str(path))
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+# --- predictions ---------------------------------------------------------------------
+
+def count_lines(path: Path) -> int:
+    """Complete lines in a file (a torn last line does not count), read in chunks."""
+    n = 0
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                n += chunk.count(b"\n")
+    except FileNotFoundError:
+        return 0
+    return n
+
+
+def page_count(total: int, size: int = PAGE_SIZE) -> int:
+    return max(1, math.ceil(total / size))
+
+
+def _cell(text: Any, note: str = "") -> str:
+    body = html.escape("" if text is None else str(text))
+    extra = f"<div class='tb-dim'>{html.escape(note)}</div>" if note else ""
+    return f"<td><div class='tb-cell'>{body}</div>{extra}</td>"
+
+
+def _finish_note(row: dict, key: str) -> str:
+    return "cut at max_new_tokens" if row.get(f"{key}_finish") == "length" else ""
+
+
+def predictions_html(rows: list[dict], start: int, total: int, adapter: bool = True) -> str:
+    """One page of predictions.jsonl: prompt, reference, each side's reply, ROUGE-L."""
+    if not rows:
+        return "<div class='tb-idle' id='eval-no-predictions'>No predictions to show (only " \
+               "predict and probes jobs write them).</div>" if total == 0 else ""
+    base = any("base_prediction" in r for r in rows)
+    scored = any(r.get("scores") for r in rows)
+    first = "fine-tuned reply" if adapter else "reply"
+    head = f"<th>#</th><th>prompt</th><th>reference</th><th>{first}</th>"
+    head += "<th>base reply</th>" if base else ""
+    if scored:
+        head += "<th class='tb-num'>ROUGE-L</th>" + ("<th class='tb-num'>base</th>" if base
+                                                     else "")
+    body = []
+    for i, row in enumerate(rows, start=start + 1):
+        turns = len(row.get("context") or [])
+        cells = (f"<td class='tb-num'>{i}</td>"
+                 + _cell(row.get("prompt"), f"after {turns} earlier messages" if turns else "")
+                 + _cell(row.get("reference") if row.get("reference") is not None else "–")
+                 + _cell(row.get("prediction"), _finish_note(row, "prediction")))
+        if base:
+            cells += _cell(row.get("base_prediction"), _finish_note(row, "base_prediction"))
+        if scored:
+            cells += f"<td class='tb-num'>{_row_score(row, 'scores')}</td>"
+            if base:
+                cells += f"<td class='tb-num tb-dim'>{_row_score(row, 'base_scores')}</td>"
+        body.append(f"<tr>{cells}</tr>")
+    return (f"<table class='tb-table tb-preds'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def _row_score(row: dict, key: str) -> str:
+    return fmt_metric("rouge_l", (row.get(key) or {}).get("rouge_l"))
+
+
+def predictions_page(folder: Path | None, page: int, size: int = PAGE_SIZE
+                     ) -> tuple[str, int, str]:
+    """(html, page shown, 'of N' text) for page `page` (1-based, clamped) of a job."""
+    if folder is None:
+        return "", 1, ""
+    total = count_lines(Path(folder) / eval_tasks.PREDICTIONS)
+    pages = page_count(total, size)
+    page = min(max(1, int(page or 1)), pages)
+    start = (page - 1) * size
+    rows = evaluate.read_predictions(folder, start, size)
+    adapter = bool(_job_config(Path(folder)).get("adapter"))
+    info = (f"of {pages} · rows {start + 1}–{start + len(rows)} of {total}, in the order "
+            "they were generated" if total else "")
+    return predictions_html(rows, start, total, adapter), page, info
+
+
+# --- job folders, read once per version ------------------------------------------------
+
+_configs: dict[Path, tuple] = {}
+_results: dict[Path, tuple] = {}
+
+
+def _job_config(folder: Path) -> dict:
+    """The job's config.yaml as a mapping ({} when unreadable), cached by its signature."""
+    path = Path(folder) / runs.CONFIG
+    sig = runs.file_signature(path)
+    cached = _configs.get(path)
+    if cached and cached[0] == sig:
+        return cached[1]
+    try:
+        found = yaml.safe_load(path.read_text(encoding="utf-8")) if sig else {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        found = {}
+    found = found if isinstance(found, dict) else {}
+    _configs[path] = (sig, found)
+    return found
+
+
+def job_results(folder: Path) -> dict | None:
+    """results.json, cached by its signature (None until the job writes it)."""
+    path = Path(folder) / evaluate.RESULTS
+    sig = runs.file_signature(path)
+    cached = _results.get(path)
+    if cached and cached[0] == sig:
+        return cached[1]
+    found = evaluate.read_results(folder) if sig else None
+    _results[path] = (sig, found)
+    return found
+
+
+def job_task(folder: Path) -> str:
+    return str(_job_config(folder).get("eval_task") or "?")
+
+
+def job_on(folder: Path) -> str:
+    """What the job read: its datasets, or its harness tasks."""
+    config = _job_config(folder)
+    if config.get("eval_task") == "harness":
+        return ", ".join(map(str, config.get("harness_tasks") or [])) or "–"
+    if config.get("eval_task") == "probes":
+        return "probe prompts"
+    return ", ".join(map(str, config.get("dataset") or [])) or "–"
+
+
+def eval_jobs(saves: Path) -> list[runs.RunSummary]:
+    """The eval jobs in the saves folder, newest first."""
+    return [r for r in runs.list_runs(saves) if r.kind == evaluate.KIND]
+
+
+def jobs_rows(saves: Path) -> list[list]:
+    """Rows for the eval-jobs list: job, task, dataset, state, headline result, started."""
+    return [[job.name, job_task(job.path), job_on(job.path), job.state,
+             headline(job_results(job.path)) or "–", _short_time(job.started_at) or "–"]
+            for job in eval_jobs(saves)]
+
+
+def newest_running_job(saves: Path) -> Path | None:
+    """The eval job to reattach to when a page opens: the newest one still going."""
+    busy = [r for r in launch.running_runs(saves)
+            if r.path.resolve().parent == Path(saves).resolve() and evaluate.is_eval_job(r.path)]
+    return max(busy, key=lambda r: r.started_at).path if busy else None
+
+
+def find_job(saves: Path, name: str | None) -> Path | None:
+    """The eval job folder listed under `name` (never a path outside the saves folder)."""
+    if not name:
+        return None
+    path = runs.find_run(saves, str(name))
+    return path if path is not None and evaluate.is_eval_job(path) else None
+
+
+def evals_of_run(saves: Path, run_dir: Path | None) -> list[tuple[str, str]]:
+    """(label, job name) for each eval job of a run's checkpoints, newest first: the Train
+    tab's run view lists them, and picking one opens it in this tab."""
+    if run_dir is None or evaluate.is_eval_job(run_dir):
+        return []
+    out = []
+    for folder in evaluate.jobs_of_run(saves, run_dir):
+        adapter = Path(str(_job_config(folder).get("adapter") or ""))
+        result = headline(job_results(folder)) or (runs.read_status_raw(folder) or {}).get(
+            "state", "?")
+        out.append((f"{folder.name} · {job_task(folder)} of {adapter.name} on "
+                    f"{job_on(folder)} · {result}", folder.name))
+    return out
+
+
+# --- comparing two jobs --------------------------------------------------------------
+
+def comparable(a: dict, b: dict) -> str | None:
+    """Why two jobs' results cannot sit side by side (None when they can)."""
+    if a.get("task") != b.get("task"):
+        return f"the tasks differ ({a.get('task')} and {b.get('task')})"
+    on_a, on_b = sorted(a.get("dataset") or []), sorted(b.get("dataset") or [])
+    if a.get("task") == "harness":
+        on_a, on_b = sorted(a.get("tasks") or {}), sorted(b.get("tasks") or {})
+    if a.get("task") != "probes" and on_a != on_b:
+        return (f"they measured different data ({', '.join(on_a) or '–'} and "
+                f"{', '.join(on_b) or '–'})")
+    return None
+
+
+def compare_html(first: Path | None, second: Path | None) -> str:
+    """Two eval jobs' metrics side by side (fine-tune of each, and B − A), or why not."""
+    if first is None or second is None:
+        return ("<div class='tb-idle'>Pick a second job to compare with the one shown "
+                "(same task and dataset).</div>")
+    if Path(first).resolve() == Path(second).resolve():
+        return "<div class='tb-idle'>That is the job shown; pick another one.</div>"
+    a, b = job_results(first), job_results(second)
+    missing = [f.name for f, r in ((first, a), (second, b)) if not r]
+    if missing:
+        return _note(f"Not compared: {', '.join(missing)} has no results yet.")
+    why = comparable(a, b)
+    if why:
+        return _note(f"Not compared: {why}. Compare jobs of the same task on the same data.")
+    names = list(a.get("model") or {}) + [n for n in b.get("model") or {}
+                                          if n not in (a.get("model") or {})]
+    rows = []
+    for name in names:
+        x, y = (a.get("model") or {}).get(name), (b.get("model") or {}).get(name)
+        text, kind = difference(name, y, x)
+        rows.append(f"<tr data-metric='{html.escape(name)}'>{_metric_cell(name)}"
+                    f"<td class='tb-num'>{fmt_metric(name, x)}</td>"
+                    f"<td class='tb-num'>{fmt_metric(name, y)}</td>"
+                    f"<td class='tb-num {kind}'>{text}</td></tr>")
+    notes = ""
+    if a.get("n") != b.get("n"):
+        notes = (f"<div class='tb-note'>The jobs scored different numbers of rows ({a.get('n')} "
+                 f"and {b.get('n')}): max_samples differed, or a job was stopped.</div>")
+    return (f"<div id='eval-compare-table'><div class='tb-eval-head'>A = <b>"
+            f"{html.escape(first.name)}</b> ({html.escape(_what(a))}) · B = <b>"
+            f"{html.escape(second.name)}</b> ({html.escape(_what(b))})</div>"
+            f"<table class='tb-table'><thead><tr><th>metric</th><th class='tb-num'>A</th>"
+            f"<th class='tb-num'>B</th><th class='tb-num'>B − A</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>{notes}</div>")
+
+
+def _what(results: dict) -> str:
+    adapter = results.get("adapter")
+    return str(results.get("model_name") or "?") + (f" + {_short_path(adapter)}" if adapter
+                                                      else "")
+
+
+def _note(text: str) -> str:
+    return f"<pre class='tb-note' id='eval-compare-note'>{html.escape(text)}</pre>"
+
+
+# --- the form: choices that follow the task and the checkpoint -----------------------
+
+# What each registered dataset holds, for the registry file as it was when asked:
+# {(folder, signature of dataset_info.json): {name: kind}}.
+_kinds: dict[tuple, dict[str, str | None]] = {}
+
+
+def dataset_kinds(dataset_dir: str) -> dict[str, str | None]:
+    """Each registered dataset's kind, asked of the data worker once per registry version."""
+    try:
+        folder = data.data_dir(dataset_dir or "data")
+        key = (str(folder), runs.file_signature(folder / data.REGISTRY))
+        if key not in _kinds:
+            found = data_worker.dataset_kinds(dataset_dir or "data")
+            _kinds.clear()
+            _kinds[key] = found
+        return dict(_kinds[key])
+    except BadInput:
+        return {}  # a broken registry is reported when a job reads it
+
+
+def datasets_for_task(task: str, kinds: dict[str, str | None]) -> list[str]:
+    return [name for name, kind in kinds.items() if kind in TASK_KINDS.get(task, ())]
+
+
+def fit_datasets(task: str, kinds: dict[str, str | None], current: list[str] | None
+                 ) -> tuple[list[str], list[str]]:
+    """(choices, selection) for the dataset picker under `task`: registered datasets the
+    task cannot read leave the selection (the first that fits takes their place when
+    none is left); a typed file path stays, for Start's check to judge."""
+    fits = datasets_for_task(task, kinds)
+    current = [str(d) for d in current or []]
+    keep = [d for d in current if d in fits or d not in kinds]
+    if not keep and fits and TASK_KINDS.get(task):
+        keep = [fits[0]]
+    return sorted(set(fits) | set(keep)), keep
+
+
+def task_for_kind(kind: str | None, current: str) -> str:
+    """The task to evaluate a dataset of `kind` with: the current one when it reads it."""
+    if kind in TASK_KINDS.get(current, ()):
+        return current
+    return next((t for t, kinds in TASK_KINDS.items() if kind in kinds), current)
+
+
+def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
+    """(label, path): the model alone, then every final/ and checkpoint-N/, newest run first."""
+    return [(NO_CHECKPOINT, "")] + [(f"{p.parent.name}/{p.name}", str(p))
+                                    for p in runs.loadable_checkpoints(saves)]
+
+
+def from_run(checkpoint: str | None) -> dict:
+    """The settings an eval of this checkpoint takes from its run (cfg.EVAL_FROM_RUN):
+    model, template, identity, length. {} for no checkpoint, or one outside the allowed
+    folders (nothing is read there)."""
+    if not (checkpoint or "").strip():
+        return {}
+    try:
+        folder = paths.confine(checkpoint, "checkpoint", must_exist=True)
+    except BadInput:
+        return {}
+    trained = models.run_config(folder)
+    return {k: trained[k] for k in cfg.EVAL_FROM_RUN if k in trained}
+
+
+# --- layout ----------------------------------------------------------------------------
+
+def _picker(f: dataclasses.Field, choices: list, value: Any, **extra) -> gr.Dropdown:
+    """A dropdown for one setting, with its label and help from the schema."""
+    return gr.Dropdown(choices=choices, value=value, info=form.info(f),
+                       label=LABELS.get(f.name, form.label(f.name)),
+                       elem_id=SPEC_IDS.get(f.name, form.elem_id(f.name, "eval")), **extra)
+
+
+def _rows(fields: list[dataclasses.Field], values: dict, datasets: list[str], task: str,
+          widgets: dict) -> None:
+    """Generic widgets in rows of at most form.PER_ROW, split evenly (6 make 3 and 3), each
+    shown when its task reads it."""
+    n_rows = math.ceil(len(fields) / form.PER_ROW)
+    cuts = [math.ceil(i * len(fields) / n_rows) for i in range(n_rows + 1)]
+    for a, b in zip(cuts, cuts[1:]):
+        with gr.Row(equal_height=False):
+            for f in fields[a:b]:
+                widgets[f.name] = form.make_widget(
+                    f, values[f.name], datasets, cfg.EvalConfig, "eval",
+                    visible=task in FOR_TASKS.get(f.name, (task,)))
+
+
+def build_eval_form(config: cfg.EvalConfig, saves: Path, kinds: dict) -> form.Form:
+    """The Evaluate form, from cfg.EvalConfig: the pickers, then the dataset (or harness
+    tasks), then every other setting; advanced ones and generation folded away."""
+    values, fields = schema.to_dict(config), schema.fields(cfg.EvalConfig)
+    datasets, chosen = fit_datasets(config.eval_task, kinds, config.dataset)
+    values["dataset"] = chosen
+    widgets: dict[str, gr.Component] = {}
+    with gr.Row(equal_height=False):
+        widgets["model"] = _picker(fields["model"], model_choices(saves), values["model"],
+                                   allow_custom_value=True, scale=2)
+        widgets["adapter"] = _picker(fields["adapter"], checkpoint_choices(saves), "",
+                                     allow_custom_value=True, scale=3)
+        widgets["eval_task"] = _picker(fields["eval_task"], list(cfg.EVAL_TASKS),
+                                       values["eval_task"], scale=2)
+    _rows([fields[n] for n in WHAT_ON], values, datasets, config.eval_task, widgets)
+    placed = set(PICKERS + WHAT_ON + NOT_IN_FORM)
+    rest = [f for f in fields.values() if f.name not in placed]
+    _rows([f for f in rest if not f.metadata["advanced"] and f.metadata["group"] != "generation"],
+          values, datasets, config.eval_task, widgets)
+    with gr.Accordion("Generation settings (predict and probes)", open=False,
+                      elem_id="eval-generation"):
+        _rows([f for f in rest if f.metadata["group"] == "generation"], values, datasets,
+              config.eval_task, widgets)
+    with gr.Accordion("More settings", open=False, elem_id="eval-advanced"):
+        _rows([f for f in rest if f.metadata["advanced"] and f.metadata["group"] != "generation"],
+              values, datasets, config.eval_task, widgets)
+    return form.Form({n: widgets[n] for n in fields if n in widgets})
+
+
+def config_of(names: list[str], values: list[Any]) -> cfg.EvalConfig:
+    """Widget values -> a validated EvalConfig (BadInput lists every problem)."""
+    raw = {n: v for n, v in zip(names, values)}
+    if raw.get("adapter") is None:
+        raw["adapter"] = ""
+    return cfg.eval_config(raw, "the form")
+
+
+# --- the tab -------------------------------------------------------------------------
+
+class EvalTab:
+    """Builds the tab inside the current gr.Tab and wires its events."""
+
+    def __init__(self, saves: Path, dataset_dir: str = "data"):
+        self.saves = Path(saves)
+        defaults = cfg.EvalConfig()
+        self.session = gr.State(_new_session)   # a fresh Session per browser tab
+        self.form = build_eval_form(defaults, self.saves, dataset_kinds(dataset_dir))
+        self._upload_panel()
+        with gr.Row():
+            self.start = gr.Button("Start", variant="primary", elem_id="eval-start")
+            self.abort = gr.Button("Stop", variant="stop", elem_id="eval-abort")
+        self._monitor()
+        self._jobs_panel()
+        self.timer = gr.Timer(TICK_S)
+        self._wire()
+
+    def _upload_panel(self):
+        with gr.Accordion("Upload a dataset: a multiple-choice file (question, A, B, C, D, "
+                          "answer) or prompts with references", open=False,
+                          elem_id="eval-data"):
+            with gr.Row():
+                self.upload_name = gr.Textbox(label="Register as (optional name)", max_lines=1,
+                                              elem_id="eval-upload-name",
+                                              info="Defaults to the file's name.")
+                self.upload = gr.File(label="Upload csv / json / jsonl",
+                                      file_types=[".csv", ".json", ".jsonl"],
+                                      elem_id="eval-upload", scale=2, height=150)
+            self.upload_status = gr.Markdown(elem_id="eval-upload-status")
+
+    def _monitor(self):
+        bare = dict(apply_default_css=False, js_on_load=None)
+        with gr.Column(elem_classes="tb-tight"):
+            self.status = gr.HTML(NO_JOB, elem_id="eval-status", **bare)
+            self.progress = gr.HTML(_progress(None), elem_id="eval-progress", **bare)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                self.results = gr.HTML(results_html(None), elem_id="eval-results", **bare)
+            with gr.Column(scale=2):
+                self.log = gr.HTML(log_html("", evaluate.LOG), elem_id="eval-log", **bare)
+        with gr.Accordion("Predictions, page by page", open=True, visible=False,
+                          elem_id="eval-predictions-box") as self.preds_box:
+            with gr.Row(equal_height=True):
+                self.prev = gr.Button("◀ Previous", size="sm", elem_id="eval-prev", scale=0,
+                                      min_width=110)
+                self.page = gr.Number(1, precision=0, minimum=1, label="Page", scale=0,
+                                      min_width=90, elem_id="eval-page", show_label=False)
+                self.page_info = gr.Markdown("", elem_id="eval-page-info")
+                self.next = gr.Button("Next ▶", size="sm", elem_id="eval-next", scale=0,
+                                      min_width=110)
+            self.predictions = gr.HTML("", elem_id="eval-predictions", **bare)
+
+    def _jobs_panel(self):
+        with gr.Row(equal_height=False):
+            self.job_pick = gr.Dropdown(label="Eval job shown", choices=[], value=None,
+                                        elem_id="eval-job", scale=3)
+            self.compare_pick = gr.Dropdown(label="Compare with", choices=[], value=None,
+                                            elem_id="eval-compare-with", scale=3,
+                                            info="another job of the same task on the same data")
+            self.refresh = gr.Button("Refresh", size="sm", elem_id="eval-refresh", scale=0,
+                                     min_width=90)
+        self.compare = gr.HTML(compare_html(None, None), elem_id="eval-compare",
+                               apply_default_css=False, js_on_load=None)
+        self.jobs = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False,
+                                 label="Eval jobs (click a row to show it)", elem_id="eval-jobs",
+                                 max_height=280, wrap=True)
+
+    # --- wiring --------------------------------------------------------------------------
+
+    @property
+    def view_outputs(self) -> list:
+        """What drawing a job updates (`_render`, `tick`), in this order."""
+        return [self.status, self.progress, self.log, self.results, self.predictions,
+                self.page, self.page_info, self.compare, self.preds_box]
+
+    @property
+    def listing_outputs(self) -> list:
+        return [self.jobs, self.job_pick, self.compare_pick]
+
+    def _wire(self):
+        view, listing = self.view_outputs, self.listing_outputs
+        quiet = dict(show_progress="hidden")
+        widgets, w = self.form.components, self.form.widgets
+        self.timer.tick(self.tick, [self.session], view + listing, concurrency_limit=None,
+                        api_visibility="private", **quiet)
+        self.start.click(self.on_start, [self.session] + widgets, view + listing)
+        self.abort.click(self.on_abort, [self.session], view + listing, concurrency_limit=None)
+        self.job_pick.input(self.on_pick, [self.session, self.job_pick], view + listing)
+        self.jobs.select(self.on_select, [self.session], view + listing)
+        self.refresh.click(self.on_refresh, [self.session], listing)
+        self.compare_pick.input(self.on_compare, [self.session, self.compare_pick], [self.compare])
+        pager = [self.predictions, self.page, self.page_info]
+        self.prev.click(self.on_page, [self.session, gr.State(-1)], pager, **quiet)
+        self.next.click(self.on_page, [self.session, gr.State(1)], pager, **quiet)
+        gr.on([self.page.submit, self.page.blur], self.on_page_number,
+              [self.session, self.page], pager, **quiet)
+        task_bound = [n for n in FOR_TASKS if n in w]
+        w["eval_task"].change(self.on_task, [w["eval_task"], w["dataset_dir"], w["dataset"]],
+                              [w[n] for n in task_bound], api_visibility="private", **quiet)
+        self.prefilled = [n for n in cfg.EVAL_FROM_RUN if n in w]
+        w["adapter"].change(self.on_checkpoint, [w["adapter"]], [w[n] for n in self.prefilled],
+                            **quiet)
+        self.upload.upload(self.on_upload, [self.upload, self.upload_name, w["dataset_dir"],
+                                            w["dataset"], w["eval_task"]],
+                           [w["eval_task"], w["dataset"], self.upload_status])
+        tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
+        if hasattr(tab, "select"):
+            tab.select(self.on_tab, [w["eval_task"], w["dataset_dir"], w["dataset"]],
+                       [w["model"], w["adapter"], w["dataset"]], api_visibility="private",
+                       **quiet)
+
+    def wire_page_load(self, demo: gr.Blocks) -> None:
+        """Reattach when a page opens: the running eval job, else the newest one."""
+        w = self.form.widgets
+        demo.load(self.on_load, [self.session], self.view_outputs + self.listing_outputs,
+                  api_visibility="private")
+        # The pickers as the saves folder is now (the page was built when the server started).
+        demo.load(self.on_tab, [w["eval_task"], w["dataset_dir"], w["dataset"]],
+                  [w["model"], w["adapter"], w["dataset"]],
+                  api_visibility="private", show_progress="hidden")
+
+    def wire_open_from(self, picker: gr.Component, tabs: gr.Tabs, tab_id: str) -> None:
+        """Picking a job in `picker` (the Train tab's evaluations of a run) shows it here and
+        switches to this tab."""
+        def on_open(session: Session, name: str | None) -> list:
+            # The picker is cleared, so that picking the same job again opens it again.
+            return self.on_pick(session, name) + [gr.update(value=None),
+                                                  gr.Tabs(selected=tab_id)]
+
+        picker.input(on_open, [self.session, picker],
+                     self.view_outputs + self.listing_outputs + [picker, tabs],
+                     api_visibility="private")
+
+    # --- drawing -------------------------------------------------------------------------
+
+    def _render(self, session: Session, folder: Path | None) -> list:
+        """Every view output, drawn in full (a tab switches to another job)."""
+        if session.watch is None or folder is None or session.watch.run_dir != folder:
+            session.page = 1
+        session.watch = Watch(folder) if folder else None
+        session.holding_message = False
+        if folder is None:
+            return [NO_JOB, _progress(None), log_html("", evaluate.LOG),
+                    results_html(None), "", 1, "", self._compare(session),
+                    gr.update(visible=False)]
+        watch = session.watch
+        watch.poll()
+        session.results_sig = runs.file_signature(folder / evaluate.RESULTS)
+        session.preds_sig = runs.file_signature(folder / eval_tasks.PREDICTIONS)
+        table, page, info = predictions_page(folder, session.page)
+        session.page = page
+        return [status_html(folder, watch.status), _progress(watch.status, watch.records),
+                log_html(launch.log_tail(runs.log_path(folder)), evaluate.LOG),
+                results_html(job_results(folder), watch.status), table, page, info,
+                self._compare(session), gr.update(visible=job_task(folder) in WRITES_PREDICTIONS)]
+
+    def _compare(self, session: Session) -> str:
+        shown = session.watch.run_dir if session.watch else None
+        return compare_html(shown, find_job(self.saves, session.compare_with))
+
+    def _listing(self, session: Session) -> list:
+        """The jobs list, and the job and compare pickers' choices."""
+        session.known = [p.name for p in runs.run_dirs(self.saves)]
+        rows = jobs_rows(self.saves)
+        names = [r[0] for r in rows]
+        shown = session.watch.run_dir.name if session.watch else None
+        return [_table(rows), gr.update(choices=names, value=shown) if shown
+                else gr.update(choices=names),
+                gr.update(choices=[n for n in names if n != shown], value=session.compare_with)]
+
+    def tick(self, session: Session) -> list:
+        """Once a second per tab: read only what changed; skip what did not."""
+        n_view = len(self.view_outputs)
+        out = [gr.skip()] * (n_view + len(self.listing_outputs))
+        names = [p.name for p in runs.run_dirs(self.saves)]
+        new_folder = names != session.known
+        watch = session.watch
+        if new_folder and not _is_running(watch):
+            # An eval job started elsewhere (another tab, the CLI): follow it.
+            path = newest_running_job(self.saves)
+            if path is not None and (watch is None or path != watch.run_dir):
+                return self._render(session, path) + self._listing(session)
+        if watch is None:
+            return out[:n_view] + self._listing(session) if new_folder else out
+        changes = watch.poll()
+        if session.watch is not watch:
+            return [gr.skip()] * len(out)  # the tab switched jobs while this tick read
+        folder = watch.run_dir
+        if changes.status is not None and not session.holding_message:
+            out[0] = status_html(folder, watch.status)
+        if changes.status is not None or changes.metrics is not None:
+            out[1] = _progress(watch.status, watch.records)
+        if changes.log is not None:
+            out[2] = log_html(changes.log, evaluate.LOG)
+        results_sig = runs.file_signature(folder / evaluate.RESULTS)
+        if results_sig != session.results_sig or changes.status is not None:
+            session.results_sig = results_sig
+            out[3] = results_html(job_results(folder), watch.status)
+            out[7] = self._compare(session)
+        preds_sig = runs.file_signature(folder / eval_tasks.PREDICTIONS)
+        if preds_sig != session.preds_sig:
+            session.preds_sig = preds_sig
+            out[4], out[5], out[6] = predictions_page(folder, session.page)
+        if new_folder or changes.status is not None:
+            out[n_view:] = self._listing(session)
+        return out
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def _message(self, session: Session, text: str, kind: str = "error") -> list:
+        session.holding_message = True
+        return [message_html(text, kind=kind)] + \
+            [gr.skip()] * (len(self.view_outputs) + len(self.listing_outputs) - 1)
+
+    def on_start(self, session: Session, *values):
+        """Check everything (the settings here, the data and checkpoint in a child), then
+        launch; on bad input show why and create nothing."""
+        try:
+            config = config_of(self.form.names, list(values))
+            paths.confine_config(config, self.saves)
+            # Refused at once while a job runs, not after the seconds the check takes.
+            launch._refuse_if_busy(self.saves)
+        except BadInput as err:
+            yield self._message(session, str(err))
+            return
+        yield self._message(session, "checking the model, the checkpoint and every record "
+                                     "before starting…", kind="checking")
+        try:
+            data_worker.eval_check(config)
+            folder = launch.start_eval(config, self.saves)
+        except BadInput as err:
+            yield self._message(session, str(err))
+            return
+        session.compare_with = None
+        yield self._render(session, folder) + self._listing(session)
+
+    def on_abort(self, session: Session) -> list:
+        watch = session.watch
+        if not _is_running(watch):
+            return self._message(session, "no running eval job is shown here to stop",
+                                 kind="note")
+        try:
+            launch.abort_run(watch.run_dir)
+        except BadInput as err:
+            return self._message(session, str(err))
+        return self._render(session, watch.run_dir) + self._listing(session)
+
+    def on_pick(self, session: Session, name: str | None) -> list:
+        folder = find_job(self.saves, name)
+        if name and folder is None:
+            return self._message(session, f"{name!r} is not an eval job in the list")
+        if folder is not None and session.compare_with == folder.name:
+            session.compare_with = None
+        return self._render(session, folder) + self._listing(session)
+
+    def on_select(self, session: Session, evt: gr.SelectData) -> list:
+        row = evt.row_value or []
+        return self.on_pick(session, str(row[0]) if row else None)
+
+    def on_refresh(self, session: Session) -> list:
+        return self._listing(session)
+
+    def on_compare(self, session: Session, name: str | None) -> str:
+        session.compare_with = name or None
+        return self._compare(session)
+
+    def on_load(self, session: Session) -> list:
+        """A page (re)opens: the running eval job, else the newest one."""
+        folder = newest_running_job(self.saves)
+        if folder is None:
+            jobs = eval_jobs(self.saves)
+            folder = jobs[0].path if jobs else None
+        return self._render(session, folder) + self._listing(session)
+
+    def on_page(self, session: Session, step: int) -> list:
+        return self._page(session, session.page + step)
+
+    def on_page_number(self, session: Session, page: float | None) -> list:
+        return self._page(session, int(page or 1))
+
+    def _page(self, session: Session, page: int) -> list:
+        folder = session.watch.run_dir if session.watch else None
+        table, session.page, info = predictions_page(folder, page)
+        return [table, session.page, info]
+
+    def on_task(self, task: str, dataset_dir: str, current: list[str] | None) -> list:
+        """Another task: show the settings it reads; the datasets offered are those it reads."""
+        out = []
+        for name in FOR_TASKS:
+            if name not in self.form.widgets:
+                continue
+            show = task in FOR_TASKS[name]
+            if name == "dataset":
+                choices, chosen = fit_datasets(task, dataset_kinds(dataset_dir), current)
+                out.append(gr.update(visible=show, choices=choices, value=chosen))
+            else:
+                out.append(gr.update(visible=show))
+        return out
+
+    def on_checkpoint(self, checkpoint: str | None) -> list:
+        """A checkpoint of a run was picked: its run's model, template, identity and length
+        fill the form (what the rows were trained with), as `tunebench eval` does."""
+        trained = from_run(checkpoint)
+        return [form.widget_value(n, trained[n], cfg.EvalConfig) if n in trained else gr.skip()
+                for n in self.prefilled]
+
+    def on_tab(self, task: str, dataset_dir: str, current: list[str] | None):
+        """The tab opens: new exports, checkpoints and datasets appear in the pickers. Only
+        the choices change: a value picked while this was on its way stays picked."""
+        choices, _ = fit_datasets(task, dataset_kinds(dataset_dir), current)
+        return (gr.update(choices=model_choices(self.saves)),
+                gr.update(choices=checkpoint_choices(self.saves)), gr.update(choices=choices))
+
+    def on_upload(self, file: str | None, name: str, dataset_dir: str,
+                  current: list[str] | None, task: str):
+        """Validate and register the file (in the data worker); select it, with the task
+        that reads its kind of data."""
+        if not file:
+            return gr.skip(), gr.skip(), ""
+        try:
+            from core import limits
+            dataset_dir = dataset_dir or "data"
+            paths.confine(dataset_dir, "dataset_dir")  # where the upload will be written
+            name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
+            key = data_worker.register(file, dataset_dir, name or None)
+        except BadInput as err:
+            return gr.skip(), gr.skip(), f"**Not registered.** {err}"
+        kinds = dataset_kinds(dataset_dir)
+        kind = kinds.get(key)
+        new_task = task_for_kind(kind, task)
+        if kind not in TASK_KINDS.get(new_task, ()):
+            return (gr.skip(), gr.skip(), f"Registered **{key}** ({kind} data) in "
+                    f"{dataset_dir}/dataset_info.json, but no eval task reads {kind} data.")
+        keep = [d for d in current or [] if new_task == task and d != key]
+        choices, _ = fit_datasets(new_task, kinds, keep + [key])
+        moved = f" Task set to **{new_task}**, which reads it." if new_task != task else ""
+        return (new_task, gr.update(choices=choices, value=keep + [key]),
+                f"Registered **{key}** ({kind} data) in {dataset_dir}/dataset_info.json and "
+                f"selected it.{moved}")
+
+
+def _progress(status: dict | None, records: list[dict] | None = None) -> str:
+    if status is None:
+        return "<div class='tb-progress tb-idle'>No eval job shown. Press Start to evaluate.</div>"
+    return progress_html(status, records or [])
+
+
+def _new_session() -> Session:
+    return Session()
+
+
+def _is_running(watch: Watch | None) -> bool:
+    return bool(watch and watch.status and watch.status.get("state") == "running")
+
+
+def _table(rows: list[list]):
+    import pandas as pd
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
