@@ -289,12 +289,19 @@ class ExportConfig:
 
 
 EVAL_TASKS = ("loss", "predict", "choice", "harness", "probes")
+GENERATING_TASKS = ("predict", "probes")          # the tasks that write replies
+DATASET_TASKS = ("loss", "predict", "choice")     # the tasks that read `dataset`
+
+
+def _generation(name: str) -> Any:
+    """A generation setting, as the Chat tab declares it, for the tasks that generate."""
+    return schema.borrow(GenConfig, name, tasks=GENERATING_TASKS)
 
 
 @dataclass
-class EvalConfig(GenConfig):
+class EvalConfig:
     """One evaluation job: `tunebench eval` and the Evaluate tab. The model, data and
-    generation settings are the training and chat ones (borrowed, so declared once)."""
+    generation settings are the training and chat ones, borrowed (declared once)."""
     model: str = schema.borrow(TrainConfig, "model")
     adapter: str = setting("", "Checkpoint to evaluate on the model: a run's final/ or "
                            "checkpoint-N/ (an adapter or a whole model). Empty = the model "
@@ -305,26 +312,38 @@ class EvalConfig(GenConfig):
         "ROUGE, exact match). choice: a multiple-choice file (question, A-D, answer) through "
         "lm-evaluation-harness. harness: lm-evaluation-harness tasks by name. probes: the Chat "
         "tab's probe prompts.", "eval", choices=EVAL_TASKS)
-    dataset: list[str] = schema.borrow(TrainConfig, "dataset")
+    dataset: list[str] = schema.borrow(TrainConfig, "dataset", tasks=DATASET_TASKS)
     dataset_dir: str = schema.borrow(TrainConfig, "dataset_dir")
     harness_tasks: list[str] = setting(
         [], "lm-evaluation-harness task names for eval_task harness (e.g. arc_easy, mmlu); "
         "their data downloads from the hub, so the machine must be online.", "eval",
-        max_len=200)
+        max_len=200, tasks=("harness",))
     num_fewshot: int = setting(0, "Solved examples shown before each benchmark question.",
-                               "eval", min=0, max=25, advanced=True)
+                               "eval", min=0, max=25, advanced=True, tasks=("choice", "harness"))
     compare_base: bool = setting(True, "Also evaluate the model without the checkpoint, in "
                                  "the same table.", "eval")
     max_samples: int = schema.borrow(TrainConfig, "max_samples", group="eval")
     batch_size: int = setting(16, "Prompts generated (or rows scored) together. Larger is "
                               "faster until memory runs out.", "eval", min=1, max=512)
     template: str = schema.borrow(TrainConfig, "template")
-    cutoff_len: int = schema.borrow(TrainConfig, "cutoff_len")
+    cutoff_len: int = schema.borrow(TrainConfig, "cutoff_len", tasks=("loss",))
     identity_name: str = schema.borrow(TrainConfig, "identity_name")
     identity_author: str = schema.borrow(TrainConfig, "identity_author")
     trust_remote_code: bool = schema.borrow(TrainConfig, "trust_remote_code")
+    system: str = _generation("system")
+    temperature: float = _generation("temperature")
+    top_p: float = _generation("top_p")
+    top_k: int = _generation("top_k")
+    max_new_tokens: int = _generation("max_new_tokens")
+    repetition_penalty: float = _generation("repetition_penalty")
+    seed: int = _generation("seed")
     output_dir: str = setting("", "Job folder. Empty = saves/eval-<task>-<date>-<time>.", "run",
                               path=True)
+
+    @property
+    def generation(self) -> GenConfig:
+        """The generation settings of this job, as the chat engine takes them."""
+        return GenConfig(**{name: getattr(self, name) for name in schema.fields(GenConfig)})
 
 
 # Settings an eval of a run's checkpoint takes from that run's config.yaml unless given:

@@ -56,6 +56,7 @@ class Task:
     check: Callable[[cfg.EvalConfig], Inputs]
     run: Callable[[Job], dict]
     what: str
+    reads: tuple[str, ...] = ()    # the dataset kinds (core.data.dataset_kind) it reads
 
 
 def _results(task: str, n: int, per_side: dict[str, dict], **extra) -> dict:
@@ -202,7 +203,7 @@ def run_predict(job: Job) -> dict:
             if job.stop.requested:
                 break
             prompts = [_with_system(rows[i]["prompt"], config.system) for i in batch]
-            replies = {side: job.engine.replies(prompts, config, SIDE_OF_ENGINE[side])
+            replies = {side: job.engine.replies(prompts, config.generation, SIDE_OF_ENGINE[side])
                        for side in job.sides}
             for k, i in enumerate(batch):
                 line = _prediction_line(i, rows[i], {s: r[k] for s, r in replies.items()},
@@ -244,7 +245,7 @@ def _probe_results(job: Job, done: list[dict]) -> dict:
     table = [{"prompt": d["prompt"], "fine_tuned": d["prediction"],
               "base": d.get("base_prediction")} for d in sorted(done, key=lambda d: d["index"])]
     save_probes(job.folder / PROBES_FILE, table, model=job.config.model,
-                checkpoint=job.config.adapter or None, settings=job.config)
+                checkpoint=job.config.adapter or None, settings=job.config.generation)
     name = job.config.identity_name.strip().lower()
     per_side = {side: {"mentions_name": round(100 * sum(
         name in (d.get(_PREDICTION[side]) or "").lower() for d in done) / max(len(done), 1), 2)}
@@ -324,11 +325,14 @@ def _pooled(results: list[dict]) -> dict:
 
 
 TASKS: dict[str, Task] = {
-    "loss": Task(check_loss, run_loss, "loss and perplexity, masked as training masks it"),
+    "loss": Task(check_loss, run_loss, "loss and perplexity, masked as training masks it",
+                 tuple(LOSS_STAGE)),
     "predict": Task(check_predict, run_predict,
-                    "replies scored against references: BLEU-4, ROUGE, exact match"),
+                    "replies scored against references: BLEU-4, ROUGE, exact match",
+                    tuple(READS_REFERENCES)),
     "choice": Task(check_choice, run_harness, "a multiple-choice file through "
-                   "lm-evaluation-harness"),
+                   "lm-evaluation-harness", data.EVAL_KINDS),
     "harness": Task(check_harness, run_harness, "lm-evaluation-harness tasks"),
     "probes": Task(check_probes, run_predict, "the Chat tab's probe prompts"),
 }
+assert set(TASKS) == set(cfg.EVAL_TASKS)

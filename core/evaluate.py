@@ -66,8 +66,8 @@ def check(config: cfg.EvalConfig) -> Inputs:
     """Every bad input of this job, as BadInput naming file, record and field."""
     if config.adapter:
         _check_checkpoint(config)
-    else:
-        models.resolve_model(config.model)
+    # Without a checkpoint the model is checked as it loads: resolving 'demo' here would
+    # build it inside the page's pre-check, where a first build would hold up the page.
     return TASKS[config.eval_task].check(config)
 
 
@@ -170,7 +170,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else None
         runs.append_metrics(self.folder, {
-            "step": self.done, "total_steps": self.total, "epoch": None,
+            "step": self.done, "total_steps": self.total, "unit": self.unit, "epoch": None,
             "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1) if eta is not None else None,
             "side": side})
         left = f", ETA {eta:.0f} s" if eta is not None else ""
@@ -302,7 +302,8 @@ def _load(config: cfg.EvalConfig):
 
 def _provenance(config: cfg.EvalConfig, started: float, partial: bool) -> dict:
     return {"model_name": config.model, "adapter": config.adapter or None,
-            "dataset": list(config.dataset), "partial": partial,
+            "dataset": list(config.dataset) if config.eval_task in cfg.DATASET_TASKS else [],
+            "partial": partial,
             "elapsed_s": round(time.monotonic() - started, 2), "created_at": runs.now_iso()}
 
 

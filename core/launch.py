@@ -68,7 +68,8 @@ def _running(run_dir: Path, status: dict) -> runs.RunSummary:
                            None, "", None)
 
 
-def _refuse_if_busy(saves_dir: Path) -> None:
+def refuse_if_busy(saves_dir: Path) -> None:
+    """BadInput naming the running job when any run or eval job is going on this machine."""
     busy = running_runs(saves_dir)
     if busy:
         run = busy[0]
@@ -100,7 +101,7 @@ def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves") -> Path:
     if problems:
         raise BadInput("; ".join(problems))
     with jobs.lock():
-        _refuse_if_busy(saves_dir)
+        refuse_if_busy(saves_dir)
         run_dir = _new_run_dir(config, saves_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
@@ -122,7 +123,7 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
     config = cfg.load(run_dir / runs.CONFIG)
     config = dataclasses.replace(config, output_dir=str(run_dir), resume=True)
     with jobs.lock():
-        _refuse_if_busy(Path(saves_dir))
+        refuse_if_busy(Path(saves_dir))
         _spawn(run_dir, config)
     return run_dir
 
@@ -133,7 +134,7 @@ def start_eval(config: cfg.EvalConfig, saves_dir: str | Path = "saves") -> Path:
     from .evaluate import KIND, LOG, job_dir_for
     saves_dir = Path(saves_dir)
     with jobs.lock():
-        _refuse_if_busy(saves_dir)
+        refuse_if_busy(saves_dir)
         folder = job_dir_for(dataclasses.replace(config, output_dir=""), saves_dir)
         folder.mkdir(parents=True)
         config = dataclasses.replace(config, output_dir=str(folder))

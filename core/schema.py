@@ -30,12 +30,13 @@ from .errors import BadInput, Problems
 def setting(default: Any, help: str, group: str, *, min: float | None = None,
             max: float | None = None, choices: tuple | None = None, advanced: bool = False,
             methods: tuple[str, ...] | None = None, stages: tuple[str, ...] | None = None,
+            tasks: tuple[str, ...] | None = None,
             widget: str | None = None, max_len: int | None = None, path: bool = False,
             multiline: bool = False, flag: str | None = None) -> Any:
     """A dataclass field with the metadata every front end reads.
 
-    `methods` limits a setting to some tuning methods, `stages` to some training stages
-    (the form hides it otherwise);
+    `methods` limits a setting to some tuning methods, `stages` to some training stages,
+    `tasks` to some eval tasks (the form hides it otherwise);
     `advanced` folds it away in the form; `widget` overrides the widget guessed
     from the type ("slider", "textbox", ...). Text is at most `max_len` characters
     (each entry, for a list); a `path` setting is at most `limits.MAX_PATH_BYTES`
@@ -49,7 +50,7 @@ def setting(default: Any, help: str, group: str, *, min: float | None = None,
     elif max_len is None and isinstance(default, (str, list)):
         max_len = limits.MAX_SETTING_CHARS
     meta = dict(help=help, group=group, min=min, max=max, choices=choices,
-                advanced=advanced, methods=methods, stages=stages, widget=widget,
+                advanced=advanced, methods=methods, stages=stages, tasks=tasks, widget=widget,
                 max_len=max_len, path=path, multiline=multiline, flag=flag)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -423,7 +424,7 @@ def describe(schema: type, name: str) -> str:
         parts.append(f"range {number(meta['min'])} to {number(meta['max'])}")
     elif meta["min"] is not None:
         parts.append(f"at least {number(meta['min'])}")
-    for key, what in (("stages", "stage"), ("methods", "method")):
+    for key, what in (("stages", "stage"), ("methods", "method"), ("tasks", "eval_task")):
         if meta.get(key):
             parts.append(f"{what} {', '.join(meta[key])} only")
     return f"{'; '.join(parts)}. {meta['help']}"

@@ -44,13 +44,11 @@ PICKERS = ("model", "adapter", "eval_task")
 WHAT_ON = ("dataset", "harness_tasks")
 # The page always writes the job to saves/eval-<task>-<date>-<time> (launch.start_eval).
 NOT_IN_FORM = ("output_dir",)
-# Settings only some tasks read (hidden for the others). The schema has no tasks=
-# restriction yet, as it has methods= and stages= for training.
-FOR_TASKS = {"dataset": ("loss", "predict", "choice"), "harness_tasks": ("harness",),
-             "num_fewshot": ("choice", "harness")}
-# The kinds of dataset (core.data.dataset_kind) each task reads (core/eval_tasks.py).
-TASK_KINDS = {"loss": tuple(eval_tasks.LOSS_STAGE), "predict": tuple(eval_tasks.READS_REFERENCES),
-              "choice": tuple(data.EVAL_KINDS), "harness": (), "probes": ()}
+# Settings only some tasks read (the schema's `tasks=`), hidden for the others.
+FOR_TASKS = {name: f.metadata["tasks"] for name, f in schema.fields(cfg.EvalConfig).items()
+             if f.metadata.get("tasks")}
+# The kinds of dataset (core.data.dataset_kind) each task reads.
+TASK_KINDS = {name: task.reads for name, task in eval_tasks.TASKS.items()}
 # The metric that sums a job up in the lists, per task.
 HEADLINE = {"loss": "loss", "predict": "rouge_l", "choice": "accuracy", "harness": "accuracy",
             "probes": "mentions_name"}
@@ -791,7 +789,7 @@ class EvalTab:
             config = config_of(self.form.names, list(values))
             paths.confine_config(config, self.saves)
             # Refused at once while a job runs, not after the seconds the check takes.
-            launch._refuse_if_busy(self.saves)
+            launch.refuse_if_busy(self.saves)
         except BadInput as err:
             yield self._message(session, str(err))
             return

@@ -327,14 +327,19 @@ def runs_table(saves_dir: Path) -> list[list]:
 
 
 def newest_running(saves_dir: Path) -> Path | None:
-    """The run to reattach to when a page opens: the newest one still going that the
-    list shows."""
+    """The training run to reattach to when a page opens: the newest one still going that
+    the list shows (an eval job is the Evaluate tab's to show)."""
     saves = Path(saves_dir).resolve()
     busy = [r for r in launch.running_runs(saves_dir)  # those in saves/, and others it lists
-            if r.path.resolve().parent == saves or paths.is_allowed(r.path.resolve())]
+            if (r.path.resolve().parent == saves or paths.is_allowed(r.path.resolve()))
+            and not is_eval_job(r.path)]
     if not busy:
         return None
     return max(busy, key=lambda r: r.started_at).path
+
+
+def is_eval_job(folder: Path) -> bool:
+    return (runs.read_status_raw(folder) or {}).get("kind") == "eval"
 
 
 def run_names(saves_dir: Path) -> list[str]:

@@ -388,7 +388,7 @@ class TrainTab:
         session.weight = weight
         path = newest_running(self.saves_dir)
         if path is None:
-            newest = runs.list_runs(self.saves_dir)
+            newest = [r for r in runs.list_runs(self.saves_dir) if r.kind != "eval"]
             path = newest[0].path if newest else None
         view = self._render(session, Watch(path) if path else None)
         return view + self._listing(session)
