@@ -121,7 +121,8 @@ def progress_html(status: dict | None, records: list[dict]) -> str:
     frac = 1.0 if done else (step / total if total else 0.0)
     parts = []
     if total:
-        parts.append(f"step {step}/{total}")
+        unit = last.get("unit")  # an eval job counts replies, batches or tasks
+        parts.append(f"{step}/{total} {unit}" if unit else f"step {step}/{total}")
     if last.get("epoch") is not None:
         parts.append(f"epoch {last['epoch']:.2f}")
     if last.get("elapsed_s") is not None:
