@@ -7,10 +7,15 @@ exactly as a user starts it (see servers.py). Playwright drives Debian's Chromiu
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from servers import abort_all_runs, new_project, start_server, stop_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
+from test_chat import identity_run  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -24,6 +29,15 @@ def server(tmp_path_factory, demo_model_path):
     finally:
         abort_all_runs(project)
         stop_server(running.proc)
+
+
+@pytest.fixture(scope="module")
+def run_in_saves(server, tmp_path_factory, demo_model_path):
+    """The session's identity fine-tune, copied into the server's saves/ as 'identity'."""
+    run = identity_run(tmp_path_factory.getbasetemp(), demo_model_path)
+    target = server.saves / "identity"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("probes.json"))
+    return target
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ shards, and the export is loaded back in the Chat tab as a plain model.
 """
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
 from page_helpers import choose, open_tab, shot, text_of, wait_until  # noqa: E402
-from test_chat import NAME, identity_run  # noqa: E402
+from test_chat import NAME  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
 SHARD = "3MB"
@@ -42,14 +41,6 @@ def send(page, prompt: str, both: bool) -> None:
     page.click("#chat-send")
     wait_until(lambda: ("base:" if both else "fine-tuned:") in text_of(page, "chat-stats"), 120,
                "the replies")
-
-
-@pytest.fixture(scope="module")
-def run_in_saves(server, tmp_path_factory, demo_model_path):
-    run = identity_run(tmp_path_factory.getbasetemp(), demo_model_path)
-    target = server.saves / "identity"
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("probes.json"))
-    return target
 
 
 def test_compare_probe_export_and_chat_with_the_export(page, server, run_in_saves):

@@ -9,7 +9,6 @@ is explained without leaving a job folder behind.
 
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
 from page_helpers import choose, open_tab, shot, table_rows, text_of, wait_until  # noqa: E402
-from test_chat import identity_run  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -28,14 +26,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.train]
 BAD_CHOICE = ('{"question": "2 + 2?", "A": "3", "B": "4", "C": "5", "D": "6", "answer": "B"}\n'
               '{"question": "Capital of France?", "A": "Paris", "B": "Rome", "C": "Oslo", '
               '"D": "Bern", "answer": "E"}\n')
-
-
-@pytest.fixture(scope="module")
-def run_in_saves(server, tmp_path_factory, demo_model_path):
-    run = identity_run(tmp_path_factory.getbasetemp(), demo_model_path)
-    target = server.saves / "identity"
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("probes.json"))
-    return target
 
 
 def eval_dirs(saves: Path) -> list[Path]:
