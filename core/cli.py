@@ -49,6 +49,14 @@ def _export(args) -> int:
                        overwrite=args.overwrite)
 
 
+def _serve(args) -> int:
+    from . import serve
+    settings = cfg.serve_config(schema.from_flags(args, cfg.ServeConfig),
+                                source="the command line")
+    return serve.main(args.model, args.adapter, settings, api_key=args.api_key,
+                      job_dir=args.job_dir)
+
+
 def _demo_model(args) -> int:
     from . import demo_model
     path = demo_model.ensure_demo_model(args.out, force=args.force)
@@ -104,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export in --out (never any other folder)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="serve a model and its LoRA adapters with an "
+                       "OpenAI-compatible API")
+    p.add_argument("--model", required=True, help="base model folder, hub id or 'demo'")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this LoRA adapter as model id NAME (repeatable)")
+    p.add_argument("--api-key", default=None, help=f"require this key (better: set "
+                   f"{cfg.SERVE_KEY_ENV}, which stays out of `ps`)")
+    p.add_argument("--job-dir", default=None, help=argparse.SUPPRESS)  # the page's job folder
+    schema.add_flags(p, cfg.ServeConfig)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo-model", help="build the embedded demo model and print its path")
     p.add_argument("--out", default=None, help="where to build it (default: the cache folder)")

@@ -352,6 +352,27 @@ EVAL_FROM_RUN = ("model", "template", "cutoff_len", "identity_name", "identity_a
                  "trust_remote_code")
 
 
+SERVE_BACKENDS = ("transformers", "vllm")
+SERVE_KEY_ENV = "TUNEBENCH_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """How `tunebench serve` listens and batches (the model and adapters are its arguments;
+    the API key is a flag or TUNEBENCH_API_KEY, never a setting written to disk)."""
+    host: str = setting("127.0.0.1", "Address to listen on. Anything but loopback needs an API "
+                        "key.", "serve", max_len=255, flag="--host")
+    port: int = setting(8000, "Port to listen on.", "serve", min=1, max=65535, flag="--port")
+    backend: str = setting("transformers", "transformers: transformers + PEFT, on CPU or GPU. "
+                           "vllm: vLLM's own OpenAI server with LoRA (needs vLLM and a GPU).",
+                           "serve", choices=SERVE_BACKENDS, flag="--backend")
+    max_batch: int = setting(8, "Requests generated together in one batch.", "serve", min=1,
+                             max=256, flag="--max-batch")
+    max_queue: int = setting(64, "Requests waiting or running at most; past it the server "
+                             "answers 429 (retry later).", "serve", min=1, max=4096,
+                             flag="--max-queue")
+
+
 def gen_config(raw: dict, source: str | None = None) -> GenConfig:
     """Generation settings from a plain mapping (YAML, flags, the Chat tab's widgets)."""
     return schema.build(GenConfig, raw, source)
@@ -375,6 +396,10 @@ def _eval_problems(config: EvalConfig) -> list[str]:
     if config.eval_task in ("loss", "predict", "choice") and not config.dataset:
         problems.append(f"dataset: eval_task {config.eval_task} needs a dataset")
     return problems
+
+
+def serve_config(raw: dict, source: str | None = None) -> ServeConfig:
+    return schema.build(ServeConfig, raw, source)
 
 
 def _export_problems(config: ExportConfig) -> list[str]:
