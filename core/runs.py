@@ -380,9 +380,9 @@ def summarize(run_dir: Path) -> RunSummary | None:
 def run_dirs(saves_dir: Path) -> list[Path]:
     """The run folders directly under `saves_dir`, sorted by name: the one scanner.
 
-    A run folder is a folder holding status.json. Folders are found by resolving: a
-    symlink placed in saves/ counts only when it resolves inside saves/ itself, so a
-    link to a folder elsewhere is neither listed nor opened. Cheap enough for every
+    A run folder is a folder holding status.json (hidden folders are not runs). Folders
+    are found by resolving: a symlink placed in saves/ counts only when it resolves inside
+    saves/ itself, so a link to a folder elsewhere is neither listed nor opened. Cheap enough for every
     page tick: a scandir, and a resolve only for the entries that are symlinks.
     """
     try:
@@ -392,6 +392,8 @@ def run_dirs(saves_dir: Path) -> list[Path]:
         return []
     found = []
     for entry in entries:
+        if entry.name.startswith("."):  # the API server's folder (.serve) and other hidden ones
+            continue
         path = Path(entry.path)
         if entry.is_symlink():
             target = path.resolve()
