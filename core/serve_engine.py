@@ -43,7 +43,7 @@ class Sampling:
     seed: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity
 class Row:
     """One sequence to generate (a request with n > 1 is n rows)."""
     prompt_ids: list[int]
@@ -193,6 +193,11 @@ class Scheduler(threading.Thread):
         return batch
 
     def _generate(self, batch: list[Row]) -> None:
+        gone = [r for r in batch if r.adapter != BASE_ROW and r.adapter not in self.engine.adapters]
+        for row in gone:  # its adapter was removed while the row waited
+            row.finish = "error"
+            row.emit("error", f"adapter '{row.adapter}' was removed before the reply started")
+        batch = [r for r in batch if r.finish is None]
         if not batch:
             return
         import torch
