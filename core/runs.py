@@ -177,7 +177,7 @@ def read_status(run_dir: Path) -> dict | None:
     status = read_status_raw(run_dir)
     if status and status.get("state") == "running" and not pid_alive(
             status.get("pid"), status.get("started_at")):
-        what = "evaluation" if status.get("kind") == "eval" else "training"
+        what = {"eval": "evaluation", "serve": "API server"}.get(status.get("kind"), "training")
         status = write_status(
             Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
             error=f"the {what} process disappeared without reporting (killed, or out of memory)",

@@ -430,14 +430,20 @@ def _run(server: Server) -> int:
         server.record()
         print(f"serving {', '.join(server.engine.model_ids())} at {server.url()}", flush=True)
 
-    web.startup = startup
+    original_shutdown = web.shutdown
+
+    async def shutdown(sockets=None):
+        # Recorded here: after a SIGTERM, uvicorn re-raises the signal once it has shut down,
+        # so code after web.run() would never see the ending.
+        await original_shutdown(sockets)
+        server.record("completed")
+
+    web.startup, web.shutdown = startup, shutdown
     try:
         web.run()
     except OSError as err:
         raise BadInput(f"cannot listen on {server.settings.host}:{server.settings.port}: "
                        f"{err.strerror}", field="--port") from None
-    finally:
-        server.record("completed")
     if not web.started:
         print(f"error: could not listen on {server.settings.host}:{server.settings.port}",
               file=sys.stderr)

@@ -15,12 +15,13 @@ core's refusal (the same words `tunebench chat` prints).
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import gradio as gr
 
 from core import config as cfg
-from core import limits, paths, runs, schema
+from core import limits, paths, runs, schema, serve_launch
 from core.chat import (DEFAULT_PROBES, base_model_of, build_messages, is_reward_model,
                        probes_path, save_probes)
 from core.chat_worker import ChatWorker, WorkerError
@@ -51,6 +52,12 @@ def model_choices(saves: Path) -> list[str]:
                     and paths.is_allowed(p.resolve())),
                    key=lambda p: p.stat().st_mtime, reverse=True) if exports.is_dir() else []
     return ["demo"] + [str(p) for p in found]
+
+
+def adapter_choices(saves: Path) -> list[tuple[str, str]]:
+    """(label, path) for every LoRA checkpoint the API server can serve (no reward models)."""
+    return [(f"{p.parent.name}/{p.name}", str(p)) for p in runs.loadable_checkpoints(saves)
+            if (p / "adapter_config.json").is_file() and not is_reward_model(p)]
 
 
 def base_of_picked(checkpoint: str | None) -> str | None:
@@ -124,6 +131,62 @@ def _stats_text(side: str, stats: dict) -> str:
             f"({stats['tokens_per_s']:.1f} tokens/s), stopped at {stats['stopped']}")
 
 
+# --- the API server's panel ----------------------------------------------------------
+
+SERVE_TICK_S = 2.0
+SERVE_PROMPT = "Who are you?"
+_answered: set[tuple] = set()  # servers seen answering /health: not asked again
+
+
+def serve_snippets(url: str, model: str) -> str:
+    """The curl and Python openai calls of the served API, as markdown code blocks."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": SERVE_PROMPT}]})
+    return (f"```bash\ncurl {url}/chat/completions \\\n  -H 'Content-Type: application/json' \\\n"
+            f"  -d '{body}'\n```\n\n"
+            f"```python\nfrom openai import OpenAI\n\n"
+            f"client = OpenAI(base_url={json.dumps(url)}, api_key=\"unused\")\n"
+            f"reply = client.chat.completions.create(\n    model={json.dumps(model)},\n"
+            f"    messages=[{{\"role\": \"user\", \"content\": {json.dumps(SERVE_PROMPT)}}}],\n)\n"
+            f"print(reply.choices[0].message.content)\n```")
+
+
+def serve_ready(status: dict) -> bool:
+    """Whether the running server answers; asked over HTTP until it first does, then only
+    status.json is read (a server that dies is caught by its pid)."""
+    key = (status.get("pid"), status.get("started_at"), status.get("url"))
+    if key in _answered:
+        return True
+    if serve_launch.answering(status):
+        _answered.add(key)
+        return True
+    return False
+
+
+def serve_markdown(saves: Path) -> str:
+    """The serving panel's status: state, base URL, model ids and snippets (read from
+    <saves>/.serve/status.json, so a reloaded page finds a running server again)."""
+    status = serve_launch.server_status(saves)
+    log = serve_launch.job_dir(saves) / serve_launch.LOG
+    if status is None:
+        return "**idle**: no API server is running. Pick adapters and press **Start server**."
+    state = status.get("state")
+    if state == "running" and not serve_ready(status):
+        return (f"**starting**: the API server (pid {status.get('pid')}) is loading the model "
+                f"on 127.0.0.1:{status.get('port') or '…'}; its log is `{log}`.")
+    if state == "running":
+        adapters = list(status.get("adapters") or {})
+        models = status.get("models") or []
+        ids = ", ".join(f"`{m}`" for m in models)
+        first = adapters[0] if adapters else (models[0] if models else "")
+        return (f"**running** at `{status['url']}`  \nModel ids: {ids}  \n"
+                f"It keeps running when this page closes; **Stop server** ends it.\n\n"
+                + serve_snippets(status["url"], first))
+    if state == "completed":
+        return f"**stopped**: the API server at `{status.get('url') or '?'}` was stopped."
+    error = str(status.get("error") or state).replace("~~~", "")
+    return f"**{state}**: the API server did not keep running; see `{log}`.\n\n~~~\n{error}\n~~~"
+
+
 # --- the tab ---------------------------------------------------------------------------
 
 class ChatTab:
@@ -136,7 +199,9 @@ class ChatTab:
         self._conversation()
         self._scoring()
         self._probes()
+        self._serving()
         self._wire()
+        self._wire_serving()
 
     def _loader(self):
         with gr.Row():
@@ -205,6 +270,41 @@ class ChatTab:
                                             column_widths=["20%", "40%", "40%"])
             self.probe_status = gr.Markdown("", elem_id="chat-probe-status")
 
+    def _serving(self):
+        with gr.Accordion("Serve an API (OpenAI-compatible)", open=False,
+                          elem_id="serve-panel"):
+            gr.Markdown("Run `tunebench serve` in the background for the model above and the "
+                        "LoRA adapters picked here: an OpenAI-compatible API on 127.0.0.1, "
+                        "each adapter under its own model id.")
+            self.serve_adapters = gr.Dropdown(adapter_choices(self.saves), value=[],
+                                              multiselect=True, label="Adapters to serve",
+                                              elem_id="serve-adapters",
+                                              info="LoRA checkpoints in saves/ (none: the base "
+                                                   "model only)")
+            with gr.Row():
+                self.serve_start = gr.Button("Start server", variant="primary",
+                                             elem_id="serve-start")
+                self.serve_stop = gr.Button("Stop server", elem_id="serve-stop")
+            # A callable value is read on every page load: a reloaded page finds the server.
+            self.serve_status = gr.Markdown(lambda: serve_markdown(self.saves),
+                                            elem_id="serve-status")
+            self.serve_shown = gr.State("")
+            self.serve_timer = gr.Timer(SERVE_TICK_S)
+
+    def _wire_serving(self):
+        self.serve_start.click(self.do_serve_start, [self.model, self.serve_adapters],
+                               [self.serve_status, self.serve_shown])
+        self.serve_stop.click(self.do_serve_stop, None, [self.serve_status, self.serve_shown])
+        self.serve_timer.tick(self.serve_tick, [self.serve_shown],
+                              [self.serve_status, self.serve_shown], show_progress="hidden",
+                              queue=False)
+        self.checkpoint.change(self.preselect_adapter, [self.checkpoint, self.serve_adapters],
+                               [self.serve_adapters])
+        self.refresh.click(self.refresh_adapters, [self.serve_adapters], [self.serve_adapters])
+        tab = gr.context.Context.block
+        if hasattr(tab, "select"):
+            tab.select(self.refresh_adapters, [self.serve_adapters], [self.serve_adapters])
+
     def _wire(self):
         self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
                            [self.model, self.checkpoint])
@@ -233,6 +333,47 @@ class ChatTab:
             tab.select(self.refresh_choices, [self.model, self.checkpoint],
                        [self.model, self.checkpoint])
             tab.select(loaded_html, None, [self.status])
+
+    # --- the API server's handlers -------------------------------------------------------
+
+    def refresh_adapters(self, picked: list[str] | None):
+        choices = adapter_choices(self.saves)
+        known = {path for _, path in choices}
+        return gr.update(choices=choices, value=[p for p in picked or [] if p in known])
+
+    def preselect_adapter(self, checkpoint: str, picked: list[str] | None):
+        """The checkpoint picked for chatting is the one to serve, unless some are picked."""
+        choices = adapter_choices(self.saves)
+        if picked or checkpoint not in {path for _, path in choices}:
+            return gr.update(choices=choices)
+        return gr.update(choices=choices, value=[checkpoint])
+
+    def do_serve_start(self, model: str, picked: list[str] | None):
+        try:
+            serve_launch.start_server(model, serve_launch.adapter_names(picked or []),
+                                      self.saves)
+        except BadInput as err:
+            text = f"**not started**: {err}\n\n---\n\n{serve_markdown(self.saves)}"
+            return text, text
+        text = serve_markdown(self.saves)
+        return text, text
+
+    def do_serve_stop(self):
+        try:
+            final = serve_launch.stop_server(self.saves)
+        except BadInput as err:
+            text = f"**not stopped**: {err}\n\n---\n\n{serve_markdown(self.saves)}"
+            return text, text
+        text = (serve_markdown(self.saves) if final else
+                "**idle**: no API server is running for this saves folder.")
+        return text, text
+
+    def serve_tick(self, shown: str):
+        """Every 2 s: status.json (and /health while starting); an unchanged text is not sent."""
+        text = serve_markdown(self.saves)
+        if shown.endswith(text):  # unchanged (a refusal shown above it stays)
+            return gr.skip(), gr.skip()
+        return text, text
 
     # --- handlers ---------------------------------------------------------------------
 
