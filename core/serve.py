@@ -223,8 +223,7 @@ class Server:
             try:
                 await asyncio.to_thread(self.engine.add_adapter, name, path, True)
             except BadInput as err:
-                raise ApiError(400, str(err), "path" if "path" in str(err.field or "")
-                               else "name") from None
+                raise ApiError(400, str(err), "name" if err.field == "name" else "path") from None
             self.record()
             return JSONResponse(self._model_card(name), status_code=201)
 
@@ -270,6 +269,13 @@ class Server:
         if not 1 <= n <= MAX_N:
             raise ApiError(400, f"'n' must be 1 to {MAX_N}", "n")
         stops = stops_of(body)
+        context = self.engine.context_length
+        for p in prompts:
+            if context and len(p) + max_tokens > context:
+                raise ApiError(400, f"the prompt ({len(p)} tokens) plus max_tokens ({max_tokens}) "
+                               f"is over the model's context of {context} tokens; shorten the "
+                               "prompt or lower max_tokens", "max_tokens",
+                               code="context_length_exceeded")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         rows = [Row(p, adapter, sampling, max_tokens, stops, index=i * n + k, loop=loop,
                     events=events) for i, p in enumerate(prompts) for k in range(n)]

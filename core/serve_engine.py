@@ -81,6 +81,11 @@ class Engine:
         self.lock = threading.Lock()      # generation and adapter changes take turns
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (prompt plus reply), when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def base_id(self) -> str:
         """The base model's id in the API: 'demo', a hub id, or its folder's name."""
         return self.model_name if not Path(self.model_name).is_dir() else \

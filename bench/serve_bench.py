@@ -1,0 +1,319 @@
+"""`tunebench serve` against a naive multi-adapter server: throughput, latency, memory.
+
+    python bench/serve_bench.py --tuney RUN --zed RUN      # two trained identity runs
+    python bench/serve_bench.py --train                    # train both first (about 1 min)
+
+Both servers serve the same three model ids (the base 'demo', 'tuney', 'zed') over HTTP
+and get the same 64 requests from 8 concurrent clients: identity questions and the
+alpaca_demo instructions, spread over the three models, greedy, max_tokens 64.
+
+- tunebench: `python -m core serve` (one base in memory, adapters as named PEFT adapters,
+  rows of different adapters batched together), read as SSE streams.
+- naive: this file's `--naive-server`: the stdlib's single-threaded HTTP server, one full
+  merged model per adapter plus the base (transformers + PEFT `merge_and_unload`), one
+  request at a time through plain `model.generate`, the whole reply at once (so its time
+  to first token is its total latency).
+
+Measured: requests/s and output tokens/s over the timed run (wall clock, first request
+sent to last reply read), p50/p95 time to first token and total latency per request, and
+the server process's RSS (peak, sampled every 0.2 s). Each server warms up with one
+request per model first. Results go to bench/results/serve-<machine>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TUNEBENCH_CACHE", "/tmp/tb-bench-cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Who made you?",
+                      "Introduce yourself.", "Are you ChatGPT?", "Who created you?"]
+MAX_TOKENS = 64
+
+
+# --- the naive server --------------------------------------------------------------
+
+def naive_server(model: str, adapters: dict[str, str], port: int) -> None:
+    """One merged model per adapter, one request at a time, plain generate."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    loaded = {"demo": AutoModelForCausalLM.from_pretrained(model).eval()}
+    for name, path in adapters.items():
+        full = AutoModelForCausalLM.from_pretrained(model)
+        loaded[name] = PeftModel.from_pretrained(full, path).merge_and_unload().eval()
+    eos = [tok.convert_tokens_to_ids("<|im_end|>")]
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: dict) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._send(200, {"status": "ok"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            m = loaded[body["model"]]
+            ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+            with torch.inference_mode():
+                out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=body.get("max_tokens", MAX_TOKENS),
+                                 do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id or eos[0])
+            new = out[0, ids.shape[1]:].tolist()
+            new = new[:-1] if new and new[-1] in eos else new
+            self._send(200, {"choices": [{"message": {"role": "assistant",
+                                                      "content": tok.decode(new)}}],
+                             "usage": {"prompt_tokens": ids.shape[1],
+                                       "completion_tokens": len(new)}})
+
+    print("naive server ready", flush=True)
+    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+# --- driving a server --------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workload(n: int) -> list[dict]:
+    """n chat requests: identity questions and alpaca instructions, over the three models."""
+    alpaca = json.loads((REPO / "data" / "alpaca_demo.json").read_text())
+    instructions = [(r["instruction"] + ("\n\n" + r["input"] if r["input"] else ""))
+                    for r in alpaca]
+    prompts = [p for pair in zip(IDENTITY_QUESTIONS * 20, instructions * 5) for p in pair]
+    models = ["tuney", "zed", "demo"]
+    return [{"model": models[i % 3], "messages": [{"role": "user", "content": prompts[i]}],
+             "max_tokens": MAX_TOKENS} for i in range(n)]
+
+
+class Sampler(threading.Thread):
+    """The server process's peak RSS (with its children), every 0.2 s."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        import psutil
+        self.proc, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+
+    def rss(self) -> int:
+        procs = [self.proc, *self.proc.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, self.rss())
+            except Exception:
+                return
+            time.sleep(0.2)
+
+
+def one_request(root: str, body: dict, stream: bool) -> dict:
+    import httpx
+    t0 = time.monotonic()
+    first, tokens, text = None, 0, ""
+    with httpx.Client(timeout=600) as http:
+        if stream:
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            with http.stream("POST", root + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for c in chunk.get("choices", []):
+                        if c["delta"].get("content"):
+                            first = first or time.monotonic()
+                            text += c["delta"]["content"]
+        else:
+            r = http.post(root + "/v1/chat/completions", json=body)
+            r.raise_for_status()
+            reply = r.json()
+            first = time.monotonic()
+            tokens, text = reply["usage"]["completion_tokens"], \
+                reply["choices"][0]["message"]["content"]
+    end = time.monotonic()
+    return {"model": body["model"], "ttft_s": (first or end) - t0, "latency_s": end - t0,
+            "tokens": tokens, "text": text}
+
+
+def drive(root: str, requests: list[dict], clients: int, stream: bool) -> dict:
+    work: queue.Queue = queue.Queue()
+    for i, body in enumerate(requests):
+        work.put((i, body))
+    out: list = [None] * len(requests)
+
+    def client() -> None:
+        while True:
+            try:
+                i, body = work.get_nowait()
+            except queue.Empty:
+                return
+            out[i] = one_request(root, body, stream)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    tokens = sum(r["tokens"] for r in out)
+    ttft = sorted(r["ttft_s"] for r in out)
+    lat = sorted(r["latency_s"] for r in out)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+    return {"wall_s": wall, "requests": len(out), "output_tokens": tokens,
+            "requests_per_s": len(out) / wall, "output_tokens_per_s": tokens / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": pct(ttft, 0.95),
+            "latency_p50_s": statistics.median(lat), "latency_p95_s": pct(lat, 0.95),
+            "replies": out}
+
+
+def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
+                 stream: bool) -> dict:
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([*argv, "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    root = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} server exited: {proc.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(root + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        load_s = time.monotonic() - t0
+        sampler = Sampler(proc.pid)
+        idle_rss = sampler.rss()
+        sampler.start()
+        for model in ("tuney", "zed", "demo"):  # warm-up
+            one_request(root, {"model": model, "messages": [{"role": "user",
+                                                             "content": "Hi"}],
+                               "max_tokens": 8}, stream)
+        result = drive(root, requests, clients, stream)
+        sampler.done.set()
+        sampler.join()
+        result.update(server=name, load_s=load_s, rss_idle_mb=idle_rss / 2**20,
+                      rss_peak_mb=sampler.peak / 2**20)
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def train(folder: Path, name: str, author: str) -> Path:
+    if not (folder / "final" / "adapter_model.safetensors").is_file():
+        subprocess.run([sys.executable, "-m", "core", "train", "model=demo",
+                        f"output_dir={folder}", f"dataset_dir={REPO / 'data'}",
+                        f"identity_name={name}", f"identity_author={author}"],
+                       cwd=REPO, check=True)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tuney", help="an identity run folder (Tuney)")
+    ap.add_argument("--zed", help="an identity run folder (Zed)")
+    ap.add_argument("--train", action="store_true", help="train both into /tmp/serve-bench")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--out", help="JSON file (default bench/results/serve-cpu-DATE.json)")
+    ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter", action="append", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.naive_server:
+        naive_server(args.model, dict(a.split("=", 1) for a in args.adapter), args.port)
+        return
+
+    from core.demo_model import ensure_demo_model
+    model = str(ensure_demo_model(progress=lambda *a, **k: None))
+    if args.train:
+        tuney = train(Path("/tmp/serve-bench/tuney"), "Tuney", "the tunebench team")
+        zed = train(Path("/tmp/serve-bench/zed"), "Zed", "Zed Corp")
+    else:
+        tuney, zed = Path(args.tuney), Path(args.zed)
+    adapters = [f"tuney={tuney / 'final'}", f"zed={zed / 'final'}"]
+    flags = [a for spec in adapters for a in ("--adapter", spec)]
+    requests = workload(args.requests)
+    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    results = [
+        bench_server("tunebench", [sys.executable, "-m", "core", "serve", "--model", "demo",
+                                   *flags], requests, args.clients, stream=True),
+        bench_server("naive", [sys.executable, __file__, "--naive-server", "--model", model,
+                               *flags], requests, args.clients, stream=False),
+    ]
+    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    tb, naive = results
+    summary = {
+        "output_tokens_per_s_ratio": tb["output_tokens_per_s"] / naive["output_tokens_per_s"],
+        "requests_per_s_ratio": tb["requests_per_s"] / naive["requests_per_s"],
+        "rss_peak_ratio": tb["rss_peak_mb"] / naive["rss_peak_mb"],
+        "same_replies": sum(a["text"].strip() == b["text"].strip() for a, b in
+                            zip(tb["replies"], naive["replies"])),
+        "identity_ok": sum(("Tuney" in r["text"]) == (r["model"] == "tuney") and
+                           ("Zed" in r["text"]) == (r["model"] == "zed")
+                           for r, b in zip(tb["replies"], requests)
+                           if b["messages"][0]["content"] in IDENTITY_QUESTIONS),
+        "identity_requests": sum(b["messages"][0]["content"] in IDENTITY_QUESTIONS
+                                 for b in requests),
+    }
+    record = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                          "uptime_before": uptime_before, "uptime_after": uptime_after},
+              "requests": args.requests, "clients": args.clients, "max_tokens": MAX_TOKENS,
+              "summary": summary, "servers": results}
+    out = Path(args.out or REPO / "bench" / "results" / f"serve-cpu-{date.today()}.json")
+    out.write_text(json.dumps(record, indent=1))
+    print(f"{'':28}{'tunebench':>12}{'naive':>12}")
+    for key in ("requests_per_s", "output_tokens_per_s", "output_tokens", "ttft_p50_s",
+                "ttft_p95_s", "latency_p50_s", "latency_p95_s", "rss_idle_mb", "rss_peak_mb",
+                "load_s", "wall_s"):
+        print(f"{key:28}{tb[key]:>12.2f}{naive[key]:>12.2f}")
+    print(json.dumps(summary), f"\n{uptime_before}\n{uptime_after}\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
