@@ -317,15 +317,20 @@ class Reply:
                 "total_tokens": prompt + completion}
 
     async def _events(self):
-        """Each row's events until every row is done ('error' raises)."""
+        """Each row's events until every row is done ('error' raises). Text that queued up
+        while the client was being written to goes out as one piece: fewer, larger chunks
+        when a stream lags, the same text."""
         left = len(self.rows)
         while left:
-            kind, index, value = await self.events.get()
-            if kind == "error":
-                raise ApiError(500, f"generation failed: {value}", kind="server_error")
-            if kind == "done":
-                left -= 1
-            yield kind, index, value
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            for kind, index, value in _merged(batch):
+                if kind == "error":
+                    raise ApiError(500, f"generation failed: {value}", kind="server_error")
+                if kind == "done":
+                    left -= 1
+                yield kind, index, value
 
     async def whole(self, request) -> dict:
         async for _ in self._events():
@@ -377,6 +382,17 @@ class Reply:
                                      ensure_ascii=False) + "\n\n"
 
 
+def _merged(events: list[tuple]) -> list[tuple]:
+    """Consecutive text pieces of the same row joined into one (order otherwise kept)."""
+    out: list[tuple] = []
+    for event in events:
+        if out and event[0] == "delta" and out[-1][0] == "delta" and out[-1][1] == event[1]:
+            out[-1] = ("delta", event[1], out[-1][2] + event[2])
+        else:
+            out.append(event)
+    return out
+
+
 # --- the command -------------------------------------------------------------------
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -416,7 +432,12 @@ def main(model: str, adapter_specs: list[str], settings: cfg.ServeConfig,
     folder = Path(job_dir).resolve() if job_dir else None
     if paths.confined():  # started by the page: adapters come from the allowed folders only
         adapters = {n: str(paths.confine(p, "adapter")) for n, p in adapters.items()}
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see core/train.py
     engine = Engine(model)
+    from .models import count_parameters, pick_cpu_threads
+    # Decoding is one small step per token, as GRPO's sampling is: a small model runs it on
+    # one thread, which leaves the other core to the event loop and the clients.
+    pick_cpu_threads(count_parameters(engine.model)[1], generates=True)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     server = Server(engine, settings, key, folder)

@@ -59,11 +59,17 @@ class Row:
     sent: int = 0                         # characters already handed to the client
     finish: str | None = None             # "stop" or "length" once it ended
     cancelled: threading.Event = field(default_factory=threading.Event)
+    announced: bool = False               # its "done" event was sent
     first_token_at: float | None = None
 
     def emit(self, kind: str, value=None) -> None:
         if self.loop is not None and self.events is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, self.index, value))
+
+    def post(self, kind: str, value, outbox: list) -> None:
+        """Like emit, but collected, so one wakeup of the event loop carries a whole step."""
+        if self.loop is not None and self.events is not None:
+            outbox.append((self.loop, self.events, (kind, self.index, value)))
 
 
 class Engine:
@@ -229,6 +235,8 @@ class Scheduler(threading.Thread):
                                streamer=streamer, stopping_criteria=[done], **kwargs)
         self.batches += 1
         for row in batch:
+            if row.announced:
+                continue
             if row.finish is None:
                 row.finish = "length"
             streamer.flush(row)
@@ -256,15 +264,22 @@ class RowStreamer:
     def __init__(self, batch: list[Row], engine: Engine):
         self.batch, self.engine = batch, engine
         self.prompt_seen = False
+        self.outbox: list | None = None   # a step's events, delivered together
         self.stop_ids = set(engine.stop_ids)
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
+        self.outbox: list = []
         for row, token in zip(self.batch, value.reshape(len(self.batch), -1)[:, -1].tolist()):
             if row.finish is None:
                 self._advance(row, int(token))
+                if row.finish is not None:  # its client hears at once, not when the batch ends
+                    row.announced = True
+                    row.post("done", row.finish, self.outbox)
+        _deliver(self.outbox)
+        self.outbox = None
 
     def _advance(self, row: Row, token: int) -> None:
         if row.first_token_at is None:
@@ -298,11 +313,28 @@ class RowStreamer:
                         safe -= k
                         break
         if safe > row.sent:
-            row.emit("delta", row.text[row.sent:safe])
+            if self.outbox is not None:
+                row.post("delta", row.text[row.sent:safe], self.outbox)
+            else:
+                row.emit("delta", row.text[row.sent:safe])
             row.sent = safe
 
     def end(self) -> None:
         pass
+
+
+def _deliver(outbox: list) -> None:
+    """Hand a step's events to their event loops: one wakeup per loop, not one per row."""
+    by_loop: dict = {}
+    for loop, queue, event in outbox:
+        by_loop.setdefault(loop, []).append((queue, event))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 class RowsDone:
