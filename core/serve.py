@@ -189,7 +189,9 @@ class Server:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "load": self.scheduler.load()}
+            sched = self.scheduler
+            return {"status": "ok", "load": sched.load(), "batches": sched.batches,
+                    "rows_done": sched.rows_done, "busy_s": round(sched.busy_s, 3)}
 
         @app.get("/v1/models")
         async def list_models():

@@ -3,7 +3,10 @@
 `Engine` holds the base once and the adapters as named PEFT adapters on it; adapters are
 added and removed while it serves. `Scheduler` is the one thread that runs the model: it
 takes waiting rows, groups those that sample alike (temperature, top_p, top_k, penalty,
-seed) into a batch of up to `max_batch`, and generates them together. A batch may mix
+seed) into a batch of up to `max_batch`, and generates them together, `chunk` tokens at a
+time. Between chunks, rows that ended leave and waiting rows join (the rows that continue
+are fed their text so far), so a long reply does not hold short ones, or new requests,
+until it ends. A batch may mix
 adapters and the base: PEFT applies each row's adapter to its row (`adapter_names`), so
 requests for different fine-tunes share one forward pass.
 
@@ -151,14 +154,14 @@ class Scheduler(threading.Thread):
     """The one thread that runs the model: batches of rows that sample alike."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005):
+                 gather_s: float = 0.005, chunk: int = 16):
         super().__init__(daemon=True, name="tunebench-serve")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.gather_s = gather_s
+        self.gather_s, self.chunk = gather_s, chunk
         self.waiting: list[Row] = []
         self.running = 0
         self.cond = threading.Condition()
-        self.batches = 0
+        self.batches, self.busy_s, self.rows_done = 0, 0.0, 0   # what /health reports
 
     def submit(self, rows: list[Row]) -> None:
         """Queue a request's rows, or raise Busy when that would pass `max_queue`."""
@@ -175,6 +178,7 @@ class Scheduler(threading.Thread):
     def run(self) -> None:
         while True:
             batch = self._next_batch()
+            started = time.monotonic()
             try:
                 self._generate(batch)
             except Exception as err:  # one bad batch must not stop the server
@@ -183,15 +187,23 @@ class Scheduler(threading.Thread):
                         row.finish = "error"
                         row.emit("error", f"{type(err).__name__}: {err}")
             finally:
+                self.busy_s += time.monotonic() - started
+                self.rows_done += sum(r.finish is not None for r in batch)
                 with self.cond:
                     self.running = 0
+                    # Rows not done yet go back to the head of the line, ahead of new ones:
+                    # between chunks, rows that ended make room for waiting requests.
+                    self.waiting[:0] = [r for r in batch
+                                        if r.finish is None and not r.cancelled.is_set()]
 
     def _next_batch(self) -> list[Row]:
         """The oldest waiting row and the others that sample alike (oldest first)."""
         with self.cond:
             while not self.waiting:
                 self.cond.wait()
-        time.sleep(self.gather_s)  # let rows sent at the same moment join this batch
+            fresh = not self.waiting[0].tokens
+        if fresh:
+            time.sleep(self.gather_s)  # let rows sent at the same moment join this batch
         with self.cond:
             self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
             if not self.waiting:
@@ -215,18 +227,19 @@ class Scheduler(threading.Thread):
         from transformers import set_seed
 
         engine, tok = self.engine, self.engine.tokenizer
-        width = max(len(r.prompt_ids) for r in batch)
+        # A row continues from its prompt and what it has written so far (a chunk earlier).
+        contexts = [r.prompt_ids + r.tokens for r in batch]
+        width = max(len(c) for c in contexts)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
-                             for r in batch])
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
         streamer, done = RowStreamer(batch, engine), RowsDone(batch)
         with engine.lock:
             model = engine.model
             kwargs = {}
             if engine.adapters:  # each row with its own adapter (or none) in one batch
                 kwargs["adapter_names"] = [r.adapter for r in batch]
-            if batch[0].sampling.seed is not None:
+            if batch[0].sampling.seed is not None and not any(r.tokens for r in batch):
                 set_seed(batch[0].sampling.seed)
             with torch.inference_mode():
                 model.generate(input_ids=ids.to(model.device),
@@ -234,20 +247,19 @@ class Scheduler(threading.Thread):
                                generation_config=self._config(model, batch),
                                streamer=streamer, stopping_criteria=[done], **kwargs)
         self.batches += 1
-        for row in batch:
-            if row.announced:
-                continue
-            if row.finish is None:
-                row.finish = "length"
-            streamer.flush(row)
-            row.emit("done", row.finish)
+        for row in batch:  # an ending the streamer did not see (a cancelled row's)
+            if row.finish is not None and not row.announced:
+                row.announced = True
+                streamer.flush(row)
+                row.emit("done", row.finish)
 
     def _config(self, model, batch: list[Row]):
         import copy
         s = batch[0].sampling
         config = copy.deepcopy(model.generation_config)
         sample = s.temperature > 0
-        config.update(max_new_tokens=max(r.max_tokens for r in batch), do_sample=sample,
+        left = max(r.max_tokens - len(r.tokens) for r in batch)
+        config.update(max_new_tokens=min(self.chunk, left), do_sample=sample,
                       temperature=s.temperature if sample else 1.0,
                       top_p=s.top_p if sample else 1.0,
                       top_k=(s.top_k or None) if sample else 50,
