@@ -225,7 +225,7 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     if launched:
         folder = Path(config.output_dir)
     else:
-        config, folder = prepare_job_dir(config, _started_as() + sys.argv[1:])
+        config, folder = prepare_job_dir(config, runs.started_as() + sys.argv[1:])
     with runs.TeeLog(folder / LOG), jobs.own_pid_entry(folder):
         return run(config, folder, inputs)
 
@@ -243,12 +243,6 @@ def _launched_here(config: cfg.EvalConfig, config_path: str | None) -> bool:
     """Whether the launcher prepared this folder for this very start (its config.yaml,
     nothing measured yet): then the job runs in it, rather than in a new one."""
     return _own_config(config, config_path) and not _holds_job(Path(config.output_dir))
-
-
-def _started_as() -> list[str]:
-    if Path(sys.argv[0]).name == "__main__.py":
-        return [sys.executable, "-m", "core"]
-    return [sys.argv[0]]
 
 
 def run(config: cfg.EvalConfig, folder: Path, inputs: Inputs) -> int:

@@ -102,6 +102,13 @@ def _resumes(config, run_dir: Path) -> bool:
         str(config.resume)).expanduser().resolve().parents
 
 
+def started_as() -> list[str]:
+    """How this process was started, for command.txt: `tunebench` or `python -m core`."""
+    if Path(sys.argv[0]).name == "__main__.py":
+        return [sys.executable, "-m", "core"]
+    return [sys.argv[0]]
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -104,19 +104,12 @@ def prepare_run_dir(config: cfg.TrainConfig,
         shutil.rmtree(run_dir / ".staging", ignore_errors=True)  # a save cut short earlier
         config = replace(config, output_dir=str(run_dir), run_name=name)
         runs.write_atomic(run_dir / runs.CONFIG, cfg.to_yaml(config))
-        command = _started_as() + sys.argv[1:]
+        command = runs.started_as() + sys.argv[1:]
         runs.write_atomic(run_dir / runs.COMMAND, shlex.join(command) + "\n")
     except OSError as err:
         raise BadInput(f"cannot write the run folder: {err.strerror}", file=str(run_dir),
                        field="output_dir") from None
     return config, run_dir
-
-
-def _started_as() -> list[str]:
-    """How this process was started: `tunebench` or `python -m core`."""
-    if Path(sys.argv[0]).name == "__main__.py":
-        return [sys.executable, "-m", "core"]
-    return [sys.argv[0]]
 
 
 def quiet_library_noise() -> None:

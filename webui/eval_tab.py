@@ -519,11 +519,9 @@ def _rows(fields: list[dataclasses.Field], values: dict, datasets: list[str], ta
           widgets: dict) -> None:
     """Generic widgets in rows of at most form.PER_ROW, split evenly (6 make 3 and 3), each
     shown when its task reads it."""
-    n_rows = math.ceil(len(fields) / form.PER_ROW)
-    cuts = [math.ceil(i * len(fields) / n_rows) for i in range(n_rows + 1)]
-    for a, b in zip(cuts, cuts[1:]):
+    for chunk in form.even_rows(fields):
         with gr.Row(equal_height=False):
-            for f in fields[a:b]:
+            for f in chunk:
                 widgets[f.name] = form.make_widget(
                     f, values[f.name], datasets, cfg.EvalConfig, "eval",
                     visible=task in FOR_TASKS.get(f.name, (task,)))

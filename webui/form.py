@@ -145,7 +145,7 @@ class Form:
         return [n for n in self.widgets if cfg.FIELDS[n].metadata["methods"] is not None]
 
 
-def _even_rows(fields: list) -> list[list]:
+def even_rows(fields: list) -> list[list]:
     """Fields split evenly into rows of at most PER_ROW: 5 make rows of 3 and 2, not 4 and 1."""
     n_rows = max(1, math.ceil(len(fields) / PER_ROW))
     cuts = [math.ceil(i * len(fields) / n_rows) for i in range(n_rows + 1)]
@@ -165,7 +165,7 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
         general = [f for f in fields if not limited(f)]
         by_method = [f for f in fields if f.metadata["methods"] is not None]
         by_stage = [f for f in fields if limited(f) and f not in by_method]
-        for chunk in _even_rows(general) + _even_rows(by_method) + _even_rows(by_stage):
+        for chunk in even_rows(general) + even_rows(by_method) + even_rows(by_stage):
             visible = [shown(f, config.method, config.stage) for f in chunk]
             specific = limited(chunk[0])
             with gr.Row(equal_height=False, visible=any(visible) or not specific) as row:

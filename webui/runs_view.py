@@ -245,20 +245,28 @@ def series_to_show(chosen: list[str] | None, stage: str | None, present: list[st
     return [name for name in chosen if name in present]
 
 
-# Each run's stage, read from its config.yaml once per version of that file.
-_stages: dict[Path, tuple[tuple | None, str]] = {}
+# One text setting of a run's or eval job's config.yaml, read once per version of the file.
+_config_values: dict[tuple[Path, str], tuple[tuple | None, str]] = {}
+
+
+def config_value(folder: Path, key: str) -> str:
+    """A text setting from a folder's config.yaml ('?' when it cannot be read)."""
+    path = Path(folder)
+    sig = runs.file_signature(path / runs.CONFIG)
+    cached = _config_values.get((path, key))
+    if cached and cached[0] == sig:
+        return cached[1]
+    try:
+        value = schema.read_yaml(path / runs.CONFIG).get(key) if sig else None
+    except (BadInput, OSError):
+        value = None
+    _config_values[(path, key)] = (sig, value if isinstance(value, str) else "?")
+    return _config_values[(path, key)][1]
 
 
 def run_stage(run_dir: Path) -> str:
-    """The run's training stage from its config.yaml ('?' when it cannot be read)."""
-    path = Path(run_dir)
-    sig = runs.file_signature(path / runs.CONFIG)
-    cached = _stages.get(path)
-    if cached and cached[0] == sig:
-        return cached[1]
-    stage = (plot.run_stage(path) or "?") if sig is not None else "?"
-    _stages[path] = (sig, stage)
-    return stage
+    """The run's training stage ('?' when it cannot be read)."""
+    return config_value(run_dir, "stage")
 
 
 def outside_running(saves_dir: Path, listed: list[Path] | None = None) -> list[Path]:
@@ -297,23 +305,9 @@ def stage_or_kind(run: runs.RunSummary) -> str:
     return run_stage(run.path)
 
 
-# Each eval job's task, read from its config.yaml once per version of that file.
-_eval_tasks: dict[Path, tuple[tuple | None, str]] = {}
-
-
 def eval_task_of(job_dir: Path) -> str:
-    """An eval job's eval_task from its config.yaml ('?' when it cannot be read)."""
-    path = Path(job_dir)
-    sig = runs.file_signature(path / runs.CONFIG)
-    cached = _eval_tasks.get(path)
-    if cached and cached[0] == sig:
-        return cached[1]
-    try:
-        task = schema.read_yaml(path / runs.CONFIG).get("eval_task") if sig else None
-    except (BadInput, OSError):
-        task = None
-    _eval_tasks[path] = (sig, task if isinstance(task, str) else "?")
-    return _eval_tasks[path][1]
+    """An eval job's eval_task ('?' when it cannot be read)."""
+    return config_value(job_dir, "eval_task")
 
 
 def runs_table(saves_dir: Path) -> list[list]:
