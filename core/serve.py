@@ -190,7 +190,7 @@ class Server:
         @app.get("/health")
         async def health():
             sched = self.scheduler
-            return {"status": "ok", "load": sched.load(), "batches": sched.batches,
+            return {"status": "ok", "load": sched.load(), "steps": sched.steps, "prefills": sched.prefills,
                     "rows_done": sched.rows_done, "busy_s": round(sched.busy_s, 3)}
 
         @app.get("/v1/models")

@@ -1,19 +1,19 @@
 """The model side of `tunebench serve`: one base model, many LoRA adapters, batched.
 
 `Engine` holds the base once and the adapters as named PEFT adapters on it; adapters are
-added and removed while it serves. `Scheduler` is the one thread that runs the model: it
-takes waiting rows, groups those that sample alike (temperature, top_p, top_k, penalty,
-seed) into a batch of up to `max_batch`, and generates them together, `chunk` tokens at a
-time. Between chunks, rows that ended leave and waiting rows join (the rows that continue
-are fed their text so far), so a long reply does not hold short ones, or new requests,
-until it ends. A batch may mix
-adapters and the base: PEFT applies each row's adapter to its row (`adapter_names`), so
-requests for different fine-tunes share one forward pass.
+added and removed while it serves. `Scheduler` is the one thread that runs the model, a
+decoding loop with continuous batching: every step feeds one token for each running row,
+rows that end leave at once, and waiting rows join between steps (their prompts are run
+alone, then their KV cache is left-padded to the batch's length and stacked onto it). So
+a long reply never holds short ones, or new requests, until it ends. A batch mixes
+adapters and the base: core/multi_lora.py applies each row's adapter to its own row in
+one pass, and rows sample with their own settings.
 
-Why by hand: transformers' streamers serve one sequence, and a batch's rows end at
-different times and stop on different strings; `RowStreamer` and `RowsDone` give each
-row its own text, stop strings, token budget and cancellation (a client that goes away
-frees its row at the next token). Rows reach the HTTP side through asyncio queues.
+Why by hand: transformers' `generate` runs a fixed batch to its end, and its streamers
+serve one sequence. A row here has its own stop strings, token budget, sampling settings,
+seed and cancellation (a client that goes away frees its row at the next step), and the
+steps run without generate's per-call setup, which on a small model costs more than the
+step itself. Rows reach the HTTP side through asyncio queues.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 
 from . import models, paths
 from .errors import BadInput
+from .multi_lora import BASE
 
-BASE_ROW = "__base__"                    # PEFT's name for "no adapter" in a mixed batch
+BASE_ROW = BASE                          # PEFT's name for "no adapter" in a mixed batch
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -62,8 +63,8 @@ class Row:
     sent: int = 0                         # characters already handed to the client
     finish: str | None = None             # "stop" or "length" once it ended
     cancelled: threading.Event = field(default_factory=threading.Event)
-    announced: bool = False               # its "done" event was sent
     first_token_at: float | None = None
+    generator: object = None              # a seeded request's own random stream
 
     def emit(self, kind: str, value=None) -> None:
         if self.loop is not None and self.events is not None:
@@ -87,6 +88,8 @@ class Engine:
         from .chat import stop_token_ids
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
         self.adapters: dict[str, str] = {}
+        self.stack = None                 # multi_lora.StackedLora, when the adapters allow
+        self.version = 0                  # counts adapter changes (running rows recheck)
         self.lock = threading.Lock()      # generation and adapter changes take turns
 
     @property
@@ -120,8 +123,12 @@ class Engine:
         config = models.load_config(self.base_path, self.trust)
         models.check_adapter_fits(self.base_path, config, folder, self.trust, head="causal")
         with self.lock:
-            self._load_adapter(name, folder)
-            self.adapters[name] = str(folder)
+            self._unstack()
+            try:
+                self._load_adapter(name, folder)
+                self.adapters[name] = str(folder)
+            finally:
+                self._restack()
 
     def _load_adapter(self, name: str, folder: Path) -> None:
         from peft import PeftModel
@@ -135,11 +142,36 @@ class Engine:
         if name not in self.adapters:
             raise BadInput(f"no adapter '{name}' is served", field="name")
         with self.lock:
+            self._unstack()
             if len(self.adapters) == 1:  # the last one: back to the plain base model
                 self.model = self.model.unload()
             else:
                 self.model.delete_adapter(name)
             del self.adapters[name]
+            self._restack()
+
+    def _unstack(self) -> None:
+        if self.stack is not None:
+            self.stack.remove()
+            self.stack = None
+
+    def _restack(self) -> None:
+        """Stack the adapters for one-pass mixed batches, or leave PEFT's path in charge."""
+        from .multi_lora import StackedLora, stackable
+        self.version += 1
+        names = list(self.adapters)
+        if names and stackable(self.model, names):
+            self.stack = StackedLora(self.model, names)
+
+    def forward_for(self, rows: list[str]):
+        """The module to call for a batch whose rows use these adapters (BASE_ROW for none),
+        and the keyword arguments it needs."""
+        if not self.adapters:
+            return self.model, {}
+        if self.stack is not None:
+            self.stack.select(rows)
+            return self.model.base_model.model, {}  # PEFT's wrapper adds nothing here
+        return self.model, {"adapter_names": rows}
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         from .templates import render_prompt
@@ -150,18 +182,88 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+class Batch:
+    """The rows decoded together and their one KV cache. Rows are aligned to one length by
+    left padding (mask 0), so a step feeds one token per row at one cache position."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask = None                  # [rows, length]: 1 for real tokens
+        self.next: list[int] = []         # each row's token to feed at the next step
+        self.joinable = True              # whether rows can join while others run
+        self.version = -1                 # the engine's adapter version the rows were checked at
+
+    def join(self, rows: list[Row], cache, mask, tokens: list[int]) -> None:
+        """Add freshly prefilled rows: both sides padded on the left to one length."""
+        import torch
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next = list(rows), cache, mask, list(tokens)
+            self.joinable = _plain_layers(cache)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width),
+                                     _pad_left(theirs.values, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.rows += rows
+        self.next += tokens
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows, and cut the padding no remaining row needs."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.reset()
+            return
+        import torch
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.rows = [self.rows[i] for i in keep]
+        self.next = [self.next[i] for i in keep]
+
+
+def _plain_layers(cache) -> bool:
+    """Only full-attention layers can be padded and stacked (not sliding windows, not
+    recurrent state); other models decode a batch to its end before new rows join."""
+    from transformers.cache_utils import DynamicLayer
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _pad_left(t, width: int):
+    """Pad the sequence axis (-2 for keys and values, -1 for a mask) on the left."""
+    import torch
+    axis = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
 class Scheduler(threading.Thread):
-    """The one thread that runs the model: batches of rows that sample alike."""
+    """The one thread that runs the model: a decoding loop over a continuous batch."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005, chunk: int = 16):
+                 gather_s: float = 0.005):
         super().__init__(daemon=True, name="tunebench-serve")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.gather_s, self.chunk = gather_s, chunk
+        self.gather_s = gather_s
         self.waiting: list[Row] = []
         self.running = 0
         self.cond = threading.Condition()
-        self.batches, self.busy_s, self.rows_done = 0, 0.0, 0   # what /health reports
+        self.steps, self.prefills, self.busy_s, self.rows_done = 0, 0, 0.0, 0  # for /health
+        self.stop_ids = set(engine.stop_ids)
 
     def submit(self, rows: list[Row]) -> None:
         """Queue a request's rows, or raise Busy when that would pass `max_queue`."""
@@ -176,163 +278,190 @@ class Scheduler(threading.Thread):
             return len(self.waiting) + self.running
 
     def run(self) -> None:
+        batch = Batch()
         while True:
-            batch = self._next_batch()
+            fresh = self._admit(batch)
             started = time.monotonic()
             try:
-                self._generate(batch)
-            except Exception as err:  # one bad batch must not stop the server
-                for row in batch:
+                with self.engine.lock:
+                    self._drop_orphans(batch, fresh)
+                    if fresh:
+                        self._prefill(batch, [r for r in fresh if r.finish is None])
+                    if batch.rows:
+                        self._step(batch)
+            except Exception as err:  # one bad step must not stop the server
+                for row in batch.rows + fresh:
                     if row.finish is None:
                         row.finish = "error"
                         row.emit("error", f"{type(err).__name__}: {err}")
             finally:
                 self.busy_s += time.monotonic() - started
-                self.rows_done += sum(r.finish is not None for r in batch)
-                with self.cond:
-                    self.running = 0
-                    # Rows not done yet go back to the head of the line, ahead of new ones:
-                    # between chunks, rows that ended make room for waiting requests.
-                    self.waiting[:0] = [r for r in batch
-                                        if r.finish is None and not r.cancelled.is_set()]
+                self._retire(batch)
 
-    def _next_batch(self) -> list[Row]:
-        """The oldest waiting row and the others that sample alike (oldest first)."""
+    def _admit(self, batch: Batch) -> list[Row]:
+        """Waiting rows that fit in the batch, oldest first. Blocks while nothing runs and
+        nothing waits; a batch that starts from empty waits `gather_s` for rows sent at the
+        same moment, so they share one prefill."""
         with self.cond:
-            while not self.waiting:
+            while not self.waiting and not batch.rows:
                 self.cond.wait()
-            fresh = not self.waiting[0].tokens
-        if fresh:
-            time.sleep(self.gather_s)  # let rows sent at the same moment join this batch
+            idle = not batch.rows
+        if idle:
+            time.sleep(self.gather_s)
         with self.cond:
             self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
-            if not self.waiting:
-                return []
-            key = self.waiting[0].sampling
-            batch = [r for r in self.waiting if r.sampling == key][:self.max_batch]
-            chosen = {id(r) for r in batch}
-            self.waiting = [r for r in self.waiting if id(r) not in chosen]
-            self.running = len(batch)
-        return batch
+            room = self.max_batch - len(batch.rows) if (idle or batch.joinable) else 0
+            fresh, self.waiting = self.waiting[:room], self.waiting[room:]
+            self.running = len(batch.rows) + len(fresh)
+        return fresh
 
-    def _generate(self, batch: list[Row]) -> None:
-        gone = [r for r in batch if r.adapter != BASE_ROW and r.adapter not in self.engine.adapters]
-        for row in gone:  # its adapter was removed while the row waited
-            row.finish = "error"
-            row.emit("error", f"adapter '{row.adapter}' was removed before the reply started")
-        batch = [r for r in batch if r.finish is None]
-        if not batch:
-            return
+    def _drop_orphans(self, batch: Batch, fresh: list[Row]) -> None:
+        """Rows whose adapter was removed while they waited or ran end with an error."""
+        rows = fresh if batch.version == self.engine.version else batch.rows + fresh
+        batch.version = self.engine.version
+        for row in rows:
+            if row.adapter != BASE_ROW and row.adapter not in self.engine.adapters:
+                row.finish = "error"
+                row.emit("error", f"adapter '{row.adapter}' was removed while its reply was "
+                                  "being written")
+
+    def _prefill(self, batch: Batch, rows: list[Row]) -> None:
+        """Run the new rows' prompts (left-padded together), take each row's first token,
+        and stack them onto the running batch."""
         import torch
-        from transformers import set_seed
-
-        engine, tok = self.engine, self.engine.tokenizer
-        # A row continues from its prompt and what it has written so far (a chunk earlier).
-        contexts = [r.prompt_ids + r.tokens for r in batch]
-        width = max(len(c) for c in contexts)
+        if not rows:
+            return
+        tok = self.engine.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
-        streamer, done = RowStreamer(batch, engine), RowsDone(batch)
-        with engine.lock:
-            model = engine.model
-            kwargs = {}
-            if engine.adapters:  # each row with its own adapter (or none) in one batch
-                kwargs["adapter_names"] = [r.adapter for r in batch]
-            if batch[0].sampling.seed is not None and not any(r.tokens for r in batch):
-                set_seed(batch[0].sampling.seed)
-            with torch.inference_mode():
-                model.generate(input_ids=ids.to(model.device),
-                               attention_mask=mask.to(model.device),
-                               generation_config=self._config(model, batch),
-                               streamer=streamer, stopping_criteria=[done], **kwargs)
-        self.batches += 1
-        for row in batch:  # an ending the streamer did not see (a cancelled row's)
-            if row.finish is not None and not row.announced:
-                row.announced = True
-                streamer.flush(row)
-                row.emit("done", row.finish)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
+                             for r in rows])
+        for row in rows:
+            if row.sampling.seed is not None:  # choice k of a seeded request: seed + k
+                row.generator = torch.Generator().manual_seed(row.sampling.seed + row.index)
+        out = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None, rows)
+        tokens = self._deliver(rows, out.logits[:, -1])
+        batch.join(rows, out.cache, mask.to(out.logits.device), tokens)
+        self.prefills += 1
 
-    def _config(self, model, batch: list[Row]):
-        import copy
-        s = batch[0].sampling
-        config = copy.deepcopy(model.generation_config)
-        sample = s.temperature > 0
-        left = max(r.max_tokens - len(r.tokens) for r in batch)
-        config.update(max_new_tokens=min(self.chunk, left), do_sample=sample,
-                      temperature=s.temperature if sample else 1.0,
-                      top_p=s.top_p if sample else 1.0,
-                      top_k=(s.top_k or None) if sample else 50,
-                      repetition_penalty=s.repetition_penalty,
-                      eos_token_id=self.engine.stop_ids,
-                      pad_token_id=self.engine.tokenizer.pad_token_id)
-        return config
+    def _step(self, batch: Batch) -> None:
+        """One token for every running row."""
+        import torch
+        mask = batch.mask
+        ids = torch.tensor(batch.next, device=mask.device)[:, None]
+        positions = mask.sum(1, keepdim=True)     # the real tokens before this one
+        batch.mask = torch.cat([mask, mask.new_ones(len(batch.rows), 1)], dim=1)
+        out = self._forward(ids, batch.mask, positions, batch.cache, batch.rows)
+        batch.next = self._deliver(batch.rows, out.logits[:, -1])
+        self.steps += 1
 
+    def _forward(self, ids, mask, positions, cache, rows: list[Row]):
+        import torch
+        model, kwargs = self.engine.forward_for([r.adapter for r in rows])
+        device = self.engine.model.device
+        with torch.inference_mode():
+            return model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), cache=cache, use_cache=True,
+                         logits_to_keep=1, **kwargs)
 
-class RowStreamer:
-    """transformers' streamer protocol for a batch: each step's new token per row, decoded
-    into that row's text, cut at its stop strings and its own token budget."""
-
-    def __init__(self, batch: list[Row], engine: Engine):
-        self.batch, self.engine = batch, engine
-        self.prompt_seen = False
-        self.outbox: list | None = None   # a step's events, delivered together
-        self.stop_ids = set(engine.stop_ids)
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        self.outbox: list = []
-        for row, token in zip(self.batch, value.reshape(len(self.batch), -1)[:, -1].tolist()):
+    def _deliver(self, rows: list[Row], logits) -> list[int]:
+        """Pick each row's next token and hand the new text to its client: one event-loop
+        wakeup for the whole step."""
+        tokens = pick_tokens(logits, rows)
+        outbox: list = []
+        for row, token in zip(rows, tokens):
             if row.finish is None:
-                self._advance(row, int(token))
-                if row.finish is not None:  # its client hears at once, not when the batch ends
-                    row.announced = True
-                    row.post("done", row.finish, self.outbox)
-        _deliver(self.outbox)
-        self.outbox = None
+                advance(row, token, self.stop_ids, self.engine.tokenizer, outbox)
+        _deliver(outbox)
+        return tokens
 
-    def _advance(self, row: Row, token: int) -> None:
-        if row.first_token_at is None:
-            row.first_token_at = time.monotonic()
-        if row.cancelled.is_set():
-            row.finish = "cancelled"
-            return
-        if token in self.stop_ids:
-            row.finish = "stop"
-            return
+    def _retire(self, batch: Batch) -> None:
+        """Rows that ended or lost their client leave the batch."""
+        for row in batch.rows:
+            if row.finish is None and row.cancelled.is_set():
+                row.finish = "cancelled"
+        keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
+        self.rows_done += len(batch.rows) - len(keep)
+        batch.keep(keep)
+        with self.cond:
+            self.running = len(batch.rows)
+
+
+def pick_tokens(logits, rows: list[Row]) -> list[int]:
+    """Each row's next token: greedy for all at once, then sampled rows one by one, each
+    with its own settings and random stream (transformers' order: repetition penalty,
+    temperature, top-k, top-p)."""
+    tokens = logits.argmax(-1).tolist()
+    for i, row in enumerate(rows):
+        s = row.sampling
+        if s.temperature > 0 or s.repetition_penalty != 1.0:
+            tokens[i] = _sample(logits[i].float(), row)
+    return tokens
+
+
+def _sample(scores, row: Row) -> int:
+    import torch
+    s = row.sampling
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.tokens)), device=scores.device)
+        old = scores[seen]
+        scores = scores.clone()
+        scores[seen] = torch.where(old < 0, old * s.repetition_penalty,
+                                   old / s.repetition_penalty)
+    if s.temperature <= 0:
+        return int(scores.argmax())
+    scores = scores / s.temperature
+    if s.top_k and s.top_k < scores.numel():
+        scores[scores < torch.topk(scores, s.top_k).values[-1]] = -float("inf")
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > s.top_p  # the first token is always kept
+        scores[order[beyond]] = -float("inf")
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def advance(row: Row, token: int, stop_ids: set, tokenizer, outbox: list) -> None:
+    """One new token for a row: its text so far, cut at a stop string or its budget; its
+    client hears of its end at once."""
+    if row.first_token_at is None:
+        row.first_token_at = time.monotonic()
+    if row.cancelled.is_set():
+        row.finish = "cancelled"
+        return
+    if token in stop_ids:
+        row.finish = "stop"
+    else:
         row.tokens.append(token)
-        row.text = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        row.text = tokenizer.decode(row.tokens, skip_special_tokens=True)
         cut = min((row.text.find(s) for s in row.stops if s and s in row.text), default=-1)
         if cut >= 0:
             row.text, row.finish = row.text[:cut], "stop"
         elif len(row.tokens) >= row.max_tokens:
             row.finish = "length"
-        self.flush(row, final=row.finish is not None)
+    flush(row, outbox, final=row.finish is not None)
+    if row.finish is not None:
+        row.post("done", row.finish, outbox)
 
-    def flush(self, row: Row, final: bool = True) -> None:
-        """Hand the client the text it has not seen. A stop string may still be forming at
-        the end, and a multi-byte character may be half decoded: hold those back until the
-        row ends."""
-        safe = len(row.text)
-        if not final:
-            if row.text.endswith("\ufffd"):
-                safe = len(row.text.rstrip("\ufffd"))
-            for stop in row.stops:
-                for k in range(min(len(stop) - 1, safe), 0, -1):
-                    if row.text[:safe].endswith(stop[:k]):
-                        safe -= k
-                        break
-        if safe > row.sent:
-            if self.outbox is not None:
-                row.post("delta", row.text[row.sent:safe], self.outbox)
-            else:
-                row.emit("delta", row.text[row.sent:safe])
-            row.sent = safe
 
-    def end(self) -> None:
-        pass
+def flush(row: Row, outbox: list, final: bool = True) -> None:
+    """Queue the text the client has not seen. A stop string may still be forming at the
+    end, and a multi-byte character may be half decoded: hold those back until the row
+    ends."""
+    safe = len(row.text)
+    if not final:
+        if row.text.endswith("\ufffd"):
+            safe = len(row.text.rstrip("\ufffd"))
+        for stop in row.stops:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if row.text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+    if safe > row.sent:
+        row.post("delta", row.text[row.sent:safe], outbox)
+        row.sent = safe
 
 
 def _deliver(outbox: list) -> None:
@@ -347,16 +476,3 @@ def _deliver(outbox: list) -> None:
 def _put_all(items: list) -> None:
     for queue, event in items:
         queue.put_nowait(event)
-
-
-class RowsDone:
-    """Per-row stopping: a row is done once it ended (stop token, stop string, its own
-    max_tokens) or its client went away; the batch ends when every row is."""
-
-    def __init__(self, batch: list[Row]):
-        self.batch = batch
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-        return torch.tensor([r.finish is not None or r.cancelled.is_set() for r in self.batch],
-                            dtype=torch.bool, device=input_ids.device)
