@@ -14,6 +14,11 @@ alpaca_demo instructions, spread over the three models, greedy, max_tokens 64.
   request at a time through plain `model.generate`, the whole reply at once (so its time
   to first token is its total latency).
 
+Both servers run the model on the threads core.models.pick_cpu_threads chooses (one, for
+the demo model), so only the serving differs. With torch's default two spinning threads the
+naive server collapsed whenever another process held a core (70 s instead of 4 s for the
+same run), which is not what this compares.
+
 Measured: requests/s and output tokens/s over the timed run (wall clock, first request
 sent to last reply read), p50/p95 time to first token and total latency per request, and
 the server process's RSS (peak, sampled every 0.2 s). Each server warms up with one
@@ -56,8 +61,11 @@ def naive_server(model: str, adapters: dict[str, str], port: int) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.models import count_parameters, pick_cpu_threads
+
     tok = AutoTokenizer.from_pretrained(model)
     loaded = {"demo": AutoModelForCausalLM.from_pretrained(model).eval()}
+    pick_cpu_threads(count_parameters(loaded["demo"])[1], generates=True)
     for name, path in adapters.items():
         full = AutoModelForCausalLM.from_pretrained(model)
         loaded[name] = PeftModel.from_pretrained(full, path).merge_and_unload().eval()

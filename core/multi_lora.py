@@ -72,8 +72,11 @@ class StackedLora:
                                                 * layer.scaling[name])
         return a, b
 
-    def select(self, rows: list[str]) -> None:
-        key = tuple(rows)
+    def select(self, rows: list[str], lengths: list[int] | None = None) -> None:
+        """One adapter name per row of the next forward. With `lengths`, the forward is one
+        packed row of several prompts end to end, and prompt i (lengths[i] tokens) uses
+        rows[i]."""
+        key = (tuple(rows), tuple(lengths or ()))
         if key == self._key:
             return
         self._key = key
@@ -81,11 +84,13 @@ class StackedLora:
             self.mask = None
             return
         r = self.rank
-        mask = torch.zeros(len(rows), 1, len(self.names) * r)
+        columns = torch.zeros(len(rows), len(self.names) * r)
         for i, name in enumerate(rows):
             if name != BASE:
                 j = self.names.index(name)
-                mask[i, 0, j * r:(j + 1) * r] = 1
+                columns[i, j * r:(j + 1) * r] = 1
+        mask = (columns.repeat_interleave(torch.tensor(lengths), dim=0)[None] if lengths
+                else columns[:, None])               # [1, tokens, N*r] or [rows, 1, N*r]
         weight = self.layers[0].base_layer.weight
         self.mask = mask.to(weight.device, weight.dtype)
 

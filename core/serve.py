@@ -32,6 +32,7 @@ from .serve_engine import BASE_ROW, Busy, Engine, Row, Sampling, Scheduler
 MAX_BODY_BYTES = 1_000_000                 # a request body; a long chat is far below this
 MAX_N = 8                                  # choices per request
 MAX_STOPS = 4
+SWITCH_INTERVAL_S = 0.0002                # see main(): the model thread gets the GIL back sooner
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FIELD_TYPES = {"model": str, "messages": list, "prompt": (str, list), "stream": bool,
                "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
@@ -136,6 +137,24 @@ def _content(content, i: int) -> str:
 
 # --- the server --------------------------------------------------------------------
 
+class Guard:
+    """Body size and API key, checked before any route. A plain ASGI middleware: starlette's
+    `@app.middleware("http")` pipes every streamed chunk through an extra task and memory
+    stream, which was a third of the event loop's work while streaming."""
+
+    def __init__(self, app, server: "Server"):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self.server.refusal(scope["path"], dict(scope["headers"]))
+            if error is not None:
+                from fastapi.responses import JSONResponse
+                response = JSONResponse(error.body(), status_code=error.status)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class Server:
     """The engine, its scheduler and the FastAPI app in front of them."""
 
@@ -174,18 +193,7 @@ class Server:
             return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}",
                                          kind="server_error").body(), status_code=500)
 
-        @app.middleware("http")
-        async def guard(request: Request, call_next):
-            size = request.headers.get("content-length")
-            if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-                return JSONResponse(ApiError(413, f"request body over {MAX_BODY_BYTES:,} "
-                                             "bytes").body(), status_code=413)
-            if request.url.path != "/health" and self.api_key and not self._authorized(request):
-                return JSONResponse(ApiError(401, "missing or wrong API key (send "
-                                             "'Authorization: Bearer <key>')",
-                                             kind="authentication_error",
-                                             code="invalid_api_key").body(), status_code=401)
-            return await call_next(request)
+        app.add_middleware(Guard, server=self)
 
         @app.get("/health")
         async def health():
@@ -241,8 +249,18 @@ class Server:
         self._responses = (JSONResponse, StreamingResponse)
         return app
 
-    def _authorized(self, request) -> bool:
-        given = request.headers.get("authorization", "")
+    def refusal(self, path: str, headers: dict) -> ApiError | None:
+        """Why a request is turned away before any route runs: its size or its key."""
+        size = headers.get(b"content-length", b"")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return ApiError(413, f"request body over {MAX_BODY_BYTES:,} bytes")
+        if path != "/health" and self.api_key and not self._authorized(headers):
+            return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                            kind="authentication_error", code="invalid_api_key")
+        return None
+
+    def _authorized(self, headers: dict) -> bool:
+        given = headers.get(b"authorization", b"").decode("latin-1")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         return hmac.compare_digest(token.encode(), self.api_key.encode())
 
@@ -440,6 +458,10 @@ def main(model: str, adapter_specs: list[str], settings: cfg.ServeConfig,
     # Decoding is one small step per token, as GRPO's sampling is: a small model runs it on
     # one thread, which leaves the other core to the event loop and the clients.
     pick_cpu_threads(count_parameters(engine.model)[1], generates=True)
+    # torch lets go of the GIL in every op, and the event loop, busy with HTTP, takes it; the
+    # model thread then waits up to Python's switch interval (5 ms) to get it back, many
+    # times per step. A short interval hands it back sooner (measured in bench/RESULTS.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     server = Server(engine, settings, key, folder)

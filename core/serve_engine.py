@@ -87,6 +87,7 @@ class Engine:
                                                             trust_remote_code=trust_remote_code)
         from .chat import stop_token_ids
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        self.full_attention = _full_attention(self.model.config)
         self.adapters: dict[str, str] = {}
         self.stack = None                 # multi_lora.StackedLora, when the adapters allow
         self.version = 0                  # counts adapter changes (running rows recheck)
@@ -163,13 +164,19 @@ class Engine:
         if names and stackable(self.model, names):
             self.stack = StackedLora(self.model, names)
 
-    def forward_for(self, rows: list[str]):
+    @property
+    def packs(self) -> bool:
+        """Whether new prompts can be run packed end to end in one row (each row's adapter
+        is then set per token, which PEFT's own mixed-batch path cannot do)."""
+        return self.full_attention and (not self.adapters or self.stack is not None)
+
+    def forward_for(self, rows: list[str], lengths: list[int] | None = None):
         """The module to call for a batch whose rows use these adapters (BASE_ROW for none),
-        and the keyword arguments it needs."""
+        and the keyword arguments it needs; `lengths` for a packed row (see `packs`)."""
         if not self.adapters:
             return self.model, {}
         if self.stack is not None:
-            self.stack.select(rows)
+            self.stack.select(rows, lengths)
             return self.model.base_model.model, {}  # PEFT's wrapper adds nothing here
         return self.model, {"adapter_names": rows}
 
@@ -180,6 +187,17 @@ class Engine:
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _full_attention(config) -> bool:
+    """Whether every layer attends to the whole sequence through a mask it is handed (sdpa
+    or eager): then prompts can be packed with a block mask. Sliding windows, and kernels
+    that take no mask (flash-attention), run padded instead."""
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window",
+                                                                  True)
+    return (types == {"full_attention"} and not sliding
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
 
 class Batch:
@@ -230,6 +248,13 @@ class Batch:
             layer.values = layer.values[index, :, start:]
         self.rows = [self.rows[i] for i in keep]
         self.next = [self.next[i] for i in keep]
+
+
+def _unpack(packed, lengths: list[int], width: int):
+    """[1, heads, total, dim] of prompts end to end -> [prompts, heads, width, dim], each
+    prompt left-padded with zeros."""
+    import torch
+    return torch.stack([_pad_left(p, width) for p in packed[0].split(lengths, dim=1)])
 
 
 def _plain_layers(cache) -> bool:
@@ -326,24 +351,50 @@ class Scheduler(threading.Thread):
                                   "being written")
 
     def _prefill(self, batch: Batch, rows: list[Row]) -> None:
-        """Run the new rows' prompts (left-padded together), take each row's first token,
-        and stack them onto the running batch."""
+        """Run the new rows' prompts, take each row's first token, and stack the rows onto
+        the running batch."""
         import torch
         if not rows:
             return
-        tok = self.engine.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids)
-                             for r in rows])
         for row in rows:
             if row.sampling.seed is not None:  # choice k of a seeded request: seed + k
                 row.generator = torch.Generator().manual_seed(row.sampling.seed + row.index)
-        out = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None, rows)
-        tokens = self._deliver(rows, out.logits[:, -1])
-        batch.join(rows, out.cache, mask.to(out.logits.device), tokens)
+        lengths = [len(r.prompt_ids) for r in rows]
+        mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
+        if self.engine.packs:
+            logits, cache = self._run_packed(rows, lengths)
+        else:
+            out = self._run_padded(rows, mask)
+            logits, cache = out.logits[:, -1], out.cache
+        tokens = self._deliver(rows, logits)
+        batch.join(rows, cache, mask.to(logits.device), tokens)
         self.prefills += 1
+
+    def _run_packed(self, rows: list[Row], lengths: list[int]):
+        """The prompts end to end in one row, each attending to itself only: no compute on
+        padding, which in a batch of mixed lengths is most of it. The row's cache is then
+        cut into one left-padded cache row per prompt."""
+        import torch
+        total, width = sum(lengths), max(lengths)
+        ids = torch.tensor([[t for r in rows for t in r.prompt_ids]])
+        segment = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+        causal = torch.ones(total, total, dtype=torch.bool).tril()
+        attend = (causal & (segment[:, None] == segment[None, :]))[None, None]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        out = self._forward(ids, attend, positions, None, rows, lengths, keep=ends)
+        for layer in out.cache.layers:
+            layer.keys = _unpack(layer.keys, lengths, width)
+            layer.values = _unpack(layer.values, lengths, width)
+        return out.logits[0], out.cache
+
+    def _run_padded(self, rows: list[Row], mask):
+        import torch
+        tok = self.engine.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = mask.shape[1]
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
+        return self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None, rows)
 
     def _step(self, batch: Batch) -> None:
         """One token for every running row."""
@@ -356,14 +407,16 @@ class Scheduler(threading.Thread):
         batch.next = self._deliver(batch.rows, out.logits[:, -1])
         self.steps += 1
 
-    def _forward(self, ids, mask, positions, cache, rows: list[Row]):
+    def _forward(self, ids, mask, positions, cache, rows: list[Row],
+                 lengths: list[int] | None = None, keep=1):
         import torch
-        model, kwargs = self.engine.forward_for([r.adapter for r in rows])
+        model, kwargs = self.engine.forward_for([r.adapter for r in rows], lengths)
         device = self.engine.model.device
         with torch.inference_mode():
             return model(input_ids=ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), cache=cache, use_cache=True,
-                         logits_to_keep=1, **kwargs)
+                         logits_to_keep=keep.to(device) if torch.is_tensor(keep) else keep,
+                         **kwargs)
 
     def _deliver(self, rows: list[Row], logits) -> list[int]:
         """Pick each row's next token and hand the new text to its client: one event-loop
