@@ -17,9 +17,8 @@ Only plain LoRA on `nn.Linear` layers is stacked. Anything else (DoRA, LoRA on e
 
 from __future__ import annotations
 
-import torch
-
 BASE = "__base__"   # the row uses no adapter (PEFT's own name for it in a mixed batch)
+# torch is imported inside the functions: the serving HTTP process reads BASE without it.
 
 
 def lora_layers(model) -> list:
@@ -29,6 +28,7 @@ def lora_layers(model) -> list:
 
 def stackable(model, names: list[str]) -> bool:
     """Whether every served adapter is plain LoRA on Linear layers (see the module doc)."""
+    import torch
     from peft.tuners.lora import Linear as LoraLinear
     config = getattr(model, "peft_config", {})
     for name in names:
@@ -60,6 +60,7 @@ class StackedLora:
     def _stack(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """[in, N*r] and [N*r, out]: adapter j in columns j*r..(j+1)*r, zero where the
         adapter does not touch this layer or has a smaller rank."""
+        import torch
         base = layer.base_layer.weight
         n, r = len(self.names), self.rank
         a = torch.zeros(base.shape[1], n * r, dtype=base.dtype, device=base.device)
@@ -76,6 +77,7 @@ class StackedLora:
         """One adapter name per row of the next forward. With `lengths`, the forward is one
         packed row of several prompts end to end, and prompt i (lengths[i] tokens) uses
         rows[i]."""
+        import torch
         key = (tuple(rows), tuple(lengths or ()))
         if key == self._key:
             return
@@ -106,6 +108,7 @@ def _rank(layer, name: str) -> int:
 
 
 def _forward(linear, a: torch.Tensor, b: torch.Tensor, stack: StackedLora):
+    import torch
     weight, bias = linear.weight, linear.bias
 
     def forward(x, *args, **kwargs):

@@ -8,8 +8,8 @@
     DELETE /v1/adapters/{name}   stop serving one
 
 Requests are checked here (every problem is a 4xx with an OpenAI-style error body and the
-server keeps serving), turned into rows, and generated in batches by the scheduler thread
-(core/serve_engine.py). Sampling settings take the Chat tab's defaults and bounds
+server keeps serving), turned into rows, and generated in batches by the model process
+(core/serve_worker.py, core/serve_engine.py). Sampling settings take the Chat tab's defaults and bounds
 (GenConfig). The same listening policy as the web UI: loopback unless an API key is set.
 """
 
@@ -27,12 +27,11 @@ from pathlib import Path
 from . import config as cfg
 from . import paths, runs, schema
 from .errors import BadInput
-from .serve_engine import BASE_ROW, Busy, Engine, Row, Sampling, Scheduler
+from .serve_worker import BASE_ROW, Busy, Handle, Sampling, Worker, WorkerDied
 
 MAX_BODY_BYTES = 1_000_000                 # a request body; a long chat is far below this
 MAX_N = 8                                  # choices per request
 MAX_STOPS = 4
-SWITCH_INTERVAL_S = 0.0002                # see main(): the model thread gets the GIL back sooner
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FIELD_TYPES = {"model": str, "messages": list, "prompt": (str, list), "stream": bool,
                "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
@@ -156,14 +155,12 @@ class Guard:
 
 
 class Server:
-    """The engine, its scheduler and the FastAPI app in front of them."""
+    """The model process (core/serve_worker.py) and the FastAPI app in front of it."""
 
-    def __init__(self, engine: Engine, settings: cfg.ServeConfig, api_key: str | None,
+    def __init__(self, engine: Worker, settings: cfg.ServeConfig, api_key: str | None,
                  job_dir: Path | None = None):
         self.engine, self.settings, self.api_key = engine, settings, api_key
         self.job_dir = job_dir
-        self.scheduler = Scheduler(engine, settings.max_batch, settings.max_queue)
-        self.scheduler.start()
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -195,11 +192,14 @@ class Server:
 
         app.add_middleware(Guard, server=self)
 
+        @app.exception_handler(WorkerDied)
+        async def died(request, err: WorkerDied):
+            return JSONResponse(ApiError(503, str(err), kind="server_error").body(),
+                                status_code=503)
+
         @app.get("/health")
         async def health():
-            sched = self.scheduler
-            return {"status": "ok", "load": sched.load(), "steps": sched.steps, "prefills": sched.prefills,
-                    "rows_done": sched.rows_done, "busy_s": round(sched.busy_s, 3)}
+            return {"status": "ok", "load": self.engine.load(), **await self.engine.stats()}
 
         @app.get("/v1/models")
         async def list_models():
@@ -209,7 +209,7 @@ class Server:
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             body = read_json(await request.body())
-            prompt = self.engine.encode_chat(messages_of(body))
+            prompt = await self._encode(self.engine.encode_chat(messages_of(body)))
             return await self._complete(request, body, [prompt], chat=True)
 
         @app.post("/v1/completions")
@@ -221,8 +221,8 @@ class Server:
                 raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
                                "prompt")
             return await self._complete(request, body,
-                                        [self.engine.encode_text(p) for p in prompts],
-                                        chat=False)
+                                        [await self._encode(self.engine.encode_text(p))
+                                         for p in prompts], chat=False)
 
         @app.post("/v1/adapters")
         async def add_adapter(request: Request):
@@ -231,7 +231,7 @@ class Server:
             if not isinstance(name, str) or not isinstance(path, str):
                 raise ApiError(400, "expected {\"name\": ..., \"path\": ...}", "name")
             try:
-                await asyncio.to_thread(self.engine.add_adapter, name, path, True)
+                await self.engine.add_adapter(name, path)
             except BadInput as err:
                 raise ApiError(400, str(err), "name" if err.field == "name" else "path") from None
             self.record()
@@ -240,7 +240,7 @@ class Server:
         @app.delete("/v1/adapters/{name}")
         async def remove_adapter(name: str):
             try:
-                await asyncio.to_thread(self.engine.remove_adapter, name)
+                await self.engine.remove_adapter(name)
             except BadInput as err:
                 raise ApiError(404, str(err), "name", code="model_not_found") from None
             self.record()
@@ -271,6 +271,13 @@ class Server:
             card.update(parent=self.engine.base_id, root=self.engine.adapters[model_id])
         return card
 
+    @staticmethod
+    async def _encode(tokens) -> list[int]:
+        try:
+            return await tokens
+        except BadInput as err:  # e.g. a chat template that refuses these messages
+            raise ApiError(400, str(err), "messages") from None
+
     def _adapter_of(self, body: dict) -> str:
         model = body.get("model")
         if not model:
@@ -296,11 +303,8 @@ class Server:
                                f"is over the model's context of {context} tokens; shorten the "
                                "prompt or lower max_tokens", "max_tokens",
                                code="context_length_exceeded")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        rows = [Row(p, adapter, sampling, max_tokens, stops, index=i * n + k, loop=loop,
-                    events=events) for i, p in enumerate(prompts) for k in range(n)]
         try:
-            self.scheduler.submit(rows)
+            rows, events = self.engine.submit(prompts, adapter, sampling, max_tokens, stops, n)
         except Busy:
             raise ApiError(429, f"the server is busy ({self.settings.max_queue} requests "
                            "waiting or running); retry shortly", kind="rate_limit_error",
@@ -319,7 +323,8 @@ class Server:
 class Reply:
     """One request's rows, read back as the API answers: whole, or as SSE chunks."""
 
-    def __init__(self, model: str, rows: list[Row], events: asyncio.Queue, chat: bool, n: int):
+    def __init__(self, model: str, rows: list[Handle], events: asyncio.Queue, chat: bool,
+                 n: int):
         self.model, self.rows, self.events, self.chat, self.n = model, rows, events, chat, n
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -327,12 +332,11 @@ class Reply:
 
     def cancel(self) -> None:
         for row in self.rows:
-            if row.finish is None:
-                row.cancelled.set()
+            row.cancel()
 
     def usage(self) -> dict:
-        prompt = sum(len(r.prompt_ids) for r in self.rows if r.index % self.n == 0)
-        completion = sum(len(r.tokens) for r in self.rows)
+        prompt = sum(r.prompt_tokens for r in self.rows if r.index % self.n == 0)
+        completion = sum(r.tokens for r in self.rows)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -346,8 +350,8 @@ class Reply:
             while not self.events.empty():
                 batch.append(self.events.get_nowait())
             for kind, index, value in _merged(batch):
-                if kind == "error":
-                    raise ApiError(500, f"generation failed: {value}", kind="server_error")
+                if kind == "done" and value[0] == "error":
+                    raise ApiError(500, f"generation failed: {value[3]}", kind="server_error")
                 if kind == "done":
                     left -= 1
                 yield kind, index, value
@@ -380,7 +384,7 @@ class Reply:
                 if kind == "delta":
                     yield self._sse(obj, index, {"content": value} if self.chat else value)
                 elif kind == "done":
-                    finish = "length" if value == "length" else "stop"
+                    finish = "length" if value[0] == "length" else "stop"
                     yield self._sse(obj, index, {} if self.chat else "", finish)
             if include_usage:
                 yield "data: " + json.dumps({"id": self.id, "object": obj, "created": self.created,
@@ -452,18 +456,7 @@ def main(model: str, adapter_specs: list[str], settings: cfg.ServeConfig,
     folder = Path(job_dir).resolve() if job_dir else None
     if paths.confined():  # started by the page: adapters come from the allowed folders only
         adapters = {n: str(paths.confine(p, "adapter")) for n, p in adapters.items()}
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see core/train.py
-    engine = Engine(model)
-    from .models import count_parameters, pick_cpu_threads
-    # Decoding is one small step per token, as GRPO's sampling is: a small model runs it on
-    # one thread, which leaves the other core to the event loop and the clients.
-    pick_cpu_threads(count_parameters(engine.model)[1], generates=True)
-    # torch lets go of the GIL in every op, and the event loop, busy with HTTP, takes it; the
-    # model thread then waits up to Python's switch interval (5 ms) to get it back, many
-    # times per step. A short interval hands it back sooner (measured in bench/RESULTS.md).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path)
+    engine = Worker(model, adapters, settings.max_batch, settings.max_queue)
     server = Server(engine, settings, key, folder)
     return _run(server)
 
@@ -487,9 +480,18 @@ def _run(server: Server) -> int:
         # Recorded here: after a SIGTERM, uvicorn re-raises the signal once it has shut down,
         # so code after web.run() would never see the ending.
         await original_shutdown(sockets)
-        server.record("completed")
+        server.record("failed" if died_of else "completed")
+        server.engine.close()
+
+    died_of: list[str] = []
+
+    def died(why: str) -> None:  # the model process is gone: nothing left to serve
+        print(f"error: {why}", file=sys.stderr, flush=True)
+        died_of.append(why)
+        web.should_exit = True
 
     web.startup, web.shutdown = startup, shutdown
+    server.engine.on_death = died
     try:
         web.run()
     except OSError as err:

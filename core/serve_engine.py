@@ -18,7 +18,6 @@ step itself. Rows reach the HTTP side through asyncio queues.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
@@ -27,24 +26,9 @@ from pathlib import Path
 
 from . import models, paths
 from .errors import BadInput
-from .multi_lora import BASE
+from .serve_worker import BASE_ROW, Sampling
 
-BASE_ROW = BASE                          # PEFT's name for "no adapter" in a mixed batch
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class Busy(Exception):
-    """The queue is full: the client should retry later (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What must be equal for rows to share a batch."""
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
 
 
 @dataclass(eq=False)  # rows are compared by identity
@@ -56,24 +40,23 @@ class Row:
     max_tokens: int
     stops: tuple[str, ...] = ()
     index: int = 0                        # the choice index within its request
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
+    id: int = 0                           # how the server names it in events
     tokens: list[int] = field(default_factory=list)
     text: str = ""                        # the reply so far (cut at a stop string)
     sent: int = 0                         # characters already handed to the client
-    finish: str | None = None             # "stop" or "length" once it ended
+    finish: str | None = None             # "stop", "length", "cancelled" or "error"
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: float | None = None
     generator: object = None              # a seeded request's own random stream
 
-    def emit(self, kind: str, value=None) -> None:
-        if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, self.index, value))
-
     def post(self, kind: str, value, outbox: list) -> None:
-        """Like emit, but collected, so one wakeup of the event loop carries a whole step."""
-        if self.loop is not None and self.events is not None:
-            outbox.append((self.loop, self.events, (kind, self.index, value)))
+        """An event for the row's client, collected so a whole step goes out at once."""
+        outbox.append((self.id, kind, value))
+
+    def end(self, finish: str, outbox: list, message: str = "") -> None:
+        """The row ended: its client hears how, with its final text and token count."""
+        self.finish = finish
+        self.post("done", (finish, self.text, len(self.tokens), message), outbox)
 
 
 class Engine:
@@ -277,56 +260,52 @@ def _pad_left(t, width: int):
 
 
 class Scheduler(threading.Thread):
-    """The one thread that runs the model: a decoding loop over a continuous batch."""
+    """The one thread that runs the model: a decoding loop over a continuous batch. Rows'
+    events go to `sink`, a list of (row id, kind, value) per step."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64,
-                 gather_s: float = 0.005):
+    def __init__(self, engine: Engine, sink, max_batch: int = 8, gather_s: float = 0.005):
         super().__init__(daemon=True, name="tunebench-serve")
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.gather_s = gather_s
+        self.engine, self.sink, self.max_batch, self.gather_s = engine, sink, max_batch, gather_s
         self.waiting: list[Row] = []
-        self.running = 0
         self.cond = threading.Condition()
         self.steps, self.prefills, self.busy_s, self.rows_done = 0, 0, 0.0, 0  # for /health
         self.stop_ids = set(engine.stop_ids)
 
     def submit(self, rows: list[Row]) -> None:
-        """Queue a request's rows, or raise Busy when that would pass `max_queue`."""
         with self.cond:
-            if len(self.waiting) + self.running + len(rows) > self.max_queue:
-                raise Busy()
             self.waiting.extend(rows)
             self.cond.notify()
 
-    def load(self) -> int:
-        with self.cond:
-            return len(self.waiting) + self.running
+    def stats(self) -> dict:
+        return {"steps": self.steps, "prefills": self.prefills, "rows_done": self.rows_done,
+                "busy_s": round(self.busy_s, 3)}
 
     def run(self) -> None:
         batch = Batch()
         while True:
             fresh = self._admit(batch)
-            started = time.monotonic()
+            started, outbox = time.monotonic(), []
             try:
                 with self.engine.lock:
-                    self._drop_orphans(batch, fresh)
+                    self._drop_orphans(batch, fresh, outbox)
                     if fresh:
-                        self._prefill(batch, [r for r in fresh if r.finish is None])
+                        self._prefill(batch, [r for r in fresh if r.finish is None], outbox)
                     if batch.rows:
-                        self._step(batch)
+                        self._step(batch, outbox)
             except Exception as err:  # one bad step must not stop the server
                 for row in batch.rows + fresh:
                     if row.finish is None:
-                        row.finish = "error"
-                        row.emit("error", f"{type(err).__name__}: {err}")
+                        row.end("error", outbox, f"{type(err).__name__}: {err}")
             finally:
                 self.busy_s += time.monotonic() - started
-                self._retire(batch)
+                self._retire(batch, outbox)
+                if outbox:
+                    self.sink(outbox)
 
     def _admit(self, batch: Batch) -> list[Row]:
         """Waiting rows that fit in the batch, oldest first. Blocks while nothing runs and
         nothing waits; a batch that starts from empty waits `gather_s` for rows sent at the
-        same moment, so they share one prefill."""
+        same moment, so they share one prefill. Rows cancelled while waiting end here."""
         with self.cond:
             while not self.waiting and not batch.rows:
                 self.cond.wait()
@@ -334,23 +313,28 @@ class Scheduler(threading.Thread):
         if idle:
             time.sleep(self.gather_s)
         with self.cond:
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
             self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
             room = self.max_batch - len(batch.rows) if (idle or batch.joinable) else 0
             fresh, self.waiting = self.waiting[:room], self.waiting[room:]
-            self.running = len(batch.rows) + len(fresh)
+        if gone:
+            outbox: list = []
+            for row in gone:
+                row.end("cancelled", outbox)
+            self.rows_done += len(gone)
+            self.sink(outbox)
         return fresh
 
-    def _drop_orphans(self, batch: Batch, fresh: list[Row]) -> None:
+    def _drop_orphans(self, batch: Batch, fresh: list[Row], outbox: list) -> None:
         """Rows whose adapter was removed while they waited or ran end with an error."""
         rows = fresh if batch.version == self.engine.version else batch.rows + fresh
         batch.version = self.engine.version
         for row in rows:
             if row.adapter != BASE_ROW and row.adapter not in self.engine.adapters:
-                row.finish = "error"
-                row.emit("error", f"adapter '{row.adapter}' was removed while its reply was "
-                                  "being written")
+                row.end("error", outbox, f"adapter '{row.adapter}' was removed while its reply "
+                                         "was being written")
 
-    def _prefill(self, batch: Batch, rows: list[Row]) -> None:
+    def _prefill(self, batch: Batch, rows: list[Row], outbox: list) -> None:
         """Run the new rows' prompts, take each row's first token, and stack the rows onto
         the running batch."""
         import torch
@@ -366,7 +350,7 @@ class Scheduler(threading.Thread):
         else:
             out = self._run_padded(rows, mask)
             logits, cache = out.logits[:, -1], out.cache
-        tokens = self._deliver(rows, logits)
+        tokens = self._deliver(rows, logits, outbox)
         batch.join(rows, cache, mask.to(logits.device), tokens)
         self.prefills += 1
 
@@ -396,7 +380,7 @@ class Scheduler(threading.Thread):
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
         return self._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None, rows)
 
-    def _step(self, batch: Batch) -> None:
+    def _step(self, batch: Batch, outbox: list) -> None:
         """One token for every running row."""
         import torch
         mask = batch.mask
@@ -404,7 +388,7 @@ class Scheduler(threading.Thread):
         positions = mask.sum(1, keepdim=True)     # the real tokens before this one
         batch.mask = torch.cat([mask, mask.new_ones(len(batch.rows), 1)], dim=1)
         out = self._forward(ids, batch.mask, positions, batch.cache, batch.rows)
-        batch.next = self._deliver(batch.rows, out.logits[:, -1])
+        batch.next = self._deliver(batch.rows, out.logits[:, -1], outbox)
         self.steps += 1
 
     def _forward(self, ids, mask, positions, cache, rows: list[Row],
@@ -418,27 +402,22 @@ class Scheduler(threading.Thread):
                          logits_to_keep=keep.to(device) if torch.is_tensor(keep) else keep,
                          **kwargs)
 
-    def _deliver(self, rows: list[Row], logits) -> list[int]:
-        """Pick each row's next token and hand the new text to its client: one event-loop
-        wakeup for the whole step."""
+    def _deliver(self, rows: list[Row], logits, outbox: list) -> list[int]:
+        """Pick each row's next token and queue the new text for its client."""
         tokens = pick_tokens(logits, rows)
-        outbox: list = []
         for row, token in zip(rows, tokens):
             if row.finish is None:
                 advance(row, token, self.stop_ids, self.engine.tokenizer, outbox)
-        _deliver(outbox)
         return tokens
 
-    def _retire(self, batch: Batch) -> None:
+    def _retire(self, batch: Batch, outbox: list) -> None:
         """Rows that ended or lost their client leave the batch."""
         for row in batch.rows:
             if row.finish is None and row.cancelled.is_set():
-                row.finish = "cancelled"
+                row.end("cancelled", outbox)
         keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
         self.rows_done += len(batch.rows) - len(keep)
         batch.keep(keep)
-        with self.cond:
-            self.running = len(batch.rows)
 
 
 def pick_tokens(logits, rows: list[Row]) -> list[int]:
@@ -482,21 +461,22 @@ def advance(row: Row, token: int, stop_ids: set, tokenizer, outbox: list) -> Non
     if row.first_token_at is None:
         row.first_token_at = time.monotonic()
     if row.cancelled.is_set():
-        row.finish = "cancelled"
+        row.end("cancelled", outbox)
         return
+    finish = None
     if token in stop_ids:
-        row.finish = "stop"
+        finish = "stop"
     else:
         row.tokens.append(token)
         row.text = tokenizer.decode(row.tokens, skip_special_tokens=True)
         cut = min((row.text.find(s) for s in row.stops if s and s in row.text), default=-1)
         if cut >= 0:
-            row.text, row.finish = row.text[:cut], "stop"
+            row.text, finish = row.text[:cut], "stop"
         elif len(row.tokens) >= row.max_tokens:
-            row.finish = "length"
-    flush(row, outbox, final=row.finish is not None)
-    if row.finish is not None:
-        row.post("done", row.finish, outbox)
+            finish = "length"
+    flush(row, outbox, final=finish is not None)
+    if finish is not None:
+        row.end(finish, outbox)
 
 
 def flush(row: Row, outbox: list, final: bool = True) -> None:
@@ -515,17 +495,3 @@ def flush(row: Row, outbox: list, final: bool = True) -> None:
     if safe > row.sent:
         row.post("delta", row.text[row.sent:safe], outbox)
         row.sent = safe
-
-
-def _deliver(outbox: list) -> None:
-    """Hand a step's events to their event loops: one wakeup per loop, not one per row."""
-    by_loop: dict = {}
-    for loop, queue, event in outbox:
-        by_loop.setdefault(loop, []).append((queue, event))
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_put_all, items)
-
-
-def _put_all(items: list) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
