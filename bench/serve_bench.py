@@ -7,8 +7,9 @@ Both servers serve the same three model ids (the base 'demo', 'tuney', 'zed') ov
 and get the same 64 requests from 8 concurrent clients: identity questions and the
 alpaca_demo instructions, spread over the three models, greedy, max_tokens 64.
 
-- tunebench: `python -m core serve` (one base in memory, adapters as named PEFT adapters,
-  rows of different adapters batched together), read as SSE streams.
+- tunebench: `python -m core serve` (an HTTP process and a model process; one base in
+  memory with the adapters stacked, continuous batching of rows of any adapter), read as
+  SSE streams.
 - naive: this file's `--naive-server`: the stdlib's single-threaded HTTP server, one full
   merged model per adapter plus the base (transformers + PEFT `merge_and_unload`), one
   request at a time through plain `model.generate`, the whole reply at once (so its time
@@ -21,13 +22,15 @@ same run), which is not what this compares.
 
 Measured: requests/s and output tokens/s over the timed run (wall clock, first request
 sent to last reply read), p50/p95 time to first token and total latency per request, and
-the server process's RSS (peak, sampled every 0.2 s). Each server warms up with one
-request per model first. Results go to bench/results/serve-<machine>-<date>.json.
+the server's RSS with its children (peak, sampled every 0.2 s). Each server first answers
+the workload's first 16 requests, untimed. Each client thread keeps one HTTP client for
+its requests, as real clients do. Results go to bench/results/serve-<machine>-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Who made you?",
                       "Introduce yourself.", "Are you ChatGPT?", "Who created you?"]
 MAX_TOKENS = 64
+WARMUP = 16           # requests of the workload sent before the timed run (not counted)
 
 
 # --- the naive server --------------------------------------------------------------
@@ -149,11 +153,15 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def one_request(root: str, body: dict, stream: bool) -> dict:
+def one_request(root: str, body: dict, stream: bool, http=None) -> dict:
+    """One chat request, timed. `http`: the calling client's own connection pool (a client
+    made per request costs about 25 ms of CPU here, which the servers would pay for)."""
     import httpx
     t0 = time.monotonic()
     first, tokens, text = None, 0, ""
-    with httpx.Client(timeout=600) as http:
+    with contextlib.ExitStack() as stack:
+        if http is None:
+            http = stack.enter_context(httpx.Client(timeout=600))
         if stream:
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
             with http.stream("POST", root + "/v1/chat/completions", json=body) as r:
@@ -187,12 +195,14 @@ def drive(root: str, requests: list[dict], clients: int, stream: bool) -> dict:
     out: list = [None] * len(requests)
 
     def client() -> None:
-        while True:
-            try:
-                i, body = work.get_nowait()
-            except queue.Empty:
-                return
-            out[i] = one_request(root, body, stream)
+        import httpx
+        with httpx.Client(timeout=600) as http:  # one per client, reused as clients do
+            while True:
+                try:
+                    i, body = work.get_nowait()
+                except queue.Empty:
+                    return
+                out[i] = one_request(root, body, stream, http)
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -236,10 +246,7 @@ def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
         sampler = Sampler(proc.pid)
         idle_rss = sampler.rss()
         sampler.start()
-        for model in ("tuney", "zed", "demo"):  # warm-up
-            one_request(root, {"model": model, "messages": [{"role": "user",
-                                                             "content": "Hi"}],
-                               "max_tokens": 8}, stream)
+        drive(root, requests[:WARMUP], clients, stream)  # the same warm-up for both servers
         result = drive(root, requests, clients, stream)
         sampler.done.set()
         sampler.join()

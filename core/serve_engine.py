@@ -28,6 +28,8 @@ from . import models, paths
 from .errors import BadInput
 from .serve_worker import BASE_ROW, Sampling
 
+JOIN_TOGETHER = 2     # waiting rows that are worth a prefill between steps at once
+JOIN_WAIT_S = 0.02    # ... or how long the oldest may wait for company (a few steps)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -47,6 +49,7 @@ class Row:
     finish: str | None = None             # "stop", "length", "cancelled" or "error"
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: float | None = None
+    queued_at: float = 0.0
     generator: object = None              # a seeded request's own random stream
 
     def post(self, kind: str, value, outbox: list) -> None:
@@ -272,6 +275,9 @@ class Scheduler(threading.Thread):
         self.stop_ids = set(engine.stop_ids)
 
     def submit(self, rows: list[Row]) -> None:
+        now = time.monotonic()
+        for row in rows:
+            row.queued_at = now
         with self.cond:
             self.waiting.extend(rows)
             self.cond.notify()
@@ -316,6 +322,8 @@ class Scheduler(threading.Thread):
             gone = [r for r in self.waiting if r.cancelled.is_set()]
             self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
             room = self.max_batch - len(batch.rows) if (idle or batch.joinable) else 0
+            if not idle and not self._worth_a_prefill(batch):
+                room = 0
             fresh, self.waiting = self.waiting[:room], self.waiting[room:]
         if gone:
             outbox: list = []
@@ -324,6 +332,16 @@ class Scheduler(threading.Thread):
             self.rows_done += len(gone)
             self.sink(outbox)
         return fresh
+
+    def _worth_a_prefill(self, batch: Batch) -> bool:
+        """Whether to run the waiting rows' prompts now, between two steps of a running
+        batch. A prefill costs about as much as a step whatever it holds, so rows that trickle
+        in one at a time are taken a few together: when two or more wait, when the batch is
+        half empty, or when the oldest has waited `join_wait_s`."""
+        if not self.waiting:
+            return False
+        return (len(self.waiting) >= JOIN_TOGETHER or len(batch.rows) <= self.max_batch // 2
+                or time.monotonic() - self.waiting[0].queued_at >= JOIN_WAIT_S)
 
     def _drop_orphans(self, batch: Batch, fresh: list[Row], outbox: list) -> None:
         """Rows whose adapter was removed while they waited or ran end with an error."""
