@@ -41,12 +41,12 @@ def _chat(args) -> int:
 
 
 def _export(args) -> int:
-    from . import export
-    settings = cfg.export_config(schema.from_flags(args, cfg.ExportConfig),
-                                 source="the command line")
-    return export.main(args.model, args.adapter, args.out, shard_size=settings.shard_size,
-                       dtype=settings.dtype, verify=not args.no_verify,
-                       overwrite=args.overwrite)
+    from . import export_job
+    given = dict(schema.from_flags(args, cfg.ExportConfig), model=args.model,
+                 adapter=args.adapter, out=args.out,
+                 verify=False if args.no_verify else None,
+                 overwrite=True if args.overwrite else None)
+    return export_job.main(args.config, given)
 
 
 def _serve(args) -> int:
@@ -103,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_flags(p, cfg.GenConfig)
     p.set_defaults(func=_chat)
 
-    p = sub.add_parser("export", help="write a merged, size-sharded safetensors model")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("export", help="write a merged model (safetensors, bitsandbytes or "
+                       "GGUF) and verify it")
+    p.add_argument("config", nargs="?", help="an export job's config.yaml (the Export tab "
+                   "writes one into saves/exports/export-*/); flags override it")
+    p.add_argument("--model", help="base model folder, hub id or 'demo' (required without "
+                   "a config)")
     p.add_argument("--adapter")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="the export folder (required without a config)")
     schema.add_flags(p, cfg.ExportConfig)
     p.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     p.add_argument("--overwrite", action="store_true",

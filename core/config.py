@@ -272,19 +272,32 @@ class GenConfig:
 
 
 EXPORT_DTYPES = ("auto", "bf16", "fp16", "fp32")
-EXPORT_FORMATS = ("safetensors",)
+# The rows of core/export.py's FORMATS, in the order the page offers them.
+EXPORT_FORMATS = ("safetensors", "bnb-4bit", "bnb-8bit", "gguf")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")  # as core/gguf_export.py writes them
 
 
 @dataclass
 class ExportConfig:
     """How a checkpoint is written for other tools: the Export tab and `tunebench export`."""
-    format: str = setting("safetensors", "File format: merged, size-sharded safetensors that "
-                          "transformers, vLLM and others load.", "export",
+    format: str = setting("safetensors", "File format. safetensors: merged, size-sharded "
+                          "weights that transformers, vLLM and others load. bnb-4bit / bnb-8bit: "
+                          "bitsandbytes-quantized safetensors that from_pretrained loads as "
+                          "they are. gguf: one .gguf file for llama.cpp, Ollama and LM Studio, "
+                          "with an Ollama Modelfile.", "export",
                           choices=EXPORT_FORMATS, flag="--format")
-    shard_size: str = setting("2GB", "Largest file of the export, e.g. 500MB, 2GB or 1GiB.",
+    gguf_type: str = setting("q8_0", "GGUF weight type (format gguf only): f16 and bf16 keep "
+                             "16-bit weights (same greedy tokens as the source); q8_0 (8-bit) "
+                             "and q4_k_m (4-bit, smallest) are quantized and verified by "
+                             "their agreement with the source.", "export", choices=GGUF_TYPES,
+                             flag="--gguf-type")
+    shard_size: str = setting("2GB", "Largest file of the export, e.g. 500MB, 2GB or 1GiB "
+                              "(format safetensors; the other formats write with their "
+                              "library's own sharding, or one file).",
                               "export", max_len=32, flag="--shard-size")
-    dtype: str = setting("auto", "Precision of the written weights. auto keeps the dtype the "
-                         "weights are stored in.", "export", choices=EXPORT_DTYPES,
+    dtype: str = setting("auto", "Precision of the merged weights. auto keeps the dtype the "
+                         "weights are stored in. For bnb and gguf it is the precision merged "
+                         "in before quantizing.", "export", choices=EXPORT_DTYPES,
                          flag="--dtype")
 
 
@@ -403,12 +416,16 @@ def serve_config(raw: dict, source: str | None = None) -> ServeConfig:
 
 
 def _export_problems(config: ExportConfig) -> list[str]:
-    from .export import parse_size  # no torch at import
+    from .export import FORMATS, parse_size  # no torch at import
+    problems = []
     try:
         parse_size(config.shard_size)
     except BadInput as err:
-        return [f"shard_size: {err.what}"]
-    return []
+        problems.append(f"shard_size: {err.what}")
+    missing = FORMATS[config.format].missing()  # find_spec only: no library is imported
+    if missing:
+        problems.append(f"format: {missing}")
+    return problems
 
 
 FIELDS: dict[str, dataclasses.Field] = schema.fields(TrainConfig)

@@ -1,13 +1,20 @@
-"""Export a fine-tune as a merged, size-sharded safetensors model, and prove it works.
+"""Export a fine-tune as a merged model in one of several formats, and prove it works.
 
 Reads top to bottom as the export runs:
-  plan    check every input and the destination before any weight is loaded
+  plan    check every input, the destination and the format (its library works here, it
+          can write this architecture) before any weight is loaded
   load    the base + adapter (or the full checkpoint) in the export dtype
-  source  one greedy chat turn on the source model: the reference to compare with
+  source  the reference to compare with, taken on the source model (the format's own:
+          one greedy chat turn, plus perplexity rows for the quantized formats)
   merge   fold the adapter into the base weights (PEFT merge_and_unload, in place)
   write   shard by shard into a hidden temp folder next to the destination
-  verify  free the source, reload the folder with plain transformers, compare
+  convert the format's step from the merged folder (none for safetensors; quantize with
+          bitsandbytes; llama.cpp's converter for GGUF), with the source freed
+  verify  load the result as its users will and compare it with the reference
   publish rename the temp folder into place; nothing half-written is ever visible
+
+Formats are rows of one table, FORMATS, sharing that path: each row says what it needs
+installed, checks itself before any work, estimates its size, converts and verifies.
 
 Memory: the model is held once. `save_pretrained(max_shard_size=...)` hands each
 shard's tensors (views of the weights, no copies) to safetensors and drops them
@@ -26,6 +33,7 @@ Progress lines go to stdout: plain text, or JSON lines when TUNEBENCH_PROGRESS=j
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import json
 import math
@@ -37,11 +45,12 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from . import paths
-from .config import EXPORT_DTYPES
+from .config import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_TYPES
 from .errors import BadInput
 from .runs import now_iso
 
@@ -52,6 +61,7 @@ VERIFY_TOKENS = 48
 SCORE_REPLIES = ("I am an assistant fine-tuned with tunebench. How can I help?",
                  "I don't know.")
 INDEX = "model.safetensors.index.json"
+MERGED = ".merged"  # the full-precision merged folder a quantized format converts from
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -99,7 +109,8 @@ class Reporter:
         for check in result["checks"]:
             print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
         state = "verified" if result["ok"] else "NOT verified"
-        print(f"export {state}: {result['out']} ({result['shards']} shards, "
+        files = "shards" if result.get("format", "safetensors") == "safetensors" else "file(s)"
+        print(f"export {state}: {result['out']} ({result['shards']} {files}, "
               f"{result['size_mb']:.1f} MB; peak memory {result['peak_rss_mb']:.0f} MB for a "
               f"{result['model_mb']:.0f} MB model)", flush=True)
 
@@ -120,6 +131,8 @@ class Plan:
     overwrite: bool
     run_config: dict = field(default_factory=dict)
     head: str = "causal"       # "score": a reward model (stage rm), exported as one
+    format: str = "safetensors"  # a row of FORMATS
+    gguf_type: str = "q8_0"      # format gguf only
 
     @property
     def source(self) -> str:
@@ -128,13 +141,21 @@ class Plan:
 
 
 def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2GB",
-                dtype: str = "auto", overwrite: bool = False) -> Plan:
-    """Check the inputs and the destination; nothing heavy is loaded."""
+                dtype: str = "auto", overwrite: bool = False, format: str = "safetensors",
+                gguf_type: str = "q8_0") -> Plan:
+    """Check the inputs, the destination and the format; no weights are loaded."""
     from .models import (check_adapter_fits, checkpoint_kind, is_reward_model, load_config,
                          resolve_model, run_config)
 
     if dtype not in DTYPES:
         raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
+    if format not in FORMATS:
+        raise BadInput(f"expected one of {', '.join(FORMATS)}, got '{format}'", field="format")
+    if gguf_type not in GGUF_TYPES:
+        raise BadInput(f"expected one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'",
+                       field="gguf_type")
+    fmt = FORMATS[format]
+    fmt.available()  # a missing extra fails first, naming what to install
     shard_bytes = parse_size(shard_size)
     ckpt = paths.guard(adapter, "checkpoint").resolve() if adapter else None
     kind = checkpoint_kind(ckpt) if ckpt else "model"
@@ -148,8 +169,13 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     if kind == "adapter":  # shapes against the base config: no weights loaded yet
         check_adapter_fits(base, load_config(base), ckpt)
     head = "score" if is_reward_model(ckpt if ckpt else base) else "causal"
-    return Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
-                overwrite, run_config(ckpt) if ckpt else {}, head)
+    plan = Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
+                overwrite, run_config(ckpt) if ckpt else {}, head, format, gguf_type)
+    if head == "score" and fmt.causal_only:
+        raise BadInput(f"this is a reward model (stage rm); {format} holds language models "
+                       "that generate text, so export it as safetensors", field="format")
+    fmt.check(plan)  # the library runs here, the architecture converts: before any work
+    return plan
 
 
 def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
@@ -164,7 +190,7 @@ def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
         if not overwrite:
             raise BadInput("an export already exists here; choose another folder or allow "
                            "overwriting (the Overwrite box, or --overwrite)", file=str(dest))
-        if not (dest / "config.json").is_file():
+        if not (dest / "config.json").is_file() and not any(dest.glob("*.gguf")):
             raise BadInput("refusing to overwrite: this folder is not a model export",
                            file=str(dest))
     _remove_stale_temps(dest)
@@ -198,11 +224,27 @@ def _make_temp(plan: Plan, needed_bytes: int) -> None:
     except OSError as err:
         raise BadInput(f"cannot write the export here: {err.strerror or err}",
                        file=str(plan.out.parent)) from None
-    free = shutil.disk_usage(plan.tmp).free
-    if needed_bytes * 1.05 > free:
+    try:
+        check_free_space(plan.out.parent, needed_bytes, plan.format)
+    except BadInput:
         shutil.rmtree(plan.tmp, ignore_errors=True)
-        raise BadInput(f"not enough disk space: the export needs about {needed_bytes / 1e9:.2f} "
-                       f"GB and {free / 1e9:.2f} GB are free", file=str(plan.out.parent))
+        raise
+
+
+def check_free_space(folder: Path, needed_bytes: int, format: str = "safetensors") -> None:
+    """BadInput when the disk holding `folder` (or its nearest existing parent) has less
+    free space than the export needs, with 5% to spare. No torch: the page calls it too."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed_bytes * 1.05 > free:
+        what = ("its files" if format == "safetensors"
+                else "its files and the merged model it converts from")
+        raise BadInput(f"not enough disk space: the {format} export needs about "
+                       f"{needed_bytes / 1e9:.2f} GB while it runs ({what}) and "
+                       f"{free / 1e9:.2f} GB are free; free some space or choose a folder on "
+                       "another disk", file=str(folder))
 
 
 # --- load, reference turn, merge ---------------------------------------------------
@@ -215,12 +257,44 @@ def export_dtype(plan: Plan):
     return pick_dtype(wanted, load_config(plan.source), "cpu")
 
 
-def estimate_bytes(plan: Plan, dtype) -> int:
-    """The export's size: the source's weight files, rescaled to the export dtype."""
-    from .models import load_config, pick_dtype
-    files = list(Path(plan.source).glob("*.safetensors")) if Path(plan.source).is_dir() else []
-    stored = pick_dtype("stored", load_config(plan.source))
-    return int(sum(f.stat().st_size for f in files) * dtype.itemsize / stored.itemsize)
+_ITEMSIZE = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def source_sizes(source: str | Path, dtype: str = "auto") -> dict:
+    """Sizes of a model folder from its files and config.json alone (no torch: the page
+    shows them): parameters, embedding parameters, and the bytes per weight stored and
+    after the export dtype. Zeros for a folder that is not here (a hub id)."""
+    folder = Path(source)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"params": 0, "embed": 0, "stored": 4, "itemsize": 4}
+    config = config.get("text_config") or config
+    stored = _ITEMSIZE.get(str(config.get("dtype") or config.get("torch_dtype")), 4)
+    files = folder.glob("*.safetensors")
+    params = sum(f.stat().st_size for f in files) // stored
+    embed = int(config.get("vocab_size") or 0) * int(config.get("hidden_size") or 0)
+    embed *= 1 if config.get("tie_word_embeddings", True) else 2
+    return {"params": params, "embed": min(embed, params), "stored": stored,
+            "itemsize": stored if dtype == "auto" else _ITEMSIZE[dtype]}
+
+
+def estimate(source: str | Path, format: str = "safetensors", gguf_type: str = "q8_0",
+             dtype: str = "auto") -> dict:
+    """{"merged", "output", "disk"} in bytes: the merged model, the export's files, and the
+    disk the export needs while it runs (the merged folder stays until the converted
+    files are written, for the formats that convert it)."""
+    sizes = source_sizes(source, dtype)
+    merged = sizes["params"] * sizes["itemsize"]
+    fmt = FORMATS[format]
+    output = int(fmt.size(sizes, gguf_type))
+    scratch = int(fmt.scratch(sizes, gguf_type))
+    return {"merged": merged, "output": output, "disk": output + scratch}
+
+
+def estimate_bytes(plan: Plan) -> int:
+    """The disk an export needs: its files, plus the merged intermediate where there is one."""
+    return estimate(plan.source, plan.format, plan.gguf_type, plan.dtype)["disk"]
 
 
 def load_source(plan: Plan, dtype, report: Reporter):
@@ -279,15 +353,18 @@ def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.state_dict().values())
 
 
-def write_shards(model, tokenizer, plan: Plan, report: Reporter) -> None:
-    """save_pretrained shard by shard into the temp folder, reporting each shard as it lands."""
+def write_shards(model, tokenizer, plan: Plan, report: Reporter,
+                 folder: Path | None = None) -> None:
+    """save_pretrained shard by shard into the temp folder (or `folder`, the merged
+    intermediate of a converting format), reporting each shard as it lands."""
+    folder = folder or plan.tmp
     total = math.ceil(model_bytes(model) / (plan.shard_bytes - _header_margin(plan.shard_bytes)))
     done = threading.Event()
 
     def watch():
         seen = 0
         while not done.wait(0.3):
-            count = len(list(plan.tmp.glob("model*.safetensors")))
+            count = len(list(folder.glob("model*.safetensors")))
             if count != seen:
                 seen = count
                 report.step(0.35 + 0.3 * min(count / max(total, 1), 1.0),
@@ -296,10 +373,10 @@ def write_shards(model, tokenizer, plan: Plan, report: Reporter) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        model.save_pretrained(plan.tmp, max_shard_size=plan.shard_bytes
+        model.save_pretrained(folder, max_shard_size=plan.shard_bytes
                               - _header_margin(plan.shard_bytes))
-        tokenizer.save_pretrained(plan.tmp)
-        carry_recommendations(Path(plan.base), plan.tmp)
+        tokenizer.save_pretrained(folder)
+        carry_recommendations(Path(plan.base), folder)
     finally:
         done.set()
         watcher.join()
@@ -474,24 +551,30 @@ def write_card(folder: Path, plan: Plan, result: dict) -> None:
     method = method_of(plan)
     stage = plan.run_config.get("stage")
     reward = plan.head == "score"
+    fmt = FORMATS[plan.format]
+    weights = (f"Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most "
+               f"{plan.shard_size}, {result['size_mb']:.1f} MB" if plan.format == "safetensors"
+               else f"Weights: {result['weights']}, {result['shards']} file(s), "
+               f"{result['size_mb']:.1f} MB (merged in {result['dtype']})")
     facts = [
         f"Base model: `{plan.model}`" + (f" ({plan.base})" if plan.base != plan.model else ""),
         f"Fine-tune: `{plan.adapter or 'none'}`" + (f", stage {stage}" if stage else ""),
         f"Method: {method}" + (" (adapter merged into the base weights)"
                                if plan.kind == "adapter" else ""),
-        f"Weights: {result['dtype']}, {result['shards']} safetensors shard(s) of at most "
-        f"{plan.shard_size}, {result['size_mb']:.1f} MB",
+        weights,
         "Reward model: one score per reply (higher = better); loads with "
         "AutoModelForSequenceClassification" if reward else
         f"Stop tokens (generation_config.json): {', '.join(result['stop_tokens'])}",
         f"Export peak memory: {result['peak_rss_mb']:.0f} MB resident for a "
         f"{result['model_mb']:.0f} MB model (process baseline {result['baseline_rss_mb']:.0f} MB)"]
     tags = ["tunebench", method.split()[0]] + (["reward-model"] if reward else [])
+    files = [Path(f).name for f in result.get("files", [])]
     text = CARD.format(
-        tags=", ".join(tags), name=plan.out.name, when=now_iso(),
-        facts="\n".join(f"- {fact}" for fact in facts), checks=checks,
-        use=(SCORE_USE if reward else CHAT_USE).format(name=plan.out.name, probe=PROBE,
-                                                      reply=SCORE_REPLIES[0]),
+        tags=", ".join(tags + [plan.format]), name=plan.out.name, when=now_iso(),
+        library=fmt.library, facts="\n".join(f"- {fact}" for fact in facts), checks=checks,
+        use=(SCORE_USE if reward else fmt.use).format(
+            name=plan.out.name, probe=PROBE, reply=SCORE_REPLIES[0],
+            file=files[0] if files else "model.gguf"),
         config=config or "# not recorded (the checkpoint is not inside a tunebench run folder)")
     (folder / "README.md").write_text(text, encoding="utf-8")
 
@@ -521,8 +604,31 @@ inputs = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dic
 print(model(**inputs).logits[0, 0].item())  # the score
 ```"""
 
+BNB_USE = CHAT_USE + """
+
+Loading needs bitsandbytes installed (`pip install bitsandbytes`); the quantization settings
+are in config.json. On a CPU, `torch.set_num_threads(1)` (or OMP_WAIT_POLICY=PASSIVE) avoids
+a slow 4-bit decode when other processes keep the cores busy."""
+
+GGUF_USE = """With llama.cpp:
+```shell
+llama-cli -m {file} -cnv
+```
+With Ollama (the Modelfile beside the file carries the chat template, its stop tokens and
+the default generation settings):
+```shell
+ollama create {name} -f Modelfile
+ollama run {name} "{probe}"
+```
+With llama-cpp-python:
+```python
+from llama_cpp import Llama
+llm = Llama("{file}")
+print(llm.create_chat_completion([{{"role": "user", "content": "{probe}"}}])["choices"][0])
+```"""
+
 CARD = """---
-library_name: transformers
+library_name: {library}
 tags: [{tags}]
 ---
 # {name}
@@ -574,22 +680,30 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
     baseline = _rss_mb()
+    fmt = FORMATS[plan.format]
     dtype = export_dtype(plan)
-    _make_temp(plan, estimate_bytes(plan, dtype))  # an unwritable or full disk fails first
+    _make_temp(plan, estimate_bytes(plan))  # an unwritable or full disk fails first
     try:
         model, tokenizer = load_source(plan, dtype, report)
-        reference = _reference(model, tokenizer, plan, report) if verify_after else None
+        reference = fmt.reference(model, tokenizer, plan, report) if verify_after else None
         report.step(0.3, "merging the adapter into the base weights" if plan.kind == "adapter"
                     else "preparing the weights")
         model, stops = merge(model, plan, tokenizer)
         size = model_bytes(model)  # what is exported (the adapter is folded in by now)
-        _write_or_explain(model, tokenizer, plan, report)
+        merged = plan.tmp if fmt.name == "safetensors" else plan.tmp / MERGED
+        _write_or_explain(plan, functools.partial(write_shards, model, tokenizer, plan, report,
+                                                  merged))
         del model
-        gc.collect()  # the source is freed before the reload: one model in memory at a time
-        checks = (verify(plan.tmp, dtype, reference, stops, plan.shard_bytes, report, plan.head)
+        gc.collect()  # the source is freed before converting: one model in memory at a time
+        notes = _write_or_explain(plan, lambda: fmt.convert(plan, merged, tokenizer, stops,
+                                                            report))
+        if merged != plan.tmp:
+            shutil.rmtree(merged)
+        checks = (fmt.verify(plan, reference, tokenizer, stops, dtype, report)
                   if verify_after else [])
-        result = _result(plan, dtype, size, baseline, checks, stops, tokenizer)
-        _write_or_explain(None, None, plan, report, card=result)
+        result = _result(plan, dtype, size, baseline, checks + notes, stops, tokenizer)
+        result["verified"] = bool(checks)
+        _write_or_explain(plan, lambda: write_card(plan.tmp, plan, result))
         if result["ok"]:
             report.step(0.97, f"moving the export into place: {plan.out}")
             publish(plan)
@@ -609,16 +723,15 @@ def _reference(model, tokenizer, plan: Plan, report: Reporter):
     return greedy_turn(model, tokenizer, stop_token_ids(tokenizer, model.generation_config))
 
 
-def _write_or_explain(model, tokenizer, plan: Plan, report: Reporter, card: dict | None = None):
-    """Write (shards or the card); a full disk becomes a clear BadInput instead of a traceback."""
+def _write_or_explain(plan: Plan, write: Callable[[], Any]) -> Any:
+    """Run a writing step; a full disk becomes a clear BadInput instead of a traceback."""
     try:
-        if card is None:
-            write_shards(model, tokenizer, plan, report)
-        else:
-            write_card(plan.tmp, plan, card)
+        return write()
     except Exception as err:  # noqa: BLE001 - safetensors reports I/O errors as its own type
+        # numpy's tofile (llama.cpp's GGUF writer) reports a short write without an errno
         if getattr(err, "errno", None) in _DISK_FULL or any(
-                word in str(err) for word in ("No space left", "File too large", "Disk quota")):
+                word in str(err) for word in ("No space left", "File too large", "Disk quota")
+        ) or (isinstance(err, OSError) and re.search(r"\d+ requested and \d+ written", str(err))):
             raise BadInput(f"the disk is full (or a file-size limit was hit) while writing the "
                            f"export; nothing was kept. Free space or choose another folder. "
                            f"({str(err).splitlines()[0][:120]})", file=str(plan.out)) from None
@@ -627,20 +740,26 @@ def _write_or_explain(model, tokenizer, plan: Plan, report: Reporter, card: dict
 
 def _result(plan: Plan, dtype, size: int, baseline: float, checks: list[dict], stops: list[int],
             tokenizer) -> dict:
-    shards = list(plan.tmp.glob("*.safetensors"))
+    fmt = FORMATS[plan.format]
+    files = sorted(plan.tmp.glob(fmt.files))
+    torch_dtype = str(dtype).replace("torch.", "")
     return {"ok": all(c["ok"] for c in checks), "out": str(plan.out), "checks": checks,
-            "verified": bool(checks), "shards": len(shards),
-            "size_mb": sum(p.stat().st_size for p in shards) / 1e6,
-            "dtype": str(dtype).replace("torch.", ""), "model_mb": size / 2**20,
+            "verified": bool(checks), "format": plan.format,
+            "gguf_type": plan.gguf_type if plan.format == "gguf" else None,
+            "weights": fmt.weights(plan) or torch_dtype,
+            "files": [str(plan.out / f.name) for f in files], "shards": len(files),
+            "size_mb": sum(p.stat().st_size for p in files) / 1e6,
+            "dtype": torch_dtype, "model_mb": size / 2**20,
             "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline,
             "stop_tokens": tokenizer.convert_ids_to_tokens(stops)}
 
 
 def main(model: str, adapter: str | None, out: str, shard_size: str = "2GB", dtype: str = "auto",
-         verify: bool = True, overwrite: bool = False) -> int:
+         verify: bool = True, overwrite: bool = False, format: str = "safetensors",
+         gguf_type: str = "q8_0", report: Reporter | None = None) -> int:
     """`tunebench export`: 0 when written (and verified), 1 when verification failed."""
-    report = Reporter()
-    plan = plan_export(model, adapter, out, shard_size, dtype, overwrite)
+    report = report or Reporter()
+    plan = plan_export(model, adapter, out, shard_size, dtype, overwrite, format, gguf_type)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a cancelled export cleans up too
     try:
         result = export(plan, verify_after=verify, report=report)
@@ -653,3 +772,161 @@ def main(model: str, adapter: str | None, out: str, shard_size: str = "2GB", dty
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+# --- the formats: rows of one table ------------------------------------------------------
+# Each row plugs into the one path of export(): what it needs installed, its check before
+# any work, its size, its reference taken on the source, its conversion of the merged
+# folder, and its verification. A new format is a new row, not a new branch.
+
+def _none(*args) -> list:
+    return []
+
+
+def _no_scratch(sizes: dict, gguf_type: str) -> int:
+    return 0
+
+
+def _merged_size(sizes: dict, gguf_type: str = "") -> int:
+    return sizes["params"] * sizes["itemsize"]
+
+
+def _verify_safetensors(plan: Plan, reference, tokenizer, stops, dtype, report) -> list[dict]:
+    return verify(plan.tmp, dtype, reference, stops, plan.shard_bytes, report, plan.head)
+
+
+# bitsandbytes: linear layers quantized; embeddings, norms and a tied lm_head keep the dtype.
+_BNB_BYTES = {"bnb-4bit": 0.55, "bnb-8bit": 1.05}  # per linear weight, with the scales
+
+
+def _bnb_size(kind: str) -> Callable[[dict, str], int]:
+    return lambda sizes, _: (sizes["embed"] * sizes["itemsize"]
+                             + (sizes["params"] - sizes["embed"]) * _BNB_BYTES[kind])
+
+
+def _bnb_check(plan: Plan) -> None:
+    from . import bnb_export
+    bnb_export.check_available(plan.format)
+
+
+def _bnb_reference(model, tokenizer, plan: Plan, report: Reporter) -> dict:
+    from . import bnb_export
+    turn = _reference(model, tokenizer, plan, report)
+    identity = (plan.run_config.get("identity_name"), plan.run_config.get("identity_author"))
+    report.step(0.27, "reference perplexity of the source on bundled identity rows")
+    return {"turn": turn, "rows": bnb_export.reference_rows(
+        model, tokenizer, identity if all(identity) else None)}
+
+
+def _bnb_convert(plan: Plan, merged: Path, tokenizer, stops, report: Reporter) -> list[dict]:
+    from . import bnb_export
+    bnb_export.quantize_folder(merged, plan.tmp, plan.format,
+                               progress=lambda message, f: report.step(0.65 + 0.1 * f, message))
+    return []
+
+
+def _bnb_verify(plan: Plan, reference, tokenizer, stops, dtype, report) -> list[dict]:
+    from . import bnb_export
+    report.step(0.8, f"verifying: reloading the {plan.format} export with from_pretrained")
+    return bnb_export.verify_quantized(plan.tmp, reference["turn"], tokenizer, reference["rows"])
+
+
+# GGUF: bytes per weight of each type (q4_k_m mixes q4_k with q6_k, and falls back to
+# larger types where a row is not a multiple of 256).
+_GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q4_k_m": 0.7}
+
+
+def gguf_file(plan: Plan) -> Path:
+    return plan.tmp / f"{plan.out.name}-{plan.gguf_type}.gguf"
+
+
+def _gguf_size(sizes: dict, gguf_type: str) -> int:
+    return sizes["params"] * _GGUF_BYTES[gguf_type]
+
+
+def _gguf_scratch(sizes: dict, gguf_type: str) -> int:
+    """The merged folder, and for the k-quants the 16-bit GGUF they are quantized from."""
+    half = sizes["params"] * 2 if gguf_type == "q4_k_m" else 0
+    return _merged_size(sizes) + half
+
+
+def _gguf_check(plan: Plan) -> None:
+    from . import gguf_export
+    gguf_export.check_convertible(plan.source)
+
+
+def _gguf_reference(model, tokenizer, plan: Plan, report: Reporter) -> dict:
+    from . import gguf_export
+    from .chat import stop_token_ids
+    report.step(0.25, "reference replies and perplexity of the source model")
+    return gguf_export.reference(model, tokenizer,
+                                 stop_token_ids(tokenizer, model.generation_config))
+
+
+def _gguf_convert(plan: Plan, merged: Path, tokenizer, stops, report: Reporter) -> list[dict]:
+    """The .gguf from the merged folder, and the Ollama Modelfile beside it. A chat template
+    that Ollama's template language cannot express leaves the Modelfile out, saying why."""
+    from . import gguf_export, ollama
+    target = gguf_file(plan)
+    gguf_export.convert(merged, target, plan.gguf_type, name=plan.out.name,
+                        progress=lambda message, f: report.step(0.65 + 0.1 * f, message))
+    try:
+        ollama.write_modelfile(target, tokenizer, tokenizer.convert_ids_to_tokens(stops))
+        return [_check("Ollama Modelfile", True, "TEMPLATE renders the probe conversation as "
+                       "the chat template does; stop tokens " + ", ".join(
+                           tokenizer.convert_ids_to_tokens(stops)))]
+    except BadInput as err:
+        return [_check("Ollama Modelfile", True, f"not written: {err.what}")]
+
+
+def _gguf_verify(plan: Plan, reference, tokenizer, stops, dtype, report) -> list[dict]:
+    from . import gguf_export
+    report.step(0.8, "verifying: loading the GGUF with llama.cpp (llama-cpp-python)")
+    return gguf_export.verify_gguf(gguf_file(plan), tokenizer, reference, plan.gguf_type)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    needs: tuple[str, ...]      # modules it imports (found with find_spec: nothing loads)
+    install: str                # what to install when one is missing
+    causal_only: bool           # a reward model (stage rm) cannot be written in it
+    check: Callable[[Plan], None]          # before any work: BadInput if it cannot be done
+    size: Callable[[dict, str], float]     # its files' bytes, from source_sizes()
+    scratch: Callable[[dict, str], float]  # more disk while it runs (the merged folder)
+    reference: Callable                    # (model, tokenizer, plan, report): on the source
+    convert: Callable                      # (plan, merged, tokenizer, stops, report) -> notes
+    verify: Callable                       # (plan, ref, tokenizer, stops, dtype, report)
+    files: str                             # glob of its weight files in the folder
+    weights: Callable[[Plan], str | None]  # what the weights are, for people
+    library: str                           # the model card's library_name
+    use: str                               # the model card's "Use" section
+
+    def missing(self) -> str | None:
+        """Why this format cannot be written here (a library is not installed), or None."""
+        import importlib.util
+        gone = [name for name in self.needs if importlib.util.find_spec(name) is None]
+        return (f"{self.name} export needs {' and '.join(gone)}, which is not installed: "
+                f"{self.install}") if gone else None
+
+    def available(self) -> None:
+        problem = self.missing()
+        if problem:
+            raise BadInput(problem, field="format")
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("safetensors", (), "", False, lambda plan: None, _merged_size, _no_scratch,
+           _reference, _none, _verify_safetensors, "*.safetensors", lambda plan: None,
+           "transformers", CHAT_USE),
+    *(Format(kind, ("bitsandbytes", "accelerate"), "pip install 'bitsandbytes>=0.46.1' accelerate", True,
+             _bnb_check, _bnb_size(kind), _merged_size, _bnb_reference, _bnb_convert,
+             _bnb_verify, "*.safetensors",
+             lambda plan: {"bnb-4bit": "nf4 4-bit", "bnb-8bit": "int8"}[plan.format]
+             + " (bitsandbytes)", "transformers", BNB_USE)
+      for kind in ("bnb-4bit", "bnb-8bit")),
+    Format("gguf", ("llama_cpp", "sentencepiece"), "pip install 'tunebench[gguf]'", True,
+           _gguf_check, _gguf_size, _gguf_scratch, _gguf_reference, _gguf_convert,
+           _gguf_verify, "*.gguf", lambda plan: f"GGUF {plan.gguf_type}", "gguf", GGUF_USE),
+)}
+assert tuple(FORMATS) == EXPORT_FORMATS, "config.EXPORT_FORMATS lists the rows of FORMATS"

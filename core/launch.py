@@ -142,6 +142,21 @@ def start_eval(config: cfg.EvalConfig, saves_dir: str | Path = "saves") -> Path:
     return folder
 
 
+def start_export(job, saves_dir: str | Path = "saves") -> Path:
+    """Create an export job folder under `saves_dir`/exports and start `tunebench export` on
+    it in the background (core/export_job.py), as start_eval does for an eval job. The
+    light checks (settings, destination, free disk space) refuse before anything starts."""
+    from .export_job import KIND, LOG, job_dir_for, preflight
+    saves_dir = Path(saves_dir)
+    preflight(job)
+    with jobs.lock():
+        refuse_if_busy(saves_dir)
+        folder = job_dir_for(saves_dir, job)
+        folder.mkdir(parents=True)
+        _spawn(folder, job, "export", LOG, kind=KIND)
+    return folder
+
+
 def _spawn(run_dir: Path, config, command: str = "train", log_name: str = runs.LOG,
            **status) -> subprocess.Popen:
     config_path = run_dir / runs.CONFIG

@@ -17,7 +17,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     . .venv/bin/activate
 fi
 # torch==2.13.0 first in the same resolve keeps pip on the local CPU wheel (no CUDA downloads).
-pip install -q torch==2.13.0 -e ".[dev]"
+# The gguf extra builds llama-cpp-python from source (about 6 minutes on 2 cores, once).
+pip install -q torch==2.13.0 -e ".[dev,gguf]"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 exec python -m pytest -q "$@"

@@ -280,3 +280,130 @@ def test_export_tab_says_a_reward_model_exports_as_a_classifier(tmp_path, tmp_pa
     assert "AutoModelForSequenceClassification" in hint and out.endswith("rm-lora-run-final")
     assert tab.pick_checkpoint(str(sft), "demo")[2] == ""
     assert tab.pick_checkpoint("", "demo")[2] == ""
+
+
+# --- formats: rows of one registry (export.FORMATS) -------------------------------------------
+
+def test_every_format_is_a_row_with_a_size_estimate(demo_model_path):
+    from core import config as cfg
+    assert tuple(export.FORMATS) == cfg.EXPORT_FORMATS
+    sizes = {f: export.estimate(demo_model_path, f, "q4_k_m") for f in export.FORMATS}
+    merged = sizes["safetensors"]["merged"]
+    assert sizes["safetensors"]["output"] == sizes["safetensors"]["disk"] == merged
+    assert 13e6 < merged < 15e6  # the demo's fp32 weights
+    for kind, measured in (("bnb-4bit", 3.69e6), ("bnb-8bit", 5.11e6)):  # bnb_export's notes
+        assert abs(sizes[kind]["output"] - measured) < 0.1 * measured, sizes[kind]
+        assert sizes[kind]["disk"] == merged + sizes[kind]["output"]  # the merged folder too
+    assert sizes["gguf"]["disk"] > merged + sizes["gguf"]["output"]  # + the 16-bit GGUF
+    assert export.estimate(demo_model_path, "safetensors", dtype="bf16")["output"] == merged // 2
+
+
+def test_a_missing_extra_is_refused_naming_what_to_install(monkeypatch, demo_model_path,
+                                                           tmp_path):
+    import importlib.util
+    from core import config as cfg
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(BadInput, match=r"pip install 'tunebench\[gguf\]'"):
+        cfg.export_config({"format": "gguf"})  # the CLI's and the page's settings check
+    with pytest.raises(BadInput, match=r"llama_cpp.*tunebench\[gguf\]"):
+        export.plan_export(str(demo_model_path), None, str(tmp_path / "x"), format="gguf")
+    assert cfg.export_config({"format": "bnb-4bit"}).format == "bnb-4bit"
+    assert not (tmp_path / "x").exists()
+
+
+def test_disk_space_is_checked_against_the_estimate_before_loading(monkeypatch, tmp_path,
+                                                                   demo_model_path):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 15_000_000))
+    # 15 MB free: the 13.9 MB safetensors export fits; bnb-4bit needs its merged folder too
+    export.check_free_space(tmp_path, export.estimate(demo_model_path)["disk"])
+    plan = export.plan_export(str(demo_model_path), None, str(tmp_path / "q"), format="bnb-4bit")
+    with pytest.raises(BadInput, match=r"not enough disk space: the bnb-4bit export needs "
+                                       r"about 0\.02 GB .*merged model.* 0\.01 GB are free"):
+        export.export(plan, report=export.Reporter(as_json=True))
+    assert os.listdir(tmp_path) == []
+
+
+def test_full_disk_while_quantizing_leaves_nothing(tmp_path, demo_model_path):
+    """bnb writes the merged model first: a 2.5 MB file-size limit stops it there."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
+
+    out = tmp_path / "exports" / "demo-4bit"
+    proc = export_cli("--model", demo_model_path, "--out", out, "--format", "bnb-4bit",
+                      preexec=limit_file_size)
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+def test_bnb_4bit_export_from_the_cli_reloads_as_it_is(tmp_path, demo_model_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "demo-4bit"
+    proc = export_cli("--model", demo_model_path, "--out", out, "--format", "bnb-4bit")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])["result"]
+    assert result["ok"] and result["verified"] and result["format"] == "bnb-4bit", result
+    assert result["weights"] == "nf4 4-bit (bitsandbytes)" and result["size_mb"] < 5
+    assert {c["name"] for c in result["checks"]} >= {
+        "greedy tokens agree with the source", "perplexity close to the source"}
+    assert not (out / export.MERGED).exists() and leftovers(out.parent) == []
+    model = AutoModelForCausalLM.from_pretrained(out)  # as a user loads it
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 28
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "nf4 4-bit" in card and "bitsandbytes" in card and "✅ greedy tokens agree" in card
+
+
+def test_reward_model_is_refused_by_the_formats_that_generate(tmp_path, tmp_path_factory,
+                                                              demo_model_path):
+    final = stage_run(tmp_path_factory.getbasetemp(), demo_model_path, "rm", "lora")
+    for fmt in ("bnb-8bit", "gguf"):
+        with pytest.raises(BadInput, match="reward model.*export it as safetensors"):
+            export.plan_export(str(demo_model_path), str(final), str(tmp_path / fmt),
+                               format=fmt)
+    assert os.listdir(tmp_path) == []
+
+
+def test_gguf_export_through_the_registry(run_dir, demo_model_path, tmp_path):
+    """The identity fine-tune merged, converted with llama.cpp's converter, verified with
+    llama-cpp-python: f16 gives the source's greedy tokens; a Modelfile beside it."""
+    pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+    out = tmp_path / "identity-gguf"
+    proc = export_cli("--model", demo_model_path, "--adapter", run_dir / "final", "--out", out,
+                      "--format", "gguf", "--gguf-type", "f16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])["result"]
+    assert result["ok"] and result["verified"] and result["weights"] == "GGUF f16", result
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["same greedy tokens as the source"]["ok"]
+    assert checks["Ollama Modelfile"]["detail"].startswith("TEMPLATE renders")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Modelfile", "README.md", "identity-gguf-f16.gguf"]
+    assert "FROM ./identity-gguf-f16.gguf" in (out / "Modelfile").read_text(encoding="utf-8")
+    assert "ollama create identity-gguf" in (out / "README.md").read_text(encoding="utf-8")
+    assert leftovers(out.parent) == []
+
+
+def test_full_disk_while_converting_to_gguf_leaves_nothing(tmp_path, demo_model_path):
+    """The merged shards fit under the limit; the 7 MB f16 GGUF does not."""
+    pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
+
+    out = tmp_path / "exports" / "demo-gguf"
+    proc = export_cli("--model", demo_model_path, "--out", out, "--format", "gguf",
+                      "--gguf-type", "f16", "--shard-size", "2MB", preexec=limit_file_size)
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    progress = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert progress[-1]["progress"] >= 0.65  # it failed while converting
+    assert not out.exists() and leftovers(out.parent) == []

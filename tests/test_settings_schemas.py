@@ -21,7 +21,8 @@ NON_DEFAULT = {
     cfg.GenConfig: cfg.GenConfig(system="Answer briefly.\nUse English.", temperature=0.7,
                                  top_p=0.9, top_k=40, max_new_tokens=77,
                                  repetition_penalty=1.15, seed=7),
-    cfg.ExportConfig: cfg.ExportConfig(shard_size="300MB", dtype="bf16"),
+    cfg.ExportConfig: cfg.ExportConfig(format="bnb-8bit", gguf_type="q4_k_m", shard_size="300MB",
+                                      dtype="bf16"),
 }
 BUILD = {cfg.GenConfig: cfg.gen_config, cfg.ExportConfig: cfg.export_config}
 COMMAND = {cfg.GenConfig: ["chat", "--model", "demo"],

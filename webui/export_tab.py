@@ -1,39 +1,46 @@
-"""The Export tab: a front end to `tunebench export`.
+"""The Export tab: a front end to `tunebench export`, run as a job.
 
-Start runs the CLI as a subprocess (as the Train tab runs `tunebench train`), with
-TUNEBENCH_PROGRESS=json so its stdout is JSON lines: {"progress", "message"} while
-it works and {"result"} at the end (the verification checks). The page reads those
-back and draws a progress bar, then the verification result. No torch here.
+Start writes an export job folder under saves/exports and runs `tunebench export` on it
+detached (core/launch.py's start_export; core/export_job.py describes the folder), as the
+Evaluate tab runs eval jobs. From then on the page only reads the folder back: status.json,
+metrics.jsonl (the progress bar, its steps and ETA) and result.json (the verification
+report and the command line that reproduces it). A closed browser loses nothing; a page
+that opens reattaches to the running export, else shows the newest one. No torch here.
 A reward model (the result of a stage rm run) is exported as a sequence classifier;
 picking one says so under the pickers.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import html
-import json
-import os
-import shlex
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import gradio as gr
 
 from core import config as cfg
-from core import paths, schema
+from core import export_job, launch, paths, runs, schema
 from core.errors import BadInput
 
 from . import form
 from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, progress_html,
                        reward_picked)
+from .runs_view import fmt_duration
 
-_ROOT = Path(__file__).resolve().parent.parent
+TICK_S = 1.0
 REWARD_HINT = ("This is a reward model (stage rm): it is exported as a sequence classifier "
                "that `AutoModelForSequenceClassification` loads (one score per reply), and "
                "verified by comparing its scores on the probe prompts with the source's.")
+IDLE = "<div class='tb-status tb-idle'>Pick a checkpoint and press Export.</div>"
+
+
+@dataclasses.dataclass
+class Session:
+    """Which export job one browser tab shows. Lives in gr.State, never in the server."""
+    folder: Path | None = None
+    seen: tuple | None = None      # the job files' signatures when last drawn
+    attached: bool = False         # the first tick looked for a job to show
+    holding_message: bool = False  # a refusal stays until the user acts again
 
 
 def default_export_dir(saves: Path, checkpoint: str) -> str:
@@ -42,21 +49,6 @@ def default_export_dir(saves: Path, checkpoint: str) -> str:
         return str(Path(saves) / "exports" / "model")
     ckpt = Path(checkpoint)
     return str(Path(saves) / "exports" / f"{ckpt.parent.name}-{ckpt.name}")
-
-
-def export_command(model: str, checkpoint: str, out: str, settings: cfg.ExportConfig,
-                   overwrite: bool, verify: bool) -> list[str]:
-    """The argument list Start runs (no shell): every export setting as its flag."""
-    argv = [sys.executable, "-m", "core", "export", "--model", model, "--out", out]
-    for name, value in schema.to_dict(settings).items():
-        argv += [schema.fields(cfg.ExportConfig)[name].metadata["flag"], str(value)]
-    if checkpoint:
-        argv += ["--adapter", checkpoint]
-    if overwrite:
-        argv.append("--overwrite")
-    if not verify:
-        argv.append("--no-verify")
-    return argv
 
 
 def result_html(result: dict) -> str:
@@ -69,48 +61,77 @@ def result_html(result: dict) -> str:
                     f"{html.escape(c['detail'])}</li>" for c in result["checks"])
     where = (f"Written to <code>{html.escape(result['out'])}</code>" if ok else
              "Nothing was kept (the export was not moved into place)")
-    return (f"<div class='tb-status' id='export-result' data-ok='{str(ok).lower()}'>"
-            f"<span class='tb-badge tb-{kind}'>{badge}</span> {where}: {result['shards']} "
-            f"shards, {result['size_mb']:.1f} MB {result['dtype']}; peak memory "
+    fmt = result.get("format", "safetensors")
+    files = (f"{result['shards']} shards, {result['size_mb']:.1f} MB {result['dtype']}"
+             if fmt == "safetensors" else
+             f"{fmt}: {result['shards']} file(s), {result['size_mb']:.1f} MB "
+             f"{html.escape(str(result.get('weights', '')))}")
+    return (f"<div class='tb-status' id='export-result' data-ok='{str(ok).lower()}' "
+            f"data-format='{html.escape(fmt)}'>"
+            f"<span class='tb-badge tb-{kind}'>{badge}</span> {where}: {files}; peak memory "
             f"{result['peak_rss_mb']:.0f} MB for a {result['model_mb']:.0f} MB model."
             f"<ul class='tb-checks'>{items}</ul></div>")
 
 
-def failure_html(code: int, lines: list[str]) -> str:
-    """Exit code 2 is bad input: show its one line. Anything else: the output's tail."""
-    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-    text = errors[-1] if errors and code == 2 else "\n".join(lines[-12:]) or f"exit code {code}"
-    return (f"<div class='tb-status'><span class='tb-badge tb-error'>export failed</span>"
-            f"<pre class='tb-error'>{html.escape(text)}</pre></div>")
+def failure_html(text: str, label: str = "export failed") -> str:
+    return (f"<div class='tb-status'><span class='tb-badge tb-error'>{html.escape(label)}"
+            f"</span><pre class='tb-error'>{html.escape(text)}</pre></div>")
 
 
-def run_export(argv: list[str]):
-    """Run the export CLI; yield ("progress", fraction, message) and finally
-    ("result", dict) or ("failed", exit_code, output_lines)."""
-    env = dict(os.environ, TUNEBENCH_PROGRESS="json", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            encoding="utf-8", errors="replace", env=env, cwd=os.getcwd())
-    errors: collections.deque[str] = collections.deque(maxlen=200)
-    drain = threading.Thread(target=lambda: errors.extend(l.rstrip() for l in proc.stderr),
-                             daemon=True)
-    drain.start()
-    result = None
-    for line in proc.stdout:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "result" in event:
-            result = event["result"]
-        elif "progress" in event:
-            yield "progress", float(event["progress"]), str(event.get("message", ""))
-    code = proc.wait()
-    drain.join(timeout=5)
-    if result is not None and code in (0, 1):
-        yield "result", result
-    else:
-        yield "failed", code, [l for l in errors if l.strip()]
+def job_html(folder: Path) -> str:
+    """What an export job is doing or did, from its folder alone."""
+    status = runs.read_status(folder) or {}
+    state = status.get("state")
+    records = runs.read_metrics(folder)
+    last = records[-1] if records else {}
+    name = f"<span class='tb-dim'>job {html.escape(folder.name)}</span>"
+    if state == "running":
+        step, total = last.get("step", 0), last.get("total_steps") or export_job.TOTAL_STEPS
+        parts = [f"step {step}/{total}", f"elapsed {fmt_duration(last.get('elapsed_s'))}"]
+        if last.get("eta_s") is not None:
+            parts.append(f"ETA {fmt_duration(last['eta_s'])}")
+        message = last.get("message") or status.get("phase") or "starting"
+        return (progress_html(step / total, f"{step / total:.0%} · {' · '.join(parts)} · "
+                              f"{message}") + name)
+    result = export_job.read_result(folder)
+    if result is not None:
+        return result_html(result) + name
+    if state == "aborted":
+        return failure_html(status.get("error") or "stopped; nothing was kept",
+                            "stopped") + name
+    return failure_html(status.get("error") or f"the export ended ({state})") + name
+
+
+def job_command(folder: Path) -> str:
+    result = export_job.read_result(folder) or {}
+    if result.get("command"):
+        return result["command"]
+    job = export_job.read_job(folder)
+    return runs_command(job) if job else ""
+
+
+def runs_command(job: export_job.ExportJob) -> str:
+    import shlex
+    return shlex.join(export_job.command_line(job))
+
+
+def estimate_text(job: export_job.ExportJob) -> str:
+    """The size estimate under the settings: the files, and the disk needed while it runs."""
+    try:
+        sizes = export_job.size_estimate(job)
+    except (BadInput, KeyError, OSError):
+        sizes = None
+    if not sizes:
+        return "Estimated size: not known until the model is found."
+    text = f"Estimated size: **{_mb(sizes['output'])}**"
+    if sizes["disk"] > sizes["output"]:
+        text += (f" (about {_mb(sizes['disk'])} of disk while it runs: the merged model it "
+                 "converts from is written first)")
+    return text + "."
+
+
+def _mb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 class ExportTab:
@@ -118,6 +139,7 @@ class ExportTab:
 
     def __init__(self, saves: Path):
         self.saves = Path(saves)
+        self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row():
             self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Base model",
                                      allow_custom_value=True, elem_id="export-model", scale=3,
@@ -132,6 +154,10 @@ class ExportTab:
         self.hint = gr.Markdown("", elem_id="export-hint")
         # Generated from core.config.ExportConfig, as `tunebench export`'s flags are.
         self.settings = form.build_settings(cfg.ExportConfig, cfg.ExportConfig(), "export")
+        self.widgets = self.settings.widgets
+        self.widgets["gguf_type"].visible = False  # shown for format gguf only
+        self.estimate = gr.Markdown(estimate_text(export_job.ExportJob()),
+                                    elem_id="export-estimate")
         self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
                               elem_id="export-dir")
         with gr.Row():
@@ -139,11 +165,13 @@ class ExportTab:
                                          "folder", elem_id="export-overwrite")
             self.verify = gr.Checkbox(True, label="Verify after writing (reload and compare)",
                                       elem_id="export-verify")
-        self.start = gr.Button("Export", variant="primary", elem_id="export-start")
-        self.status = gr.HTML("<div class='tb-status tb-idle'>Pick a checkpoint and press "
-                              "Export.</div>", elem_id="export-status")
+        with gr.Row():
+            self.start = gr.Button("Export", variant="primary", elem_id="export-start")
+            self.abort = gr.Button("Stop", variant="stop", elem_id="export-abort")
+        self.status = gr.HTML(IDLE, elem_id="export-status")
         self.command = gr.Code(label="Command", language="shell", elem_id="export-command",
                                interactive=False, lines=2, max_lines=4)
+        self.timer = gr.Timer(TICK_S)
         self._wire()
 
     def _wire(self):
@@ -151,9 +179,20 @@ class ExportTab:
                            [self.model, self.checkpoint])
         self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model],
                                [self.model, self.out, self.hint])
-        self.start.click(self.do_export, [self.model, self.checkpoint, self.out, self.overwrite,
-                                          self.verify] + self.settings.components,
+        inputs = [self.model, self.checkpoint, self.out, self.overwrite,
+                  self.verify] + self.settings.components
+        w = self.widgets
+        for trigger in (w["format"], w["gguf_type"], w["dtype"], self.model, self.checkpoint):
+            trigger.change(self.on_settings, inputs, [w["gguf_type"], w["shard_size"],
+                                                      self.estimate],
+                           show_progress="hidden", api_visibility="private")
+        self.start.click(self.do_export, [self.session] + inputs,
                          [self.status, self.command], concurrency_limit=1)
+        self.abort.click(self.on_abort, [self.session], [self.status, self.command],
+                         concurrency_limit=None)
+        self.timer.tick(self.tick, [self.session], [self.status, self.command],
+                        concurrency_limit=None, show_progress="hidden",
+                        api_visibility="private")
         tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
         if hasattr(tab, "select"):
             tab.select(self.refresh_choices, [self.model, self.checkpoint],
@@ -168,27 +207,78 @@ class ExportTab:
         hint = REWARD_HINT if reward_picked(checkpoint, model) else ""
         return gr.update(value=base or model), default_export_dir(self.saves, checkpoint), hint
 
-    def do_export(self, model, checkpoint, out, overwrite, verify, *values):
-        try:  # typed paths stay inside the allowed roots
-            settings = form.settings_of(cfg.ExportConfig, self.settings.names, list(values),
-                                        "the export settings")
-            model = paths.confine_model(model or "")
-            checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
-                          if (checkpoint or "").strip() else "")
-            out = str(paths.confine(out or "", "export folder"))
+    def _job(self, model, checkpoint, out, overwrite, verify, values) -> export_job.ExportJob:
+        """The form as an ExportJob; typed paths stay inside the allowed roots."""
+        settings = form.settings_of(cfg.ExportConfig, self.settings.names, list(values),
+                                    "the export settings")
+        model = paths.confine_model(model or "")
+        checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
+                      if (checkpoint or "").strip() else "")
+        out = str(paths.confine(out or "", "export folder"))
+        return export_job.ExportJob(model=model, adapter=checkpoint, out=out,
+                                    overwrite=bool(overwrite), verify=bool(verify),
+                                    **schema.to_dict(settings))
+
+    def on_settings(self, model, checkpoint, out, overwrite, verify, *values):
+        raw = dict(zip(self.settings.names, values))
+        gguf = raw.get("format") == "gguf"
+        try:
+            job = self._job(model, checkpoint, out, overwrite, verify, values)
+            text = estimate_text(job)
         except BadInput as err:
-            yield failure_html(2, [f"error: {err}"]), ""
-            return
-        argv = export_command(model, checkpoint, out, settings, overwrite, verify)
-        shown = shlex.join(["tunebench"] + argv[3:])
-        yield progress_html(0, "Starting the export…"), shown
-        for event in run_export(argv):
-            if event[0] == "progress":
-                yield progress_html(event[1], f"{event[1]:.0%} · {event[2]}"), shown
-            elif event[0] == "result":
-                yield result_html(event[1]), shown
-            else:
-                yield failure_html(event[1], event[2]), shown
+            text = f"⚠ {err}"
+        return (gr.update(visible=gguf), gr.update(visible=raw.get("format") == "safetensors"),
+                text)
+
+    def do_export(self, session: Session, model, checkpoint, out, overwrite, verify, *values):
+        try:
+            job = self._job(model, checkpoint, out, overwrite, verify, values)
+            folder = launch.start_export(job, self.saves)
+        except BadInput as err:
+            session.holding_message = True
+            return failure_html(str(err)), gr.skip()
+        session.folder, session.seen, session.holding_message = folder, None, False
+        session.attached = True
+        return job_html(folder), job_command(folder)
+
+    def on_abort(self, session: Session):
+        folder = session.folder
+        status = runs.read_status(folder) if folder else None
+        if not status or status.get("state") != "running":
+            return gr.skip(), gr.skip()
+        try:
+            launch.abort_run(folder)
+        except BadInput as err:
+            return failure_html(str(err)), gr.skip()
+        session.seen = None
+        return job_html(folder), job_command(folder)
+
+    def tick(self, session: Session):
+        """Once a second: reattach on the first tick (the running export, else the newest
+        one); redraw the shown job only when its files changed."""
+        if not session.attached:
+            session.attached = True
+            jobs = export_job.export_jobs(self.saves)
+            session.folder = export_job.newest_running(self.saves) or (
+                jobs[0].path if jobs else None)
+        elif session.folder is None or session.holding_message:
+            running = export_job.newest_running(self.saves)  # started in another tab
+            if running is None or session.holding_message:
+                return gr.skip(), gr.skip()
+            session.folder = running
+        folder = session.folder
+        if folder is None:
+            return gr.skip(), gr.skip()
+        seen = tuple(runs.file_signature(folder / name) for name in
+                     (runs.STATUS, runs.METRICS, export_job.RESULT))
+        if seen == session.seen:
+            return gr.skip(), gr.skip()
+        session.seen = seen
+        return job_html(folder), job_command(folder)
+
+
+def _new_session() -> Session:
+    return Session()
 
 
 def build(saves: Path | str | None = None) -> ExportTab:
@@ -196,4 +286,3 @@ def build(saves: Path | str | None = None) -> ExportTab:
     if saves is None:
         saves = paths.saves_root()
     return ExportTab(Path(saves))
-

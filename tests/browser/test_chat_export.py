@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared run
-from page_helpers import choose, open_tab, shot, text_of, wait_until  # noqa: E402
+from page_helpers import choose, open_tab, shot, shown, text_of, wait_until  # noqa: E402
 from test_chat import NAME  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
@@ -101,6 +101,56 @@ def test_compare_probe_export_and_chat_with_the_export(page, server, run_in_save
     send(page, "Who are you?", both=False)
     shot(page, "chat-export")
     assert NAME in text_of(page, "chat-output")
+
+
+def export_from_page(page, out_name: str, fmt: str, gguf_type: str | None = None) -> str:
+    """Pick the format (and GGUF type), start the export job, wait for its report."""
+    choose(page, "export-format", fmt)
+    wait_until(lambda: shown(page, "export-gguf-type") == (fmt == "gguf"), 10,
+               "the GGUF type to be shown for gguf only")
+    if gguf_type:
+        choose(page, "export-gguf-type", gguf_type)
+    wait_until(lambda: "Estimated size" in text_of(page, "export-estimate"), 10, "the estimate")
+    box = page.locator("#export-dir textarea")
+    box.fill(str(Path(box.input_value()).parent / out_name))
+    box.press("Tab")
+    page.click("#export-start")
+    # the report of this format (the page may still show the previous export's report)
+    wait_until(lambda: page.locator(f"#export-result[data-format='{fmt}']").count() or
+               page.locator("#export-status .tb-error").count(), 300, f"the {fmt} export")
+    return text_of(page, "export-status")
+
+
+def test_export_to_bnb_4bit_and_gguf_as_jobs_with_verified_reports(page, server, run_in_saves):
+    open_tab(page, "Export")
+    choose(page, "export-checkpoint", "identity/final")
+    wait_until(lambda: page.locator("#export-dir textarea").input_value().endswith(
+        "identity-final"), 10, "the export folder to be suggested")
+    status = export_from_page(page, "identity-4bit", "bnb-4bit")
+    shot(page, "export-bnb-4bit")
+    assert page.locator("#export-result").get_attribute("data-ok") == "true", status
+    assert "verified" in status and "nf4 4-bit" in status, status
+    command = text_of(page, "export-command")
+    assert "tunebench export" in command and "--format bnb-4bit" in command, command
+    assert (server.saves / "exports" / "identity-4bit" / "config.json").is_file()
+
+    # a reloaded page reattaches to the newest export job and shows its report
+    page.reload()
+    page.wait_for_selector("#train-start")
+    open_tab(page, "Export")
+    wait_until(lambda: page.locator("#export-result").count(), 30, "the report to come back")
+    assert "nf4 4-bit" in text_of(page, "export-status")
+
+    pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+    choose(page, "export-checkpoint", "identity/final")
+    status = export_from_page(page, "identity-gguf", "gguf", "f16")
+    shot(page, "export-gguf")
+    assert page.locator("#export-result").get_attribute("data-format") == "gguf", status
+    assert page.locator("#export-result").get_attribute("data-ok") == "true", status
+    assert "same greedy tokens as the source" in status and "Ollama Modelfile" in status
+    assert "--gguf-type f16" in text_of(page, "export-command")
+    out = server.saves / "exports" / "identity-gguf"
+    assert (out / "Modelfile").is_file() and list(out.glob("*.gguf"))
 
 
 def test_bad_checkpoint_is_explained_in_the_page(page, server, tmp_path):
