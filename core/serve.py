@@ -501,4 +501,4 @@ def _run(server: Server) -> int:
         print(f"error: could not listen on {server.settings.host}:{server.settings.port}",
               file=sys.stderr)
         return 2
-    return 0
+    return 1 if died_of else 0

@@ -415,3 +415,21 @@ def test_network_bind_without_key_and_vllm_without_vllm_are_refused(demo_model_p
     proc = _refused(["--model", str(demo_model_path), "--backend", "vllm",
                      "--port", str(free_port())], env)
     assert "vLLM" in proc.stderr and "pip install" in proc.stderr, proc.stderr
+
+
+def test_a_dead_model_process_stops_the_server_with_the_reason(demo_model_path):
+    import psutil
+    env = {**ENV}
+    env.pop("TUNEBENCH_CONFINE", None)
+    env.pop("TUNEBENCH_API_KEY", None)
+    proc, root = start(["--model", str(demo_model_path)], env)
+    try:
+        workers = psutil.Process(proc.pid).children()
+        model = [p for p in workers if "spawn_main" in " ".join(p.cmdline())]
+        assert len(model) == 1, [p.cmdline() for p in workers]
+        model[0].kill()  # as the kernel's OOM killer would
+        assert proc.wait(timeout=30) == 1
+        out = proc.stdout.read()
+        assert "the model process ended" in out, out[-2000:]
+    finally:
+        stop(proc)
