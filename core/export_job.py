@@ -36,7 +36,7 @@ from . import export, jobs, runs, schema
 from .errors import BadInput
 
 KIND = "export"
-LOG = "export.log"
+LOG = runs.EXPORT_LOG
 RESULT = "result.json"
 TOTAL_STEPS = 100  # progress is reported in hundredths of the whole export
 

@@ -199,7 +199,7 @@ def _reap(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def _death_message(code: int, run_dir: Path) -> str:
-    what = "evaluation" if runs.log_path(run_dir).name != runs.LOG else "training"
+    what = runs.JOB_WORDS.get((runs.read_status_raw(run_dir) or {}).get("kind"), "training")
     if code < 0:
         try:
             name = signal.Signals(-code).name

@@ -34,6 +34,9 @@ from .errors import BadInput
 STATES = ("running", "completed", "failed", "aborted")
 STATUS, METRICS, CONFIG, COMMAND, LOG = (
     "status.json", "metrics.jsonl", "config.yaml", "command.txt", "train.log")
+EXPORT_LOG = "export.log"  # an export job's (core/export_job.py)
+JOB_WORDS = {"train": "training", "eval": "evaluation", "serve": "API server",
+             "export": "export"}  # a job's kind (status.json) in a sentence
 EVAL_LOG = "eval.log"  # an eval job's log (core/evaluate.py); its status says kind "eval"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -184,7 +187,7 @@ def read_status(run_dir: Path) -> dict | None:
     status = read_status_raw(run_dir)
     if status and status.get("state") == "running" and not pid_alive(
             status.get("pid"), status.get("started_at")):
-        what = {"eval": "evaluation", "serve": "API server"}.get(status.get("kind"), "training")
+        what = JOB_WORDS.get(status.get("kind"), "training")
         status = write_status(
             Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
             error=f"the {what} process disappeared without reporting (killed, or out of memory)",
@@ -329,9 +332,11 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def log_path(folder: Path) -> Path:
-    """The folder's log: eval.log for an eval job, train.log for a run."""
+    """The folder's log: eval.log for an eval job, export.log for an export job, train.log
+    for a run."""
     folder = Path(folder)
-    return folder / EVAL_LOG if (folder / EVAL_LOG).exists() else folder / LOG
+    return next((folder / name for name in (EVAL_LOG, EXPORT_LOG) if (folder / name).exists()),
+                folder / LOG)
 
 
 @dataclass

@@ -233,3 +233,21 @@ def test_an_ended_run_is_summarised_once_until_its_files_change(run_dir):
     again = runs.summarize(run_dir)
     assert again.state == "running" and again.final_loss == 1.2 and again.steps == "11/20"
     assert runs.summarize(run_dir) is not again  # a running run is always read afresh
+
+
+def test_a_running_export_job_is_the_export_tabs_not_a_run(run_dir, monkeypatch):
+    """Seen in the browser: an export job (saves/exports/*, registered as a job) was offered
+    to the Train tab's run picker, which refused it with an error toast."""
+    from core import jobs, paths
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(run_dir.parent.parent / "cache"))
+    saves = run_dir.parent
+    monkeypatch.setattr(paths, "is_allowed", lambda p: True)
+    job = saves / "exports" / "export-gguf-1"
+    job.mkdir(parents=True)
+    runs.write_status(job, "running", pid=os.getpid(), kind="export")
+    jobs.register(job, os.getpid())
+    assert runs_view.outside_running(saves) == []
+    assert [r.name for r in runs_view.listed_runs(saves)] == ["lora-1"]
+    assert runs_view.newest_running(saves) == run_dir
+    runs.write_status(run_dir, "completed")
+    assert runs_view.newest_running(saves) is None

@@ -276,7 +276,8 @@ def outside_running(saves_dir: Path, listed: list[Path] | None = None) -> list[P
     folder's runs, when the caller has scanned them already."""
     inside = {p.resolve() for p in (runs.run_dirs(saves_dir) if listed is None else listed)}
     return [job.run_dir for job in jobs.active()
-            if job.run_dir not in inside and paths.is_allowed(job.run_dir)]
+            if job.run_dir not in inside and paths.is_allowed(job.run_dir)
+            and kind_of(job.run_dir) != "export"]  # saves/exports/*: the Export tab's
 
 
 def listed_runs(saves_dir: Path) -> list[runs.RunSummary]:
@@ -327,14 +328,15 @@ def newest_running(saves_dir: Path) -> Path | None:
     saves = Path(saves_dir).resolve()
     busy = [r for r in launch.running_runs(saves_dir)  # those in saves/, and others it lists
             if (r.path.resolve().parent == saves or paths.is_allowed(r.path.resolve()))
-            and not is_eval_job(r.path)]
+            and kind_of(r.path) == "train"]
     if not busy:
         return None
     return max(busy, key=lambda r: r.started_at).path
 
 
-def is_eval_job(folder: Path) -> bool:
-    return (runs.read_status_raw(folder) or {}).get("kind") == "eval"
+def kind_of(folder: Path) -> str:
+    """What a job folder holds: "train" (a run), "eval" or "export" (their tabs' jobs)."""
+    return (runs.read_status_raw(folder) or {}).get("kind") or "train"
 
 
 def run_names(saves_dir: Path) -> list[str]:
