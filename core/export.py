@@ -625,6 +625,18 @@ With llama-cpp-python:
 from llama_cpp import Llama
 llm = Llama("{file}")
 print(llm.create_chat_completion([{{"role": "user", "content": "{probe}"}}])["choices"][0])
+```
+On CPUs with AMX (Intel Sapphire Rapids and later), llama-cpp-python 0.3.36 crashes on the
+first token of a quantized file (llama.cpp issue #20824). Turn off llama.cpp's extra weight
+buffers before loading:
+```python
+import llama_cpp.llama_cpp as low
+defaults = low.llama_model_default_params
+def plain_buffers():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+low.llama_model_default_params = plain_buffers
 ```"""
 
 CARD = """---
