@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import shutil
 import time
@@ -296,18 +295,12 @@ def _threads_for(model):
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
 def _quiet_bnb():
     """LLM.int8 logs 'inputs will be cast from float32 to float16' on every matmul on the
     CPU (thousands of lines for one reply); the cast is expected, so keep it out of the
     export's output."""
-    logger = logging.getLogger(BNB_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    from .models import quiet_logger
+    return quiet_logger(BNB_LOGGER)
 
 
 def _probe_ids(tokenizer):

@@ -41,6 +41,7 @@ from typing import Callable
 
 from . import locks
 from .errors import BadInput
+from .models import quiet_logger
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
 # Types the converter writes itself (gguf.LlamaFileType names); the rest are quantized after.
@@ -228,7 +229,8 @@ def model_class(conversion, arch: str):
     base = conversion.get_model_class(arch)
 
     def get_vocab_base_pre(self, tokenizer) -> str:
-        with _silenced(conversion.logger):  # its banner for unknown hashes, handled below
+        # its banner for unknown hashes, handled below
+        with quiet_logger(conversion.logger.name, logging.CRITICAL):
             try:
                 return base.get_vocab_base_pre(self, tokenizer)
             except NotImplementedError:
@@ -242,16 +244,6 @@ def model_class(conversion, arch: str):
     # The converter requires each class to name model_arch in its own body.
     return type(base.__name__, (base,), {"model_arch": base.model_arch,
                                          "get_vocab_base_pre": get_vocab_base_pre})
-
-
-@contextmanager
-def _silenced(logger):
-    previous = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 def convert(hf_folder: str | Path, out_file: str | Path, gguf_type: str,
@@ -301,7 +293,7 @@ def _run_converter(hf_folder: Path, out_file: Path, arch: str, file_type: str,
     import torch
     conversion, gguf = load_converter()
     cls = model_class(conversion, arch)
-    with torch.inference_mode(), _silenced(conversion.logger):
+    with torch.inference_mode(), quiet_logger(conversion.logger.name, logging.CRITICAL):
         model = cls(hf_folder, getattr(gguf.LlamaFileType, file_type), out_file, eager=False,
                     model_name=name or hf_folder.name)
         model.write()

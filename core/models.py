@@ -478,18 +478,23 @@ def _auto_class(head: str):
 
 
 @contextlib.contextmanager
-def _quiet_fresh_head(quiet: bool):
-    """Without transformers' report of a freshly initialised score head: a reward-model
-    adapter brings the trained head (PEFT's modules_to_save) right after."""
+def quiet_logger(name: str, level: int | None = None):
+    """Raise one library logger's level for a block (ERROR unless given), then put it back:
+    for messages that are expected in that block and would only bury the real output."""
     import logging
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR if level is None else level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(previous)
+
+
+def _quiet_fresh_head(quiet: bool):
+    """Without transformers' report of a freshly initialised score head: a reward-model
+    adapter brings the trained head (PEFT's modules_to_save) right after."""
+    return quiet_logger("transformers.modeling_utils") if quiet else contextlib.nullcontext()
 
 
 def _check_head(head: str, model_config, where: Path | str, kind: str | None,

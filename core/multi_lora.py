@@ -17,8 +17,12 @@ Only plain LoRA on `nn.Linear` layers is stacked. Anything else (DoRA, LoRA on e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions: the serving HTTP process
+    import torch   # reads BASE without it
+
 BASE = "__base__"   # the row uses no adapter (PEFT's own name for it in a mixed batch)
-# torch is imported inside the functions: the serving HTTP process reads BASE without it.
 
 
 def lora_layers(model) -> list:

@@ -48,7 +48,6 @@ class Row:
     sent: int = 0                         # characters already handed to the client
     finish: str | None = None             # "stop", "length", "cancelled" or "error"
     cancelled: threading.Event = field(default_factory=threading.Event)
-    first_token_at: float | None = None
     queued_at: float = 0.0
     generator: object = None              # a seeded request's own random stream
 
@@ -476,8 +475,6 @@ def _sample(scores, row: Row) -> int:
 def advance(row: Row, token: int, stop_ids: set, tokenizer, outbox: list) -> None:
     """One new token for a row: its text so far, cut at a stop string or its budget; its
     client hears of its end at once."""
-    if row.first_token_at is None:
-        row.first_token_at = time.monotonic()
     if row.cancelled.is_set():
         row.end("cancelled", outbox)
         return
