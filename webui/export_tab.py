@@ -27,7 +27,7 @@ from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, progre
                        reward_picked)
 from .runs_view import fmt_duration
 
-TICK_S = 1.0
+TICK_S = 2.0  # an export is minutes long; every open tab ticks, so tick half as often as Train
 REWARD_HINT = ("This is a reward model (stage rm): it is exported as a sequence classifier "
                "that `AutoModelForSequenceClassification` loads (one score per reply), and "
                "verified by comparing its scores on the probe prompts with the source's.")
