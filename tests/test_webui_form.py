@@ -336,3 +336,27 @@ def test_exposing_the_app_requires_a_login(monkeypatch):
     assert app.parse_auth(None, "0.0.0.0", share=True) == ("bob", "pw")
     with pytest.raises(BadInput, match="USER:PASS"):
         app.parse_auth("nopassword", "127.0.0.1", share=False)
+
+
+def test_only_the_shown_tabs_timers_tick():
+    """Every open page polls through its timers; a hidden tab's timer would poll for nothing
+    (ten open pages made a training run measurably slower). Train shows first; selecting a
+    tab starts its timers and stops the others'."""
+    from webui import app
+    demo = app.build_app()
+    config = demo.get_config_file()
+    timers = {c["id"]: c["props"]["active"] for c in config["components"]
+              if c["type"] == "timer"}
+    tab_of = {c["id"]: c["props"]["elem_id"] for c in config["components"]
+              if c["type"] == "tabitem"}
+    assert len(timers) == 4 and sum(timers.values()) == 1
+    started = {}
+    for dep in config["dependencies"]:
+        tabs = [tab_of[t[0]] for t in dep["targets"] if t[0] in tab_of and t[1] == "select"]
+        if tabs and set(dep["outputs"]) == set(timers):
+            updates = demo.fns[dep["id"]].fn()
+            started[tabs[0]] = [i for i, u in zip(dep["outputs"], updates) if u.active]
+    assert set(started) == {"tab-train", "tab-chat", "tab-eval", "tab-export"}
+    assert all(len(ids) == 1 for ids in started.values())
+    assert len({ids[0] for ids in started.values()}) == 4  # each tab its own timer
+    assert timers[started["tab-train"][0]]                  # and Train's runs from the start

@@ -8,6 +8,7 @@ and a crashing trainer cannot take it down, because training runs as a separate
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -77,18 +78,45 @@ def build_app(saves: Path | None = None) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown("## tunebench · fine-tune a language model in the browser")
         with gr.Tabs() as tabs:
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab("Train", id="train", elem_id="tab-train") as train_page:
                 train = train_tab.TrainTab(saves)
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                chat_tab.build(saves)
-            with gr.Tab("Evaluate", id="eval", elem_id="tab-eval"):
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_page:
+                chat = chat_tab.build(saves)
+            with gr.Tab("Evaluate", id="eval", elem_id="tab-eval") as eval_page:
                 evaluate = eval_tab.EvalTab(saves)
-            with gr.Tab("Export", id="export", elem_id="tab-export"):
-                export_tab.build(saves)
+            with gr.Tab("Export", id="export", elem_id="tab-export") as export_page:
+                export = export_tab.build(saves)
         train.wire_page_load(demo)
         evaluate.wire_page_load(demo)
         evaluate.wire_open_from(train.evals, tabs, "eval")  # a run's evaluations open there
+        show = tick_where_shown({train_page: [train.timer], chat_page: [chat.serve_timer],
+                                 eval_page: [evaluate.timer], export_page: [export.timer]},
+                                first=train_page)
+        train.evals.input(lambda: show(eval_page), None, show.timers, queue=False,
+                          show_progress="hidden", api_visibility="private")
     return demo
+
+
+def tick_where_shown(timers: dict[gr.Tab, list[gr.Timer]], first: gr.Tab):
+    """Only the shown tab's timers run. Every open page polls the server through its timers,
+    and a hidden tab has nothing to redraw: with ten pages open on a two-core machine, four
+    tabs' timers each made the training run and every edit of a form measurably slower. A
+    tab's own first tick reattaches it (to a running job, the newest one), so it catches up
+    when shown. Returns `show(tab)`: the timer updates that show `tab`; `show.timers` are
+    their outputs."""
+    every = [timer for tab_timers in timers.values() for timer in tab_timers]
+
+    def show(shown: gr.Tab) -> list:
+        running = {id(timer) for timer in timers[shown]}
+        return [gr.Timer(active=id(timer) in running) for timer in every]
+
+    for tab, tab_timers in timers.items():
+        for timer in tab_timers:
+            timer.active = tab is first  # the others wait until their tab is shown
+        tab.select(functools.partial(show, tab), None, every, queue=False,
+                   show_progress="hidden", api_visibility="private")
+    show.timers = every
+    return show
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

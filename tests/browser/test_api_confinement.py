@@ -198,9 +198,9 @@ def test_no_endpoint_reads_or_writes_outside_the_roots(scene):
         if not spec["parameters"] or endpoint.startswith(("/refresh", "/on_load")):
             call(server.url, endpoint, [default_for(p, upload_file) for p in spec["parameters"]],
                  session)
-    calls, started = 0, time.monotonic()
+    calls, started, spent = 0, time.monotonic(), {}
     for endpoint, spec in sorted(endpoints.items()):
-        params = spec["parameters"]
+        params, began = spec["parameters"], time.monotonic()
         defaults = [default_for(p, upload_file) for p in params]
         for i, param in enumerate(params):
             if param.get("component") in ("File", "UploadButton"):
@@ -217,8 +217,11 @@ def test_no_endpoint_reads_or_writes_outside_the_roots(scene):
                 reply = call(server.url, endpoint, args, session)
                 calls += 1
                 assert TOKEN not in reply, (endpoint, param.get("label"), value, reply[:2000])
+        spent[endpoint] = time.monotonic() - began
+    slowest = sorted(spent.items(), key=lambda item: -item[1])[:6]
     print(f"\n{calls} hostile calls to {len(endpoints)} endpoints in "
-          f"{time.monotonic() - started:.0f} s")
+          f"{time.monotonic() - started:.0f} s; slowest: "
+          + ", ".join(f"{name} {s:.0f} s" for name, s in slowest))
     assert snapshot(*watched) == before, "a file outside the roots appeared or changed"
     assert sorted(p.name for p in base.iterdir()) == siblings
     assert not (outside / "uploads").exists() and not (outside / ".launch.lock").exists()
