@@ -219,6 +219,14 @@ class TrainConfig:
                                            advanced=True)
     seed: int = setting(42, "Random seed for data order and initialisation.", "training", min=0,
                         max=2**31 - 1, advanced=True)
+    early_stopping_patience: int = setting(
+        0, "Stop once the eval loss has not improved for this many evaluations in a row, and "
+        "keep the best checkpoint as final/ (0 = never stop early). Needs val_size above 0; "
+        "the eval loss is measured at every checkpoint.", "training", min=0, max=10000,
+        advanced=True)
+    early_stopping_threshold: float = setting(
+        0.0, "How much the eval loss must fall below its best so far to count as an "
+        "improvement.", "training", min=0.0, max=1e6, advanced=True)
 
     num_devices: int = setting(1, "Processes to train with, one per GPU (or CPU processes for "
                                "testing).", "training", min=1, max=1024, advanced=True)
@@ -575,7 +583,25 @@ def validate(config: TrainConfig) -> list[str]:
     problems += _booster_problems(config)
     problems += _adapter_problems(config)
     problems += _stage_problems(config)
+    problems += _early_stopping_problems(config)
     return problems
+
+
+def _early_stopping_problems(config: TrainConfig) -> list[str]:
+    if not config.early_stopping_patience:
+        return []
+    if config.val_size <= 0:
+        return ["early_stopping_patience: needs held-out records to measure the eval loss "
+                "on; set val_size above 0 (for example 0.1)"]
+    if config.stage == "grpo":
+        return ["early_stopping_patience: stage grpo reports rewards, not an eval loss, "
+                "so there is nothing to stop on"]
+    if config.method in LORA_FAMILY and config.lora_init == "pissa":
+        # The best checkpoint is reloaded at the end; a PiSSA checkpoint holds the adapter
+        # converted for the original base (twice the rank), which the trainer cannot load.
+        return ["early_stopping_patience: the best checkpoint cannot be reloaded into a "
+                "PiSSA-initialised adapter; use lora_init: default"]
+    return []
 
 
 def _stage_problems(config: TrainConfig) -> list[str]:

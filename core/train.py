@@ -145,7 +145,8 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
             raise Aborted()
         _phase(run_dir, "saving")
         save_final(trainer, run_dir)
-        return _finish(run_dir, "completed", 0)
+        from .trainer import early_stop_reason
+        return _finish(run_dir, "completed", 0, stopped_early=early_stop_reason(trainer))
     except Aborted:
         return _finish(run_dir, "aborted", 1, "stopped by the user")
     except BadInput as err:
@@ -199,7 +200,8 @@ def _phase(run_dir: Path, phase: str) -> None:
         runs.update_status(run_dir, phase=phase)
 
 
-def _finish(run_dir: Path, state: str, code: int, error: str | None = None) -> int:
+def _finish(run_dir: Path, state: str, code: int, error: str | None = None,
+            stopped_early: str | None = None) -> int:
     from .plot import plot_loss
 
     if not distributed.is_main_process():
@@ -209,10 +211,12 @@ def _finish(run_dir: Path, state: str, code: int, error: str | None = None) -> i
     except Exception as err:  # a missing chart must not hide the run's real outcome
         print(f"warning: could not draw loss.png: {err}", flush=True)
     try:
-        runs.write_status(run_dir, state, exit_code=code, error=error)
+        runs.write_status(run_dir, state, exit_code=code, error=error,
+                          **({"stopped_early": stopped_early} if stopped_early else {}))
     except OSError as err:  # e.g. the disk is full: say so on the console at least
         print(f"warning: could not write status.json: {err}", flush=True)
-    print(f"run {state}" + (f": {error}" if error else "") + f" ({run_dir})", flush=True)
+    print(f"run {state}" + (f": {error or stopped_early}" if error or stopped_early else "")
+          + f" ({run_dir})", flush=True)
     return code
 
 

@@ -72,6 +72,7 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
         eval_steps=config.save_steps if save_by_steps else None,
         optim=config.optim,
         report_to="none",
+        **_early_stopping_args(config, has_eval),
         disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -81,6 +82,41 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
            **(_sft_args(config, padding_free) if config.stage in ("sft", "pt")
               else stages.stage_args(config))},
     )
+
+
+def _early_stopping_args(config: TrainConfig, has_eval: bool) -> dict:
+    """transformers' EarlyStoppingCallback compares each eval loss with the best so far,
+    which the trainer tracks only with a metric_for_best_model; the best checkpoint is
+    then reloaded at the end, so final/ is the model that stopped improving last."""
+    if not (config.early_stopping_patience and has_eval):
+        return {}
+    return dict(load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                greater_is_better=False)
+
+
+def early_stopping(config: TrainConfig) -> list[TrainerCallback]:
+    if not config.early_stopping_patience:
+        return []
+    from transformers import EarlyStoppingCallback
+    return [EarlyStoppingCallback(config.early_stopping_patience,
+                                  config.early_stopping_threshold)]
+
+
+def early_stop_reason(trainer) -> str | None:
+    """Why the run ended before its last step, when early stopping ended it; else None."""
+    state = trainer.state
+    stopper = next((c for c in trainer.callback_handler.callbacks
+                    if type(c).__name__ == "EarlyStoppingCallback"), None)
+    if stopper is None or state.global_step >= state.max_steps or \
+            stopper.early_stopping_patience_counter < stopper.early_stopping_patience:
+        return None
+    best = (f"; final/ holds the best checkpoint, step {state.best_global_step} (eval loss "
+            f"{state.best_metric:.4f})" if state.best_global_step else "")
+    by = (f" by more than {stopper.early_stopping_threshold:g}"
+          if stopper.early_stopping_threshold else "")
+    return (f"stopped early at step {state.global_step} of {state.max_steps}: the eval loss "
+            f"did not improve{by} for {stopper.early_stopping_patience} evaluations in a row"
+            + best)
 
 
 def _sft_args(config: TrainConfig, padding_free: bool) -> dict:
@@ -127,7 +163,7 @@ def build_trainer(config: TrainConfig, model, tokenizer, train_rows: list[dict],
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[callback], loraplus_lr_ratio=loraplus, **extra)
+        callbacks=[callback, *early_stopping(config)], loraplus_lr_ratio=loraplus, **extra)
     trainer.remove_callback(PrinterCallback)  # RunDirCallback prints one readable line instead
     drop_reference_adapter(trainer.model)
     return trainer
@@ -292,6 +328,8 @@ class RunFolderMixin:
             shutil.rmtree(target)
         os.replace(run_dir / STAGING / name, target)
         (run_dir / STAGING).rmdir()
+        if self.state.best_model_checkpoint == str(run_dir / STAGING / name):
+            self.state.best_model_checkpoint = str(target)  # the trainer noted the staging path
 
     def create_model_card(self, *args, **kwargs):
         """No TRL model card in the run folder: config.yaml records the run, and

@@ -258,3 +258,33 @@ def test_a_save_steps_beyond_the_run_writes_only_the_final_model(demo_model_path
     assert (run_dir / "final").is_dir() and runs.checkpoints(run_dir) == []
     log = (run_dir / runs.LOG).read_text(encoding="utf-8")
     assert "no checkpoint-N/ will be written, only final/" in log
+
+
+def test_early_stopping_ends_a_run_whose_eval_loss_rises(demo_model_path, tmp_path):
+    """A learning rate far too high makes the held-out loss climb after the first checkpoint;
+    with patience 2 the run ends two evaluations later, completed, with the reason recorded,
+    and final/ is the best checkpoint's adapter, not the last step's."""
+    from safetensors.torch import load_file
+    run_dir = tmp_path / "run"
+    run_train(demo_model_path, run_dir, "epochs=40", "max_samples=24", "val_size=0.25",
+              "save_steps=2", "learning_rate=0.3", "warmup_ratio=0",
+              "early_stopping_patience=2")
+    status = runs.read_status(run_dir)
+    records = runs.read_metrics(run_dir)
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    last_step = records[-1]["step"]
+    assert status["state"] == "completed"
+    assert last_step < records[-1]["total_steps"], "the run went to its end"
+    best_step, best = min(evals, key=lambda e: e[1])
+    after_best = [step for step, _ in evals if step > best_step]
+    assert after_best == [evals[-2][0], last_step]  # the second evaluation past the best
+    assert f"step {best_step}" in status["stopped_early"] and f"{best:.4f}" in status["stopped_early"]
+    final = load_file(run_dir / "final" / "adapter_model.safetensors")
+    kept = load_file(run_dir / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    assert all((final[k] == kept[k]).all() for k in kept)
+
+
+def test_early_stopping_without_held_out_records_is_refused(demo_model_path, tmp_path):
+    proc = run_train(demo_model_path, tmp_path / "run", "early_stopping_patience=2",
+                     check=False)
+    assert proc.returncode == 2 and "set val_size above 0" in proc.stdout + proc.stderr

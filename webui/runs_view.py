@@ -162,6 +162,8 @@ def status_html(run_dir: Path | None, status: dict | None) -> str:
     if status.get("error"):
         kind = "tb-error" if state == "failed" else "tb-note"  # "stopped by the user" is no error
         out += f"<pre class='{kind}'>{html.escape(status['error'])}</pre>"
+    if status.get("stopped_early"):
+        out += f"<pre class='tb-note'>{html.escape(status['stopped_early'])}</pre>"
     return out + "</div>"
 
 
