@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import device, limits, schema
+from . import device, limits, schema, trackers
 from .errors import BadInput  # noqa: F401 - callers catch config problems as cfg's
 # Re-exported: callers read and write training configs through this module.
 from .schema import (changed, format_value, parse_overrides, read_yaml,  # noqa: F401
@@ -241,6 +241,12 @@ class TrainConfig:
     save_steps: int = setting(0, "Save a checkpoint every this many steps (0 = about five "
                               "checkpoints spread over the run).",
                               "run", min=0, max=10**7, advanced=True)
+    report_to: str = setting(
+        "none", "Also log to an experiment tracker, through transformers' integration. "
+        "tensorboard: event files in the run folder's tensorboard/; mlflow: a store in its "
+        "mlruns/ (unless MLFLOW_TRACKING_URI says otherwise); wandb, swanlab: need a login or "
+        "their offline mode. Each needs its package.", "run", choices=trackers.CHOICES,
+        advanced=True)
     output_dir: str = setting("", "Run folder. Empty = saves/<run name>.", "run", path=True)
     run_name: str = setting("", "Run name. Empty = <method>-<date>-<time> (<stage>-<method>-... "
                             "for stages other than sft).", "run", advanced=True,
@@ -584,6 +590,7 @@ def validate(config: TrainConfig) -> list[str]:
     problems += _adapter_problems(config)
     problems += _stage_problems(config)
     problems += _early_stopping_problems(config)
+    problems += trackers.problems(config.report_to)
     return problems
 
 

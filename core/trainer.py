@@ -34,7 +34,7 @@ import functools
 import torch
 from transformers import TrainerCallback
 
-from . import attention, distributed, models, runs, stages
+from . import attention, distributed, models, runs, stages, trackers
 from .config import LORA_FAMILY, TrainConfig
 
 STAGING = ".staging"
@@ -71,7 +71,8 @@ def training_args(config: TrainConfig, run_dir: Path, has_eval: bool,
         eval_strategy=("steps" if save_by_steps else "epoch") if has_eval else "no",
         eval_steps=config.save_steps if save_by_steps else None,
         optim=config.optim,
-        report_to="none",
+        report_to=trackers.prepare(config.report_to, run_dir),  # they log on rank 0 only
+        run_name=config.run_name or run_dir.name,
         **_early_stopping_args(config, has_eval),
         disable_tqdm=True,  # progress goes to metrics.jsonl and one line per log step instead
         dataloader_num_workers=0,

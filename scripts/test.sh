@@ -18,7 +18,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 # torch==2.13.0 first in the same resolve keeps pip on the local CPU wheel (no CUDA downloads).
 # The gguf extra builds llama-cpp-python from source (about 6 minutes on 2 cores, once).
-pip install -q torch==2.13.0 -e ".[dev,gguf]"
+pip install -q torch==2.13.0 -e ".[dev,gguf,tensorboard]"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 exec python -m pytest -q "$@"

@@ -4,6 +4,7 @@ Each test runs the CLI as a subprocess, exactly as the Train tab does, and then
 checks the run directory, the contract between trainer and everything else.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -288,3 +289,40 @@ def test_early_stopping_without_held_out_records_is_refused(demo_model_path, tmp
     proc = run_train(demo_model_path, tmp_path / "run", "early_stopping_patience=2",
                      check=False)
     assert proc.returncode == 2 and "set val_size above 0" in proc.stdout + proc.stderr
+
+
+def test_tensorboard_logs_the_losses_the_run_folder_holds(demo_model_path, tmp_path):
+    """report_to=tensorboard writes event files into the run folder, through transformers'
+    own callback, and their training losses are the ones metrics.jsonl records."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    run_train(demo_model_path, run_dir, "report_to=tensorboard", "epochs=2")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    recorded = {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if "loss" in r}
+    assert len(recorded) >= 8 and logged.keys() == recorded.keys()
+    assert all(math.isclose(logged[s], recorded[s], rel_tol=1e-6) for s in recorded)
+
+
+def test_a_tracker_that_cannot_log_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A missing package names the extra to install; wandb and swanlab without a login (no
+    key, no offline mode, no netrc entry) name the ways to log in."""
+    from core import config as cfg, trackers
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "SWANLAB_API_KEY", "SWANLAB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("wandb", "swanlab", "mlflow"):
+        installed = importlib.util.find_spec(name) is not None
+        expected = [] if installed and name == "mlflow" else [
+            "needs a login" if installed else f"pip install 'tunebench[{name}]'"]
+        found = trackers.problems(name)
+        assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found))
+    assert not trackers.TRACKERS["wandb"].ready() and not trackers.TRACKERS["swanlab"].ready()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password KEY\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert trackers.TRACKERS["wandb"].ready()
+    monkeypatch.setenv("SWANLAB_MODE", "local")
+    assert trackers.TRACKERS["swanlab"].ready()
+    config = cfg.TrainConfig(report_to="mlflow")
+    assert cfg.validate(config) == trackers.problems("mlflow")
