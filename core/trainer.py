@@ -105,9 +105,10 @@ def early_stopping(config: TrainConfig) -> list[TrainerCallback]:
 
 def early_stop_reason(trainer) -> str | None:
     """Why the run ended before its last step, when early stopping ended it; else None."""
+    from transformers import EarlyStoppingCallback
     state = trainer.state
     stopper = next((c for c in trainer.callback_handler.callbacks
-                    if type(c).__name__ == "EarlyStoppingCallback"), None)
+                    if isinstance(c, EarlyStoppingCallback)), None)
     if stopper is None or state.global_step >= state.max_steps or \
             stopper.early_stopping_patience_counter < stopper.early_stopping_patience:
         return None
