@@ -225,6 +225,26 @@ def drive(root: str, requests: list[dict], clients: int, stream: bool) -> dict:
             "replies": out}
 
 
+def model_stats(root: str) -> dict:
+    """tunebench's /health counters (steps, prefills, busy seconds of the model process);
+    the naive server has none."""
+    import httpx
+    try:
+        return httpx.get(root + "/health", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def stats_delta(before: dict, after: dict, wall: float) -> dict:
+    """What the model process did during the timed run: where the time goes."""
+    keys = ("steps", "prefills", "rows_done", "busy_s")
+    if not all(isinstance(after.get(k), (int, float)) for k in keys):
+        return {}
+    delta = {k: round(after[k] - before.get(k, 0), 3) for k in keys}
+    delta["busy_share"] = round(delta["busy_s"] / wall, 3)
+    return delta
+
+
 def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
                  stream: bool) -> dict:
     import httpx
@@ -247,7 +267,9 @@ def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
         idle_rss = sampler.rss()
         sampler.start()
         drive(root, requests[:WARMUP], clients, stream)  # the same warm-up for both servers
+        before = model_stats(root)
         result = drive(root, requests, clients, stream)
+        result["model_process"] = stats_delta(before, model_stats(root), result["wall_s"])
         sampler.done.set()
         sampler.join()
         result.update(server=name, load_s=load_s, rss_idle_mb=idle_rss / 2**20,
@@ -327,6 +349,7 @@ def main() -> None:
                 "ttft_p95_s", "latency_p50_s", "latency_p95_s", "rss_idle_mb", "rss_peak_mb",
                 "load_s", "wall_s"):
         print(f"{key:28}{tb[key]:>12.2f}{naive[key]:>12.2f}")
+    print("tunebench model process:", json.dumps(tb.get("model_process", {})))
     print(json.dumps(summary), f"\n{uptime_before}\n{uptime_after}\nwritten: {out}")
 
 

@@ -57,8 +57,10 @@ class StackedLora:
         self.mask: torch.Tensor | None = None
         self._key: tuple | None = None
         self.layers = lora_layers(model)
+        self.stacked: dict[int, tuple] = {}    # id(layer) -> its (A, B)
         for layer in self.layers:
             a, b = self._stack(layer)
+            self.stacked[id(layer)] = (a, b)
             layer.forward = _forward(layer.base_layer, a, b, self)
 
     def _stack(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +78,27 @@ class StackedLora:
                 b[j * r:j * r + ra.shape[0]] = (layer.lora_B[name].weight.t()
                                                 * layer.scaling[name])
         return a, b
+
+    def fused(self, modules) -> tuple | None:
+        """(A, B, k) for k projections of one input run as one (core/lean_decode.py): the
+        modules' stacked A side by side, their B block-diagonal, so one x@A and one @B
+        serve all k; a module no adapter touches gets zero blocks. None when no adapter
+        touches any of them."""
+        import torch
+        pairs = [self.stacked.get(id(m)) for m in modules]
+        if all(p is None for p in pairs):
+            return None
+        outs = [_linear(m).out_features for m in modules]
+        width, ref = len(self.names) * self.rank, _linear(modules[0]).weight
+        a = torch.zeros(ref.shape[1], width * len(modules), dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(width * len(modules), sum(outs), dtype=ref.dtype, device=ref.device)
+        start = 0
+        for j, (pair, out) in enumerate(zip(pairs, outs)):
+            if pair is not None:
+                a[:, j * width:(j + 1) * width] = pair[0]
+                b[j * width:(j + 1) * width, start:start + out] = pair[1]
+            start += out
+        return a, b, len(modules)
 
     def select(self, rows: list[str], lengths: list[int] | None = None) -> None:
         """One adapter name per row of the next forward. With `lengths`, the forward is one
@@ -105,6 +128,10 @@ class StackedLora:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
         self.layers = []
+
+
+def _linear(module):
+    return getattr(module, "base_layer", module)
 
 
 def _rank(layer, name: str) -> int:

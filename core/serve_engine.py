@@ -18,6 +18,7 @@ step itself. Rows reach the HTTP side through asyncio queues.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -75,8 +76,11 @@ class Engine:
         self.full_attention = _full_attention(self.model.config)
         self.adapters: dict[str, str] = {}
         self.stack = None                 # multi_lora.StackedLora, when the adapters allow
+        self.lean = None                  # lean_decode.LeanDecoder, when the model allows
+        self.fused = None                 # its fused base weights, made once
         self.version = 0                  # counts adapter changes (running rows recheck)
         self.lock = threading.Lock()      # generation and adapter changes take turns
+        self._build_lean()
 
     @property
     def context_length(self) -> int | None:
@@ -137,6 +141,7 @@ class Engine:
             self._restack()
 
     def _unstack(self) -> None:
+        self.lean = None
         if self.stack is not None:
             self.stack.remove()
             self.stack = None
@@ -148,6 +153,19 @@ class Engine:
         names = list(self.adapters)
         if names and stackable(self.model, names):
             self.stack = StackedLora(self.model, names)
+        self._build_lean()
+
+    def _build_lean(self) -> None:
+        """The lean decode step (core/lean_decode.py) when it covers this model and these
+        adapters; otherwise steps run through transformers' forward."""
+        from . import lean_decode
+        self.lean = None
+        if not lean_decode.supported(self.model):
+            return
+        if self.fused is None:
+            self.fused = lean_decode.fuse_base(self.model)
+        if not self.adapters or self.stack is not None:
+            self.lean = lean_decode.LeanDecoder(self.model, self.fused, self.stack)
 
     @property
     def packs(self) -> bool:
@@ -204,14 +222,17 @@ class Batch:
         """Add freshly prefilled rows: both sides padded on the left to one length."""
         import torch
         if not self.rows:
-            self.rows, self.cache, self.mask, self.next = list(rows), cache, mask, list(tokens)
             self.joinable = _plain_layers(cache)
+            if self.joinable:
+                cache.layers = [growing_layer().of(layer) for layer in cache.layers]
+            self.rows, self.cache, self.mask, self.next = list(rows), cache, mask, list(tokens)
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width),
-                                     _pad_left(theirs.values, width)])
+            # both read before either is set: a GrowingLayer's length follows its keys
+            mine.keys, mine.values = (
+                torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)]),
+                torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)]))
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.rows += rows
         self.next += tokens
@@ -229,8 +250,11 @@ class Batch:
         start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            if isinstance(layer, growing_layer()):
+                layer.keep(index, start)
+            else:
+                layer.keys = layer.keys[index, :, start:]
+                layer.values = layer.values[index, :, start:]
         self.rows = [self.rows[i] for i in keep]
         self.next = [self.next[i] for i in keep]
 
@@ -246,7 +270,75 @@ def _plain_layers(cache) -> bool:
     """Only full-attention layers can be padded and stacked (not sliding windows, not
     recurrent state); other models decode a batch to its end before new rows join."""
     from transformers.cache_utils import DynamicLayer
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+    return all(type(layer) in (DynamicLayer, growing_layer())
+               for layer in getattr(cache, "layers", [None]))
+
+
+@functools.cache
+def growing_layer():
+    """The GrowingLayer class, built on first use: only the model process imports
+    transformers, never the HTTP side or the page, which import this module."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A full-attention cache layer that appends in place. transformers' DynamicLayer
+        concatenates the whole cache with each new token, which for a decoding batch is
+        the step's largest cost (46% of a step of 8 rows on the demo model); this one
+        keeps spare room after the tokens, writes each step's keys into it, and grows by
+        doubling. `keys` and `values` are views of the filled part."""
+
+        @classmethod
+        def of(cls, layer) -> "GrowingLayer":
+            grown = cls()
+            grown.keys, grown.values = layer.keys, layer.values
+            grown.is_initialized, grown.device = True, layer.keys.device
+            return grown
+
+        @property
+        def keys(self):
+            return None if self._k is None else self._k[:, :, :self.length]
+
+        @keys.setter
+        def keys(self, value):  # a whole new cache (stacked rows): no spare room yet
+            self._k = value
+            self.length = 0 if value is None or value.dim() < 3 else value.shape[-2]
+
+        @property
+        def values(self):
+            return None if self._v is None else self._v[:, :, :self.length]
+
+        @values.setter
+        def values(self, value):
+            self._v = value
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized or self._k is None or self._k.dim() < 3:
+                self.lazy_initialization(key_states, value_states)
+                self._k, self._v, self.length = key_states, value_states, key_states.shape[-2]
+                return self.keys, self.values
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:
+                self._k, self._v = self._grown(self._k, end), self._grown(self._v, end)
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
+            self.length = end
+            return self.keys, self.values
+
+        def _grown(self, buffer, end: int):
+            shape = list(buffer.shape)
+            shape[-2] = max(2 * end, end + 32)
+            bigger = buffer.new_empty(shape)
+            bigger[:, :, :self.length] = buffer[:, :, :self.length]
+            return bigger
+
+        def keep(self, index, start: int) -> None:
+            """Keep these rows and drop `start` columns of padding, spare room included."""
+            self._k = self._k[index, :, start:]
+            self._v = self._v[index, :, start:]
+            self.length -= start
+
+    return GrowingLayer
+
 
 
 def _pad_left(t, width: int):
@@ -293,10 +385,14 @@ class Scheduler(threading.Thread):
             try:
                 with self.engine.lock:
                     self._drop_orphans(batch, fresh, outbox)
-                    if fresh:
-                        self._prefill(batch, [r for r in fresh if r.finish is None], outbox)
-                    if batch.rows:
-                        self._step(batch, outbox)
+                    joining = [r for r in fresh if r.finish is None]
+                    if self.engine.lean is not None and (batch.joinable or not batch.rows):
+                        self._lean_step(batch, joining, outbox)
+                    else:
+                        if joining:
+                            self._prefill(batch, joining, outbox)
+                        if batch.rows:
+                            self._step(batch, outbox)
             except Exception as err:  # one bad step must not stop the server
                 for row in batch.rows + fresh:
                     if row.finish is None:
@@ -321,7 +417,7 @@ class Scheduler(threading.Thread):
             gone = [r for r in self.waiting if r.cancelled.is_set()]
             self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
             room = self.max_batch - len(batch.rows) if (idle or batch.joinable) else 0
-            if not idle and not self._worth_a_prefill(batch):
+            if not idle and self.engine.lean is None and not self._worth_a_prefill(batch):
                 room = 0
             fresh, self.waiting = self.waiting[:room], self.waiting[room:]
         if gone:
@@ -351,15 +447,48 @@ class Scheduler(threading.Thread):
                 row.end("error", outbox, f"adapter '{row.adapter}' was removed while its reply "
                                          "was being written")
 
+    def _lean_step(self, batch: Batch, joining: list[Row], outbox: list) -> None:
+        """One forward for the running rows' next tokens and the joining rows' prompts
+        (core/lean_decode.py); the joining rows, with their first token, then join."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+        running = len(batch.rows)
+        if not running and not joining:
+            return
+        _seed(joining)
+        lengths = [len(r.prompt_ids) for r in joining]
+        positions = batch.mask.sum(1).tolist() if running else []
+        if running:
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(running, 1)], dim=1)
+        self.engine.forward_for([r.adapter for r in batch.rows + joining],
+                                [1] * running + lengths)
+        with torch.inference_mode():
+            logits, prompt_kv = self.engine.lean.forward(
+                batch.next + [t for r in joining for t in r.prompt_ids],
+                positions + [p for n in lengths for p in range(n)],
+                running, batch.mask, batch.cache, lengths)
+        if running:
+            batch.next = self._deliver(batch.rows, logits[:running], outbox)
+            self.steps += 1
+        if joining:
+            tokens = self._deliver(joining, logits[running:], outbox)
+            width = max(lengths)
+            cache = DynamicCache()
+            cache.layers = [growing_layer().of(_KV(_unpack(k, lengths, width),
+                                                   _unpack(v, lengths, width)))
+                            for k, v in prompt_kv]
+            mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths],
+                                device=logits.device)
+            batch.join(joining, cache, mask, tokens)
+            self.prefills += 1
+
     def _prefill(self, batch: Batch, rows: list[Row], outbox: list) -> None:
         """Run the new rows' prompts, take each row's first token, and stack the rows onto
         the running batch."""
         import torch
         if not rows:
             return
-        for row in rows:
-            if row.sampling.seed is not None:  # choice k of a seeded request: seed + k
-                row.generator = torch.Generator().manual_seed(row.sampling.seed + row.index)
+        _seed(rows)
         lengths = [len(r.prompt_ids) for r in rows]
         mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
         if self.engine.packs:
@@ -435,6 +564,21 @@ class Scheduler(threading.Thread):
         keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
         self.rows_done += len(batch.rows) - len(keep)
         batch.keep(keep)
+
+
+@dataclass
+class _KV:
+    """A cache layer's keys and values, before they become a GrowingLayer."""
+    keys: object
+    values: object
+
+
+def _seed(rows: list[Row]) -> None:
+    """Choice k of a seeded request samples from its own stream, seeded seed + k."""
+    import torch
+    for row in rows:
+        if row.sampling.seed is not None:
+            row.generator = torch.Generator().manual_seed(row.sampling.seed + row.index)
 
 
 def pick_tokens(logits, rows: list[Row]) -> list[int]:

@@ -1,0 +1,122 @@
+"""The serving engine's lean step (core/lean_decode.py) against transformers' forward.
+
+Both paths run the same rows through the scheduler of core/serve_engine.py: rows of two
+random LoRA adapters (different ranks, scalings and target modules) and the base, joining a
+running batch at different steps. The lean path must pick the same tokens and produce the
+same logits, hold no second copy of the base weights, and stand aside for models it does
+not cover."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from core import lean_decode
+from core.serve_engine import Batch, Engine, Row, Scheduler
+from core.serve_worker import BASE_ROW, Sampling
+
+
+def _adapter(model_path, folder, seed: int, **config) -> str:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(model, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM",
+                                            **config))
+    peft.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_path, tmp_path_factory) -> Engine:
+    root = tmp_path_factory.mktemp("lean")
+    engine = Engine(str(demo_model_path))
+    engine.add_adapter("wide", _adapter(demo_model_path, root / "wide", 1, r=16, lora_alpha=32,
+                                        target_modules="all-linear"))
+    engine.add_adapter("narrow", _adapter(demo_model_path, root / "narrow", 2, r=4,
+                                          lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    return engine
+
+
+PROMPTS = ["Who are you?", "Tell me a story about a cat who learns to fly.", "Hi",
+           "Give three tips for staying healthy.", "What is 2 + 2?", "Name a colour."]
+ADAPTERS = ["wide", "narrow", BASE_ROW]
+
+
+def _decode(engine: Engine, lean, rows_n: int = 9, max_tokens: int = 12) -> list[list[int]]:
+    """Greedy replies through the scheduler's own step functions; two rows join every
+    step until all have joined, so rows join a batch that is mid-reply."""
+    engine.lean = lean
+    scheduler = Scheduler(engine, lambda events: None)
+    rows = [Row(engine.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
+                ADAPTERS[i % 3], Sampling(), max_tokens) for i in range(rows_n)]
+    batch, waiting = Batch(), list(rows)
+    while waiting or batch.rows:
+        joining, waiting = waiting[:2], waiting[2:]
+        if lean is not None:
+            scheduler._lean_step(batch, joining, [])
+        else:
+            if joining:
+                scheduler._prefill(batch, joining, [])
+            scheduler._step(batch, [])
+        scheduler._retire(batch, [])
+    return [row.tokens for row in rows]
+
+
+def test_lean_steps_pick_the_tokens_transformers_picks(engine):
+    lean = engine.lean
+    assert lean is not None and lean.stack is not None  # the demo model and plain LoRA
+    try:
+        want = _decode(engine, None)
+        got = _decode(engine, lean)
+    finally:
+        engine.lean = lean
+    assert got == want
+    assert sum(map(len, got)) > 9 * 3  # the rows did write replies
+    assert len({tuple(t) for t in want[:3]}) == 3  # same prompt style, three adapters
+
+
+def test_one_lean_forward_matches_transformers_logits(engine):
+    """Running rows of three adapters and two joining prompts in one pass: each row's
+    logits equal transformers' for the same row."""
+    scheduler = Scheduler(engine, lambda events: None)
+    rows = [Row(engine.encode_chat([{"role": "user", "content": p}]), a, Sampling(), 50)
+            for p, a in zip(PROMPTS[:3], ADAPTERS)]
+    batch = Batch()
+    scheduler._lean_step(batch, rows, [])
+    for _ in range(3):
+        scheduler._lean_step(batch, [], [])
+    joining = [Row(engine.encode_chat([{"role": "user", "content": p}]), a, Sampling(), 50)
+               for p, a in zip(PROMPTS[3:5], ["narrow", "wide"])]
+    import copy
+    cache = copy.deepcopy(batch.cache)
+    mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+    positions = batch.mask.sum(1).tolist()
+    lengths = [len(r.prompt_ids) for r in joining]
+    engine.forward_for([r.adapter for r in batch.rows + joining], [1] * 3 + lengths)
+    with torch.inference_mode():
+        got, _ = engine.lean.forward(batch.next + [t for r in joining for t in r.prompt_ids],
+                                     positions + [p for n in lengths for p in range(n)],
+                                     3, mask, batch.cache, lengths)
+        running = scheduler._forward(torch.tensor(batch.next)[:, None], mask,
+                                     torch.tensor(positions)[:, None], cache, batch.rows)
+        fresh = [scheduler._forward(torch.tensor([r.prompt_ids]), torch.ones(1, n, dtype=int),
+                                    torch.arange(n)[None], None, [r]).logits[0, -1]
+                 for r, n in zip(joining, lengths)]
+    want = torch.cat([running.logits[:, -1], torch.stack(fresh)])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_fused_weights_replace_the_originals(engine):
+    """q|k|v and gate|up are one tensor each, and the modules' weights are views of it:
+    serving holds one copy of the base."""
+    layer = engine.model.get_base_model().model.layers[0]
+    fused, _ = engine.fused[0]["qkv"]
+    q = layer.self_attn.q_proj.base_layer.weight
+    assert q.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    up = layer.mlp.up_proj.base_layer.weight
+    assert up.untyped_storage().data_ptr() == engine.fused[0]["gate_up"][0].untyped_storage() \
+        .data_ptr()
+
+
+def test_models_it_does_not_cover_keep_transformers_forward():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert not lean_decode.supported(gpt2)
