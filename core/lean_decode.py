@@ -231,5 +231,6 @@ def supported(model) -> bool:
                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     except AttributeError:
         return False
-    return all(isinstance(_base(p), torch.nn.Linear) for p in parts[3:]) and \
+    # exactly nn.Linear: quantized layers (bitsandbytes) subclass it and keep their own weights
+    return all(type(_base(p)) is torch.nn.Linear for p in parts[3:]) and \
         isinstance(inner.embed_tokens, torch.nn.Embedding)

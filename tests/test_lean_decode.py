@@ -9,7 +9,8 @@ not cover."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM)
 
 from core import lean_decode
 from core.serve_engine import Batch, Engine, Row, Scheduler
@@ -120,3 +121,38 @@ def test_fused_weights_replace_the_originals(engine):
 def test_models_it_does_not_cover_keep_transformers_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     assert not lean_decode.supported(gpt2)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, vocab_size=64)
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert lean_decode.supported(llama)
+    assert not lean_decode.supported(MistralForCausalLM(MistralConfig(**small,
+                                                                      sliding_window=16)))
+
+    class Quantized(torch.nn.Linear):  # what bitsandbytes' layers are to nn.Linear
+        pass
+    llama.model.layers[0].self_attn.q_proj = Quantized(32, 32, bias=False)
+    assert not lean_decode.supported(llama)
+
+
+def test_a_llama_without_biases_and_with_grouped_heads_matches():
+    """A llama (no q/k/v biases, 4 query heads sharing 2 key/value heads, llama3 rope
+    scaling): two prompts in one lean pass give transformers' last-token logits."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}))
+    llama.eval()
+    prompts = [[5, 9, 13, 2, 7], [11, 3, 8]]
+    with torch.inference_mode():
+        want = [llama(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+        lean = lean_decode.LeanDecoder(llama, lean_decode.fuse_base(llama))
+        got, kv = lean.forward([t for p in prompts for t in p],
+                               [i for p in prompts for i in range(len(p))], 0, None, None,
+                               [len(p) for p in prompts])
+        after = [llama(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+    assert torch.allclose(got, torch.stack(want), atol=1e-5), (got - torch.stack(want)).abs().max()
+    assert len(kv) == 2 and kv[0][0].shape == (1, 2, 8, 16)
+    assert all(torch.allclose(a, w, atol=1e-6) for a, w in zip(after, want))  # views still work
