@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,17 @@ class TrainConfig:
         "ddp", "How several devices share the work: ddp copies the model to each; fsdp and "
         "deepspeed shard it (GPU only).", "training",
         choices=("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"), advanced=True)
+    # Several machines: each runs `tunebench train` with its own node_rank (README, "Running
+    # across machines"); node 0 hosts the rendezvous and writes the run folder.
+    num_nodes: int = setting(1, "Machines to train on together, each running num_devices "
+                             "processes.", "training", min=1, max=1024, advanced=True)
+    node_rank: int = setting(0, "This machine's number among num_nodes, from 0. Node 0 hosts "
+                             "the rendezvous and writes the run folder.", "training", min=0,
+                             max=1023, advanced=True)
+    master_addr: str = setting("", "Address of node 0 that every node can reach (needed when "
+                               "num_nodes is above 1).", "training", max_len=255, advanced=True)
+    master_port: int = setting(29500, "Port of the rendezvous on node 0; open it between the "
+                               "machines.", "training", min=1, max=65535, advanced=True)
 
     # --- run -------------------------------------------------------------------
     logging_steps: int = setting(1, "Write a metrics line every this many steps.", "run", min=1,
@@ -586,6 +598,7 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append("run_name: use letters, digits, '-', '_' and '.' only")
     problems += _precision_problems(config)
     problems += _distributed_problems(config)
+    problems += _multinode_problems(config)
     problems += _booster_problems(config)
     problems += _adapter_problems(config)
     problems += _stage_problems(config)
@@ -673,7 +686,7 @@ def _adapter_problems(config: TrainConfig) -> list[str]:
         # is the residual base, not the model the run started from.
         return [f"lora_init: pissa changes the base weights, so stage {config.stage} would "
                 "compare against the wrong reference model; use lora_init: default"]
-    if config.num_devices > 1 and config.distributed != "ddp":
+    if _processes(config) > 1 and config.distributed != "ddp":
         return [f"lora_init: pissa saves through PEFT's conversion, which needs the whole "
                 f"adapter in one process; use distributed: ddp, not {config.distributed}"]
     return []
@@ -691,10 +704,10 @@ def _precision_problems(config: TrainConfig) -> list[str]:
 def _distributed_problems(config: TrainConfig) -> list[str]:
     dev = device.detect()
     problems = []
-    if config.num_devices > 1 and config.distributed != "ddp" and dev.kind != "cuda":
+    # deepspeed and fsdp run through torchrun even on one device (core/distributed.py)
+    if config.distributed != "ddp" and dev.kind != "cuda":
         problems.append(f"distributed: {config.distributed} needs GPUs; use ddp on CPU")
-    if config.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None \
-            and config.num_devices > 1:
+    if config.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         problems.append(f"distributed: {config.distributed} needs the deepspeed package "
                         "(pip install deepspeed)")
     if dev.kind == "cuda" and config.num_devices > dev.count:
@@ -704,6 +717,35 @@ def _distributed_problems(config: TrainConfig) -> list[str]:
             importlib.util.find_spec("bitsandbytes") is None:
         problems.append(f"optim: {config.optim} needs bitsandbytes (pip install bitsandbytes)")
     return problems
+
+
+def _processes(config: TrainConfig) -> int:
+    """Training processes in all: num_devices on each of num_nodes machines."""
+    return config.num_devices * config.num_nodes
+
+
+def _multinode_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    if config.node_rank >= config.num_nodes:
+        problems.append(f"node_rank: {config.node_rank} is not below num_nodes "
+                        f"{config.num_nodes} (nodes count from 0)")
+    if config.master_addr and not _is_host_name(config.master_addr):
+        problems.append(f"master_addr: {limits.quote(config.master_addr)} is not a host name "
+                        "or IP address")
+    if config.num_nodes == 1:
+        return problems
+    if not config.master_addr:
+        problems.append(f"master_addr: a run on {config.num_nodes} machines needs the address "
+                        "of node 0, reachable from every node")
+    if not config.output_dir and not config.run_name:
+        problems.append("output_dir: a run on several machines needs output_dir (or run_name) "
+                        "so that every node names the same run folder")
+    return problems
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name, an IPv4 address or a bare IPv6 address: no spaces, ports or URLs."""
+    return re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:]+", text) is not None
 
 
 def _booster_problems(config: TrainConfig) -> list[str]:

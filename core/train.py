@@ -73,11 +73,13 @@ def main(config_path: str | None, overrides: list[str]) -> int:
         paths.confine_config(config)
     if distributed.is_worker():  # the parent prepared the run dir and owns status and log
         return run(config, Path(config.output_dir))
+    if config.node_rank > 0:  # another machine of a multi-node run: node 0 owns the run dir
+        return distributed.run_other_node(config)
     config, run_dir = prepare_run_dir(config, config_path)
     # Registered while it runs, wherever its folder is, so no second trainer starts beside it.
     with runs.TeeLog(run_dir / runs.LOG), jobs.own_pid_entry(run_dir):
         print(settings_origin(resolved), flush=True)
-        if config.num_devices > 1:
+        if distributed.needs_launcher(config):
             return distributed.launch_and_wait(config, run_dir)
         return run(config, run_dir)
 
@@ -204,6 +206,8 @@ def _finish(run_dir: Path, state: str, code: int, error: str | None = None,
             stopped_early: str | None = None) -> int:
     from .plot import plot_loss
 
+    if code:  # torchrun's agent passes it on, so the launchers can name rank, node and cause
+        distributed.record_worker_error(error or state)
     if not distributed.is_main_process():
         return code
     try:

@@ -56,3 +56,18 @@ def test_gpu_engines_are_refused_on_cpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(Exception, match="needs GPUs"):
         cfg.load(None, ["num_devices=2", "distributed=fsdp"])
+    with pytest.raises(Exception, match="needs GPUs"):  # one device: not silently plain
+        cfg.load(None, ["num_devices=1", "distributed=deepspeed_zero2"])
+
+
+@pytest.mark.parametrize("engine, launched", [("ddp", False), ("fsdp", True),
+                                              ("deepspeed_zero3", True)])
+def test_sharded_engines_go_through_torchrun_on_one_device(tmp_path, engine, launched):
+    """DeepSpeed and FSDP on one GPU still run under torchrun with their config files
+    (bench/gpu_check.sh checks them there); plain training on one device does not."""
+    config = cfg.TrainConfig(num_devices=1, distributed=engine)
+    assert distributed.needs_launcher(config) is launched
+    if launched:
+        command = distributed.write_launch_files(config, tmp_path)
+        assert command[command.index("--nproc_per_node") + 1] == "1"
+        assert distributed.trainer_kwargs(config, tmp_path)  # the engine's arguments
