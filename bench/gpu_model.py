@@ -17,7 +17,8 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4
              "A10": 125e12, "RTX 4090": 165e12, "V100": 125e12}
 
 
-def build_gpu_model(folder: Path) -> Path:
+def build_gpu_model(folder: Path, shape: dict | None = None) -> Path:
+    """Random Qwen2 weights of `shape` (default SHAPE) and the demo tokenizer in `folder`."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from core.models import resolve_model
@@ -27,7 +28,8 @@ def build_gpu_model(folder: Path) -> Path:
     demo = Path(resolve_model("demo"))
     tokenizer = AutoTokenizer.from_pretrained(demo)
     config = Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **SHAPE)
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                         **(shape or SHAPE))
     Qwen2ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     for extra in ("chat_template.jinja",):
