@@ -17,6 +17,9 @@ from .errors import BadInput
 
 
 def _train(args) -> int:
+    if args.queue:
+        from . import job_queue
+        return job_queue.train_or_queue(*_config_and_overrides(args))
     from . import train
     return train.main(*_config_and_overrides(args))
 
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=schema.help_text(cfg.TrainConfig, cfg.GROUPS))
     p.add_argument("config", nargs="?", help="config YAML (omit to use every default)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
+    p.add_argument("--queue", action="store_true",
+                   help="when another job runs (or others wait), queue this run and return at "
+                        "once instead of training now; a background runner starts it when the "
+                        "devices are free (queue in saves/.queue/)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

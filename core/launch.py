@@ -89,24 +89,50 @@ def _new_run_dir(config: cfg.TrainConfig, saves_dir: Path) -> Path:
     return runs.pick_run_dir(config, saves_dir)
 
 
-def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves") -> Path:
+def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves",
+              queue: bool = False) -> Path:
     """Create a new run directory for `config` and start training it in the background.
 
     Writes config.yaml (with output_dir set to the run folder), command.txt and an
     initial status.json, then spawns `tunebench train <run_dir>/config.yaml`.
-    Raises BadInput if another run is still going or the folder is taken.
+    Raises BadInput if another run is still going or the folder is taken; with `queue`,
+    a busy machine (or a non-empty queue) queues the run instead (core/job_queue.py,
+    status `queued`).
     """
+    from . import job_queue
     saves_dir = Path(saves_dir)
     problems = cfg.validate(config)
     if problems:
         raise BadInput("; ".join(problems))
-    with jobs.lock():
-        refuse_if_busy(saves_dir)
-        run_dir = _new_run_dir(config, saves_dir)
+
+    def place(saves: Path) -> tuple[Path, cfg.TrainConfig]:
+        run_dir = _new_run_dir(config, saves)
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
-        _spawn(run_dir, config)
-    return run_dir
+        return run_dir, dataclasses.replace(config, output_dir=str(run_dir),
+                                            run_name=run_dir.name)
+    return _start_or_queue(saves_dir, place, "train", runs.LOG, queue,
+                           gpus=job_queue.gpus_needed(config))
+
+
+def _start_or_queue(saves_dir: Path, place, command: str, log_name: str, queue: bool,
+                    gpus: int = 1, **status) -> Path:
+    """The one way a job starts: under the machine-wide lock, start it now when the
+    machine is free; when it is busy (or jobs wait), queue it if `queue`, else refuse.
+    `place(saves_dir)` makes the job's folder and returns it with the config to write."""
+    from . import job_queue
+    with jobs.lock():
+        waits = queue and bool(running_runs(saves_dir) or job_queue.has_waiting(saves_dir))
+        if not waits:
+            refuse_if_busy(saves_dir)
+        folder, config = place(saves_dir)
+        if waits:
+            runs.write_atomic(folder / runs.CONFIG, cfg.to_yaml(config))
+            job_queue.enqueue(folder, saves_dir, command, gpus)
+        else:
+            _spawn(folder, config, command, log_name, **status)
+    if waits:
+        job_queue.ensure_runner(saves_dir)
+    return folder
 
 
 def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
@@ -115,8 +141,8 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
     status = runs.read_status(run_dir)
     if status is None:
         raise BadInput("not a run folder (no status.json)", file=str(run_dir))
-    if status["state"] == "running":
-        raise BadInput(f"run '{run_dir.name}' is still running")
+    if status["state"] in ("running", "queued"):
+        raise BadInput(f"run '{run_dir.name}' is still {status['state']}")
     if runs.last_checkpoint(run_dir) is None:
         raise BadInput(f"run '{run_dir.name}' has no checkpoint to resume from; start it again "
                        "instead")
@@ -128,39 +154,45 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
     return run_dir
 
 
-def start_eval(config: cfg.EvalConfig, saves_dir: str | Path = "saves") -> Path:
+def start_eval(config: cfg.EvalConfig, saves_dir: str | Path = "saves",
+               queue: bool = False) -> Path:
     """Create an eval job folder under `saves_dir` and start `tunebench eval` on it in the
-    background, as start_run does for training (one job at a time on this machine)."""
+    background, as start_run does for training (one job at a time on this machine; with
+    `queue`, a busy machine queues it)."""
     from .evaluate import KIND, LOG, job_dir_for
-    saves_dir = Path(saves_dir)
-    with jobs.lock():
-        refuse_if_busy(saves_dir)
-        folder = job_dir_for(dataclasses.replace(config, output_dir=""), saves_dir)
+
+    def place(saves: Path):
+        folder = job_dir_for(dataclasses.replace(config, output_dir=""), saves)
         folder.mkdir(parents=True)
-        config = dataclasses.replace(config, output_dir=str(folder))
-        _spawn(folder, config, "eval", LOG, kind=KIND)
-    return folder
+        return folder, dataclasses.replace(config, output_dir=str(folder))
+    return _start_or_queue(Path(saves_dir), place, "eval", LOG, queue, kind=KIND)
 
 
-def start_export(job, saves_dir: str | Path = "saves") -> Path:
+def start_export(job, saves_dir: str | Path = "saves", queue: bool = False) -> Path:
     """Create an export job folder under `saves_dir`/exports and start `tunebench export` on
     it in the background (core/export_job.py), as start_eval does for an eval job. The
     light checks (settings, destination, free disk space) refuse before anything starts."""
     from .export_job import KIND, LOG, job_dir_for, preflight
-    saves_dir = Path(saves_dir)
     preflight(job)
-    with jobs.lock():
-        refuse_if_busy(saves_dir)
-        folder = job_dir_for(saves_dir, job)
+
+    def place(saves: Path):
+        folder = job_dir_for(saves, job)
         folder.mkdir(parents=True)
-        _spawn(folder, job, "export", LOG, kind=KIND)
-    return folder
+        return folder, job
+    return _start_or_queue(Path(saves_dir), place, "export", LOG, queue, kind=KIND)
 
 
 def _spawn(run_dir: Path, config, command: str = "train", log_name: str = runs.LOG,
            **status) -> subprocess.Popen:
+    runs.write_atomic(run_dir / runs.CONFIG, cfg.to_yaml(config))
+    return spawn_job(run_dir, command, log_name, **status)
+
+
+def spawn_job(run_dir: Path, command: str = "train", log_name: str = runs.LOG,
+              env: dict | None = None, cwd: str | None = None, **status) -> subprocess.Popen:
+    """Start `tunebench <command>` on the config.yaml already in `run_dir`, detached
+    (`env`: extra variables; `cwd`: where its relative paths point; the queue uses both)."""
     config_path = run_dir / runs.CONFIG
-    runs.write_atomic(config_path, cfg.to_yaml(config))
     argv = job_command(command, config_path)
     runs.write_atomic(run_dir / runs.COMMAND, shlex.join(argv) + "\n")
     _aborting.discard(str(run_dir.resolve()))
@@ -170,7 +202,7 @@ def _spawn(run_dir: Path, config, command: str = "train", log_name: str = runs.L
         # (or the server exiting) never reaches.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                close_fds=True, env=_child_env())
+                                close_fds=True, env=_child_env() | (env or {}), cwd=cwd)
     # Written right after the spawn; the trainer rewrites both (same pid) once it runs.
     runs.write_status(run_dir, "running", pid=proc.pid, **status)
     jobs.register(run_dir, proc.pid)

@@ -31,7 +31,7 @@ import psutil
 
 from .errors import BadInput
 
-STATES = ("running", "completed", "failed", "aborted")
+STATES = ("queued", "running", "completed", "failed", "aborted")  # queued: core/job_queue.py
 STATUS, METRICS, CONFIG, COMMAND, LOG = (
     "status.json", "metrics.jsonl", "config.yaml", "command.txt", "train.log")
 EXPORT_LOG = "export.log"  # an export job's (core/export_job.py)
@@ -125,12 +125,14 @@ def write_status(run_dir: Path, state: str, *, pid: int | None = None, error: st
     """Write status.json, keeping started_at (and pid) from the previous status."""
     assert state in STATES, state
     old = read_status_raw(run_dir) or {}
-    ended = state != "running"
+    ended = state not in ("running", "queued")
     # A (re)start gets a fresh start time; an ending keeps the start it ends.
     started_at = old.get("started_at") if ended and old.get("started_at") else now_iso()
+    if pid is None and state != "queued":  # a queued job has no process yet
+        pid = old.get("pid", os.getpid())
     status = {
         "state": state,
-        "pid": pid if pid is not None else old.get("pid", os.getpid()),
+        "pid": pid,
         "started_at": started_at,
         "ended_at": now_iso() if ended else None,
         "exit_code": exit_code,
