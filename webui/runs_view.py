@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import jobs, launch, paths, plot, runs, schema
+from core import compare, job_queue, jobs, launch, paths, plot, runs, schema
 from core.errors import BadInput
 
 LOG_LINES = 30
@@ -159,6 +159,11 @@ def status_html(run_dir: Path | None, status: dict | None) -> str:
     out = (f"<div class='tb-status'><span class='tb-badge tb-{html.escape(state)}'>"
            f"{html.escape(state)}</span> <b>{html.escape(run_dir.name)}</b> "
            f"<span class='tb-dim'>{html.escape(when)} · {html.escape(str(run_dir))}</span>")
+    if state == "queued":
+        place = job_queue.position(run_dir)
+        note = (f"queued, position {place}: it starts by itself when the devices are free"
+                if place else "queued, but no longer in the queue (its entry was removed)")
+        out += f"<pre class='tb-note tb-queue'>{html.escape(note)}</pre>"
     if status.get("error"):
         kind = "tb-error" if state == "failed" else "tb-note"  # "stopped by the user" is no error
         out += f"<pre class='{kind}'>{html.escape(status['error'])}</pre>"
@@ -313,13 +318,16 @@ def eval_task_of(job_dir: Path) -> str:
     return config_value(job_dir, "eval_task")
 
 
-def runs_table(saves_dir: Path) -> list[list]:
+def runs_table(saves_dir: Path, query: str = "") -> list[list]:
     """Rows for the runs list: name, state, steps, final loss, stage (or eval: task),
-    started."""
+    started; with a `query`, only the runs it matches (core.compare.matches: tags, text)."""
     rows = []
     for run in listed_runs(saves_dir):
+        if query and not compare.matches(run.path, query):
+            continue
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
-        rows.append([run.name, run.state, run.steps, loss, stage_or_kind(run),
+        rows.append([run.name, job_queue.state_label(run.path, run.state), run.steps, loss,
+                     stage_or_kind(run),
                      _short_time(run.started_at) or "–"])
     return rows
 

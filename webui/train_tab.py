@@ -16,10 +16,10 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import data, launch, limits, memory, paths, plot, runs, stage_data
+from core import data, job_queue, launch, limits, memory, paths, plot, runs, stage_data
 from core.errors import BadInput
 
-from . import configs, data_worker, eval_tab, form as form_mod
+from . import compare_view, configs, data_worker, eval_tab, form as form_mod
 from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, log_html, loss_frame,
                         message_html, newest_running, progress_html, run_names, runs_table,
                         series_to_show, signal_frame, status_html)
@@ -47,6 +47,7 @@ class Session:
     # A refusal or note shown in the status line stays until the user acts again: a tick
     # that reads the watched run's new status must not wipe the answer to a click.
     holding_message: bool = False
+    runs_filter: str = ""        # the runs list's filter (core.compare.matches)
 
 
 # Registered datasets per stage, for the registry file as it was when asked:
@@ -149,6 +150,10 @@ class TrainTab:
             self.start = gr.Button("Start", variant="primary", elem_id="train-start")
             self.abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
             self.resume = gr.Button("Resume selected run", elem_id="train-resume")
+            # A queued run shown above (core/job_queue.py): leave the queue, or go first.
+            self.queue_cancel = gr.Button("Cancel queued run", size="sm",
+                                          elem_id="train-queue-cancel")
+            self.queue_up = gr.Button("Move up in queue", size="sm", elem_id="train-queue-up")
 
     def _data_panel(self):
         with gr.Accordion("Data: upload a file, preview what the model sees", open=False,
@@ -197,9 +202,14 @@ class TrainTab:
                 self.refresh = gr.Button("Refresh runs", elem_id="train-refresh", size="sm")
                 self.load_run_cfg = gr.Button("Copy its settings into the form", size="sm",
                                               elem_id="train-run-config")
+        self.runs_filter = gr.Textbox(label="Filter runs", max_lines=1,
+                                      elem_id="train-runs-filter",
+                                      placeholder="text in a name, note or tag; tag:NAME")
         self.table = gr.Dataframe(headers=RUN_COLUMNS, value=[], interactive=False,
                                   label="Runs (click a row to show it)", elem_id="train-runs",
                                   max_height=280)
+        self.notes = compare_view.NotesPanel(self.saves_dir)
+        self.compare = compare_view.ComparePanel(self.saves_dir)
         self.timer = gr.Timer(TICK_S)
 
     def _signal_panels(self):
@@ -259,14 +269,26 @@ class TrainTab:
         view = self.view_outputs
         listing = [self.table, self.run_pick]
         quiet = dict(show_progress="hidden")
-        self.timer.tick(self.tick, [self.session], view + listing, concurrency_limit=None,
+        # One tick for the run shown and the comparison: no second event per second.
+        self.timer.tick(self.tick_all, [self.session, self.compare.state],
+                        view + listing + self.compare.outputs, concurrency_limit=None,
                         api_visibility="private", **quiet)
         self.start.click(self.on_start, [self.session] + widgets, view + listing)
         self.abort.click(self.on_abort, [self.session], view + listing, concurrency_limit=None)
         self.resume.click(self.on_resume, [self.session, self.run_pick], view + listing)
+        self.queue_cancel.click(self.on_queue_cancel, [self.session], view + listing)
+        self.queue_up.click(self.on_queue_up, [self.session], view + listing)
         self.run_pick.input(self.on_pick, [self.session, self.run_pick], view + listing)
         self.table.select(self.on_table_select, [self.session], view + listing)
         self.refresh.click(self.on_refresh, [self.session], listing)
+        self.runs_filter.change(self.on_filter, [self.session, self.runs_filter], listing,
+                                **quiet)
+        self.compare.wire(self.refresh, self.runs_filter)
+        self.run_pick.change(self.notes.on_show, [self.run_pick],
+                             [self.notes.note, self.notes.tags, self.notes.message], **quiet)
+        self.notes.save.click(self.notes.on_save, [self.run_pick, self.notes.note,
+                                                   self.notes.tags], [self.notes.message]
+                              ).then(self.on_refresh, [self.session], listing, **quiet)
         # The run shown changed (a pick, a reload, a new run), or the tab opened after an
         # evaluation: list the run's eval jobs again.
         self.run_pick.change(self.on_evals, [self.run_pick], [self.evals], **quiet)
@@ -320,7 +342,9 @@ class TrainTab:
                   self.form.components + [self.config_msg, self.recommended, self.rec_state],
                   api_visibility="private").then(
             self.on_load, [self.session, self.weight],
-            self.view_outputs + [self.table, self.run_pick])
+            self.view_outputs + [self.table, self.run_pick]).then(
+            self.compare.on_choices, [self.compare.runs], [self.compare.runs],
+            api_visibility="private")
 
     # --- the live view -------------------------------------------------------------------
 
@@ -379,9 +403,15 @@ class TrainTab:
         session.table_at = _now()
         rows = runs_table(self.saves_dir)
         names = [r[0] for r in rows]
+        if session.runs_filter:  # the table is filtered; the picker keeps every run
+            rows = runs_table(self.saves_dir, session.runs_filter)
         if session.watch is None:  # leave the picker's value alone: a page load may be setting it
             return [_table(rows), gr.update(choices=names)]
-        return [_table(rows), gr.update(choices=names, value=session.watch.run_dir.name)]
+        shown = session.watch.run_dir
+        key = next((k for k in (shown.name, str(shown)) if k in names), None)
+        if key is None:  # a run the list does not show (a job elsewhere): the picker cannot
+            return [_table(rows), gr.update(choices=names)]  # name it, and must not refuse
+        return [_table(rows), gr.update(choices=names, value=key)]
 
     def on_load(self, session: Session, weight: float) -> list:
         """A page (re)opens: reattach to the newest running run, else show the newest run."""
@@ -397,6 +427,7 @@ class TrainTab:
         """Once a second per tab: read only what was appended; skip what did not change."""
         n_view = len(self.view_outputs)
         out = [gr.skip()] * (n_view + 2)
+        job_queue.revive(self.saves_dir)  # jobs wait but their runner died: start another
         names = run_names(self.saves_dir)
         new_folder = names != session.known_runs
         watch = session.watch
@@ -448,12 +479,33 @@ class TrainTab:
         try:
             config = form_mod.to_config(self.form.names, list(values))
             check_inputs(config, self.saves_dir)
-            run_dir = launch.start_run(config, self.saves_dir)
+            run_dir = launch.start_run(config, self.saves_dir, queue=True)  # busy: queued
         except BadInput as err:
             return self._error(session, err)
         configs.remember(config, self.saves_dir)
         return self._render(session, Watch(run_dir)) + \
             self._listing(session)
+
+    def _queued_run(self, session: Session) -> Path:
+        watch = session.watch
+        if watch is None or not watch.status or watch.status.get("state") != "queued":
+            raise BadInput("no queued run is shown here; pick one in the runs list")
+        return watch.run_dir
+
+    def on_queue_cancel(self, session: Session) -> list:
+        return self._on_queued(session, job_queue.cancel)
+
+    def on_queue_up(self, session: Session) -> list:
+        return self._on_queued(session, job_queue.move_up)
+
+    def _on_queued(self, session: Session, action) -> list:
+        """Cancel or move the queued run shown, then show it again."""
+        try:
+            run_dir = self._queued_run(session)
+            action(self.saves_dir, run_dir)
+        except BadInput as err:
+            return self._error(session, err)
+        return self._render(session, Watch(run_dir)) + self._listing(session)
 
     def on_abort(self, session: Session) -> list:
         watch = session.watch
@@ -499,6 +551,14 @@ class TrainTab:
 
     def on_refresh(self, session: Session) -> list:
         return self._listing(session)
+
+    def on_filter(self, session: Session, query: str | None) -> list:
+        session.runs_filter = (query or "").strip()
+        return self._listing(session)
+
+    def tick_all(self, session: Session, panel: compare_view.Panel) -> list:
+        """The run shown, then the comparison (which costs nothing while no run is picked)."""
+        return self.tick(session) + self.compare.tick(panel)
 
     def on_evals(self, run_name: str | None):
         """The eval jobs of the run shown, each named with its headline result."""

@@ -1,0 +1,203 @@
+"""The Train tab's comparison of runs, and the note and tags of the run shown.
+
+A user picks runs in `train-compare-runs`; one chart overlays a curve of each (loss, eval
+loss, learning rate or a stage's signal) against steps, tokens seen or time, and a table
+beside it holds their final metrics, eval results and the settings where they differ.
+Everything is read from the run folders by core.compare; a `Comparison` per browser tab
+re-reads only the files that changed, so the Train tab's tick keeps live runs current
+at the cost of a few `stat` calls (and nothing at all when no run is picked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core import compare
+from core.errors import BadInput
+
+from .runs_view import _thin, find_listed_run, listed_runs
+
+# One colour per run, in the order picked (set explicitly: Gradio keeps the colours of the
+# first frame it drew, so a run added later would otherwise be drawn without one).
+PALETTE = ["#1d4ed8", "#e4572e", "#2da44e", "#8250df", "#bf8700", "#0891b2", "#db2777",
+           "#4b5563"]
+AXES = [("steps", "step"), ("tokens seen", "tokens"), ("time", "time")]
+COLUMNS = ["x", "value", "run"]
+# The axis titles stay put and the chart's label names the curve and the axis: Gradio
+# draws a frame whose axis title changed from the previous frame's data.
+X_TITLE = "steps / tokens / seconds"
+
+
+class Panel:
+    """The per-tab comparison: picked runs, chosen curve and x axis, and what was read."""
+
+    def __init__(self):
+        self.comparison = compare.Comparison()
+        self.metric = "loss"
+        self.axis = "step"
+        self.offered: tuple = ()
+
+
+def train_run_choices(saves_dir: Path, query: str = "") -> list[str]:
+    """The training runs the list shows (eval jobs are not compared), passing its filter."""
+    return [run.name for run in listed_runs(saves_dir)
+            if run.kind == "train" and compare.matches(run.path, query)]
+
+
+class ComparePanel:
+    """Builds the comparison inside the current layout; `wire` connects it to the tab."""
+
+    def __init__(self, saves_dir: Path):
+        self.saves_dir = Path(saves_dir)
+        self.state = gr.State(Panel)  # a fresh Panel per browser tab
+        with gr.Accordion("Compare runs", open=True, elem_id="train-compare"):
+            self.runs = gr.Dropdown(
+                choices=[], value=[], multiselect=True, label="Runs to compare",
+                elem_id="train-compare-runs", info="Pick two or more; live runs keep drawing.")
+            with gr.Row(equal_height=False):
+                self.metric = gr.Radio(choices=[("loss", "loss")], value="loss", label="Curve",
+                                       scale=3, elem_id="train-compare-metric")
+                self.x = gr.Radio(choices=AXES, value="step", label="x axis", scale=2,
+                                  elem_id="train-compare-x")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    self.plot = gr.LinePlot(
+                        value=_frame([]), x="x", y="value", color="run", label="loss",
+                        x_title=X_TITLE, y_title="value", elem_id="train-compare-plot")
+                    self.note = gr.Markdown(elem_id="train-compare-note")
+                with gr.Column(scale=2):
+                    self.table = gr.Dataframe(
+                        value=[], interactive=False, wrap=True, max_height=420,
+                        label="Final metrics, eval results and the settings that differ",
+                        elem_id="train-compare-table")
+
+    @property
+    def outputs(self) -> list:
+        """What drawing the comparison updates (`draw`, `tick`), in this order."""
+        return [self.plot, self.metric, self.table, self.note]
+
+    def wire(self, refresh: gr.Button, runs_filter: gr.Textbox) -> None:
+        quiet = dict(show_progress="hidden", api_visibility="private")
+        self.runs.input(self.on_pick, [self.state, self.runs], self.outputs, **quiet)
+        self.metric.input(self.on_metric, [self.state, self.metric], self.outputs, **quiet)
+        self.x.input(self.on_axis, [self.state, self.x], self.outputs, **quiet)
+        # The choices follow the runs list: opening the picker, Refresh, the filter.
+        gr.on([self.runs.focus, refresh.click, runs_filter.change], self.on_choices,
+              [self.runs, runs_filter], [self.runs], **quiet)
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def on_choices(self, picked: list[str] | None, query: str | None = ""):
+        """The runs that can be picked now; those already picked stay."""
+        picked = list(picked or [])
+        found = train_run_choices(self.saves_dir, query or "")
+        return gr.update(choices=found + [n for n in picked if n not in found])
+
+    def on_pick(self, panel: Panel, names: list[str] | None) -> list:
+        paths = [p for p in (find_listed_run(self.saves_dir, n) for n in names or []) if p]
+        panel.comparison.select(paths)
+        panel.comparison.refresh()
+        return self.draw(panel, picker=True)
+
+    def on_metric(self, panel: Panel, metric: str | None) -> list:
+        panel.metric = metric or "loss"
+        return self.draw(panel)
+
+    def on_axis(self, panel: Panel, axis: str | None) -> list:
+        panel.axis = axis if axis in compare.X_AXES else "step"
+        return self.draw(panel)
+
+    def tick(self, panel: Panel) -> list:
+        """From the Train tab's tick: redraw only when a picked run's files changed."""
+        if not panel.comparison.runs or not panel.comparison.refresh():
+            return [gr.skip()] * len(self.outputs)
+        return self.draw(panel)
+
+    # --- drawing -------------------------------------------------------------------------
+
+    def draw(self, panel: Panel, picker: bool = False) -> list:
+        comparison = panel.comparison
+        offered = tuple(comparison.metrics())
+        if panel.metric not in [m for _, m in offered] and offered:
+            panel.metric = offered[0][1]
+        chooser = gr.skip()
+        if picker or offered != panel.offered:
+            panel.offered = offered
+            chooser = gr.update(choices=list(offered) or [("loss", "loss")], value=panel.metric)
+        label = dict((m, l) for l, m in offered).get(panel.metric, panel.metric)
+        names = [run.name for run in comparison.runs.values()]
+        chart = gr.update(
+            value=_frame(thinned_rows(comparison, panel.metric, panel.axis)),
+            color_map={name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)},
+            label=f"{label} by {compare.X_AXES[panel.axis][1]}")
+        columns, rows = comparison.table(self.saves_dir)
+        table = pd.DataFrame(rows, columns=columns) if names else pd.DataFrame()
+        return [chart, chooser, table, note_text(comparison, panel.metric, panel.axis, label)]
+
+
+def note_text(comparison: compare.Comparison, metric: str, axis: str, label: str) -> str:
+    """What the chart does not show and why, in a line."""
+    if not comparison.runs:
+        return "*Pick runs above to overlay their curves.*"
+    parts = []
+    if len(comparison.runs) == 1:
+        parts.append("Pick another run to compare with.")
+    missing = comparison.missing(metric, axis)
+    if missing:
+        how = "" if axis == "step" else f" against {compare.X_AXES[axis][1]}"
+        parts.append(f"No {label}{how} in: {', '.join(missing)}.")
+    broken = [run.name for run in comparison.runs.values() if run.settings_error]
+    if broken:
+        parts.append(f"Settings shown as written (the loader refused them) for: "
+                     f"{', '.join(broken)}.")
+    return " ".join(f"*{p}*" for p in parts)
+
+
+def thinned_rows(comparison: compare.Comparison, metric: str, axis: str) -> list[tuple]:
+    """The chart's (x, value, run) rows, each run's curve thinned as the loss chart's is
+    (runs_view.MAX_POINTS), so a long live run stays light to send every tick."""
+    rows = []
+    for run in comparison.runs.values():
+        xs, ys = _thin(*run.curve(metric, axis))
+        rows += [(x, y, run.name) for x, y in zip(xs, ys)]
+    return rows
+
+
+def _frame(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# --- the note and tags of the run shown -----------------------------------------------------
+
+class NotesPanel:
+    """A note and tags for the run shown in the Train tab, kept in its folder (notes.json)."""
+
+    def __init__(self, saves_dir: Path):
+        self.saves_dir = Path(saves_dir)
+        with gr.Row(equal_height=False):
+            self.note = gr.Textbox(label="Note on the run shown", lines=1, max_lines=6,
+                                   scale=3, elem_id="train-run-note")
+            self.tags = gr.Textbox(label="Tags", max_lines=1, scale=2, elem_id="train-run-tags",
+                                   info="Separated by commas or spaces; filter with tag:NAME.")
+            self.save = gr.Button("Save note", size="sm", scale=1, elem_id="train-run-note-save")
+        self.message = gr.Markdown(elem_id="train-run-note-msg")
+
+    def on_show(self, run_name: str | None) -> list:
+        """The run shown changed: its note and tags."""
+        path = find_listed_run(self.saves_dir, run_name) if run_name else None
+        notes = compare.read_notes(path) if path else {"note": "", "tags": []}
+        return [notes["note"], ", ".join(notes["tags"]), ""]
+
+    def on_save(self, run_name: str | None, note: str, tags: str) -> str:
+        path = find_listed_run(self.saves_dir, run_name) if run_name else None
+        if path is None:
+            return "**Not saved.** Pick a run in the runs list first."
+        try:
+            saved = compare.write_notes(path, note, tags)
+        except BadInput as err:
+            return f"**Not saved.** {err}"
+        tags = ", ".join(saved["tags"]) or "no tags"
+        return f"Saved the note of **{path.name}** ({tags})."
