@@ -57,7 +57,7 @@ WARMUP = 16           # requests of the workload sent before the timed run (not 
 
 # --- the naive server --------------------------------------------------------------
 
-def naive_server(model: str, adapters: dict[str, str], port: int) -> None:
+def naive_server(model: str, base_id: str, adapters: dict[str, str], port: int) -> None:
     """One merged model per adapter, one request at a time, plain generate."""
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -68,8 +68,8 @@ def naive_server(model: str, adapters: dict[str, str], port: int) -> None:
     from core.models import count_parameters, pick_cpu_threads
 
     tok = AutoTokenizer.from_pretrained(model)
-    loaded = {"demo": AutoModelForCausalLM.from_pretrained(model).eval()}
-    pick_cpu_threads(count_parameters(loaded["demo"])[1], generates=True)
+    loaded = {base_id: AutoModelForCausalLM.from_pretrained(model).eval()}
+    pick_cpu_threads(count_parameters(loaded[base_id])[1], generates=True)
     for name, path in adapters.items():
         full = AutoModelForCausalLM.from_pretrained(model)
         loaded[name] = PeftModel.from_pretrained(full, path).merge_and_unload().eval()
@@ -110,6 +110,9 @@ def naive_server(model: str, adapters: dict[str, str], port: int) -> None:
                                        "completion_tokens": len(new)}})
 
     print("naive server ready", flush=True)
+    # the stdlib's listen backlog is 5: with 8 clients and slow replies, connections past
+    # it are dropped and time out, which is not what this compares
+    HTTPServer.request_queue_size = 64
     HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
@@ -121,13 +124,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def workload(n: int) -> list[dict]:
+def workload(n: int, base_id: str = "demo") -> list[dict]:
     """n chat requests: identity questions and alpaca instructions, over the three models."""
     alpaca = json.loads((REPO / "data" / "alpaca_demo.json").read_text())
     instructions = [(r["instruction"] + ("\n\n" + r["input"] if r["input"] else ""))
                     for r in alpaca]
     prompts = [p for pair in zip(IDENTITY_QUESTIONS * 20, instructions * 5) for p in pair]
-    models = ["tuney", "zed", "demo"]
+    models = ["tuney", "zed", base_id]
     return [{"model": models[i % 3], "messages": [{"role": "user", "content": prompts[i]}],
              "max_tokens": MAX_TOKENS} for i in range(n)]
 
@@ -143,6 +146,13 @@ class Sampler(threading.Thread):
     def rss(self) -> int:
         procs = [self.proc, *self.proc.children(recursive=True)]
         return sum(p.memory_info().rss for p in procs)
+
+    def parts(self) -> dict[str, float]:
+        """RSS (MB) of the server and of each child: tunebench's HTTP process and model
+        process apart."""
+        procs = [self.proc, *self.proc.children(recursive=True)]
+        return {f"{p.pid} {' '.join(p.cmdline()[1:3])[:60]}": round(p.memory_info().rss / 2**20, 1)
+                for p in procs}
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -265,6 +275,7 @@ def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
         load_s = time.monotonic() - t0
         sampler = Sampler(proc.pid)
         idle_rss = sampler.rss()
+        idle_parts = sampler.parts()
         sampler.start()
         drive(root, requests[:WARMUP], clients, stream)  # the same warm-up for both servers
         before = model_stats(root)
@@ -273,11 +284,42 @@ def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
         sampler.done.set()
         sampler.join()
         result.update(server=name, load_s=load_s, rss_idle_mb=idle_rss / 2**20,
+                      rss_idle_by_process_mb=idle_parts,
                       rss_peak_mb=sampler.peak / 2**20)
         return result
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --big: a bigger model with random weights, where a decoding step is arithmetic rather
+# than overhead (the demo model's 3.5M parameters are not), and three copies of the
+# weights are visible next to the runtime's own ~450 MB.
+BIG = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+           num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+
+
+def big_model_and_adapters(root: Path) -> tuple[Path, Path, Path]:
+    """A random qwen2 of shape BIG with the demo tokenizer, and two random LoRA adapters
+    on it (rank 8 on every linear layer; PEFT's non-zero init, so they change replies)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_model import build_gpu_model
+    model = build_gpu_model(root / "big", BIG)
+    folders = []
+    for seed, name in ((1, "big-tuney"), (2, "big-zed")):
+        folder = root / name / "final"
+        if not (folder / "adapter_model.safetensors").is_file():
+            torch.manual_seed(seed)
+            peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                  LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+            peft.save_pretrained(folder)
+        folders.append(folder.parent)
+    return model, folders[0], folders[1]
 
 
 def train(folder: Path, name: str, author: str) -> Path:
@@ -294,34 +336,44 @@ def main() -> None:
     ap.add_argument("--tuney", help="an identity run folder (Tuney)")
     ap.add_argument("--zed", help="an identity run folder (Zed)")
     ap.add_argument("--train", action="store_true", help="train both into /tmp/serve-bench")
+    ap.add_argument("--big", action="store_true",
+                    help="a random 26M-parameter qwen2 with two random adapters instead")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", help="JSON file (default bench/results/serve-cpu-DATE.json)")
     ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--base-id", default="demo", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.naive_server:
-        naive_server(args.model, dict(a.split("=", 1) for a in args.adapter), args.port)
+        naive_server(args.model, args.base_id, dict(a.split("=", 1) for a in args.adapter),
+                     args.port)
         return
 
     from core.demo_model import ensure_demo_model
     model = str(ensure_demo_model(progress=lambda *a, **k: None))
-    if args.train:
+    served, base_id = "demo", "demo"
+    if args.big:
+        big, tuney, zed = big_model_and_adapters(Path("/tmp/serve-bench"))
+        model = served = str(big)
+        base_id = big.name
+    elif args.train:
         tuney = train(Path("/tmp/serve-bench/tuney"), "Tuney", "the tunebench team")
         zed = train(Path("/tmp/serve-bench/zed"), "Zed", "Zed Corp")
     else:
         tuney, zed = Path(args.tuney), Path(args.zed)
     adapters = [f"tuney={tuney / 'final'}", f"zed={zed / 'final'}"]
     flags = [a for spec in adapters for a in ("--adapter", spec)]
-    requests = workload(args.requests)
+    requests = workload(args.requests, base_id)
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     results = [
-        bench_server("tunebench", [sys.executable, "-m", "core", "serve", "--model", "demo",
+        bench_server("tunebench", [sys.executable, "-m", "core", "serve", "--model", served,
                                    *flags], requests, args.clients, stream=True),
         bench_server("naive", [sys.executable, __file__, "--naive-server", "--model", model,
-                               *flags], requests, args.clients, stream=False),
+                               "--base-id", base_id, *flags], requests, args.clients,
+                     stream=False),
     ]
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     tb, naive = results
@@ -331,7 +383,7 @@ def main() -> None:
         "rss_peak_ratio": tb["rss_peak_mb"] / naive["rss_peak_mb"],
         "same_replies": sum(a["text"].strip() == b["text"].strip() for a, b in
                             zip(tb["replies"], naive["replies"])),
-        "identity_ok": sum(("Tuney" in r["text"]) == (r["model"] == "tuney") and
+        "identity_ok": None if args.big else sum(("Tuney" in r["text"]) == (r["model"] == "tuney") and
                            ("Zed" in r["text"]) == (r["model"] == "zed")
                            for r, b in zip(tb["replies"], requests)
                            if b["messages"][0]["content"] in IDENTITY_QUESTIONS),
@@ -340,9 +392,10 @@ def main() -> None:
     }
     record = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "uptime_before": uptime_before, "uptime_after": uptime_after},
-              "requests": args.requests, "clients": args.clients, "max_tokens": MAX_TOKENS,
+              "model": "big" if args.big else "demo", "requests": args.requests, "clients": args.clients, "max_tokens": MAX_TOKENS,
               "summary": summary, "servers": results}
-    out = Path(args.out or REPO / "bench" / "results" / f"serve-cpu-{date.today()}.json")
+    size = "-big" if args.big else ""
+    out = Path(args.out or REPO / "bench" / "results" / f"serve-cpu{size}-{date.today()}.json")
     out.write_text(json.dumps(record, indent=1))
     print(f"{'':28}{'tunebench':>12}{'naive':>12}")
     for key in ("requests_per_s", "output_tokens_per_s", "output_tokens", "ttft_p50_s",
@@ -350,6 +403,8 @@ def main() -> None:
                 "load_s", "wall_s"):
         print(f"{key:28}{tb[key]:>12.2f}{naive[key]:>12.2f}")
     print("tunebench model process:", json.dumps(tb.get("model_process", {})))
+    print("idle RSS by process (MB):", json.dumps(tb["rss_idle_by_process_mb"]),
+          json.dumps(naive["rss_idle_by_process_mb"]))
     print(json.dumps(summary), f"\n{uptime_before}\n{uptime_after}\nwritten: {out}")
 
 

@@ -172,7 +172,23 @@ def fuse_base(model) -> list[dict]:
                       "gate_up": _fuse([_base(mlp.gate_proj), _base(mlp.up_proj)]),
                       "o": _fuse([_base(attn.o_proj)]),
                       "down": _fuse([_base(mlp.down_proj)])})
+    _own_the_rest(model, fused)
     return fused
+
+
+def _own_the_rest(model, fused: list[dict]) -> None:
+    """Copy the weights that were not fused (embeddings, norms) out of the checkpoint file.
+
+    transformers maps safetensors files into memory and its tensors read from the mapping.
+    Fusing reads every projection once, which makes those file pages resident, and the
+    mapping stays (with them) while any tensor still points into it. On a 25M-parameter
+    model that was 90 MB counted twice in the server's RSS; once nothing points into the
+    file it is unmapped."""
+    own = {t.untyped_storage().data_ptr() for layer in fused for pair in layer.values()
+           for t in pair if t is not None}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.untyped_storage().data_ptr() not in own:
+            tensor.data = tensor.data.clone()
 
 
 def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
