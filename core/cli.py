@@ -16,6 +16,11 @@ from . import schema
 from .errors import BadInput
 
 
+BACKGROUND_HELP = ("run the {job} in the background as the page does (a job folder under "
+                   "saves/): at once when the machine is free, else queued until it is; "
+                   "prints the folder and returns")
+
+
 def _train(args) -> int:
     if args.queue:
         from . import job_queue
@@ -34,6 +39,11 @@ def _config_and_overrides(args) -> tuple[str | None, list[str]]:
 
 def _eval(args) -> int:
     from . import evaluate
+    if args.queue:
+        from . import job_queue, launch
+        config = evaluate.resolve(*_config_and_overrides(args))
+        evaluate.check(config)  # bad input now, not when the job's turn comes
+        return job_queue.report_handed_off(launch.start_eval(config, "saves", queue=True))
     return evaluate.main(*_config_and_overrides(args))
 
 
@@ -49,6 +59,10 @@ def _export(args) -> int:
                  adapter=args.adapter, out=args.out,
                  verify=False if args.no_verify else None,
                  overwrite=True if args.overwrite else None)
+    if args.queue:
+        from . import job_queue, launch
+        job = export_job.job_from(args.config, given)
+        return job_queue.report_handed_off(launch.start_export(job, "saves", queue=True))
     return export_job.main(args.config, given)
 
 
@@ -102,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=schema.help_text(cfg.EvalConfig, ("eval", "model", "data", "generation", "run")))
     p.add_argument("config", nargs="?", help="eval config YAML (omit to use every default)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings on top of the file")
+    p.add_argument("--queue", action="store_true", help=BACKGROUND_HELP.format(job="eval job"))
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("chat", help="chat in the terminal, streaming the reply")
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the reload-and-compare check")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export in --out (never any other folder)")
+    p.add_argument("--queue", action="store_true", help=BACKGROUND_HELP.format(job="export"))
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="serve a model and its LoRA adapters with an "

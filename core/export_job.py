@@ -219,6 +219,14 @@ class JobReporter(export.Reporter):
 def main(config_path: str | None, given: dict) -> int:
     """`tunebench export [CONFIG] [--flags]`: flags override the file. Run as a job in the
     file's folder when the launcher prepared it; otherwise a plain export."""
+    job = job_from(config_path, given)
+    if config_path and _launched_here(Path(config_path)):
+        return run_job(job, Path(config_path).parent)
+    return _export(job)
+
+
+def job_from(config_path: str | None, given: dict) -> ExportJob:
+    """The export the command line asks for: the file's settings, then the flags."""
     raw = schema.read_yaml(config_path) if config_path else {}
     raw.update({k: v for k, v in given.items() if v is not None})
     job = job_of(raw, config_path or "the command line")
@@ -226,9 +234,7 @@ def main(config_path: str | None, given: dict) -> int:
         if not str(getattr(job, name) or "").strip():
             raise BadInput(f"--{name} is required (or a config file that sets {name})",
                            field=name)
-    if config_path and _launched_here(Path(config_path)):
-        return run_job(job, Path(config_path).parent)
-    return _export(job)
+    return job
 
 
 def _export(job: ExportJob, report: export.Reporter | None = None) -> int:

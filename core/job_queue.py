@@ -428,6 +428,15 @@ def train_or_queue(config_path: str | None, overrides: list[str],
     return 0
 
 
+def report_handed_off(folder: Path) -> int:
+    """For `tunebench eval|export --queue`: say where the job went, and whether it waits."""
+    place = position(folder)
+    where = f"queued at position {place}" if place else "started in the background"
+    kind = (runs.read_status_raw(folder) or {}).get("kind", "train")
+    print(f"{where}: {folder} (follow it in {folder / JOB_LOGS.get(kind, runs.LOG)})")
+    return 0
+
+
 def gpus_needed(config) -> int:
     """GPUs a job takes: one per process of a multi-process run, else one."""
     return max(1, int(getattr(config, "num_devices", 1) or 1))

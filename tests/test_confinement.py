@@ -19,7 +19,7 @@ import gradio as gr
 import pytest
 
 from core import config as cfg
-from core import jobs, launch, paths, runs
+from core import job_queue, jobs, launch, paths, runs
 from core.errors import BadInput
 from webui import chat_tab, configs, form, train_tab
 
@@ -156,26 +156,33 @@ def test_page_started_runs_live_under_saves(tab, project):
     assert not (project[0] / "data" / "my-run").exists()
 
 
-def test_a_run_elsewhere_blocks_start_and_is_listed(tab, project):
-    """The review started a run under data/, then a normal Start: two trainers ran."""
+def test_a_run_elsewhere_holds_start_back_and_is_listed(tab, project):
+    """The review started a run under data/, then a normal Start: two trainers ran. Now the
+    Start waits in the queue behind it (core/job_queue.py) and no second trainer starts."""
     project_dir = project[0]
+    saves = project_dir / "saves"
     elsewhere = project_dir / "data" / "cli-run"
     elsewhere.mkdir()
     sleeper = subprocess.Popen(["sleep", "60"])
+    queued = []
     try:
         runs.write_status(elsewhere, "running", pid=sleeper.pid)
         jobs.register(elsewhere, sleeper.pid)
-        listed = [row[0] for row in train_tab.runs_table(project_dir / "saves")]
+        listed = [row[0] for row in train_tab.runs_table(saves)]
         assert listed == [str(elsewhere)]
         shown = start(tab)
-        assert "still running" in shown and str(elsewhere) in shown
-        assert [p.name for p in (project_dir / "saves").iterdir()] == []
+        queued = [e.run_dir for e in job_queue.entries(saves)]
+        assert "queued, position 1" in shown and len(queued) == 1
+        assert runs.read_status(queued[0])["state"] == "queued"
+        assert [job.run_dir for job in jobs.active()] == [elsewhere]  # no second trainer
         path = tab._run_path(str(elsewhere))
         assert path == elsewhere  # any tab can show it, and so abort it
     finally:
+        for run_dir in queued:  # out of the queue, so its runner exits with nothing to start
+            job_queue.cancel(saves, run_dir)
         sleeper.kill()
         sleeper.wait()
-    assert jobs.active() == [] and launch.running_runs(project_dir / "saves") == []
+    assert jobs.active() == [] and launch.running_runs(saves) == []
 
 
 @pytest.mark.parametrize("field, value, expected", [

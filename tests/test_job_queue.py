@@ -249,6 +249,36 @@ def test_eval_and_export_jobs_queue_behind_a_running_job(machine, monkeypatch,
         busy.kill()
 
 
+def test_eval_and_export_from_the_command_line_queue_with_queue(machine, demo_model_path):
+    """`tunebench eval|export ... --queue` on a busy machine: job folders under saves/,
+    queued in order, nothing run yet."""
+    saves = machine / "saves"
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            start_new_session=True)
+    jobs.register(saves / "elsewhere", busy.pid)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        said = [subprocess.run([sys.executable, "-m", "core", *argv, "--queue"], cwd=machine,
+                               env=env, capture_output=True, text=True, timeout=120)
+                for argv in (["eval", f"model={demo_model_path}", "eval_task=loss",
+                              f"dataset_dir={REPO / 'data'}", "dataset=identity"],
+                             ["export", "--model", str(demo_model_path), "--out",
+                              str(saves / "exports" / "demo")])]
+        assert [r.returncode for r in said] == [0, 0], [r.stdout + r.stderr for r in said]
+        assert "queued at position 1" in said[0].stdout and "eval.log" in said[0].stdout
+        assert "queued at position 2" in said[1].stdout and "export.log" in said[1].stdout
+        waiting = job_queue.entries(saves)
+        assert [e.command for e in waiting] == ["eval", "export"]
+        assert all(runs.read_status(e.run_dir)["state"] == "queued" for e in waiting)
+        bad = subprocess.run([sys.executable, "-m", "core", "eval", f"model={demo_model_path}",
+                              f"dataset_dir={REPO / 'data'}", "dataset=no_such_set", "--queue"],
+                             cwd=machine, env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and "no_such_set" in bad.stdout + bad.stderr
+        assert len(job_queue.entries(saves)) == 2  # refused at once, nothing queued
+    finally:
+        busy.kill()
+
+
 # --- real training ----------------------------------------------------------------
 
 @pytest.mark.train

@@ -24,7 +24,7 @@ import gradio as gr
 import yaml
 
 from core import config as cfg
-from core import data, eval_tasks, evaluate, launch, models, paths, runs, schema
+from core import data, eval_tasks, evaluate, job_queue, launch, models, paths, runs, schema
 from core.errors import BadInput
 
 from . import data_worker, form
@@ -184,6 +184,8 @@ def results_html(results: dict | None, status: dict | None = None) -> str:
         state = (status or {}).get("state")
         text = {"running": "Results appear here when the job ends (a stopped job keeps the "
                            "rows it did).",
+                "queued": "Queued: it starts by itself when the machine is free; Stop takes "
+                          "it out of the queue.",
                 "failed": "No results: the job failed (the status above says why).",
                 None: "No eval job shown. Pick a checkpoint, a task and a dataset, then "
                       "press Start."}.get(state, "This job wrote no results.")
@@ -345,7 +347,8 @@ def eval_jobs(saves: Path) -> list[runs.RunSummary]:
 
 def jobs_rows(saves: Path) -> list[list]:
     """Rows for the eval-jobs list: job, task, dataset, state, headline result, started."""
-    return [[job.name, job_task(job.path), job_on(job.path), job.state,
+    return [[job.name, job_task(job.path), job_on(job.path),
+             job_queue.state_label(job.path, job.state),
              headline(job_results(job.path)) or "–", _short_time(job.started_at) or "–"]
             for job in eval_jobs(saves)]
 
@@ -786,8 +789,6 @@ class EvalTab:
         try:
             config = config_of(self.form.names, list(values))
             paths.confine_config(config, self.saves)
-            # Refused at once while a job runs, not after the seconds the check takes.
-            launch.refuse_if_busy(self.saves)
         except BadInput as err:
             yield self._message(session, str(err))
             return
@@ -795,7 +796,7 @@ class EvalTab:
                                      "before starting…", kind="checking")
         try:
             data_worker.eval_check(config)
-            folder = launch.start_eval(config, self.saves)
+            folder = launch.start_eval(config, self.saves, queue=True)  # busy: queued
         except BadInput as err:
             yield self._message(session, str(err))
             return
@@ -803,12 +804,17 @@ class EvalTab:
         yield self._render(session, folder) + self._listing(session)
 
     def on_abort(self, session: Session) -> list:
+        """Stop the job shown: a running one is aborted, a queued one leaves the queue."""
         watch = session.watch
-        if not _is_running(watch):
-            return self._message(session, "no running eval job is shown here to stop",
-                                 kind="note")
+        state = (watch.status or {}).get("state") if watch else None
+        if state not in ("running", "queued"):
+            return self._message(session, "no running or queued eval job is shown here to "
+                                          "stop", kind="note")
         try:
-            launch.abort_run(watch.run_dir)
+            if state == "queued":
+                job_queue.cancel(self.saves, watch.run_dir)
+            else:
+                launch.abort_run(watch.run_dir)
         except BadInput as err:
             return self._message(session, str(err))
         return self._render(session, watch.run_dir) + self._listing(session)

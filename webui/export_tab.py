@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from core import config as cfg
-from core import export_job, launch, paths, runs, schema
+from core import export_job, job_queue, launch, paths, runs, schema
 from core.errors import BadInput
 
 from . import form
@@ -93,6 +93,12 @@ def job_html(folder: Path) -> str:
         message = last.get("message") or status.get("phase") or "starting"
         return (progress_html(step / total, f"{step / total:.0%} · {' · '.join(parts)} · "
                               f"{message}") + name)
+    if state == "queued":
+        place = job_queue.position(folder)
+        where = f"position {place}" if place else "no longer in the queue"
+        return (f"<div class='tb-status' id='export-queued'><span class='tb-badge tb-queued'>"
+                f"queued</span> {where}: it starts by itself when the machine is free; Stop "
+                f"takes it out of the queue.</div>" + name)
     result = export_job.read_result(folder)
     if result is not None:
         return result_html(result) + name
@@ -233,7 +239,7 @@ class ExportTab:
     def do_export(self, session: Session, model, checkpoint, out, overwrite, verify, *values):
         try:
             job = self._job(model, checkpoint, out, overwrite, verify, values)
-            folder = launch.start_export(job, self.saves)
+            folder = launch.start_export(job, self.saves, queue=True)  # busy: queued
         except BadInput as err:
             session.holding_message = True
             return failure_html(str(err)), gr.skip()
@@ -244,10 +250,14 @@ class ExportTab:
     def on_abort(self, session: Session):
         folder = session.folder
         status = runs.read_status(folder) if folder else None
-        if not status or status.get("state") != "running":
+        state = (status or {}).get("state")
+        if state not in ("running", "queued"):
             return gr.skip(), gr.skip()
         try:
-            launch.abort_run(folder)
+            if state == "queued":  # leaves the queue; its folder says it never started
+                job_queue.cancel(self.saves, folder)
+            else:
+                launch.abort_run(folder)
         except BadInput as err:
             return failure_html(str(err)), gr.skip()
         session.seen = None

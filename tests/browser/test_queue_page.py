@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from page_helpers import choose, shot, start_run, status_text, table_rows, wait_until
+from page_helpers import (choose, open_tab, shot, start_run, status_text, table_rows, text_of,
+                          wait_until)
 from servers import abort_all_runs, new_project, start_server, stop_server
 
 from core import job_queue, launch, runs
@@ -109,4 +110,47 @@ def test_a_start_while_busy_queues_and_the_queue_survives_a_server_restart(
         finally:
             stop_server(second.proc)
     finally:
+        abort_all_runs(project)
+
+
+def test_eval_and_export_started_while_a_run_trains_are_queued(browser, tmp_path_factory,
+                                                               own_cache):
+    """The Evaluate and Export tabs queue their jobs behind a training run: each says so
+    with its position, Stop takes the export out of the queue, and the eval job runs by
+    itself once the run ends."""
+    project = new_project(tmp_path_factory)
+    saves = project / "saves"
+    server = start_server(project, own_cache)
+    try:
+        page = open_page(browser, server.url)
+        one = start_run(page, server, **{"train-epochs": 300})  # trains until aborted
+        open_tab(page, "Evaluate")
+        choose(page, "eval-task", "loss")
+        page.click("#eval-start")
+        wait_until(lambda: "queued, position 1" in text_of(page, "eval-status"), 60,
+                   "the eval job to be queued")
+        assert "Queued" in text_of(page, "eval-results")
+        open_tab(page, "Export")
+        page.click("#export-start")
+        wait_until(lambda: page.locator("#export-queued").count(), 30,
+                   "the export to be queued")
+        assert "position 2" in text_of(page, "export-status")
+        waiting = job_queue.entries(saves)
+        assert [e.command for e in waiting] == ["eval", "export"]
+        shot(page, "queue-export-queued")
+        page.click("#export-abort")
+        wait_until(lambda: job_queue.CANCELLED in text_of(page, "export-status"), 20,
+                   "the export to leave the queue")
+        assert [e.command for e in job_queue.entries(saves)] == ["eval"]
+        assert runs.read_status(one)["state"] == "running"
+        launch.abort_run(one, grace_s=3)
+        open_tab(page, "Evaluate")
+        wait_until(lambda: "completed" in text_of(page, "eval-status"), 180,
+                   "the queued eval job to run", interval=1)
+        assert runs.read_status(waiting[0].run_dir)["state"] == "completed"
+        assert runs.read_status(one)["ended_at"] <= \
+            runs.read_status(waiting[0].run_dir)["started_at"]
+        shot(page, "queue-eval-ran")
+    finally:
+        stop_server(server.proc)
         abort_all_runs(project)
