@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import demo_model, launch
+from core import demo_model, job_queue, launch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,9 +104,12 @@ def new_project(tmp_path_factory) -> Path:
 
 
 def abort_all_runs(project: Path) -> None:
-    """Stop the test's own trainers (they outlive the server); a job that something else
+    """Stop the test's own jobs (they outlive the server): first empty its queue, so its
+    runner starts nothing more and exits, then stop its trainers. A job that something else
     on the machine runs with the same cache folder is left alone."""
     own = (project / "saves").resolve()
+    for entry in job_queue.entries(own):
+        job_queue.cancel(own, entry.run_dir)
     for run in launch.running_runs(project / "saves"):
         if run.path.resolve().is_relative_to(own):
             launch.abort_run(run.path, grace_s=3)

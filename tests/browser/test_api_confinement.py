@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servers import REPO, start_server, stop_server
+from servers import REPO, abort_all_runs, start_server, stop_server
 
 from core import runs
 
@@ -173,6 +173,9 @@ def scene(tmp_path_factory, demo_model_path):
         yield server, base, outside
     finally:
         stop_server(server.proc)
+        # Start, probed while the sleeper "trains", queues runs: take them out of the
+        # queue before the sleeper ends, or its runner would train them afterwards.
+        abort_all_runs(project)
         sleeper.kill()
         sleeper.wait()
 
