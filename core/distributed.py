@@ -181,7 +181,7 @@ def record_worker_error(error: str) -> None:
         "py_callstack": message, "timestamp": str(int(time.time()))}}}
     try:
         Path(path).write_text(json.dumps(report))
-    except OSError:
+    except (OSError, MemoryError):  # a process at its memory cap may not even write this
         pass  # the agent then reports the exit code alone
 
 
