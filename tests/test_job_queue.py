@@ -300,6 +300,9 @@ def test_three_queued_cli_runs_finish_in_order_and_a_killed_runner_loses_nothing
     order = foreground + sorted(queued, key=queued.get)
     assert [e.run_dir.name for e in job_queue.entries(saves)] == order[1:]
 
+    # Each queueing CLI started a runner (before it printed): the later one finds the lock
+    # held and exits. Once one is left, it is the one to kill.
+    wait_for(lambda: len(_runner_pids(machine)) == 1, 60, "one runner to be left")
     runner = wait_for(lambda: job_queue.runner_pid(saves), 10, "a runner")
     assert [j.run_dir.name for j in jobs.active()] == order[:1]  # the others still wait
     os.kill(runner, signal.SIGKILL)
