@@ -50,7 +50,10 @@ class Tracker:
 TRACKERS = {
     "tensorboard": Tracker("tensorboard",
                            lambda run: {"TENSORBOARD_LOGGING_DIR": str(run / "tensorboard")}),
-    "mlflow": Tracker("mlflow", lambda run: {"MLFLOW_TRACKING_URI": (run / "mlruns").as_uri()}),
+    # mlflow 3 refuses its file store unless told (it steers to a database server); a store
+    # in the run folder is what an offline workbench wants
+    "mlflow": Tracker("mlflow", lambda run: {"MLFLOW_TRACKING_URI": (run / "mlruns").as_uri(),
+                                             "MLFLOW_ALLOW_FILE_STORE": "true"}),
     "wandb": Tracker("wandb", lambda run: {"WANDB_DIR": str(run)}, _wandb_ready,
                      "set WANDB_API_KEY, run `wandb login`, or set WANDB_MODE=offline to keep "
                      "the run's logs in its folder"),

@@ -334,7 +334,7 @@ def test_stop_with_no_running_job_says_so(saves):
     session = eval_tab.Session()
     tab.on_load(session)
     out = tab.on_abort(session)
-    assert "no running eval job" in out[0] and out[1:] == [SKIP] * (len(out) - 1)
+    assert "no running or queued eval job" in out[0] and out[1:] == [SKIP] * (len(out) - 1)
 
 
 def test_an_uploaded_choice_file_is_registered_and_picked_with_its_task(saves, tmp_path,
