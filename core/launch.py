@@ -295,6 +295,19 @@ def abort_run(run_dir: str | Path, grace_s: float = 8.0) -> dict:
     return final
 
 
+def stop_job(run_dir: str | Path, saves_dir: str | Path) -> None:
+    """Stop a job where it stands: a queued one leaves the queue (its folder says it never
+    started), a running one is aborted. BadInput when it is neither."""
+    from . import job_queue
+    state = (runs.read_status(Path(run_dir)) or {}).get("state")
+    if state == "queued":
+        job_queue.cancel(saves_dir, Path(run_dir))
+    elif state == "running":
+        abort_run(run_dir)
+    else:
+        raise BadInput(f"'{Path(run_dir).name}' is not running or queued (it is {state})")
+
+
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid

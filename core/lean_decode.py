@@ -74,12 +74,13 @@ class _Step:
     def __init__(self, running: int, mask, cache, lengths: list[int], device):
         self.running, self.cache, self.lengths = running, cache, lengths
         self.allowed = mask.bool()[:, None, None, :] if running else None
-        self.block = _block_causal(lengths, device) if lengths else None
+        self.block = block_causal(lengths, device) if lengths else None
         self.prompt_kv: list[tuple] = []
 
 
-def _block_causal(lengths: list[int], device):
-    """[1, 1, T, T]: each prompt's tokens see that prompt's earlier tokens only."""
+def block_causal(lengths: list[int], device=None):
+    """[1, 1, T, T]: each prompt's tokens see that prompt's earlier tokens only (prompts
+    packed end to end; the serving engine's packed prefill uses it too)."""
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
                                       torch.tensor(lengths, device=device))
     total = int(segment.numel())

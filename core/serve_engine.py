@@ -505,11 +505,11 @@ class Scheduler(threading.Thread):
         padding, which in a batch of mixed lengths is most of it. The row's cache is then
         cut into one left-padded cache row per prompt."""
         import torch
-        total, width = sum(lengths), max(lengths)
+
+        from .lean_decode import block_causal
+        width = max(lengths)
         ids = torch.tensor([[t for r in rows for t in r.prompt_ids]])
-        segment = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
-        causal = torch.ones(total, total, dtype=torch.bool).tril()
-        attend = (causal & (segment[:, None] == segment[None, :]))[None, None]
+        attend = block_causal(lengths)
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
         ends = torch.tensor(lengths).cumsum(0) - 1
         out = self._forward(ids, attend, positions, None, rows, lengths, keep=ends)

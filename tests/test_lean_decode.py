@@ -8,32 +8,24 @@ not cover."""
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM)
 
 from core import lean_decode
 from core.serve_engine import Batch, Engine, Row, Scheduler
 from core.serve_worker import BASE_ROW, Sampling
 
-
-def _adapter(model_path, folder, seed: int, **config) -> str:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    peft = get_peft_model(model, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM",
-                                            **config))
-    peft.save_pretrained(folder)
-    return str(folder)
+from test_multi_lora import _adapter as random_adapter
 
 
 @pytest.fixture(scope="module")
 def engine(demo_model_path, tmp_path_factory) -> Engine:
     root = tmp_path_factory.mktemp("lean")
     engine = Engine(str(demo_model_path))
-    engine.add_adapter("wide", _adapter(demo_model_path, root / "wide", 1, r=16, lora_alpha=32,
-                                        target_modules="all-linear"))
-    engine.add_adapter("narrow", _adapter(demo_model_path, root / "narrow", 2, r=4,
-                                          lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    engine.add_adapter("wide", random_adapter(demo_model_path, root / "wide", r=16,
+                                              lora_alpha=32, target_modules="all-linear"))
+    engine.add_adapter("narrow", random_adapter(demo_model_path, root / "narrow", r=4,
+                                                lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     return engine
 
 

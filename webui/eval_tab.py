@@ -811,10 +811,7 @@ class EvalTab:
             return self._message(session, "no running or queued eval job is shown here to "
                                           "stop", kind="note")
         try:
-            if state == "queued":
-                job_queue.cancel(self.saves, watch.run_dir)
-            else:
-                launch.abort_run(watch.run_dir)
+            launch.stop_job(watch.run_dir, self.saves)
         except BadInput as err:
             return self._message(session, str(err))
         return self._render(session, watch.run_dir) + self._listing(session)

@@ -254,10 +254,7 @@ class ExportTab:
         if state not in ("running", "queued"):
             return gr.skip(), gr.skip()
         try:
-            if state == "queued":  # leaves the queue; its folder says it never started
-                job_queue.cancel(self.saves, folder)
-            else:
-                launch.abort_run(folder)
+            launch.stop_job(folder, self.saves)
         except BadInput as err:
             return failure_html(str(err)), gr.skip()
         session.seen = None
