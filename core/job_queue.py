@@ -119,6 +119,13 @@ def position(run_dir: Path) -> int | None:
     return None
 
 
+def waiting_text(run_dir: Path) -> str:
+    """What the page says of a queued job, on every tab."""
+    place = position(run_dir)
+    return (f"queued, position {place}: it starts by itself when the devices are free"
+            if place else "queued, but no longer in the queue (its entry was removed)")
+
+
 def state_label(run_dir: Path, state: str) -> str:
     """The runs list's state column: `queued #2` for a waiting job."""
     if state != "queued":

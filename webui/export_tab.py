@@ -94,11 +94,9 @@ def job_html(folder: Path) -> str:
         return (progress_html(step / total, f"{step / total:.0%} · {' · '.join(parts)} · "
                               f"{message}") + name)
     if state == "queued":
-        place = job_queue.position(folder)
-        where = f"position {place}" if place else "no longer in the queue"
         return (f"<div class='tb-status' id='export-queued'><span class='tb-badge tb-queued'>"
-                f"queued</span> {where}: it starts by itself when the machine is free; Stop "
-                f"takes it out of the queue.</div>" + name)
+                f"queued</span> {html.escape(job_queue.waiting_text(folder))}; Stop takes it "
+                "out of the queue.</div>" + name)
     result = export_job.read_result(folder)
     if result is not None:
         return result_html(result) + name

@@ -160,10 +160,8 @@ def status_html(run_dir: Path | None, status: dict | None) -> str:
            f"{html.escape(state)}</span> <b>{html.escape(run_dir.name)}</b> "
            f"<span class='tb-dim'>{html.escape(when)} · {html.escape(str(run_dir))}</span>")
     if state == "queued":
-        place = job_queue.position(run_dir)
-        note = (f"queued, position {place}: it starts by itself when the devices are free"
-                if place else "queued, but no longer in the queue (its entry was removed)")
-        out += f"<pre class='tb-note tb-queue'>{html.escape(note)}</pre>"
+        note = html.escape(job_queue.waiting_text(run_dir))
+        out += f"<pre class='tb-note tb-queue'>{note}</pre>"
     if status.get("error"):
         kind = "tb-error" if state == "failed" else "tb-note"  # "stopped by the user" is no error
         out += f"<pre class='{kind}'>{html.escape(status['error'])}</pre>"
