@@ -412,6 +412,12 @@ class ServeConfig:
                              flag="--max-queue")
 
 
+# Each schema's short name: its settings' ids in the catalogues (core/i18n.py) are
+# field.<short>.<name>.label and .help.
+SCHEMAS = {"train": TrainConfig, "gen": GenConfig, "export": ExportConfig, "eval": EvalConfig,
+           "serve": ServeConfig}
+
+
 def gen_config(raw: dict, source: str | None = None) -> GenConfig:
     """Generation settings from a plain mapping (YAML, flags, the Chat tab's widgets)."""
     return schema.build(GenConfig, raw, source)

@@ -4,9 +4,16 @@
 dataset record, an unknown config key, a model folder without weights. The CLI
 turns it into a one-line message and exit code 2; the web UI shows the same text.
 Anything else is a bug and keeps its traceback.
+
+What went wrong is a `core.i18n.Msg` (an id in the catalogues and its parameters), so
+the same error reads in the language of whoever sees it: English on the CLI unless
+TUNEBENCH_LANG says otherwise, the visitor's language on the page. A plain string is
+still accepted, and shown as it is in every language.
 """
 
 from __future__ import annotations
+
+from .i18n import Bullets, Msg, msg, render, t
 
 
 class BadInput(Exception):
@@ -16,33 +23,53 @@ class BadInput(Exception):
     expected, so it can be fixed without reading a traceback.
     """
 
-    def __init__(self, what: str, *, file: str | None = None, record: int | None = None,
-                 field: str | None = None):
+    def __init__(self, what: "str | Msg", *, file: str | None = None,
+                 record: int | None = None, field: str | None = None):
         self.what = what
         self.file = file
         self.record = record
         self.field = field
-        super().__init__(self.message)
+        super().__init__(self.text("en"))
+
+    def text(self, lang: str | None = None) -> str:
+        """The whole message, place first, in `lang` (default: the current language)."""
+        where = []
+        if self.file:
+            where.append(t("where.file", lang, file=str(self.file)))
+        if self.record is not None:
+            where.append(t("where.record", lang, record=self.record))
+        if self.field:
+            where.append(t("where.field", lang, field=self.field))
+        what = render(self.what, lang) if isinstance(self.what, Msg) else str(self.what)
+        if not where:
+            return what
+        return t("where.joined", lang, where=t("where.sep", lang).join(where), what=what)
 
     @property
     def message(self) -> str:
-        where = []
-        if self.file:
-            where.append(str(self.file))
-        if self.record is not None:
-            where.append(f"record {self.record}")
-        if self.field:
-            where.append(f"field '{self.field}'")
-        return (", ".join(where) + ": " if where else "") + self.what
+        return self.text()
 
     def __str__(self) -> str:
-        return self.message
+        return self.text()
+
+    def record_of(self) -> dict:
+        """Language-neutral form for status.json: the message id, parameters and place."""
+        what = self.what if isinstance(self.what, Msg) else msg("text", text=str(self.what))
+        found = what.record()
+        found.update(file=None if self.file is None else str(self.file), record=self.record,
+                     field=self.field)
+        return found
+
+    @classmethod
+    def from_record(cls, found: dict) -> "BadInput":
+        return cls(Msg.from_record(found), file=found.get("file"), record=found.get("record"),
+                   field=found.get("field"))
 
 
 class Problems(BadInput):
     """Several config problems found at once, so the user can fix them in one go."""
 
-    def __init__(self, problems: list[str], file: str | None = None):
+    def __init__(self, problems: "list[str | Msg]", file: str | None = None):
         self.problems = problems
-        super().__init__("; ".join(problems) if len(problems) < 2 else
-                         "\n  - " + "\n  - ".join(problems), file=file)
+        what = problems[0] if len(problems) == 1 else msg("problems", problems=Bullets(problems))
+        super().__init__(what, file=file)

@@ -145,6 +145,25 @@ def write_status(run_dir: Path, state: str, *, pid: int | None = None, error: st
     return status
 
 
+def error_record(err: BaseException | str | None) -> dict | None:
+    """The language-neutral form of an error for status.json's `error_msg` (an id, its
+    parameters and the place); None for an error that is not a BadInput (a bug's text)."""
+    return err.record_of() if isinstance(err, BadInput) else None
+
+
+def error_text(status: dict | None, lang: str | None = None) -> str | None:
+    """A job's error as its reader reads it: from `error_msg` when the job wrote one (in
+    `lang`, default the current language), else the English `error`."""
+    if not status:
+        return None
+    if status.get("error_msg"):
+        try:
+            return BadInput.from_record(status["error_msg"]).text(lang)
+        except (KeyError, TypeError, AttributeError):
+            pass  # a record from another version: its English text follows
+    return status.get("error")
+
+
 def update_status(run_dir: Path, **fields) -> None:
     """Change extra fields (such as "phase") of the current status without a state change."""
     status = read_status_raw(run_dir) or {}

@@ -16,13 +16,17 @@ import gradio as gr
 
 from core import data, paths
 from core.errors import BadInput
+from core.i18n import t
 
-from . import chat_tab, eval_tab, export_tab, login, train_tab
+from . import chat_tab, eval_tab, export_tab, i18n, login, train_tab
+from .i18n import tr
 
 TITLE = "tunebench"
 
 CSS = """
 .tb-tight { gap: 0 !important; }
+.tb-header { align-items: center; }
+.tb-lang { flex-grow: 0 !important; min-width: max-content !important; }
 .tb-tight .html-container { padding-top: 2px; padding-bottom: 2px; }
 .tb-progress { margin: 4px 0; }
 .tb-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
@@ -75,16 +79,24 @@ def saves_dir() -> Path:
 def build_app(saves: Path | None = None) -> gr.Blocks:
     """The whole page. Nothing is shared between browsers except the run directories."""
     saves = Path(saves) if saves else saves_dir()
+    i18n.install()
+    texts = i18n.collecting()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown("## tunebench · fine-tune a language model in the browser")
+        with gr.Row(elem_classes="tb-header"):
+            tr(gr.Markdown(t("app.heading")), value="app.heading")
+            switch = i18n.picker()
         with gr.Tabs() as tabs:
-            with gr.Tab("Train", id="train", elem_id="tab-train") as train_page:
+            with tr(gr.Tab(t("app.tab.train"), id="train", elem_id="tab-train"),
+                    label="app.tab.train") as train_page:
                 train = train_tab.TrainTab(saves)
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_page:
+            with tr(gr.Tab(t("app.tab.chat"), id="chat", elem_id="tab-chat"),
+                    label="app.tab.chat") as chat_page:
                 chat = chat_tab.build(saves)
-            with gr.Tab("Evaluate", id="eval", elem_id="tab-eval") as eval_page:
+            with tr(gr.Tab(t("app.tab.eval"), id="eval", elem_id="tab-eval"),
+                    label="app.tab.eval") as eval_page:
                 evaluate = eval_tab.EvalTab(saves)
-            with gr.Tab("Export", id="export", elem_id="tab-export") as export_page:
+            with tr(gr.Tab(t("app.tab.export"), id="export", elem_id="tab-export"),
+                    label="app.tab.export") as export_page:
                 export = export_tab.build(saves)
         train.wire_page_load(demo)
         evaluate.wire_page_load(demo)
@@ -94,6 +106,7 @@ def build_app(saves: Path | None = None) -> gr.Blocks:
                                 first=train_page)
         train.evals.input(lambda: show(eval_page), None, show.timers, queue=False,
                           show_progress="hidden", api_visibility="private")
+        i18n.wire(demo, switch, texts)
     return demo
 
 
@@ -140,9 +153,11 @@ def parse_auth(auth: str | None, host: str, share: bool) -> tuple[str, str] | No
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-          share: bool = False) -> int:
-    """Serve the app until interrupted. `auth` is "USER:PASS"."""
+          share: bool = False, lang: str | None = None) -> int:
+    """Serve the app until interrupted. `auth` is "USER:PASS"; `lang` the page's language
+    for visitors who have not picked one (default: their browser's)."""
     credentials = parse_auth(auth, host, share)
+    i18n.install(lang)
     demo = build_app()
     demo.queue(default_concurrency_limit=4)
     print(f"tunebench web UI on http://{host}:{port} (runs in {saves_dir()})", flush=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from core import cli as core_cli
+from core import i18n
 
 
 def _webui(args) -> int:
@@ -30,7 +31,8 @@ def _webui(args) -> int:
     # chat worker runs from the package's folder) is confined to this server's folders.
     os.environ.update(confinement_env())
     from . import app
-    return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share)
+    return app.serve(host=args.host, port=args.port, auth=args.auth, share=args.share,
+                     lang=args.lang)
 
 
 def build_parser():
@@ -44,6 +46,9 @@ def build_parser():
     p.add_argument("--saves-dir", default=None, help="where runs go (default: ./saves)")
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="also allow the page to read and write under DIR (repeatable)")
+    p.add_argument("--lang", default=None, choices=sorted(i18n.languages()),
+                   help="the page's language for visitors who have not picked one "
+                        "(default: each browser's own)")
     p.set_defaults(func=_webui)
     return parser
 

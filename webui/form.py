@@ -21,17 +21,13 @@ import gradio as gr
 
 from core import config as cfg
 from core import schema
+from core.i18n import t
 
 SPEC_IDS = {
     "model": "train-model", "dataset": "train-dataset", "method": "train-method",
     "epochs": "train-epochs", "learning_rate": "train-lr", "output_dir": "train-output",
     "identity_name": "identity-name", "identity_author": "identity-author",
 }
-# Words that read better spelled out or capitalised in a label.
-_WORDS = {"lora": "LoRA", "lr": "LR", "len": "length", "accum": "accumulation",
-          "val": "validation", "grad": "gradient", "num": "number of", "rope": "RoPE",
-          "optim": "optimizer", "rslora": "rsLoRA", "loraplus": "LoRA+", "oft": "OFT",
-          "init": "initialisation"}
 PER_ROW = 4   # widgets per row; more get cramped in the form's column
 
 
@@ -41,21 +37,31 @@ def elem_id(name: str, prefix: str = "train") -> str:
     return f"{prefix}-" + name.replace("_", "-")
 
 
-def label(name: str) -> str:
-    words = [_WORDS.get(w, w) for w in name.split("_")]
-    text = " ".join(words)
-    return text[0].upper() + text[1:]
+def short_name(settings: type) -> str:
+    """The schema's name in the catalogue's ids (core.config.SCHEMAS)."""
+    return next(short for short, s in cfg.SCHEMAS.items() if s is settings)
 
 
-def info(f: dataclasses.Field) -> str:
+def label(name: str, settings: type = cfg.TrainConfig) -> str:
+    return t(f"field.{short_name(settings)}.{name}.label")
+
+
+def info(f: dataclasses.Field, settings: type = cfg.TrainConfig) -> str:
     """The help text, plus the allowed range so nobody has to guess it."""
-    meta, text = f.metadata, f.metadata["help"]
+    meta, text = f.metadata, t(f"field.{short_name(settings)}.{f.name}.help")
     lo, hi = meta["min"], meta["max"]
     if lo is not None and hi is not None:
-        text += f" Range {schema.number(lo)} to {schema.number(hi)}."
+        text += t("form.range", lo=schema.number(lo), hi=schema.number(hi))
     elif lo is not None:
-        text += f" At least {schema.number(lo)}."
+        text += t("form.at_least", lo=schema.number(lo))
     return text
+
+
+def field_texts(settings: type, names: list[str]) -> dict[str, dict[str, str]]:
+    """{name: {"label", "info"}} of a schema's widgets in the current language: what a
+    language switch updates (webui/i18n.py)."""
+    fields = schema.fields(settings)
+    return {n: {"label": label(n, settings), "info": info(fields[n], settings)} for n in names}
 
 
 def widget_value(name: str, value: Any, settings: type = cfg.TrainConfig) -> Any:
@@ -91,7 +97,8 @@ def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
                 visible: bool = True) -> gr.Component:
     """One widget for one field of `settings` (a schema), chosen from its type and metadata."""
     meta, kind = f.metadata, schema.types(settings)[f.name]
-    common = dict(label=label(f.name), info=info(f), elem_id=elem_id(f.name, prefix),
+    common = dict(label=label(f.name, settings), info=info(f, settings),
+                  elem_id=elem_id(f.name, prefix),
                   visible=visible)
     value = widget_value(f.name, value, settings)
     if kind == list[str]:

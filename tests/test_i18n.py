@@ -1,0 +1,76 @@
+"""The catalogues (core/locales): complete in each language, parameters that match, and
+messages that survive status.json in a language-neutral form."""
+
+import string
+
+import pytest
+
+from core import config as cfg, i18n, schema
+from core.errors import BadInput, Problems
+from core.i18n import msg
+
+
+def fields_of(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def in_scope(key: str, lang: str) -> bool:
+    covered = i18n.scope(lang)
+    return covered is None or any(key == p or key.startswith(p) for p in covered)
+
+
+LANGS = [lang for lang in i18n.languages() if lang != i18n.ENGLISH]
+
+
+def test_there_is_chinese_and_a_third_language():
+    assert {"en", "zh", "ja"} <= set(i18n.languages())
+    assert i18n.scope("zh") is None  # complete
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_each_english_id_is_translated(lang):
+    english, other = i18n.catalogue("en"), i18n.catalogue(lang)
+    missing = sorted(k for k in english if in_scope(k, lang) and k not in other)
+    assert not missing, f"{lang} lacks {len(missing)} ids, such as {missing[:10]}"
+    extra = sorted(k for k in other if k not in english)
+    assert not extra, f"{lang} has ids English does not: {extra[:10]}"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_translations_take_the_same_parameters(lang):
+    english, other = i18n.catalogue("en"), i18n.catalogue(lang)
+    wrong = [k for k in other if k in english and fields_of(other[k]) != fields_of(english[k])]
+    assert not wrong, f"{lang}: parameters differ from English in {wrong[:10]}"
+
+
+def test_every_setting_has_a_label_and_help_in_english():
+    english = i18n.catalogue("en")
+    for short, settings in cfg.SCHEMAS.items():
+        for name in schema.fields(settings):
+            assert english[f"field.{short}.{name}.label"]
+            assert english[f"field.{short}.{name}.help"]
+
+
+def test_a_message_renders_in_each_language_and_survives_its_record():
+    err = BadInput(msg("where.field", field="rank"), file="data/x.json", record=3, field="output")
+    assert err.text("en") == "data/x.json, record 3, field 'output': field 'rank'"
+    assert "第 3 条记录" in err.text("zh") and "字段“output”" in err.text("zh")
+    again = BadInput.from_record(err.record_of())
+    assert again.text("zh") == err.text("zh") and again.text("en") == err.text("en")
+
+
+def test_several_problems_keep_one_per_line_in_each_language():
+    err = Problems([msg("where.record", record=1), "plain text"], file="a.yaml")
+    assert err.text("en") == "a.yaml: \n  - record 1\n  - plain text"
+    assert "第 1 条记录" in BadInput.from_record(err.record_of()).text("zh")
+
+
+def test_the_language_comes_from_the_environment(monkeypatch):
+    for name in ("TUNEBENCH_LANG", "LC_ALL", "LC_MESSAGES", "LANG"):
+        monkeypatch.delenv(name, raising=False)
+    assert i18n.current() == "en"
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    assert i18n.current() == "zh"
+    monkeypatch.setenv("TUNEBENCH_LANG", "en")
+    assert i18n.current() == "en"
+    assert i18n.supported("fr-FR") is None

@@ -1,0 +1,158 @@
+"""The page's language: which one each visitor reads, and switching it in place.
+
+The texts live in core/locales (core/i18n.py). Here:
+
+- `visitor_lang()` answers core.i18n's "which language now?" inside a page event: the
+  visitor's choice (a cookie the switch sets, so it outlives a reload), else the server's
+  default (`tunebench webui --lang`, TUNEBENCH_LANG), else the browser's Accept-Language,
+  else English. Every handler that renders text (status lines, progress, errors) therefore
+  renders it in the visitor's language without passing the language around.
+- `tr(component, label="train.start", ...)` records which catalogue id each text property
+  of a component shows; `redraw(fn, inputs, outputs)` records a handler that renders
+  server-made text (HTML, Markdown). A switch updates both in one event chain, so the form,
+  the chart and the conversation keep their values: only texts change, no reload.
+
+The page is built once, in English; a visitor who reads another language gets the same
+relabelling when the page loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import gradio as gr
+from gradio.context import LocalContext
+
+from core import i18n
+
+COOKIE = "tunebench_lang"
+BUILT_IN = i18n.ENGLISH              # the language the components are built with
+_server_default: str | None = None   # tunebench webui --lang
+
+
+def install(default: str | None = None) -> None:
+    """Make core.i18n ask the current page event for its visitor's language."""
+    global _server_default
+    _server_default = i18n.supported(default) if default else None
+    i18n.set_resolver(visitor_lang)
+
+
+def visitor_lang() -> str | None:
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None  # not inside a page event: the environment's language
+    try:
+        chosen = i18n.supported(request.cookies.get(COOKIE))
+        header = request.headers.get("accept-language", "")
+    except (AttributeError, KeyError):
+        return _server_default
+    if chosen:
+        return chosen
+    if _server_default or i18n.supported(i18n.environment_lang()) != i18n.ENGLISH:
+        return _server_default or i18n.environment_lang()
+    for tag in header.split(","):
+        found = i18n.supported(tag.split(";")[0])
+        if found:
+            return found
+    return i18n.ENGLISH
+
+
+# --- what a switch redraws --------------------------------------------------------------
+
+Text = "str | tuple[str, dict] | Callable[[], Any]"
+
+
+@dataclasses.dataclass
+class Texts:
+    """The components whose texts come from the catalogue, and the handlers that redraw
+    server-made text, for one page."""
+    static: list[tuple[gr.components.Component, dict[str, Any]]] = dataclasses.field(
+        default_factory=list)
+    dynamic: list[tuple[Callable, list, list]] = dataclasses.field(default_factory=list)
+
+    def updates(self) -> list:
+        return [gr.update(**{prop: _text(spec) for prop, spec in props.items()})
+                for _, props in self.static]
+
+
+_building: Texts | None = None
+
+
+def collecting() -> Texts:
+    """Start collecting the texts of a page being built (app.build_app)."""
+    global _building
+    _building = Texts()
+    return _building
+
+
+def tr(component, **props: Any):
+    """Record that `component`'s properties show these catalogue texts. A property's spec
+    is an id, (id, params), or a function returning the value (choices with labels, a
+    field's help). Returns the component, so it wraps a constructor call."""
+    if _building is not None:
+        _building.static.append((component, props))
+    return component
+
+
+def redraw(fn: Callable, inputs: list, outputs: list) -> None:
+    """Record a handler that re-renders server-made text into `outputs` in the current
+    language (called on a switch, and on load for a visitor who does not read English)."""
+    if _building is not None:
+        _building.dynamic.append((fn, list(inputs), list(outputs)))
+
+
+def _text(spec: Any) -> Any:
+    if callable(spec):
+        return spec()
+    if isinstance(spec, tuple):
+        key, params = spec
+        return i18n.t(key, **params)
+    return i18n.t(spec)
+
+
+# The cookie is set in the browser before the event leaves it, so the handlers that
+# follow (and every later tick and reload) read the new choice.
+SET_COOKIE_JS = (f"(lang) => {{ document.cookie = '{COOKIE}=' + lang + "
+                 "'; path=/; max-age=31536000; SameSite=Lax'; "
+                 "document.documentElement.lang = lang; return lang; }}")
+
+
+def picker() -> gr.Radio:
+    """The language switch for the page header."""
+    return gr.Radio(choices=[(name, code) for code, name in i18n.languages().items()],
+                    value=BUILT_IN, show_label=False, container=False, elem_id="lang",
+                    elem_classes="tb-lang", interactive=True)
+
+
+def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
+    """A switch relabels everything; a page load does when its visitor reads another
+    language than the one the page was built in."""
+    statics = [c for c, _ in texts.static]
+
+    def relabel(lang: str) -> list:
+        return texts.updates()
+
+    def on_load() -> list:
+        lang = i18n.current()
+        if lang == BUILT_IN:
+            return [gr.update(value=lang)] + [gr.skip() for _ in statics]
+        return [gr.update(value=lang)] + texts.updates()
+
+    hidden = dict(queue=False, show_progress="hidden", api_visibility="private")
+    switched = switch.input(relabel, [switch], statics, js=SET_COOKIE_JS, **hidden)
+    loaded = demo.load(on_load, None, [switch] + statics, **hidden)
+    for fn, inputs, outputs in texts.dynamic:
+        switched = switched.then(fn, inputs, outputs, **hidden)
+        loaded = loaded.then(_unless_built_in(fn, outputs), inputs, outputs, **hidden)
+
+
+def _unless_built_in(fn: Callable, outputs: list) -> Callable:
+    """`fn` for a visitor who reads another language; for one who reads the page's own,
+    no change (its handlers already drew it)."""
+    def on_load(*args):
+        if i18n.current() == BUILT_IN:
+            skipped = [gr.skip() for _ in outputs]
+            return skipped[0] if len(outputs) == 1 else skipped
+        return fn(*args)
+    return on_load
