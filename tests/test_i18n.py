@@ -74,3 +74,48 @@ def test_the_language_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("TUNEBENCH_LANG", "en")
     assert i18n.current() == "en"
     assert i18n.supported("fr-FR") is None
+
+
+class FakeRequest:
+    def __init__(self, cookie=None, accept=""):
+        self.cookies = {"tunebench_lang": cookie} if cookie else {}
+        self.headers = {"accept-language": accept}
+
+
+@pytest.mark.parametrize("cookie, accept, default, expected", [
+    (None, "zh-CN,zh;q=0.9,en;q=0.8", None, "zh"),   # the first visit follows the browser
+    (None, "fr-FR,ja;q=0.8", None, "ja"),
+    (None, "fr-FR", None, "en"),
+    ("en", "zh-CN", None, "en"),                     # the visitor's choice wins
+    (None, "en-US", "zh", "zh"),                     # tunebench webui --lang zh
+    ("ja", "en-US", "zh", "ja"),
+])
+def test_the_page_speaks_the_visitors_language(monkeypatch, cookie, accept, default, expected):
+    from gradio.context import LocalContext
+
+    from webui import i18n as page_i18n
+    for name in ("TUNEBENCH_LANG", "LC_ALL", "LC_MESSAGES", "LANG"):
+        monkeypatch.delenv(name, raising=False)
+    page_i18n.install(default)
+    token = LocalContext.request.set(FakeRequest(cookie, accept))
+    try:
+        assert i18n.current() == expected
+        assert i18n.t("app.tab.train") == i18n.t("app.tab.train", expected)
+    finally:
+        LocalContext.request.reset(token)
+        page_i18n.install(None)
+        i18n.set_resolver(None)
+    assert i18n.current() == "en"  # outside a page event: the environment's language
+
+
+def test_the_bundled_font_holds_every_character_of_the_catalogues():
+    """Chinese and Japanese render with webui/assets/tunebench-cjk.woff2 on a machine with
+    no CJK font: a catalogue text with a character it lacks would show an empty box there
+    (rebuild the font with scripts/make_cjk_font.py)."""
+    from fontTools.ttLib import TTFont
+
+    from webui import app
+    held = set(map(chr, TTFont(app.ASSETS / "tunebench-cjk.woff2").getBestCmap()))
+    for lang in LANGS:
+        shown = {c for text in i18n.catalogue(lang).values() for c in text if ord(c) > 0x2E7F}
+        assert not shown - held, f"{lang}: the font lacks {''.join(sorted(shown - held))}"

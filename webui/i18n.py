@@ -113,9 +113,9 @@ def _text(spec: Any) -> Any:
 
 # The cookie is set in the browser before the event leaves it, so the handlers that
 # follow (and every later tick and reload) read the new choice.
-SET_COOKIE_JS = (f"(lang) => {{ document.cookie = '{COOKIE}=' + lang + "
+SET_COOKIE_JS = ("(lang) => { document.cookie = '%s=' + lang + "
                  "'; path=/; max-age=31536000; SameSite=Lax'; "
-                 "document.documentElement.lang = lang; return lang; }}")
+                 "document.documentElement.lang = lang; return lang; }" % COOKIE)
 
 
 def picker() -> gr.Radio:

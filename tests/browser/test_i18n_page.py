@@ -1,0 +1,168 @@
+"""The page in Chinese (and the Train tab in Japanese), in a real browser.
+
+A visitor switches the language in the page header: the whole page changes at once, the
+form keeps its values, the choice survives a reload. In Chinese, the identity fine-tune
+runs from start to finish; its status, progress and a bad-data error read in Chinese; and
+no tab shows an English word outside the names that stay as they are. Chinese renders
+with the bundled CJK font (this machine has no CJK font installed), so every Chinese
+character on the page must be one the font holds.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from fontTools.ttLib import TTFont
+from page_helpers import fill, open_tab, shot, start_run, status_text, wait_until
+
+from core import i18n
+from webui import app
+
+pytestmark = [pytest.mark.browser, pytest.mark.train]
+
+# English words a Chinese page may show: names of things, units and formats, and data.
+ALLOWED = {
+    # names
+    "tunebench", "lora", "qlora", "dora", "oft", "gguf", "yaml", "json", "jsonl", "csv",
+    "parquet", "api", "gpu", "cpu", "cuda", "url", "http", "https", "trl", "peft", "vllm",
+    "ollama", "llama", "cpp", "safetensors", "bitsandbytes", "deepspeed", "fsdp", "dpo", "kto",
+    "grpo", "sft", "orpo", "simpo", "ema", "eta", "token", "tokens", "id", "ids", "curl",
+    "python", "openai", "rslora", "pissa", "olora", "rope", "yarn", "hf", "hub", "ram",
+    "vram", "bf", "fp", "int", "nf", "mb", "gb", "tb", "kb", "ms", "min", "rouge", "bleu",
+    "em", "mmlu", "gsm", "hellaswag", "arc", "adamw", "sgd", "cosine", "linear", "constant",
+    "tensorboard", "mlflow", "wandb", "swanlab", "slurm", "torchrun", "lm", "eval", "harness",
+    "chatml", "qwen", "mistral", "alpaca", "auto", "demo", "identity", "tuney", "zed",
+    "sharegpt", "openai", "utf", "xlsx", "bos", "eos", "pad", "moe", "flash", "attn", "sdpa",
+    "liger", "unsloth", "kernels", "cuda", "mps", "xpu", "nccl", "gloo", "ipv", "localhost",
+    "sigmoid", "ipo", "hinge", "exact", "match", "answer", "format", "length", "f", "ps",
+    "lr", "pt", "rm", "full", "freeze", "none", "true", "false", "q", "k", "m", "s", "h",
+}
+# Elements that show data (a config's YAML, a log, run names in a table), not page text.
+DATA = ["#train-command", ".tb-log", "code", "pre", "input", "textarea", "table td",
+        "[data-testid='textbox']", ".token", ".options", "svg", "#train-preview"]
+
+WORDS_JS = """(skip) => {
+  const out = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode, el = node.parentElement;
+    if (!el || !node.textContent.trim()) continue;
+    if (skip.some(sel => el.closest(sel))) continue;
+    const box = el.getBoundingClientRect();
+    const style = getComputedStyle(el);
+    if (!box.width || !box.height || style.visibility === 'hidden') continue;
+    out.push(node.textContent);
+  }
+  return out.join('\\n');
+}"""
+
+
+def visible_text(page) -> str:
+    return page.evaluate(WORDS_JS, DATA)
+
+
+def english_words(text: str) -> set[str]:
+    """Words of two or more Latin letters that are not allowed names; paths, file names and
+    config keys (a dot, slash or underscore inside) are data."""
+    found = set()
+    for token in re.findall(r"[A-Za-z0-9_./\-{}'’]+", text):
+        if re.search(r"[./_{}]", token) or re.search(r"\d", token):
+            continue
+        for word in re.findall(r"[A-Za-z]{2,}", token):
+            if word.lower() not in ALLOWED:
+                found.add(word)
+    return found
+
+
+def switch_to(page, lang: str) -> None:
+    name = i18n.languages()[lang]
+    page.locator("#lang label", has_text=name).click()
+    wait_until(lambda: page.get_by_role("tab", name=i18n.t("app.tab.train", lang)).count(), 10,
+               f"the tabs in {lang}")
+
+
+def no_cjk_font_installed() -> bool:
+    try:
+        found = subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return not found.strip()
+
+
+def cjk_chars(text: str) -> set[str]:
+    return {c for c in text if 0x3000 <= ord(c) <= 0x9FFF or 0xFF00 <= ord(c) <= 0xFFEF}
+
+
+def test_chinese_page_trains_the_identity_model_and_speaks_chinese(page, server):
+    zh = lambda key, **p: i18n.t(key, "zh", **p)
+    fill(page, "identity-name", "Zed")            # typed before the switch: it must stay
+    switch_to(page, "zh")
+    assert page.locator("#identity-name input, #identity-name textarea").first.input_value() == "Zed"
+    assert zh("field.train.epochs.label") in page.locator("#train-epochs").inner_text()
+
+    # An error in Chinese: a dataset record without its reply.
+    (server.project / "data" / "broken.jsonl").write_text(
+        '{"instruction": "hi", "output": "hello"}\n{"instruction": "no output"}\n')
+    fill(page, "train-model", server.model)
+    page.locator("#train-dataset input").first.fill("data/broken.jsonl")
+    page.locator("#train-dataset input").first.press("Enter")
+    page.click("#train-start")
+    record = zh("where.record", record=2)
+    wait_until(lambda: record in status_text(page), 30, "the data problem in Chinese")
+    assert "broken.jsonl" in status_text(page)
+    shot(page, "zh-bad-data")
+    page.locator("#train-dataset button[aria-label*='broken'], #train-dataset .token-remove") \
+        .last.click()
+
+    # The identity fine-tune, from Start to the end, read in Chinese.
+    page.reload()                                 # the choice outlives a reload
+    page.wait_for_selector("#train-start")
+    wait_until(lambda: page.get_by_role("tab", name=zh("app.tab.train")).count(), 15,
+               "the page in Chinese after a reload")
+    run_dir = start_run(page, server, **{"train-epochs": 2, "identity-name": "Zed"})
+    running = zh("ui.runs.state.running")
+    wait_until(lambda: running in status_text(page) or zh("ui.runs.state.completed")
+               in status_text(page), 60, "the run to show as running, in Chinese")
+    done = zh("ui.runs.state.completed")
+    wait_until(lambda: done in status_text(page) or zh("ui.runs.state.failed")
+               in status_text(page), 300, "the run to finish", interval=1)
+    assert done in status_text(page), status_text(page)
+    progress = page.locator("#train-progress").inner_text()
+    assert "100%" in progress and not english_words(progress), progress
+    assert (run_dir / "final").is_dir()
+    shot(page, "zh-train-completed")
+
+
+@pytest.mark.parametrize("tab", ["train", "chat", "eval", "export"])
+def test_each_tab_in_chinese_shows_no_english_and_no_missing_glyph(page, tab):
+    switch_to(page, "zh")
+    open_tab(page, i18n.t(f"app.tab.{tab}", "zh"))
+    page.wait_for_timeout(1500)                   # the tab's first tick draws its status
+    text = visible_text(page)
+    assert not english_words(text), f"English on the {tab} tab: {sorted(english_words(text))}"
+    path = shot(page, f"zh-tab-{tab}")
+    assert path.exists()
+    # Every Chinese character shown is in the bundled font, and the browser loaded it: on a
+    # machine without a CJK font (this one) nothing else could draw them.
+    held = set(map(chr, TTFont(app.ASSETS / "tunebench-cjk.woff2").getBestCmap()))
+    assert not cjk_chars(text) - held, sorted(cjk_chars(text) - held)
+    assert page.evaluate(f"document.fonts.check('16px \"{app.CJK_FONT}\"', '训练')")
+    if no_cjk_font_installed():
+        loaded = page.evaluate("[...document.fonts].filter(f => f.status === 'loaded')"
+                               ".map(f => f.family)")
+        assert any(app.CJK_FONT in family for family in loaded), loaded
+
+
+def test_the_train_tab_in_japanese(page):
+    switch_to(page, "ja")
+    assert i18n.t("field.train.learning_rate.label", "ja") in \
+        page.locator("#train-lr").inner_text()
+    text = page.evaluate(WORDS_JS.replace("document.body", "document.querySelector('#tab-train')"),
+                         DATA)
+    assert not english_words(text), sorted(english_words(text))
+    shot(page, "ja-train")
+    switch_to(page, "en")                         # and back
+    assert page.get_by_role("tab", name="Train").count()
