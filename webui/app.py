@@ -22,8 +22,18 @@ from . import chat_tab, eval_tab, export_tab, i18n, login, train_tab
 from .i18n import tr
 
 TITLE = "tunebench"
+ASSETS = Path(__file__).parent / "assets"
+# Chinese and Japanese must render on a machine without a CJK font (a fresh server, a
+# container): the page falls back, glyph by glyph, to a bundled subset of Noto Sans CJK SC
+# (scripts/make_cjk_font.py). unicode-range keeps it from loading for an English page.
+CJK_FONT = "tunebench CJK"
+FONT_CSS = f"""
+@font-face {{ font-family: '{CJK_FONT}'; font-display: swap;
+  src: url('gradio_api/file={ASSETS / "tunebench-cjk.woff2"}') format('woff2');
+  unicode-range: U+2010-2027, U+3000-30FF, U+3400-4DBF, U+4E00-9FFF, U+F900-FAFF, U+FF00-FFEF; }}
+"""
 
-CSS = """
+CSS = FONT_CSS + """
 .tb-tight { gap: 0 !important; }
 .tb-header { align-items: center; }
 .tb-lang { flex-grow: 0 !important; min-width: max-content !important; }
@@ -152,17 +162,25 @@ def parse_auth(auth: str | None, host: str, share: bool) -> tuple[str, str] | No
     return user, password
 
 
+def theme() -> gr.themes.Theme:
+    """Gradio's Soft theme, with the bundled CJK font before the generic family."""
+    sans = (gr.themes.LocalFont("Montserrat", weights=(400, 700)), "ui-sans-serif",
+            "system-ui", CJK_FONT, "sans-serif")
+    return gr.themes.Soft(font=sans)
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           share: bool = False, lang: str | None = None) -> int:
     """Serve the app until interrupted. `auth` is "USER:PASS"; `lang` the page's language
     for visitors who have not picked one (default: their browser's)."""
     credentials = parse_auth(auth, host, share)
     i18n.install(lang)
+    gr.set_static_paths([ASSETS])
     demo = build_app()
     demo.queue(default_concurrency_limit=4)
     print(f"tunebench web UI on http://{host}:{port} (runs in {saves_dir()})", flush=True)
     demo.launch(server_name=host, server_port=port, auth=credentials, share=share,
-                css=CSS, theme=gr.themes.Soft(), show_error=True, quiet=True,
+                css=CSS, theme=theme(), show_error=True, quiet=True,
                 footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES,
                 # Gradio hands app_kwargs to its FastAPI app. With a login, the gate shows
                 # visitors without a session a sign-in page only; without one it does nothing.
