@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 
 from .errors import BadInput
+from .i18n import msg
 
 VARLEN = "sdpa_varlen"
 PADDING_FREE = ("flash_attention_2", VARLEN)
@@ -126,8 +127,7 @@ def _apply_liger(model) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise BadInput("booster: liger's kernels are written in Triton and need an NVIDIA GPU; "
-                       "use auto or sdpa on this machine", field="booster")
+        raise BadInput(msg("job.booster.liger_gpu"), field="booster")
     from transformers.integrations.liger import apply_liger_kernel
 
     # TRL computes the loss with its own chunked LM head, so Liger's fused linear

@@ -28,9 +28,10 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import BadInput
+from .i18n import msg
 
 KINDS = ("bnb-4bit", "bnb-8bit")
 # Files save_pretrained writes itself; every other file of the merged folder (tokenizer,
@@ -52,7 +53,7 @@ MAX_PERPLEXITY_CHANGE = {"bnb-8bit": 0.05, "bnb-4bit": 0.20}
 PERPLEXITY_ROWS = 8  # identity rows spread over the file (6 English, 2 Chinese), one turn each
 BNB_LOGGER = "bitsandbytes"
 
-ProgressFn = Callable[[str, float], None]
+ProgressFn = Callable[[Any, float], None]  # (message: str or Msg, fraction)
 
 
 # --- check ------------------------------------------------------------------------------
@@ -64,29 +65,25 @@ def check_available(kind: str) -> None:
     this machine's kernels fails here in a second, not after the merge.
     """
     if kind not in KINDS:
-        raise BadInput(f"expected one of {', '.join(KINDS)}, got '{kind}'", field="format")
+        raise BadInput(msg("export.one_of", choices=", ".join(KINDS), got=kind), field="format")
     from transformers.utils import import_utils
 
     need = import_utils.BITSANDBYTES_MIN_VERSION
     if not import_utils.is_bitsandbytes_available():
-        raise BadInput(f"--format {kind} needs bitsandbytes {need} or newer (with CPU support): "
-                       f"pip install 'bitsandbytes>={need}'", field="format")
+        raise BadInput(msg("export.bnb.needs_bnb", kind=kind, need=str(need)), field="format")
     if not import_utils.is_accelerate_available():
-        raise BadInput(f"--format {kind} needs accelerate: pip install accelerate",
-                       field="format")
+        raise BadInput(msg("export.bnb.needs_accelerate", kind=kind), field="format")
     with _quiet_bnb():  # on AVX512-BF16 CPUs it warns that an optional hub kernel is missing
         import bitsandbytes as bnb
     if "cpu" not in getattr(bnb, "supported_torch_devices", {"cpu"}):
-        raise BadInput(f"this bitsandbytes ({bnb.__version__}) has no CPU backend, and export "
-                       f"quantizes on the CPU: pip install -U 'bitsandbytes>={need}'",
+        raise BadInput(msg("export.bnb.no_cpu", version=bnb.__version__, need=str(need)),
                        field="format")
     try:
         _smoke_test(kind)
     except Exception as err:  # noqa: BLE001 - any failure means: cannot quantize here
-        raise BadInput(f"bitsandbytes {bnb.__version__} cannot run {kind} on this machine's CPU "
-                       f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); try "
-                       f"pip install -U 'bitsandbytes>={need}', or export --format safetensors "
-                       "and quantize where bitsandbytes runs", field="format") from None
+        raise BadInput(msg("export.bnb.cannot_run", version=bnb.__version__, kind=kind,
+                           error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}",
+                           need=str(need)), field="format") from None
 
 
 def _smoke_test(kind: str) -> None:
@@ -139,19 +136,19 @@ def quantize_folder(merged_hf_folder: str | Path, out_folder: str | Path, kind: 
     check_available(kind)
     source, out = Path(merged_hf_folder), Path(out_folder)
     dtype = pick_dtype("stored", AutoConfig.from_pretrained(source))
-    progress(f"quantizing to {kind} (bitsandbytes, on the CPU)", 0.0)
+    progress(msg("export.bnb.quantizing", kind=kind), 0.0)
     start = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(
         source, quantization_config=quantization_config(kind, dtype), device_map="cpu",
         dtype=dtype)
-    progress(f"writing the {kind} model", 0.7)
+    progress(msg("export.bnb.writing", kind=kind), 0.7)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     del model
     for item in source.iterdir():
         if item.is_file() and item.suffix != ".safetensors" and item.name not in _WRITTEN:
             shutil.copyfile(item, out / item.name)
-    progress(f"{kind} model written", 1.0)
+    progress(msg("export.bnb.written", kind=kind), 1.0)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"kind": kind, "size_mb": size / 1e6, "seconds": time.monotonic() - start}
 
@@ -241,20 +238,20 @@ def verify_quantized(out_folder: str | Path, reference_turn: dict, tokenizer,
     try:
         model = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as err:  # noqa: BLE001 - a failed reload is the finding, not a crash
-        return [_check("reloads with plain from_pretrained", False,
-                       f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")]
+        return [_check(msg("export.check.bnb_reloads"), False,
+                       msg("text", text=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))]
     layers = _quantized_layers(model)
-    checks = [_check("reloads with plain from_pretrained", kind is not None and layers > 0,
-                     f"{type(model).__name__}, {layers} {kind or 'unquantized'} linear layers "
-                     f"(quantization_config in config.json)")]
+    checks = [_check(msg("export.check.bnb_reloads"), kind is not None and layers > 0,
+                     msg("export.bnb_reloads.detail", cls=type(model).__name__, layers=layers,
+                         kind=kind or msg("export.bnb.unquantized")))]
     if kind is None or not layers:
         return checks
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     stops = stop_token_ids(tokenizer)  # the tokenizer's eos and the template's end of turn
-    checks.append(_check("generation config stops at the template's stop tokens",
-                         set(stops) <= set(eos), f"eos_token_id = {eos} "
-                         f"({', '.join(map(str, tokenizer.convert_ids_to_tokens(eos)))})"))
+    checks.append(_check(msg("export.check.stops"), set(stops) <= set(eos), msg(
+        "export.stops.detail", eos=str(eos),
+        names=", ".join(map(str, tokenizer.convert_ids_to_tokens(eos))))))
     with _quiet_bnb(), _threads_for(model):
         got = greedy_turn(model, tokenizer)  # free-running, with the export's generation config
         checks.append(_agreement(model, tokenizer, reference_turn, got, kind))
@@ -331,20 +328,19 @@ def _agreement(model, tokenizer, reference_turn: dict, got: dict, kind: str) -> 
     prefix = next((i for i, (a, b) in enumerate(zip(ref, new)) if a != b), min(len(ref), len(new)))
     text = tokenizer.decode(new, skip_special_tokens=True)[:80]
     limit = MIN_TOKEN_AGREEMENT[kind]
-    return _check("greedy tokens agree with the source", share >= limit,
-                  f"{share:.0%} of the source's {len(ref)} greedy tokens are the export's greedy "
-                  f"choice too (at least {limit:.0%} needed); free-running, the first {prefix} "
-                  f"tokens are identical: {text!r}")
+    return _check(msg("export.check.bnb_agreement"), share >= limit,
+                  msg("export.bnb_agreement.detail", share=share, n=len(ref), limit=limit,
+                      prefix=prefix, text=repr(text)))
 
 
 def _perplexity_check(model, rows: list[dict], kind: str) -> dict:
     from .export import _check
     if not rows:
-        return _check("perplexity close to the source", False, "no rows to compare on")
+        return _check(msg("export.check.bnb_perplexity"), False, msg("export.bnb.no_rows"))
     source = _perplexity([(row["nll"], row["tokens"]) for row in rows])
     export = _perplexity(_row_losses(model, rows))
     change = export / source - 1
     limit = MAX_PERPLEXITY_CHANGE[kind]
-    return _check("perplexity close to the source", abs(change) <= limit,
-                  f"{export:.3f} vs {source:.3f} on {len(rows)} identity rows ({change:+.1%}; "
-                  f"at most ±{limit:.0%} allowed)")
+    return _check(msg("export.check.bnb_perplexity"), abs(change) <= limit,
+                  msg("export.bnb_perplexity.detail", ours=export, source=source, rows=len(rows),
+                      change=change, limit=limit))

@@ -35,11 +35,12 @@ from typing import Callable, Iterator
 from . import paths
 # Loading lives in core/models.py (the one loader); base_model_of, is_reward_model and
 # load_tokenizer are imported for the Chat tab and the tests, which know them by these names.
-from .models import (REWARD_MODEL_REFUSAL, base_model_of, checkpoint_kind,  # noqa: F401
-                     is_reward_model, load_checkpoint, load_tokenizer, resolve_model,
+from .models import (base_model_of, checkpoint_kind, is_reward_model,  # noqa: F401
+                     load_checkpoint, load_tokenizer, resolve_model, reward_model_refusal,
                      score_replies)
 from .config import GenConfig
 from .errors import BadInput
+from .i18n import Msg, msg, t
 from .runs import now_iso, write_atomic
 
 DEFAULT_PROBES = ("Who are you?", "你是谁？", "What can you do?", "Who made you?",
@@ -118,15 +119,23 @@ class Loaded:
     head: str = "causal"            # "causal" (writes replies) or "score" (a reward model)
 
     def describe(self) -> str:
-        what = f"{Path(self.checkpoint).parent.name}/{Path(self.checkpoint).name} on " \
-            if self.checkpoint else ""
+        return self.describe_msg().text()
+
+    def describe_msg(self) -> Msg:
+        """describe() as a message, for the page to show in its visitor's language."""
         size = f"{self.params / 1e6:.1f}M" if self.params < 1e9 else f"{self.params / 1e9:.2f}B"
-        loaded = (f"Loaded {'reward model ' if self.head == 'score' else ''}{what}{self.model} "
-                  f"({size} params, {self.dtype}, {self.device}) in {self.load_s:.1f} s")
+        facts = {"kind": msg("chat.loaded.reward") if self.head == "score" else "",
+                 "model": self.model, "size": size, "dtype": self.dtype, "device": self.device,
+                 "load_s": self.load_s}
+        if self.checkpoint:
+            ckpt = Path(self.checkpoint)
+            loaded = msg("chat.loaded.checkpoint", checkpoint=f"{ckpt.parent.name}/{ckpt.name}",
+                         **facts)
+        else:
+            loaded = msg("chat.loaded.model", **facts)
         if self.head == "score":
-            return (f"{loaded}: a reward model scores replies, it does not write them; use "
-                    "'Score a reply' below")
-        return f"{loaded}; replies stop at {', '.join(self.stop_tokens)}"
+            return msg("chat.loaded.scores", loaded=loaded)
+        return msg("chat.loaded.stops", loaded=loaded, stops=", ".join(self.stop_tokens))
 
 
 class ChatEngine:
@@ -163,16 +172,15 @@ class ChatEngine:
             params=sum(p.numel() for p in self.model.parameters()),
             load_s=round(time.perf_counter() - start, 2),
             stop_tokens=[self.tokenizer.convert_ids_to_tokens(i) for i in stops], head=head)
-        progress("Ready", 1.0)
+        progress(msg("chat.ready"), 1.0)
         return self.loaded
 
     def score(self, prompt: str | list[dict], replies: list[str]) -> list[float]:
         """The loaded reward model's score of each reply to `prompt` (see models.score_replies)."""
         if self.model is None:
-            raise BadInput("no model loaded: press Load first")
+            raise BadInput(msg("chat.no_model"))
         if self.loaded.head != "score":
-            raise BadInput("the loaded model writes replies, it does not score them: load a "
-                           "reward model (the final/ of a stage rm run) to score replies")
+            raise BadInput(msg("chat.not_reward_model"))
         return score_replies(self.model, self.tokenizer, prompt, list(replies))
 
     def _model_for(self, side: str, progress: ProgressFn):
@@ -182,7 +190,7 @@ class ChatEngine:
         if self.loaded.kind == "adapter":
             return self.model, True
         if self.base is None:  # full checkpoint: the base is a second model, loaded on demand
-            progress(f"Loading base model {Path(self._base_name).name} for comparison", 0.1)
+            progress(msg("chat.loading_base", name=Path(self._base_name).name), 0.1)
             _, self.base = load_checkpoint(self._base_name, dtype=self.model.dtype,
                                            trust_remote_code=self._trust,
                                            tokenizer=self.tokenizer)
@@ -217,7 +225,7 @@ class ChatEngine:
         from .templates import render_prompt
 
         if self.model is None:
-            raise BadInput("no model loaded: press Load first")
+            raise BadInput(msg("chat.no_model"))
         tok = self.tokenizer
         prompts = [tok(render_prompt(c, tok), add_special_tokens=False)["input_ids"]
                    for c in conversations]
@@ -250,10 +258,10 @@ class ChatEngine:
         from transformers import set_seed
 
         if self.model is None:
-            raise BadInput("no model loaded: press Load first")
+            raise BadInput(msg("chat.no_model"))
         if self.loaded.head == "score":
-            raise BadInput(REWARD_MODEL_REFUSAL.format(
-                what="checkpoint" if self.loaded.checkpoint else "model"))
+            raise BadInput(reward_model_refusal(
+                "checkpoint" if self.loaded.checkpoint else "model"))
         model, disable_adapter = self._model_for(side, progress)
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -329,13 +337,9 @@ class ChatEngine:
             pass
 
 
-def oom_message(during: str) -> str:
+def oom_message(during: str) -> Msg:
     """What to tell a person whose load or reply ran out of memory."""
-    if during == "load":
-        return ("Out of memory while loading the model. Use a smaller model (or a bf16 one on a "
-                "GPU), or free memory: unload other models, stop a training run.")
-    return ("Out of memory while generating. Lower max new tokens or clear the conversation "
-            "(shorter history), or free memory: stop a training run.")
+    return msg("chat.oom.load" if during == "load" else "chat.oom.generate")
 
 
 # --- probes ---------------------------------------------------------------------
@@ -356,7 +360,8 @@ def save_probes(path: Path, rows: list[dict], *, model: str, checkpoint: str | N
     try:
         write_atomic(Path(path), json.dumps(record, ensure_ascii=False, indent=1))
     except OSError as err:
-        raise BadInput(f"cannot save the probe table: {err.strerror}", file=str(path)) from None
+        raise BadInput(msg("chat.probes_unwritable", reason=str(err.strerror)),
+                       file=str(path)) from None
     return Path(path)
 
 
@@ -378,7 +383,7 @@ def terminal_chat(model: str, adapter: str | None, settings: GenConfig | None = 
     loaded = engine.load(model, adapter, progress=show_progress)
     print(loaded.describe(), file=sys.stderr)
     if interactive:
-        print("Type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+        print(t("chat.terminal.hint"), file=sys.stderr)
     history: list[dict] = []
     while True:
         try:
@@ -390,7 +395,7 @@ def terminal_chat(model: str, adapter: str | None, settings: GenConfig | None = 
             return 0
         if prompt == "/reset":
             history.clear()
-            print("(history cleared)", file=sys.stderr)
+            print(t("chat.terminal.cleared"), file=sys.stderr)
             continue
         if not prompt:
             continue
@@ -408,7 +413,7 @@ def _terminal_turn(engine: ChatEngine, history: list[dict], prompt: str,
     print(flush=True)
     stats = engine.stats
     if interactive:
-        print(f"({stats.tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, stopped: "
-              f"{stats.stopped})", file=sys.stderr)
+        print(t("chat.terminal.stats", tokens=stats.tokens, rate=stats.tokens_per_s,
+                stopped=stats.stopped), file=sys.stderr)
     return history + [{"role": "user", "content": prompt},
                       {"role": "assistant", "content": "".join(pieces)}]

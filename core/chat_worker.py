@@ -14,6 +14,9 @@ Protocol: one JSON object per line. Requests (stdin) carry an "id" and an "op":
 Events (stdout) carry the request's "id" and an "event":
     progress {message, fraction} | loaded {info, text} | piece {text} | done {stats}
     | scored {scores} | error {kind: "bad_input"|"oom"|"error", message}
+A text for people comes with its language-neutral record beside it (message_msg, text_msg;
+a bad_input error's "record": BadInput.record_of()), and the client renders it again in the
+page's language: the worker's own language is whatever its environment says.
 Run the worker with `python -m core.chat_worker`; `ChatWorker` is the client side.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BadInput
+from .i18n import Msg, msg, text_of
 
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding the core package
 
@@ -41,11 +45,40 @@ LOAD_GRACE_S = 1.5    # ... and this long for a load whose button was just press
 
 
 class WorkerError(Exception):
-    """The worker reported a failure (out of memory, a crash); the message is for people."""
+    """The worker reported a failure (out of memory, a crash); the message is for people,
+    shown in the reader's language when it is a Msg."""
 
-    def __init__(self, message: str, kind: str = "error"):
-        super().__init__(message)
+    def __init__(self, message: "str | Msg", kind: str = "error"):
+        super().__init__(text_of(message, "en"))
+        self.what = message
         self.kind = kind
+
+    def text(self, lang: str | None = None) -> str:
+        return text_of(self.what, lang)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def _message_of(event: dict, key: str = "message") -> "str | Msg":
+    """An event's text as a Msg when the worker sent its record (`<key>_msg`), so that the
+    page renders it in its visitor's language; else the text as it came."""
+    found = event.get(f"{key}_msg")
+    if found:
+        try:
+            return Msg.from_record(found)
+        except (KeyError, TypeError, AttributeError):
+            pass  # a record from another version: its text follows
+    return event.get(key, "")
+
+
+def _record(key: str, message) -> dict:
+    """The payload of a message: its text in this process's language and, for a Msg, its
+    language-neutral record beside it."""
+    found = {key: text_of(message)}
+    if isinstance(message, Msg):
+        found[f"{key}_msg"] = message.record()
+    return found
 
 
 # --- client side (imported by the web UI: no torch here) --------------------------
@@ -57,12 +90,17 @@ class ChatWorker:
         self.env = env or {}                   # extra environment for the worker process
         self.proc: subprocess.Popen | None = None
         self.info: dict | None = None          # what is loaded (ChatEngine.Loaded as a dict)
-        self.text = ""                         # the loaded model, described for the page
+        self.described: str | Msg = ""         # the loaded model, described for the page
         self._ids = itertools.count(1)
         self._busy = threading.Lock()
         self._write = threading.Lock()
         self._loading = threading.Event()      # set from Load's press until the load ends
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+
+    @property
+    def text(self) -> str:
+        """The loaded model, described in the current language (the page's visitor's)."""
+        return text_of(self.described)
 
     @property
     def alive(self) -> bool:
@@ -93,12 +131,11 @@ class ChatWorker:
     def _gone(self) -> WorkerError:
         self.info = None
         code = self.proc.wait(timeout=5) if self.proc else None
-        why = ("killed, most likely by the system running out of memory" if code in (-9, 137)
-               else f"exit code {code}")
+        why = (msg("chat.worker.killed") if code in (-9, 137)
+               else msg("chat.worker.exit_code", code=str(code)))
         last = [line for line in self._stderr if line.strip()][-3:]
         detail = (": " + " | ".join(last)[-400:]) if last and code not in (-9, 137) else ""
-        return WorkerError(f"The chat model process stopped unexpectedly ({why}){detail}. "
-                           "The model is unloaded; press Load to start again.", "crash")
+        return WorkerError(msg("chat.worker.stopped", why=why, detail=detail), "crash")
 
     def _events(self, request_id: int) -> Iterator[dict]:
         """Events for one request until its final one (loaded, done, scored or error)."""
@@ -114,15 +151,17 @@ class ChatWorker:
                 continue
             if event["event"] == "error":
                 if event["kind"] == "bad_input":
-                    raise BadInput(event["message"])
-                raise WorkerError(event["message"], event["kind"])
+                    raise _bad_input(event)
+                raise WorkerError(_message_of(event), event["kind"])
+            if "message_msg" in event:  # a progress line, in this page's language
+                event["message"] = text_of(_message_of(event))
             yield event
             if event["event"] in ("loaded", "done", "scored"):
                 return
 
     def _acquire(self, timeout: float = 1.0) -> None:
         if not self._busy.acquire(timeout=timeout):
-            raise BadInput("the chat model is busy (loading or answering); wait for it to finish")
+            raise BadInput(msg("chat.busy"))
 
     def expect_load(self) -> None:
         """Load was pressed: a message sent from now on waits for the load to finish."""
@@ -159,7 +198,8 @@ class ChatWorker:
                         "trust_remote_code": trust_remote_code, "head": head})
             for event in self._events(request_id):
                 if event["event"] == "loaded":
-                    self.info, self.text = event["info"], event["text"]
+                    self.info, self.described = event["info"], _message_of(event, "text")
+                    event["text"] = self.text
                 yield event
         except BaseException:
             if self.info is None:
@@ -177,7 +217,7 @@ class ChatWorker:
         try:
             if not self.alive or self.info is None:
                 finished = True
-                raise BadInput("no model loaded: pick a model and press Load first")
+                raise BadInput(msg("chat.no_model_pick"))
             request_id = next(self._ids)
             self._send({"id": request_id, "op": "generate", "messages": messages,
                         "settings": settings, "side": side})
@@ -202,14 +242,14 @@ class ChatWorker:
         self._acquire(self._wait_for_load())
         try:
             if not self.alive or self.info is None:
-                raise BadInput("no model loaded: pick the reward model and press Load first")
+                raise BadInput(msg("chat.no_reward_model_pick"))
             request_id = next(self._ids)
             self._send({"id": request_id, "op": "score", "prompt": prompt,
                         "replies": list(replies)})
             for event in self._events(request_id):
                 if event["event"] == "scored":
                     return [float(x) for x in event["scores"]]
-            raise WorkerError("the model process answered without scores")  # not expected
+            raise WorkerError(msg("chat.worker.no_scores"))  # not expected
         finally:
             self._busy.release()
 
@@ -218,7 +258,7 @@ class ChatWorker:
             self._send({"op": "cancel"})
 
     def _stop(self) -> None:
-        proc, self.proc, self.info, self.text = self.proc, None, None, ""
+        proc, self.proc, self.info, self.described = self.proc, None, None, ""
         if proc is None or proc.poll() is not None:
             return
         try:
@@ -239,6 +279,17 @@ class ChatWorker:
             self._busy.release()
 
 
+def _bad_input(event: dict) -> BadInput:
+    """The worker's BadInput, rebuilt from its record so that it reads in the language of
+    whoever sees it on the page; from its text when no record came."""
+    if event.get("record"):
+        try:
+            return BadInput.from_record(event["record"])
+        except (KeyError, TypeError, AttributeError):
+            pass  # a record from another version: its text follows
+    return BadInput(event["message"])
+
+
 # --- worker side ----------------------------------------------------------------
 
 def _handle(engine, request: dict, emit) -> None:
@@ -252,10 +303,12 @@ def _handle(engine, request: dict, emit) -> None:
         if op == "load":
             loaded = engine.load(
                 request["model"], request.get("checkpoint"), bool(request.get("trust_remote_code")),
-                progress=lambda message, fraction: emit(request_id, "progress", message=message,
+                progress=lambda message, fraction: emit(request_id, "progress",
+                                                        **_record("message", message),
                                                         fraction=fraction),
                 head=request.get("head") or "causal")
-            emit(request_id, "loaded", info=asdict(loaded), text=loaded.describe())
+            emit(request_id, "loaded", info=asdict(loaded),
+                 **_record("text", loaded.describe_msg()))
         elif op == "score":
             scores = engine.score(str(request.get("prompt", "")),
                                   [str(r) for r in request.get("replies", [])])
@@ -269,10 +322,10 @@ def _handle(engine, request: dict, emit) -> None:
         else:
             emit(request_id, "error", kind="error", message=f"unknown request '{op}'")
     except BadInput as err:
-        emit(request_id, "error", kind="bad_input", message=str(err))
+        emit(request_id, "error", kind="bad_input", message=str(err), record=err.record_of())
     except Exception as err:  # noqa: BLE001 - reported to the page, the worker lives on
         if is_out_of_memory(err):
-            emit(request_id, "error", kind="oom", message=oom_message(op))
+            emit(request_id, "error", kind="oom", **_record("message", oom_message(op)))
         else:
             import traceback
             traceback.print_exc()  # to stderr, for the developer; the page gets one line

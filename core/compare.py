@@ -21,6 +21,7 @@ from pathlib import Path
 from . import config as cfg
 from . import evaluate, limits, plot, runs, schema
 from .errors import BadInput
+from .i18n import msg, t
 
 NOTES = "notes.json"
 MAX_NOTE_CHARS = 4000
@@ -33,7 +34,7 @@ TAG_PREFIX = "tag:"     # a filter word that must be one of a run's tags
 X_AXES = {"step": ("step", "step"), "tokens": ("num_tokens", "tokens seen"),
           "time": ("elapsed_s", "time (s)")}
 # Curves every stage may log, before the stage's own signals (core.plot.SIGNALS).
-BASE_METRICS = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate"}
+BASE_METRICS = ("loss", "eval_loss", "learning_rate")   # labelled plot.metric.<name>
 # Settings that differ between any two runs by their nature: never a difference worth showing.
 IDENTITY = frozenset({"output_dir", "run_name", "resume"})
 
@@ -66,11 +67,12 @@ def write_notes(run_dir: Path, note: str, tags: str | list) -> dict:
     """Check and store a run's note and tags (atomically: a reader never sees half a file)."""
     run_dir = Path(run_dir)
     if not (run_dir / runs.STATUS).is_file():
-        raise BadInput("not a run folder", file=str(run_dir))
+        raise BadInput(msg("job.compare.not_run"), file=str(run_dir))
     note = limits.check_text(note or "", "note", MAX_NOTE_CHARS, multiline=True).strip()
     tags = parse_tags(tags)
     if len(tags) > MAX_TAGS:
-        raise BadInput(f"at most {MAX_TAGS} tags, got {len(tags)}", field="tags")
+        raise BadInput(msg("job.compare.too_many_tags", most=MAX_TAGS, got=len(tags)),
+                       field="tags")
     for tag in tags:
         limits.check_text(tag, "tags", MAX_TAG_CHARS)
     notes = {"note": note, "tags": tags}
@@ -246,7 +248,7 @@ class Comparison:
         keys = set()
         for run in self.runs.values():
             keys.update(run.curves.keys())
-        out = [(label, name) for name, label in BASE_METRICS.items() if name in keys]
+        out = [(t(f"plot.metric.{name}"), name) for name in BASE_METRICS if name in keys]
         for name in plot.signal_names(keys):
             for key in (name, plot.EVAL_PREFIX + name):
                 if key in keys:
@@ -278,19 +280,22 @@ class Comparison:
         return out
 
     def final_metrics(self) -> list[tuple[str, list[str]]]:
-        """(what, value per run): state, steps, last loss, best eval loss, runtime."""
+        """(what, value per run): state, steps, last loss, best eval loss, runtime, in the
+        current language."""
         table = {"state": [], "steps": [], "last loss": [], "best eval loss": [],
-                 "runtime": []}
+                 "runtime": []}  # each row's name is job.compare.row.<name> (spaces: _)
         for run in self.runs.values():
             losses = run.curve("loss", "step")[1]
             evals = run.curve("eval_loss", "step")[1]
             runtime = run.last.get("train_runtime") or run.last.get("elapsed_s")
-            table["state"].append((run.status or {}).get("state", "?"))
+            state = (run.status or {}).get("state", "?")
+            table["state"].append(t(f"job.state.{state}") if state in runs.STATES else state)
             table["steps"].append(f"{run.last.get('step', 0)}/{run.last.get('total_steps', '?')}")
             table["last loss"].append(f"{losses[-1]:.4f}" if losses else "–")
             table["best eval loss"].append(f"{min(evals):.4f}" if evals else "–")
             table["runtime"].append(format_seconds(runtime))
-        return list(table.items())
+        return [(t("job.compare.row." + what.replace(" ", "_")), values)
+                for what, values in table.items()]
 
     def eval_results(self, saves_dir: Path) -> list[tuple[str, list[str]]]:
         """(eval: task, results per run) from the newest eval job of each task that
@@ -305,8 +310,8 @@ class Comparison:
                 results = self._read_results(job)
                 if not results or not results.get("task"):
                     continue
-                found.setdefault(f"eval: {results['task']}", {}).setdefault(
-                    run.path, results_text(results))
+                row = t("job.compare.eval_row", task=results["task"])
+                found.setdefault(row, {}).setdefault(run.path, results_text(results))
         return [(what, [per_run.get(p, "–") for p in self.runs]) for what, per_run in
                 sorted(found.items())]
 
@@ -331,7 +336,7 @@ def results_text(results: dict) -> str:
     model = results.get("model") or {}
     text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in model.items() if not isinstance(v, (dict, list)))
-    return ("partial: " if results.get("partial") else "") + (text or "?")
+    return t("job.compare.partial", text=text or "?") if results.get("partial") else text or "?"
 
 
 def format_seconds(seconds) -> str:
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.note is not None or args.tags is not None:
             if len(args.runs) != 1:
-                raise BadInput("--note and --tags take one run folder")
+                raise BadInput(msg("job.compare.one_run"))
             old = read_notes(args.runs[0])
             saved = write_notes(args.runs[0], old["note"] if args.note is None else args.note,
                                 old["tags"] if args.tags is None else args.tags)
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for path in args.runs:
             if not (path / runs.STATUS).is_file():
-                raise BadInput("not a run folder", file=str(path))
+                raise BadInput(msg("job.compare.not_run"), file=str(path))
         comparison = Comparison(args.runs)
         comparison.refresh()
         columns, rows = comparison.table(args.runs[0].parent)

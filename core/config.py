@@ -20,6 +20,7 @@ from typing import Any
 
 from . import device, limits, schema, trackers
 from .errors import BadInput  # noqa: F401 - callers catch config problems as cfg's
+from .i18n import Msg, msg
 # Re-exported: callers read and write training configs through this module.
 from .schema import (changed, format_value, parse_overrides, read_yaml,  # noqa: F401
                      setting, to_dict, to_yaml)
@@ -42,13 +43,9 @@ REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 # Built-in rule rewards for grpo (core/rewards.py scores them); a user's own scorer is
 # named as "file.py:function" and read from an allowed folder, never typed into the page.
 BUILTIN_REWARDS = ("exact_match", "answer_f1", "format", "length")
-# Stages TRL 1.x no longer has: refused with a pointer to what serves the same purpose.
-REFUSED_STAGES = {
-    "ppo": "TRL 1.x has no PPO trainer, and tunebench does not call something PPO that is "
-           "not. To optimise against a reward model use stage: grpo with reward_model: the "
-           "final/ folder of an rm run (GRPO samples several replies per prompt and scores "
-           "them with it)",
-}
+# Stages TRL 1.x no longer has: refused with a pointer to what serves the same purpose
+# (the message id of the explanation).
+REFUSED_STAGES = {"ppo": "config.stage_refused.ppo"}
 
 
 @dataclass
@@ -433,13 +430,12 @@ def eval_config(raw: dict, source: str | None = None) -> EvalConfig:
     return schema.build(EvalConfig, raw, source, _eval_problems)
 
 
-def _eval_problems(config: EvalConfig) -> list[str]:
+def _eval_problems(config: EvalConfig) -> list[Msg]:
     problems = []
     if config.eval_task == "harness" and not config.harness_tasks:
-        problems.append("harness_tasks: name at least one lm-evaluation-harness task for "
-                        "eval_task harness (e.g. arc_easy)")
+        problems.append(msg("config.eval.harness_tasks"))
     if config.eval_task in ("loss", "predict", "choice") and not config.dataset:
-        problems.append(f"dataset: eval_task {config.eval_task} needs a dataset")
+        problems.append(msg("config.eval.dataset", task=config.eval_task))
     return problems
 
 
@@ -447,16 +443,16 @@ def serve_config(raw: dict, source: str | None = None) -> ServeConfig:
     return schema.build(ServeConfig, raw, source)
 
 
-def _export_problems(config: ExportConfig) -> list[str]:
+def _export_problems(config: ExportConfig) -> list[Msg]:
     from .export import FORMATS, parse_size  # no torch at import
     problems = []
     try:
         parse_size(config.shard_size)
     except BadInput as err:
-        problems.append(f"shard_size: {err.what}")
+        problems.append(msg("config.key_problem", key="shard_size", what=err.what))
     missing = FORMATS[config.format].missing()  # find_spec only: no library is imported
     if missing:
-        problems.append(f"format: {missing}")
+        problems.append(msg("config.key_problem", key="format", what=missing))
     return problems
 
 
@@ -488,7 +484,8 @@ def _refuse_stage(stage: Any, source: str | None) -> None:
     one of'."""
     name = stage.strip().lower() if isinstance(stage, str) else None
     if name in REFUSED_STAGES:
-        raise BadInput(f"stage {name}: {REFUSED_STAGES[name]}", file=source, field="stage")
+        raise BadInput(msg("config.stage_refused", stage=name, why=msg(REFUSED_STAGES[name])),
+                       file=source, field="stage")
 
 
 # --- resolving a training config: schema, model, YAML, command line -------------------
@@ -533,10 +530,11 @@ def _read_recommendations(path: Path) -> dict:
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise BadInput(f"cannot read the model's recommended settings: {err}",
+        raise BadInput(msg("config.recommended.unreadable", error=str(err)),
                        file=str(path)) from None
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-        raise BadInput("expected {stage: {method or '*': {setting: value}}}", file=str(path))
+        raise BadInput(msg("config.recommended.shape",
+                           shape="{stage: {method or '*': {setting: value}}}"), file=str(path))
     return table
 
 
@@ -554,8 +552,8 @@ def resolve(yaml_raw: dict | None = None, overrides: dict | None = None,
     where = f"{picked.model} ({RECOMMENDED_FILE})"
     unknown = [k for k in recommended if k not in FIELDS or k in ("model", "stage", "method")]
     if unknown:
-        raise BadInput(f"recommends settings that are not training settings: "
-                       f"{', '.join(map(str, unknown))}", file=where)
+        raise BadInput(msg("config.recommended.unknown", names=", ".join(map(str, unknown))),
+                       file=where)
     config = from_mapping({**recommended, **yaml_raw, **overrides}, source)
     sources = {name: "schema" for name in FIELDS}
     for layer, raw in zip(LAYERS[1:], (recommended, yaml_raw, overrides)):
@@ -583,25 +581,26 @@ def first_job() -> TrainConfig:
 
 # --- cross-field rules: the one place they live ---------------------------------
 
-def validate(config: TrainConfig) -> list[str]:
+def validate(config: TrainConfig) -> list[Msg]:
     """Every rule that spans several settings or the machine. Empty list = fine.
 
-    Shared by the CLI and the UI so both refuse the same things with the same words.
+    Shared by the CLI and the UI so both refuse the same things with the same words. Each
+    problem is a message (core.i18n.Msg): str() renders it in the reader's language.
     (A save_steps beyond the run's length is no problem: it is how one asks for only the
     final model, and the trainer says so in the log.)
     """
     problems = []
     if config.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("method: qlora needs bitsandbytes (pip install bitsandbytes)")
+        problems.append(msg("config.qlora_needs_bnb"))
     if config.stage == "pt" and config.template != "auto":
-        problems.append("template: plain-text pre-training (stage: pt) does not use a chat template")
+        problems.append(msg("config.pt_template"))
     if config.lora_target != "all-linear" and not all(
             part.strip().isidentifier() for part in config.lora_target.split(",")):
-        problems.append("lora_target: expected 'all-linear' or module names such as q_proj,v_proj")
+        problems.append(msg("config.lora_target"))
     if isinstance(config.resume, str) and not Path(config.resume).is_dir():
-        problems.append(f"resume: checkpoint folder {limits.quote(config.resume)} does not exist")
+        problems.append(msg("config.resume_missing", path=limits.quote(config.resume)))
     if config.run_name and not _is_safe_name(config.run_name):
-        problems.append("run_name: use letters, digits, '-', '_' and '.' only")
+        problems.append(msg("config.run_name"))
     problems += _precision_problems(config)
     problems += _distributed_problems(config)
     problems += _multinode_problems(config)
@@ -613,51 +612,45 @@ def validate(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _early_stopping_problems(config: TrainConfig) -> list[str]:
+def _early_stopping_problems(config: TrainConfig) -> list[Msg]:
     if not config.early_stopping_patience:
         return []
     if config.val_size <= 0:
-        return ["early_stopping_patience: needs held-out records to measure the eval loss "
-                "on; set val_size above 0 (for example 0.1)"]
+        return [msg("config.early_stopping.no_val")]
     if config.stage == "grpo":
-        return ["early_stopping_patience: stage grpo reports rewards, not an eval loss, "
-                "so there is nothing to stop on"]
+        return [msg("config.early_stopping.grpo")]
     if config.method in LORA_FAMILY and config.lora_init == "pissa":
         # The best checkpoint is reloaded at the end; a PiSSA checkpoint holds the adapter
         # converted for the original base (twice the rank), which the trainer cannot load.
-        return ["early_stopping_patience: the best checkpoint cannot be reloaded into a "
-                "PiSSA-initialised adapter; use lora_init: default"]
+        return [msg("config.early_stopping.pissa")]
     return []
 
 
-def _stage_problems(config: TrainConfig) -> list[str]:
+def _stage_problems(config: TrainConfig) -> list[Msg]:
     """What each stage needs besides its dataset (checked when the data is read)."""
     problems = []
     if config.stage != "grpo":
         return problems
     funcs = config.reward_funcs if config.reward_funcs != ["none"] else []
     if not funcs and not config.reward_model:
-        problems.append("reward_funcs: grpo needs something to score replies: a reward_model, "
-                        "reward_funcs, or both")
+        problems.append(msg("config.grpo.no_reward"))
     for name in funcs:
         if name not in BUILTIN_REWARDS and not _is_scorer_ref(name):
-            problems.append(f"reward_funcs: unknown reward {limits.quote(name)}; expected "
-                            f"{', '.join(BUILTIN_REWARDS)} or file.py:function")
+            problems.append(msg("config.grpo.unknown_reward", name=limits.quote(name),
+                                choices=", ".join(BUILTIN_REWARDS)))
     if "format" in funcs and not config.reward_format:
-        problems.append("reward_format: the format reward needs a regular expression here")
+        problems.append(msg("config.grpo.no_format"))
     if config.reward_format:
         import re
         try:
             re.compile(config.reward_format)
         except re.error as err:
-            problems.append(f"reward_format: not a valid regular expression ({err})")
+            problems.append(msg("config.grpo.bad_format", error=str(err)))
     if (config.batch_size * config.grad_accum) % config.num_generations:
-        problems.append(f"num_generations: batch_size x grad_accum "
-                        f"({config.batch_size * config.grad_accum}) must be a multiple of "
-                        f"num_generations ({config.num_generations}): each prompt's replies "
-                        "are compared within one batch")
+        problems.append(msg("config.grpo.generations", batch=config.batch_size * config.grad_accum,
+                            n=config.num_generations))
     if config.packing:
-        problems.append("packing: grpo samples its replies; there is nothing to pack")
+        problems.append(msg("config.grpo.packing"))
     return problems
 
 
@@ -670,7 +663,7 @@ def _is_safe_name(name: str) -> bool:
     return all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
 
 
-def _adapter_problems(config: TrainConfig) -> list[str]:
+def _adapter_problems(config: TrainConfig) -> list[Msg]:
     """PiSSA where its saved adapter could not be converted back to plain LoRA.
 
     Only the LoRA methods read lora_init; other methods ignore it (the form hides it).
@@ -680,48 +673,42 @@ def _adapter_problems(config: TrainConfig) -> list[str]:
     if config.method == "qlora":
         # PEFT computes PiSSA's SVD on full-precision weights and then changes them; on a
         # quantized base it refuses, and re-quantizing the residual would change the base.
-        return ["lora_init: pissa needs a full-precision base model; with method qlora use "
-                "lora_init: default, or method lora"]
+        return [msg("config.pissa.qlora")]
     if config.method == "dora":
         # Measured: DoRA's magnitude is tied to the residual weights, so the converted
         # adapter gives different outputs on the original base (logits off by ~0.1).
-        return ["lora_init: pissa adapters cannot be converted to load on the original base "
-                "with method dora; use method lora, or lora_init: default"]
+        return [msg("config.pissa.dora")]
     if config.stage in ("dpo", "kto", "grpo"):
         # The reference policy is the model with its adapter switched off: with PiSSA that
         # is the residual base, not the model the run started from.
-        return [f"lora_init: pissa changes the base weights, so stage {config.stage} would "
-                "compare against the wrong reference model; use lora_init: default"]
+        return [msg("config.pissa.reference", stage=config.stage)]
     if _processes(config) > 1 and config.distributed != "ddp":
-        return [f"lora_init: pissa saves through PEFT's conversion, which needs the whole "
-                f"adapter in one process; use distributed: ddp, not {config.distributed}"]
+        return [msg("config.pissa.distributed", distributed=config.distributed)]
     return []
 
 
-def _precision_problems(config: TrainConfig) -> list[str]:
+def _precision_problems(config: TrainConfig) -> list[Msg]:
     dev = device.detect()
     if config.compute_type == "fp16" and dev.kind == "cpu":
-        return ["compute_type: fp16 training needs a GPU; use auto or fp32 on CPU"]
+        return [msg("config.fp16_cpu")]
     if config.compute_type in ("bf16", "pure_bf16") and dev.kind == "cuda" and not dev.bf16:
-        return ["compute_type: this GPU does not support bf16; use fp16 or auto"]
+        return [msg("config.no_bf16")]
     return []
 
 
-def _distributed_problems(config: TrainConfig) -> list[str]:
+def _distributed_problems(config: TrainConfig) -> list[Msg]:
     dev = device.detect()
     problems = []
     # deepspeed and fsdp run through torchrun even on one device (core/distributed.py)
     if config.distributed != "ddp" and dev.kind != "cuda":
-        problems.append(f"distributed: {config.distributed} needs GPUs; use ddp on CPU")
+        problems.append(msg("config.distributed.gpu", distributed=config.distributed))
     if config.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        problems.append(f"distributed: {config.distributed} needs the deepspeed package "
-                        "(pip install deepspeed)")
+        problems.append(msg("config.distributed.deepspeed", distributed=config.distributed))
     if dev.kind == "cuda" and config.num_devices > dev.count:
-        problems.append(f"num_devices: {config.num_devices} requested but this machine has "
-                        f"{dev.count} GPU(s)")
+        problems.append(msg("config.distributed.devices", n=config.num_devices, count=dev.count))
     if config.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit") and \
             importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(f"optim: {config.optim} needs bitsandbytes (pip install bitsandbytes)")
+        problems.append(msg("config.optim_needs_bnb", optim=config.optim))
     return problems
 
 
@@ -730,22 +717,18 @@ def _processes(config: TrainConfig) -> int:
     return config.num_devices * config.num_nodes
 
 
-def _multinode_problems(config: TrainConfig) -> list[str]:
+def _multinode_problems(config: TrainConfig) -> list[Msg]:
     problems = []
     if config.node_rank >= config.num_nodes:
-        problems.append(f"node_rank: {config.node_rank} is not below num_nodes "
-                        f"{config.num_nodes} (nodes count from 0)")
+        problems.append(msg("config.nodes.rank", rank=config.node_rank, nodes=config.num_nodes))
     if config.master_addr and not _is_host_name(config.master_addr):
-        problems.append(f"master_addr: {limits.quote(config.master_addr)} is not a host name "
-                        "or IP address")
+        problems.append(msg("config.nodes.bad_addr", addr=limits.quote(config.master_addr)))
     if config.num_nodes == 1:
         return problems
     if not config.master_addr:
-        problems.append(f"master_addr: a run on {config.num_nodes} machines needs the address "
-                        "of node 0, reachable from every node")
+        problems.append(msg("config.nodes.no_addr", nodes=config.num_nodes))
     if not config.output_dir and not config.run_name:
-        problems.append("output_dir: a run on several machines needs output_dir (or run_name) "
-                        "so that every node names the same run folder")
+        problems.append(msg("config.nodes.output_dir"))
     return problems
 
 
@@ -754,13 +737,12 @@ def _is_host_name(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:]+", text) is not None
 
 
-def _booster_problems(config: TrainConfig) -> list[str]:
+def _booster_problems(config: TrainConfig) -> list[Msg]:
     if config.booster == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
-            return ["booster: flash_attention_2 needs the flash-attn package "
-                    "(pip install 'tunebench[flash-attn]'), which needs an NVIDIA GPU"]
+            return [msg("config.booster.flash_attn")]
         if device.detect().kind != "cuda":
-            return ["booster: flash_attention_2 needs an NVIDIA GPU; use auto or sdpa on CPU"]
+            return [msg("config.booster.flash_gpu")]
     if config.booster == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        return ["booster: liger needs the liger-kernel package (pip install 'tunebench[liger]')"]
+        return [msg("config.booster.liger")]
     return []

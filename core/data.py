@@ -47,6 +47,7 @@ from typing import Any
 from . import limits, locks, paths
 from .config import STAGES
 from .errors import BadInput
+from .i18n import Msg, msg, t
 
 REGISTRY = "dataset_info.json"
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
@@ -142,8 +143,7 @@ def read_registry(dataset_dir: str | os.PathLike = "data") -> dict[str, dict]:
         return {}
     raw = _parse_json(_decode(_read_bytes(path), str(path)), str(path))
     if not isinstance(raw, dict):
-        raise BadInput(f"expected an object mapping dataset names to entries, got {_kind(raw)}",
-                       file=str(path))
+        raise BadInput(msg("data.registry_not_object", kind=_kind(raw)), file=str(path))
     return raw
 
 
@@ -173,8 +173,7 @@ def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data",
     confine = paths.confined() if confine is None else confine
     name = str(name_or_path).strip()
     if not name:
-        raise BadInput("empty dataset name; expected a registered name or a file path",
-                       field="dataset")
+        raise BadInput(msg("data.empty_name"), field="dataset")
     limits.check_path_text(name, "dataset")
     folder = data_dir(dataset_dir, confine)
     registry = read_registry(folder)
@@ -198,40 +197,38 @@ def resolve(name_or_path: str, dataset_dir: str | os.PathLike = "data",
     if refusal is not None:
         raise refusal
     if looks_like_path:
-        raise BadInput(f"file not found (looked in the working directory and in {folder})",
-                       file=name)
+        raise BadInput(msg("data.not_found_looked", folder=str(folder)), file=name)
     raise BadInput(_unknown_name(name, registry, folder), field="dataset")
 
 
-def _unknown_name(name: str, registry: dict, folder: Path) -> str:
+def _unknown_name(name: str, registry: dict, folder: Path) -> Msg:
     close = difflib.get_close_matches(name, list(registry), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    known = ", ".join(registry) if registry else "none"
-    return (f"unknown dataset '{name}'{hint}; registered in {folder / REGISTRY}: {known}. "
-            f"Give a registered name or a path to a {_ext_list()} file")
+    hint = msg("data.did_you_mean", name=close[0]) if close else ""
+    known = ", ".join(registry) if registry else msg("data.none")
+    return msg("data.unknown_dataset", name=name, hint=hint, registry=str(folder / REGISTRY),
+               known=known, exts=_ext_list())
 
 
 def _registry_entry(name: str, raw: Any, folder: Path, confine: bool = False) -> Entry:
     reg = str(folder / REGISTRY)
     if not isinstance(raw, dict):
-        raise BadInput(f"entry '{name}' must be an object with a file_name, got {_kind(raw)}",
+        raise BadInput(msg("data.entry_not_object", name=name, kind=_kind(raw)),
                        file=reg, field=name)
     file_name = raw.get("file_name")
     if not isinstance(file_name, str) or not file_name.strip():
-        raise BadInput(f"entry '{name}' needs a \"file_name\" (a file in {folder}; tunebench "
-                       "reads local files only)", file=reg, field=f"{name}.file_name")
+        raise BadInput(msg("data.entry_needs_file", name=name, folder=str(folder)),
+                       file=reg, field=f"{name}.file_name")
     fmt = raw.get("formatting")
     if fmt is not None and fmt not in FORMATS:
-        raise BadInput(f"entry '{name}': unknown formatting {fmt!r}; expected one of "
-                       + ", ".join(FORMATS) + " (or leave it out to detect it)",
-                       file=reg, field=f"{name}.formatting")
+        raise BadInput(msg("data.unknown_formatting", name=name, fmt=repr(fmt),
+                           formats=", ".join(FORMATS)), file=reg, field=f"{name}.formatting")
     columns = _registry_columns(name, raw.get("columns"), fmt, reg)
     path = paths.expand_user(file_name)
     path = path if path.is_absolute() else folder / path
     if confine:  # the registered file, symlinks resolved, must lie inside the roots too
         path = paths.confine(path, f"dataset '{name}'")
     if not _exists(path):
-        raise BadInput(f"dataset '{name}' points to a file that does not exist", file=str(path))
+        raise BadInput(msg("data.entry_file_missing", name=name), file=str(path))
     _check_file(path)
     return Entry(path, fmt, columns, name)
 
@@ -241,8 +238,7 @@ def _registry_columns(name: str, raw: Any, fmt: str | None, reg: str) -> dict[st
         return {}
     where = f"{name}.columns"
     if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
-        raise BadInput("expected an object mapping fields to column names, e.g. "
-                       '{"prompt": "instruction", "response": "answer"}', file=reg, field=where)
+        raise BadInput(msg("data.columns_not_object"), file=reg, field=where)
     allowed = set(FIELDS[fmt]) if fmt else {f for fs in FIELDS.values() for f in fs}
     # Unnamed formatting: a mapping that names a stage field (chosen, label, ...) is for
     # a stage layout, where "prompt" is the prompt rather than alpaca's instruction.
@@ -252,8 +248,8 @@ def _registry_columns(name: str, raw: Any, fmt: str | None, reg: str) -> dict[st
         canon = _canonical(key, fmt, aliased)
         if canon not in allowed:
             aliases = {k for k, v in ALIASES.items() if v in allowed} if aliased else set()
-            raise BadInput(f"unknown field '{key}'; expected one of "
-                           + ", ".join(sorted(allowed | aliases)), file=reg, field=where)
+            raise BadInput(msg("data.unknown_field", key=key,
+                               fields=", ".join(sorted(allowed | aliases))), file=reg, field=where)
         columns[canon] = column
     return columns
 
@@ -265,14 +261,14 @@ def _canonical(key: str, fmt: str | None, aliased: bool = True) -> str:
 
 def _check_file(path: Path) -> None:
     if path.is_dir():
-        raise BadInput(f"is a folder; expected a {_ext_list()} file", file=str(path))
+        raise BadInput(msg("data.is_folder", exts=_ext_list()), file=str(path))
     if path.suffix.lower() not in EXTENSIONS:
-        raise BadInput(f"unsupported file type '{path.suffix or '(none)'}'; expected "
-                       f"{_ext_list()}", file=str(path))
+        raise BadInput(msg("data.unsupported_type", suffix=path.suffix or msg("data.no_suffix"),
+                           exts=_ext_list()), file=str(path))
 
 
-def _ext_list() -> str:
-    return ", ".join(EXTENSIONS[:-1]) + " or " + EXTENSIONS[-1]
+def _ext_list() -> Msg:
+    return msg("data.ext_list", first=", ".join(EXTENSIONS[:-1]), last=EXTENSIONS[-1])
 
 
 # --- raw readers: file -> list of rows ---------------------------------------------
@@ -292,10 +288,10 @@ class _Source:
     def col(self, canon: str) -> str:
         return self.cols.get(canon, canon)
 
-    def bad(self, what: str, record: int | None = None, fld: str | None = None) -> BadInput:
+    def bad(self, what: Msg, record: int | None = None, fld: str | None = None) -> BadInput:
         if record is not None and self.lines and record <= len(self.lines) \
                 and self.lines[record - 1] != record:
-            what += f" (line {self.lines[record - 1]})"
+            what = msg("data.at_line", what=what, line=self.lines[record - 1])
         return BadInput(what, file=self.label, record=record, field=fld)
 
 
@@ -305,16 +301,16 @@ def _read_bytes(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > limits.MAX_DECODED_BYTES:
-            raise BadInput(f"file is {size / 2**20:,.0f} MB; the limit is "
-                           f"{limits.MAX_DECODED_BYTES / 2**20:,.0f} MB per file (split it into "
-                           "smaller files)", file=str(path))
+            raise BadInput(msg("data.file_too_big", size=f"{size / 2**20:,.0f}",
+                               limit=f"{limits.MAX_DECODED_BYTES / 2**20:,.0f}"), file=str(path))
         data = path.read_bytes()
     except FileNotFoundError:
-        raise BadInput("file not found", file=str(path)) from None
+        raise BadInput(msg("data.file_not_found"), file=str(path)) from None
     except OSError as err:
-        raise BadInput(f"cannot read the file: {err.strerror or err}", file=str(path)) from None
+        raise BadInput(msg("data.cannot_read", error=str(err.strerror or err)),
+                       file=str(path)) from None
     if not data.strip():
-        raise BadInput("file is empty; expected records", file=str(path))
+        raise BadInput(msg("data.file_empty"), file=str(path))
     return data
 
 
@@ -323,25 +319,21 @@ def _decode(data: bytes, label: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
-        raise BadInput(f"not UTF-8 text: byte 0x{data[err.start]:02x} on line {line} cannot be "
-                       "decoded; save the file as UTF-8", file=label) from None
+        raise BadInput(msg("data.not_utf8_at", byte=f"{data[err.start]:02x}", line=line),
+                       file=label) from None
 
 
 def _parse_json(text: str, label: str, what: str = "JSON") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        hint = (" (one JSON value per line? then name the file .jsonl)"
-                if err.msg == "Extra data" else "")
-        raise BadInput(f"invalid {what} at line {err.lineno} column {err.colno}: {err.msg}{hint}",
-                       file=label) from None
+        hint = msg("data.hint_jsonl") if err.msg == "Extra data" else ""
+        raise BadInput(msg("data.invalid_json_at", what=what, line=err.lineno, col=err.colno,
+                           error=err.msg, hint=hint), file=label) from None
     except RecursionError:
-        raise BadInput(f"invalid {what}: nested too deeply", file=label) from None
+        raise BadInput(msg("data.invalid_json_deep", what=what), file=label) from None
     except ValueError:  # Python refuses integers of more than 4300 digits
-        raise BadInput(f"invalid {what}: {_TOO_LONG_NUMBER}", file=label) from None
-
-
-_TOO_LONG_NUMBER = "a number has more digits than can be read (over 4300)"
+        raise BadInput(msg("data.invalid_json_number", what=what), file=label) from None
 
 
 def _read_rows(path: Path, src: _Source) -> list:
@@ -352,8 +344,8 @@ def _read_rows(path: Path, src: _Source) -> list:
     if ext == ".json":
         rows = _parse_json(text, src.label)
         if not isinstance(rows, list):
-            raise src.bad(f"expected a list of records ([{{...}}, ...]) at the top level, got "
-                          f"{_kind(rows)}" + _nested_list_hint(rows))
+            raise src.bad(msg("data.expected_list_got", kind=_kind(rows),
+                              hint=_nested_list_hint(rows)))
         # one document: parsed whole (its size is bounded by _read_bytes), counted after
         if len(rows) > limits.MAX_TABLE_ROWS:
             raise _too_many_rows(src, len(rows))
@@ -363,19 +355,18 @@ def _read_rows(path: Path, src: _Source) -> list:
     return _read_csv(text, src)
 
 
-def _nested_list_hint(value: Any) -> str:
+def _nested_list_hint(value: Any) -> "Msg | str":
     if isinstance(value, dict):
         key = next((k for k, v in value.items() if isinstance(v, list)), None)
         if key is not None:
-            return f" (the records seem to be under '{key}'; put that list at the top level)"
+            return msg("data.hint_nested_list", key=key)
     return ""
 
 
 def _too_many_rows(src: _Source, count: int | None = None) -> BadInput:
     most = limits.MAX_TABLE_ROWS
-    has = f"{count:,}" if count is not None else f"more than {most:,}"
-    return src.bad(f"has {has} records; the limit is {most:,} per file (split it into smaller "
-                   "files)")
+    has = f"{count:,}" if count is not None else msg("data.more_than", n=f"{most:,}")
+    return src.bad(msg("data.too_many_rows", count=has, most=f"{most:,}"))
 
 
 _NONBLANK = re.compile(r"\S")  # \s is exactly what str.strip() removes
@@ -410,14 +401,12 @@ def _read_jsonl(text: str, src: _Source) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise src.bad(f"invalid JSON on line {lineno} column {err.colno}: {err.msg}",
-                          len(rows) + 1) from None
+            raise src.bad(msg("data.jsonl_invalid_at", line=lineno, col=err.colno,
+                              error=err.msg), len(rows) + 1) from None
         except RecursionError:
-            raise src.bad(f"invalid JSON on line {lineno}: nested too deeply",
-                          len(rows) + 1) from None
+            raise src.bad(msg("data.jsonl_invalid_deep", line=lineno), len(rows) + 1) from None
         except ValueError:
-            raise src.bad(f"invalid JSON on line {lineno}: {_TOO_LONG_NUMBER}",
-                          len(rows) + 1) from None
+            raise src.bad(msg("data.jsonl_invalid_number", line=lineno), len(rows) + 1) from None
         src.lines.append(lineno)
     return rows
 
@@ -429,13 +418,13 @@ def _read_csv(text: str, src: _Source) -> list[dict]:
     try:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
-            raise src.bad("has no header row; expected column names on the first line")
+            raise src.bad(msg("data.csv_no_header"))
         header = [h.strip() for h in header]
         counts = collections.Counter(header)  # not header.count(): quadratic in the columns
         dupes = sorted(h for h, n in counts.items() if n > 1)
         if dupes or "" in header:
-            raise src.bad("header row needs unique, non-empty column names"
-                          + (f" (repeated: {', '.join(dupes)})" if dupes else ""))
+            repeated = msg("data.csv_repeated", names=", ".join(dupes)) if dupes else ""
+            raise src.bad(msg("data.csv_bad_header", repeated=repeated))
         rows = []
         for values in reader:
             if not values:
@@ -443,11 +432,11 @@ def _read_csv(text: str, src: _Source) -> list[dict]:
             if len(rows) >= limits.MAX_TABLE_ROWS:  # stop here: the rest is never parsed
                 raise _too_many_rows(src)
             if len(values) != len(header):
-                raise src.bad(f"has {len(values)} values but the header has {len(header)} "
-                              f"columns (line {reader.line_num})", len(rows) + 1)
+                raise src.bad(msg("data.csv_row_width", values=len(values),
+                                  columns=len(header), line=reader.line_num), len(rows) + 1)
             rows.append(dict(zip(header, values)))
     except csv.Error as err:
-        raise src.bad(f"invalid CSV at line {reader.line_num}: {err}") from None
+        raise src.bad(msg("data.csv_invalid", line=reader.line_num, error=str(err))) from None
     src.table = header
     return rows
 
@@ -477,9 +466,9 @@ def _read_parquet(path: Path, src: _Source) -> list[dict]:
     try:
         size = path.stat().st_size
     except OSError as err:
-        raise src.bad(f"cannot read the file: {err.strerror or err}") from None
+        raise src.bad(msg("data.cannot_read", error=str(err.strerror or err))) from None
     if size == 0:
-        raise src.bad("file is empty; expected records")
+        raise src.bad(msg("data.file_empty"))
     budget = _parquet_budget(size)
     try:
         with pq.ParquetFile(path) as footer:
@@ -493,11 +482,11 @@ def _read_parquet(path: Path, src: _Source) -> list[dict]:
                 decoded += sum(_array_bytes(chunk) for column in table.columns
                                for chunk in column.chunks)
                 if decoded > budget:
-                    raise _too_big(src, size, budget, "decodes to")
+                    raise _too_big(src, size, budget, msg("data.verb_decodes"))
                 rows += _decoded(table).to_pylist()
             columns = list(reader.schema_arrow.names)
     except (pa.ArrowException, OSError, ValueError, TypeError) as err:
-        raise src.bad(f"cannot read as Parquet: {err}") from None
+        raise src.bad(msg("data.not_parquet", error=str(err))) from None
     src.table = columns
     return rows
 
@@ -509,14 +498,12 @@ def _parquet_budget(file_size: int) -> int:
                max(limits.PARQUET_RATIO_FLOOR_BYTES, limits.MAX_PARQUET_RATIO * file_size))
 
 
-def _too_big(src: _Source, file_size: int, budget: int, verb: str) -> BadInput:
+def _too_big(src: _Source, file_size: int, budget: int, verb: Msg) -> BadInput:
     if budget >= limits.MAX_DECODED_BYTES:
-        return src.bad(f"{verb} more than {budget / 2**20:,.0f} MB of data; the limit is "
-                       f"{limits.MAX_DECODED_BYTES / 2**20:,.0f} MB per file (split it into "
-                       "smaller files)")
-    return src.bad(f"{verb} more than {budget / 2**20:,.1f} MB from {file_size / 2**10:,.0f} KB "
-                   f"on disk, over {limits.MAX_PARQUET_RATIO} times its size: refused as a likely "
-                   "decompression bomb (text compresses about 3 to 10 times)")
+        return src.bad(msg("data.decoded_too_big", verb=verb, budget=f"{budget / 2**20:,.0f}",
+                           limit=f"{limits.MAX_DECODED_BYTES / 2**20:,.0f}"))
+    return src.bad(msg("data.decompression_bomb", verb=verb, budget=f"{budget / 2**20:,.1f}",
+                       size=f"{file_size / 2**10:,.0f}", ratio=limits.MAX_PARQUET_RATIO))
 
 
 def _check_parquet_footer(meta, file_size: int, budget: int, src: _Source) -> None:
@@ -526,7 +513,7 @@ def _check_parquet_footer(meta, file_size: int, budget: int, src: _Source) -> No
         raise _too_many_rows(src, meta.num_rows)
     uncompressed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if uncompressed > budget:
-        raise _too_big(src, file_size, budget, "decompresses to")
+        raise _too_big(src, file_size, budget, msg("data.verb_decompresses"))
 
 
 def _row_group_runs(meta):
@@ -663,63 +650,63 @@ def _settle_format(rows: list, src: _Source) -> None:
     """Fix the file's format and column mapping, checking the mapping against the file."""
     first = rows[0]
     if not isinstance(first, dict):
-        raise src.bad(f"expected an object ({{...}}), got {_kind(first)}", 1)
+        raise src.bad(msg("data.expected_object", kind=_kind(first)), 1)
     keys = set(src.table) if src.table is not None else \
         set().union(*(r.keys() for r in rows if isinstance(r, dict)))
     for canon, column in src.mapped.items():
         if column not in keys:
-            raise src.bad(f"{REGISTRY} maps '{canon}' to column '{column}', which the file does "
-                          f"not have (it has: {', '.join(sorted(map(str, keys))) or 'nothing'})",
-                          fld=column)
+            has = ", ".join(sorted(map(str, keys))) or msg("data.nothing")
+            raise src.bad(msg("data.mapped_column_missing", registry=REGISTRY, canon=canon,
+                              column=column, has=has), fld=column)
     if src.fmt is None:
         found = _detect(_mapped_keys(set(first), src.mapped))
         if found is None:
-            raise src.bad("cannot tell the format from the fields "
-                          f"({', '.join(map(str, first)) or 'none'}); expected instruction + "
-                          "output (alpaca), conversations (sharegpt), messages (openai), text, "
-                          "prompt + chosen + rejected (pairs), a label (kto), prompt (prompts) or "
-                          "question + A, B, C, D + answer (choice)",
-                          1)
+            fields = ", ".join(map(str, first)) or msg("data.none")
+            raise src.bad(msg("data.unknown_format", fields=fields), 1)
         src.fmt, src.detected = found[0], True
         src.cols = {**found[1], **src.mapped}
     if src.table is not None:
         for canon in REQUIRED[src.fmt]:
             if src.col(canon) not in src.table:
-                raise src.bad(f"no column '{src.col(canon)}', which the {src.fmt} format needs "
-                              f"(columns: {', '.join(src.table)})", fld=src.col(canon))
+                raise src.bad(msg("data.missing_column", column=src.col(canon), fmt=src.fmt,
+                                  columns=", ".join(src.table)), fld=src.col(canon))
 
 
 def _check_same_format(row: dict, idx: int, src: _Source) -> None:
     found = _detect(_mapped_keys(set(row), src.mapped))
     if found and found[0] != src.fmt:
-        raise src.bad(f"looks like {found[0]} but record 1 is {src.fmt}; one file must use one "
-                      "format", idx)
+        raise src.bad(msg("data.mixed_formats", found=found[0], fmt=src.fmt), idx)
 
 
 # --- fields -----------------------------------------------------------------------
 
-def _kind(value: Any) -> str:
+def _kind(value: Any) -> Msg:
+    """What a JSON value is, as messages name it ("a number", "a list")."""
     if value is None:
-        return "null"
+        return msg("data.kind.null")
     if isinstance(value, bool):
-        return "true/false"
+        return msg("data.kind.bool")
     if isinstance(value, (int, float)):
-        return "a number"
+        return msg("data.kind.number")
     if isinstance(value, str):
-        return "text"
+        return msg("data.kind.text")
     if isinstance(value, dict):
-        return "an object"
+        return msg("data.kind.object")
     if isinstance(value, (list, tuple)):
-        return "a list"
-    return f"a {type(value).__name__}"
+        return msg("data.kind.list")
+    return msg("data.kind.other", type=type(value).__name__)
+
+
+def _absent(row: dict, name: str) -> Msg:
+    """"null" when the field is there with no value, else "missing"."""
+    return msg("data.null" if name in row else "data.missing")
 
 
 def _check_text(value: str, idx: int, fld: str, src: _Source) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # "\ud800" in JSON decodes, then breaks every tokenizer
-        raise src.bad("contains an unpaired surrogate (a broken \\uXXXX escape); expected "
-                      "valid Unicode text", idx, fld) from None
+        raise src.bad(msg("data.surrogate"), idx, fld) from None
     return value
 
 
@@ -730,12 +717,12 @@ def _text(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
     value = row.get(name)
     if value is None or (src.csv and value == "" and not required):
         if required:
-            raise src.bad(f"is {'null' if name in row else 'missing'}; expected text", idx, name)
+            raise src.bad(msg("data.absent_text", state=_absent(row, name)), idx, name)
         return None
     if not isinstance(value, str):
-        raise src.bad(f"expected text, got {_kind(value)}", idx, name)
+        raise src.bad(msg("data.expected_text", kind=_kind(value)), idx, name)
     if nonempty and not value.strip():
-        raise src.bad("is empty; expected text", idx, name)
+        raise src.bad(msg("data.empty_text"), idx, name)
     return _check_text(value, idx, name, src)
 
 
@@ -745,16 +732,16 @@ def _list(row: dict, canon: str, idx: int, src: _Source, *, required: bool,
     value = row.get(name)
     if value is None or (src.csv and value == "" and not required):
         if required:
-            raise src.bad(f"is {'null' if name in row else 'missing'}; expected a list like "
-                          f"{example}", idx, name)
+            raise src.bad(msg("data.absent_list", state=_absent(row, name), example=example),
+                          idx, name)
         return None
     if src.csv and isinstance(value, str):  # lists in CSV cells are JSON-encoded
         try:
             value = json.loads(value)
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
-            raise src.bad(f"expected a JSON-encoded list like {example}", idx, name) from None
+            raise src.bad(msg("data.expected_json_list", example=example), idx, name) from None
     if not isinstance(value, (list, tuple)):
-        raise src.bad(f"expected a list like {example}, got {_kind(value)}", idx, name)
+        raise src.bad(msg("data.expected_list", example=example, kind=_kind(value)), idx, name)
     return list(value)
 
 
@@ -773,7 +760,7 @@ def _alpaca_prompt(row: dict, idx: int, src: _Source) -> list[dict]:
     system = _text(row, "system", idx, src, required=False)
     prompt = "\n".join(p for p in (instruction, extra) if p and p.strip())
     if not prompt:
-        raise src.bad("is empty; expected the instruction text", idx, src.col("instruction"))
+        raise src.bad(msg("data.empty_instruction"), idx, src.col("instruction"))
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
     for question, answer in _history(row, idx, src):
         messages += [{"role": "user", "content": question},
@@ -789,15 +776,14 @@ def _history(row: dict, idx: int, src: _Source) -> list[tuple[str, str]]:
     for k, pair in enumerate(items, 1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2
                 and all(isinstance(t, str) and t.strip() for t in pair)):
-            raise src.bad(f"item {k}: expected a [question, answer] pair of non-empty texts, "
-                          f"got {json.dumps(pair, ensure_ascii=False, default=str)[:80]}",
-                          idx, name)
+            got = json.dumps(pair, ensure_ascii=False, default=str)[:80]
+            raise src.bad(msg("data.bad_history_item", item=k, got=got), idx, name)
         pairs.append((_check_text(pair[0], idx, name, src), _check_text(pair[1], idx, name, src)))
     return pairs
 
 
 def _chat_messages(row: dict, idx: int, src: _Source, canon: str | None = None,
-                   prompt_hint: str | None = None) -> list[dict]:
+                   prompt_hint: Msg | None = None) -> list[dict]:
     """The conversation in field `canon` (by default the format's own), with the system
     column in front. With `prompt_hint` it is a prompt and must end with the user."""
     canon = canon or ("conversations" if src.fmt in ("sharegpt", "sharegpt_pairs")
@@ -808,8 +794,8 @@ def _chat_messages(row: dict, idx: int, src: _Source, canon: str | None = None,
     items = _list(row, canon, idx, src, required=True, example=example)
     name = src.col(canon)
     if not items:
-        raise src.bad("is an empty conversation; expected a user message"
-                      + ("" if prompt_hint else " and an assistant reply"), idx, name)
+        raise src.bad(msg("data.empty_prompt" if prompt_hint else "data.empty_conversation"),
+                      idx, name)
     turns = [_turn(item, pos, idx, name, src) for pos, item in enumerate(items, 1)]
     return _ordered(_with_system(turns, row, idx, name, src), idx, name, src, prompt_hint)
 
@@ -821,30 +807,27 @@ def _with_system(turns: list[tuple[str, str, int]], row: dict, idx: int, name: s
     if not (system and system.strip()):
         return turns
     if turns and turns[0][0] == "system":
-        raise src.bad(f"a system prompt is given both here and as the first message of "
-                      f"'{name}'; keep one", idx, src.col("system"))
+        raise src.bad(msg("data.two_system_prompts", name=name), idx, src.col("system"))
     return [("system", system, 0)] + turns
 
 
 def _turn(item: Any, pos: int, idx: int, name: str, src: _Source) -> tuple[str, str, int]:
     """One conversation item -> (normalized role, content, position)."""
     if not isinstance(item, dict):
-        raise src.bad(f"message {pos}: expected an object with a role and a text, got "
-                      f"{_kind(item)}", idx, name)
+        raise src.bad(msg("data.message_not_object", pos=pos, kind=_kind(item)), idx, name)
     role_key = "from" if "from" in item else "role"
     text_key = "value" if "value" in item else "content"
     role = item.get(role_key)
     if role is None:
-        raise src.bad(f"message {pos}: missing 'from' (or 'role'); expected the speaker",
-                      idx, name)
+        raise src.bad(msg("data.message_no_role", pos=pos), idx, name)
     if not isinstance(role, str) or role.lower() not in ROLES:
-        raise src.bad(f"message {pos}: unknown role {role!r}; expected one of "
-                      + ", ".join(ROLES), idx, name)
+        raise src.bad(msg("data.unknown_role", pos=pos, role=repr(role),
+                          roles=", ".join(ROLES)), idx, name)
     content = item.get(text_key)
     if isinstance(content, list):  # OpenAI content parts: keep the text ones
         content = _join_parts(content, pos, idx, name, src)
     if not isinstance(content, str):
-        raise src.bad(f"message {pos}: '{text_key}' is {_kind(content)}; expected text",
+        raise src.bad(msg("data.message_not_text", pos=pos, key=text_key, kind=_kind(content)),
                       idx, name)
     return ROLES[role.lower()], _check_text(content, idx, name, src), pos
 
@@ -852,13 +835,12 @@ def _turn(item: Any, pos: int, idx: int, name: str, src: _Source) -> tuple[str, 
 def _join_parts(parts: list, pos: int, idx: int, name: str, src: _Source) -> str:
     if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                for p in parts):
-        raise src.bad(f"message {pos}: content parts must be {{\"type\": \"text\", \"text\": "
-                      "...}; images and other parts are not supported", idx, name)
+        raise src.bad(msg("data.content_parts", pos=pos), idx, name)
     return "\n".join(p["text"] for p in parts)
 
 
 def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Source,
-             prompt_hint: str | None = None) -> list[dict]:
+             prompt_hint: Msg | None = None) -> list[dict]:
     """Check: optional system first, then user/assistant alternating, assistant last.
 
     With `prompt_hint` (where the reply is written instead, for the message) the turns
@@ -870,34 +852,32 @@ def _ordered(turns: list[tuple[str, str, int]], idx: int, name: str, src: _Sourc
             messages.append({"role": "system", "content": turns[0][1]})
         turns = turns[1:]
     if not turns:
-        raise src.bad("has only a system message; expected a user message"
-                      + ("" if prompt_hint else " and an assistant reply"), idx, name)
+        raise src.bad(msg("data.only_system_prompt" if prompt_hint else "data.only_system"),
+                      idx, name)
     for i, (role, content, pos) in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if role == "system":
-            raise src.bad(f"message {pos}: a system message is only allowed first", idx, name)
+            raise src.bad(msg("data.system_not_first", pos=pos), idx, name)
         if role != expected:
-            why = ("the conversation must start with the user" if i == 0 else
-                   f"two {role} messages in a row; turns must alternate user/assistant")
-            raise src.bad(f"message {pos}: expected a {expected} message ({why})", idx, name)
+            why = (msg("data.why_user_first") if i == 0 else
+                   msg("data.why_alternate", role=role))
+            raise src.bad(msg("data.wrong_turn", pos=pos, expected=expected, why=why), idx, name)
         if not content.strip():
-            raise src.bad(f"message {pos}: empty {role} message; expected text", idx, name)
+            raise src.bad(msg("data.empty_message", pos=pos, role=role), idx, name)
         messages.append({"role": role, "content": content})
     if prompt_hint is not None:
         if messages[-1]["role"] != "user":
-            raise src.bad(f"message {turns[-1][2]}: the prompt ends with an assistant message; "
-                          f"it must end with the user's message ({prompt_hint})", idx, name)
+            raise src.bad(msg("data.prompt_ends_assistant", pos=turns[-1][2], hint=prompt_hint),
+                          idx, name)
         return messages
     if messages[-1]["role"] != "assistant":
-        raise src.bad(f"message {turns[-1][2]}: the conversation ends with a user message; it "
-                      "must end with the assistant's reply (what the model learns to write)",
-                      idx, name)
+        raise src.bad(msg("data.ends_with_user", pos=turns[-1][2]), idx, name)
     return messages
 
 
 def _normalize(row: Any, idx: int, src: _Source) -> dict:
     if not isinstance(row, dict):
-        raise src.bad(f"expected an object ({{...}}), got {_kind(row)}", idx)
+        raise src.bad(msg("data.expected_object", kind=_kind(row)), idx)
     if src.detected and src.table is None and idx > 1:
         _check_same_format(row, idx, src)
     if src.fmt == "text":
@@ -912,8 +892,8 @@ def _normalize(row: Any, idx: int, src: _Source) -> dict:
         record = stage_data.build_record(row, idx, src)
     size = _record_chars(record)
     if size > MAX_RECORD_CHARS:
-        raise src.bad(f"holds {size:,} characters of text; the limit is {MAX_RECORD_CHARS:,} "
-                      "per record (split it into smaller records)", idx)
+        raise src.bad(msg("data.record_too_big", size=f"{size:,}",
+                          limit=f"{MAX_RECORD_CHARS:,}"), idx)
     return record
 
 
@@ -930,7 +910,7 @@ def _record_chars(record: dict) -> int:
 
 # --- multiple choice ---------------------------------------------------------------------
 
-_CHOICE_COLUMNS = "question, A, B, C, D and answer"
+_CHOICE_COLUMNS = msg("data.choice_columns")
 
 
 def _choice_record(row: dict, idx: int, src: _Source) -> dict:
@@ -944,31 +924,31 @@ def _choice_record(row: dict, idx: int, src: _Source) -> dict:
 def _choice_text(row: dict, canon: str, idx: int, src: _Source) -> str:
     name = src.col(canon)
     value = row.get(name)
-    what = "the question" if canon == "question" else f"option {canon}"
+    what = msg("data.the_question") if canon == "question" else msg("data.option", letter=canon)
     if value is None:
-        raise src.bad(f"is {'null' if name in row else 'missing'}; expected the text of {what} "
-                      f"(a multiple-choice record has {_CHOICE_COLUMNS})", idx, name)
+        raise src.bad(msg("data.absent_choice", state=_absent(row, name), what=what,
+                          columns=_CHOICE_COLUMNS), idx, name)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a number as an option, as in arithmetic questions
     if not isinstance(value, str):
-        raise src.bad(f"expected the text of {what}, got {_kind(value)}", idx, name)
+        raise src.bad(msg("data.choice_not_text", what=what, kind=_kind(value)), idx, name)
     if not value.strip():
-        raise src.bad(f"is empty; expected the text of {what}", idx, name)
+        raise src.bad(msg("data.choice_empty", what=what), idx, name)
     return _check_text(value.strip(), idx, name, src)
 
 
 def _choice_answer(row: dict, idx: int, src: _Source) -> str:
     name = src.col("answer")
     value = row.get(name)
-    expected = "expected the right option's letter: A, B, C or D"
+    expected = msg("data.expected_letter")
     if value is None:
-        raise src.bad(f"is {'null' if name in row else 'missing'}; {expected}", idx, name)
+        raise src.bad(msg("data.absent", state=_absent(row, name), expected=expected), idx, name)
     if not isinstance(value, str):
-        raise src.bad(f"{expected}, got {_kind(value)}", idx, name)
+        raise src.bad(msg("data.got", expected=expected, kind=_kind(value)), idx, name)
     letter = value.strip().upper()
     if letter not in CHOICE_LETTERS:
         shown = value if len(value) <= 40 else value[:40] + "..."
-        raise src.bad(f"is {shown!r}, which is not one of the options; {expected}", idx, name)
+        raise src.bad(msg("data.not_an_option", shown=repr(shown), expected=expected), idx, name)
     return letter
 
 
@@ -988,8 +968,7 @@ def read_choice(name_or_path: str, dataset_dir: str | os.PathLike = "data"
         entry.formatting = found[0] if found else "choice"
     records, src = _read_entry(entry)
     if src.fmt != "choice":
-        raise src.bad(f"holds {src.fmt} records; expected multiple-choice questions "
-                      f"({_CHOICE_COLUMNS})")
+        raise src.bad(msg("data.not_choice", fmt=src.fmt, columns=_CHOICE_COLUMNS))
     return entry.path, records
 
 
@@ -1001,7 +980,7 @@ def _read_entry(entry: Entry) -> tuple[list[dict], _Source]:
                   mapped=dict(entry.columns))
     rows = _read_rows(entry.path, src)
     if not rows:
-        raise src.bad("has no records; expected at least one")
+        raise src.bad(msg("data.no_records"))
     _settle_format(rows, src)
     return [_normalize(row, idx, src) for idx, row in enumerate(rows, 1)], src
 
@@ -1017,14 +996,13 @@ def fill_placeholders(text: str, identity: tuple[str, str]) -> str:
 def _for_stage(records: list[dict], src: _Source, stage: str) -> list[dict]:
     """The records as `stage` trains on them, or BadInput when it cannot use this kind."""
     if stage not in STAGES:
-        raise BadInput(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}",
+        raise BadInput(msg("data.unknown_stage", stage=stage, stages=", ".join(STAGES)),
                        field="stage")
     from . import stage_data
     kind = FORMAT_KIND[src.fmt]
     if kind in EVAL_KINDS:
-        raise src.bad(f"holds multiple-choice questions, which are for evaluation (tunebench "
-                      f"eval, eval_task choice or harness), not training; for stage {stage} "
-                      f"use {stage_data.NEEDS[stage]}")
+        raise src.bad(msg("data.choice_not_for_training", stage=stage,
+                          needs=stage_data.NEEDS[stage]))
     if kind not in STAGE_KINDS[stage]:
         raise src.bad(stage_data.mismatch(kind, stage))
     return stage_data.convert(records, kind, stage)
@@ -1087,8 +1065,8 @@ def dataset_kind(name_or_path: str, dataset_dir: str | os.PathLike = "data") -> 
     keys = _first_keys(entry.path, src)
     found = _detect(_mapped_keys(keys, src.mapped))
     if found is None:
-        raise src.bad("cannot tell the format from the fields "
-                      f"({', '.join(sorted(map(str, keys))) or 'none'})", 1)
+        fields = ", ".join(sorted(map(str, keys))) or msg("data.none")
+        raise src.bad(msg("data.unknown_format_short", fields=fields), 1)
     return FORMAT_KIND[found[0]]
 
 
@@ -1096,7 +1074,7 @@ def datasets_for_stage(stage: str, dataset_dir: str | os.PathLike = "data") -> l
     """Registered names whose kind of data `stage` trains on, in registry order. An entry
     that cannot be read is left out (reading it for training says what is wrong)."""
     if stage not in STAGES:
-        raise BadInput(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}",
+        raise BadInput(msg("data.unknown_stage", stage=stage, stages=", ".join(STAGES)),
                        field="stage")
     try:
         names = list_datasets(dataset_dir)
@@ -1122,7 +1100,7 @@ def _first_keys(path: Path, src: _Source) -> set[str]:
         try:
             return set(pq.read_schema(path).names)
         except (pa.ArrowException, OSError, ValueError) as err:
-            raise src.bad(f"cannot read as Parquet: {err}") from None
+            raise src.bad(msg("data.not_parquet", error=str(err))) from None
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             if ext == ".csv":
@@ -1130,29 +1108,29 @@ def _first_keys(path: Path, src: _Source) -> set[str]:
             if ext == ".jsonl":
                 first = next((line for line in handle if line.strip()), None)
                 if first is None:
-                    raise src.bad("has no records; expected at least one")
+                    raise src.bad(msg("data.no_records"))
                 return _keys_of(_parse_json(first, src.label), src)
     except UnicodeDecodeError:
-        raise src.bad("not UTF-8 text; save the file as UTF-8") from None
+        raise src.bad(msg("data.not_utf8")) from None
     except (OSError, csv.Error) as err:
-        raise src.bad(f"cannot read the file: {err}") from None
+        raise src.bad(msg("data.cannot_read", error=str(err))) from None
     text = _decode(_read_bytes(path), src.label)
     start = _NONBLANK.search(text)
     if start is None or text[start.start()] != "[":
-        raise src.bad("expected a list of records ([{...}, ...]) at the top level")
+        raise src.bad(msg("data.expected_list_top"))
     first = _NONBLANK.search(text, start.end())
     if first is None or text[first.start()] == "]":
-        raise src.bad("has no records; expected at least one")
+        raise src.bad(msg("data.no_records"))
     try:
         value = json.JSONDecoder().raw_decode(text, first.start())[0]
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
-        raise src.bad("invalid JSON in the first record") from None
+        raise src.bad(msg("data.invalid_first_record")) from None
     return _keys_of(value, src)
 
 
 def _keys_of(record: Any, src: _Source) -> set[str]:
     if not isinstance(record, dict):
-        raise src.bad(f"expected an object ({{...}}), got {_kind(record)}", 1)
+        raise src.bad(msg("data.expected_object", kind=_kind(record)), 1)
     return set(record)
 
 
@@ -1179,12 +1157,12 @@ def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
     from .runs import write_atomic
     src = Path(src_path)
     if not _exists(src, "file"):
-        raise BadInput("file not found", file=str(src)[:200])
+        raise BadInput(msg("data.file_not_found"), file=str(src)[:200])
     _check_file(src)
     size = src.stat().st_size
     if size > MAX_UPLOAD_BYTES:
-        raise BadInput(f"file is {size / 2**20:,.0f} MB; uploads are limited to "
-                       f"{MAX_UPLOAD_BYTES / 2**20:,.0f} MB", file=str(src))
+        raise BadInput(msg("data.upload_too_big", size=f"{size / 2**20:,.0f}",
+                           limit=f"{MAX_UPLOAD_BYTES / 2**20:,.0f}"), file=str(src))
     records, source = _read_entry(Entry(src))  # validates every record before copying
     folder = data_dir(dataset_dir)
     if paths.confined():  # written, so only inside the allowed roots (not the bundled data)
@@ -1198,8 +1176,7 @@ def register_file(src_path: str | os.PathLike, dataset_dir: str = "data",
         registry = read_registry(folder)
         wanted = _safe_name(name or src.stem)
         if name and wanted in registry:
-            raise BadInput(f"a dataset named '{wanted}' is already registered; choose another "
-                           "name", field="name")
+            raise BadInput(msg("data.name_taken", name=wanted), field="name")
         key = _unique(wanted, registry)
         taken = {p.name for p in (folder / "uploads").iterdir()}
         file_name = _unique(key, {Path(t).stem for t in taken}) + src.suffix.lower()
@@ -1232,12 +1209,27 @@ def _marked(segments: list[tuple[str, bool]], marks: tuple[str, str]) -> str:
                    for text, trained in segments)
 
 
+def _scope(sampled: int, total: int) -> Msg:
+    """Which records a length summary covers: "first 1000 of 5000" or "all 12"."""
+    if sampled < total:
+        return msg("data.check.scope_first", sampled=sampled, total=total)
+    return msg("data.check.scope_all", total=total)
+
+
 def _length_summary(lengths: list[int], cutoff: int, sampled: int, total: int) -> str:
     over = sum(n > cutoff for n in lengths)
-    scope = f"first {sampled} of {total}" if sampled < total else f"all {total}"
-    return (f"tokens per example ({scope}): min {min(lengths)}, median "
-            f"{statistics.median(lengths):g}, max {max(lengths)}; {over} longer than "
-            f"cutoff_len {cutoff} (those get truncated)")
+    return t("data.check.lengths", scope=_scope(sampled, total), min=min(lengths),
+             median=f"{statistics.median(lengths):g}", max=max(lengths), over=over,
+             cutoff=cutoff)
+
+
+def _print_header(entry: Entry, records: list[dict], src: _Source, mapping: str = "") -> None:
+    """The first lines of `data check`: which file, how many records, which format."""
+    print(t("data.check.dataset", name=str(entry.name or entry.path), path=str(entry.path)))
+    print(t("data.check.records", n=len(records)))
+    print(t("data.check.format", fmt=src.fmt,
+            detected=msg("data.check.detected") if src.detected else "",
+            columns=msg("data.check.columns", mapping=mapping) if mapping else ""))
 
 
 def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
@@ -1257,14 +1249,12 @@ def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
         return _print_choice_check(entry, records, src)
     shown = KIND_STAGE[FORMAT_KIND[src.fmt]] if stage == "auto" else stage
     records = _fill_all(_for_stage(records, src, shown), identity)
-    print(f"dataset: {entry.name or entry.path}  ({entry.path})")
-    print(f"records: {len(records)}")
     mapping = ", ".join(f"{k} <- {v}" for k, v in src.cols.items() if k != v)
-    print(f"format:  {src.fmt}" + (" (detected)" if src.detected else "")
-          + (f"; columns {mapping}" if mapping else ""))
-    print(f"stage:   {shown} ({stage_data.STAGE_DATA[shown]})")
+    _print_header(entry, records, src, mapping)
+    print(t("data.check.stage", stage=shown, what=stage_data.STAGE_DATA[shown]))
     if model.lower() == "none":
-        print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
+        print(t("data.check.first_record") + "\n"
+              + json.dumps(records[0], ensure_ascii=False, indent=2))
     elif shown in ("sft", "pt"):
         _print_tokenized(records, model, template)
     else:
@@ -1274,11 +1264,10 @@ def check_command(dataset: str, dataset_dir: str = "data", model: str = "demo",
 
 def _print_choice_check(entry: Entry, records: list[dict], src: _Source) -> int:
     """`data check` of a multiple-choice file: no stage trains on it, so no token view."""
-    print(f"dataset: {entry.name or entry.path}  ({entry.path})")
-    print(f"records: {len(records)}")
-    print(f"format:  {src.fmt}" + (" (detected)" if src.detected else ""))
-    print("use:     tunebench eval (eval_task choice or harness); no stage trains on it")
-    print("first record:\n" + json.dumps(records[0], ensure_ascii=False, indent=2))
+    _print_header(entry, records, src)
+    print(t("data.check.use_choice"))
+    print(t("data.check.first_record") + "\n"
+          + json.dumps(records[0], ensure_ascii=False, indent=2))
     return 0
 
 
@@ -1291,10 +1280,9 @@ def _print_tokenized(records: list[dict], model: str, template: str) -> None:
     first = encode_example(records[0], tokenizer, cutoff)
     trained = sum(label != -100 for label in first["labels"])
     marks = _marker(sys.stdout)
-    print(f"\nfirst example as the model sees it (cutoff_len {cutoff}; trained tokens "
-          f"{marks[0]}marked{marks[1]}):")
+    print("\n" + t("data.check.as_model_sees", cutoff=cutoff, open=marks[0], close=marks[1]))
     print(_marked(trained_segments(tokenizer, first["input_ids"], first["labels"]), marks))
-    print(f"\ntrained tokens: {trained} of {len(first['input_ids'])}")
+    print("\n" + t("data.check.trained_tokens", trained=trained, total=len(first["input_ids"])))
     sample = records[:1000]  # lengths of more records cost more than they tell
     lengths = [len(encode_example(r, tokenizer, 10**9)["input_ids"]) for r in sample]
     print(_length_summary(lengths, cutoff, len(sample), len(records)))

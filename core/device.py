@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from .i18n import t
+
 
 @dataclass(frozen=True)
 class Device:
@@ -25,8 +27,10 @@ class Device:
 
     def describe(self) -> str:
         if self.kind == "cpu":
-            return f"CPU ({psutil.cpu_count()} cores, {self.memory_gb:.0f} GB RAM)"
-        return f"{self.count}x {self.name} ({self.memory_gb:.0f} GB each)"
+            return t("config.device.cpu", cores=psutil.cpu_count(),
+                     gb=f"{self.memory_gb:.0f}")
+        return t("config.device.gpus", count=self.count, name=self.name,
+                 gb=f"{self.memory_gb:.0f}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,6 +25,7 @@ from typing import Callable
 from . import config as cfg
 from . import data, stages
 from .errors import BadInput
+from .i18n import Msg, msg
 
 PREDICTIONS = "predictions.jsonl"
 SIDE_OF_ENGINE = {"model": "after", "base": "before"}  # ChatEngine's names for the sides
@@ -55,7 +56,7 @@ class Job:
 class Task:
     check: Callable[[cfg.EvalConfig], Inputs]
     run: Callable[[Job], dict]
-    what: str
+    what: Msg                      # what it measures, as status.json's phase says
     reads: tuple[str, ...] = ()    # the dataset kinds (core.data.dataset_kind) it reads
 
 
@@ -75,12 +76,11 @@ def check_loss(config: cfg.EvalConfig) -> Inputs:
     for name in config.dataset:
         kind = data.dataset_kind(name, config.dataset_dir)
         if kind not in LOSS_STAGE:
-            raise BadInput(f"loss reads chat or plain-text datasets, the ones sft and pt train "
-                           f"on; this one holds {kind} records", file=name, field="dataset")
+            raise BadInput(msg("eval.loss.kind", kind=kind), file=name, field="dataset")
         view = train_view(config, LOSS_STAGE[kind], [name])
         records += [(LOSS_STAGE[kind], r) for r in data.load_records(view)]
     if not records:
-        raise BadInput("the dataset has no records", field="dataset")
+        raise BadInput(msg("eval.no_records"), field="dataset")
     return Inputs(rows=records)
 
 
@@ -100,8 +100,7 @@ def run_loss(job: Job) -> dict:
     rows = sorted((r for r in rows if r is not None and any(x != -100 for x in r["labels"])),
                   key=lambda r: len(r["input_ids"]))  # batches of similar length pad little
     if not rows:
-        raise BadInput("no record has a trained token left after templating and truncation to "
-                       f"cutoff_len {cutoff}", field="dataset")
+        raise BadInput(msg("eval.loss.no_tokens", cutoff=cutoff), field="dataset")
     size = job.config.batch_size
     batches = [rows[i:i + size] for i in range(0, len(rows), size)]
     progress = job.progress_for(len(batches) * len(job.sides), "batches")
@@ -156,14 +155,12 @@ def check_predict(config: cfg.EvalConfig) -> Inputs:
     for name in config.dataset:
         kind = data.dataset_kind(name, config.dataset_dir)
         if kind not in READS_REFERENCES:
-            raise BadInput(f"a {kind} dataset has no prompts with reference replies to "
-                           "predict; use a chat dataset, pairs (the chosen reply is the "
-                           "reference) or RL prompts with an answer", file=name, field="dataset")
+            raise BadInput(msg("eval.predict.kind", kind=kind), file=name, field="dataset")
         records, _ = data.read_dataset(name, config.dataset_dir, READS_REFERENCES[kind], identity)
         records = records[:config.max_samples] if config.max_samples else records
         rows += [_reference_row(r, i, name) for i, r in enumerate(records, start=1)]
     if not rows:
-        raise BadInput("the dataset has no records", field="dataset")
+        raise BadInput(msg("eval.no_records"), field="dataset")
     return Inputs(rows=rows)
 
 
@@ -171,14 +168,13 @@ def _reference_row(record: dict, number: int, source: str) -> dict:
     if "messages" in record:
         messages = record["messages"]
         if messages[-1]["role"] != "assistant":
-            raise BadInput("the conversation ends with the user: there is no reference reply "
-                           "to score a prediction against", file=source, record=number,
+            raise BadInput(msg("eval.predict.ends_with_user"), file=source, record=number,
                            field="messages")
         return {"prompt": messages[:-1], "reference": messages[-1]["content"]}
     reference = record.get("chosen", record.get("answer"))
     if reference is None or not str(reference).strip():
-        raise BadInput("no reference to score a prediction against: predict needs an answer "
-                       "for every prompt", file=source, record=number, field="answer")
+        raise BadInput(msg("eval.predict.no_reference"), file=source, record=number,
+                       field="answer")
     return {"prompt": record["prompt"], "reference": str(reference)}
 
 
@@ -325,14 +321,11 @@ def _pooled(results: list[dict]) -> dict:
 
 
 TASKS: dict[str, Task] = {
-    "loss": Task(check_loss, run_loss, "loss and perplexity, masked as training masks it",
-                 tuple(LOSS_STAGE)),
-    "predict": Task(check_predict, run_predict,
-                    "replies scored against references: BLEU-4, ROUGE, exact match",
+    "loss": Task(check_loss, run_loss, msg("eval.task.loss"), tuple(LOSS_STAGE)),
+    "predict": Task(check_predict, run_predict, msg("eval.task.predict"),
                     tuple(READS_REFERENCES)),
-    "choice": Task(check_choice, run_harness, "a multiple-choice file through "
-                   "lm-evaluation-harness", data.EVAL_KINDS),
-    "harness": Task(check_harness, run_harness, "lm-evaluation-harness tasks"),
-    "probes": Task(check_probes, run_predict, "the Chat tab's probe prompts"),
+    "choice": Task(check_choice, run_harness, msg("eval.task.choice"), data.EVAL_KINDS),
+    "harness": Task(check_harness, run_harness, msg("eval.task.harness")),
+    "probes": Task(check_probes, run_predict, msg("eval.task.probes")),
 }
 assert set(TASKS) == set(cfg.EVAL_TASKS)

@@ -37,6 +37,7 @@ from . import config as cfg
 from . import jobs, models, paths, runs, schema
 from .errors import BadInput
 from .eval_tasks import PREDICTIONS, TASKS, Inputs, Job
+from .i18n import Msg, msg, t, text_of
 
 LOG = runs.EVAL_LOG
 RESULTS = "results.json"
@@ -74,7 +75,7 @@ def check(config: cfg.EvalConfig) -> Inputs:
 def _check_checkpoint(config: cfg.EvalConfig) -> None:
     ckpt = paths.guard(config.adapter, "adapter").resolve()
     if models.is_reward_model(ckpt):
-        raise BadInput(models.REWARD_MODEL_REFUSAL.format(what="checkpoint"), file=str(ckpt),
+        raise BadInput(models.reward_model_refusal("checkpoint"), file=str(ckpt),
                        field="adapter")
     if models.checkpoint_kind(ckpt) == "adapter":
         base = models.resolve_model(config.model)
@@ -104,7 +105,7 @@ def prepare_job_dir(config: cfg.EvalConfig, argv: list[str]) -> tuple[cfg.EvalCo
         runs.write_atomic(folder / runs.CONFIG, schema.to_yaml(config))
         runs.write_atomic(folder / runs.COMMAND, shlex.join(argv) + "\n")
     except OSError as err:
-        raise BadInput(f"cannot write the job folder: {err.strerror}", file=str(folder),
+        raise BadInput(msg("eval.cannot_write", reason=str(err.strerror)), file=str(folder),
                        field="output_dir") from None
     return config, folder
 
@@ -156,6 +157,9 @@ def jobs_of_run(saves_dir: Path, run_dir: Path) -> list[Path]:
 
 # --- progress and stopping -----------------------------------------------------------
 
+UNITS = ("batches", "replies", "tasks")  # what the tasks count, each with a catalogue text
+
+
 class Progress:
     """Appends a progress line per step to metrics.jsonl (the page draws the bar and the
     ETA from it, as for a run) and prints one to eval.log."""
@@ -173,9 +177,11 @@ class Progress:
             "step": self.done, "total_steps": self.total, "unit": self.unit, "epoch": None,
             "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1) if eta is not None else None,
             "side": side})
-        left = f", ETA {eta:.0f} s" if eta is not None else ""
-        print(f"{self.unit} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
-              f"{rate:.2f} {self.unit}/s{left} [{side}]", flush=True)
+        left = msg("eval.progress.eta", eta=eta) if eta is not None else ""
+        unit = msg(f"eval.unit.{self.unit}") if self.unit in UNITS else self.unit
+        print(t("eval.progress", unit=unit, done=self.done, total=self.total,
+                percent=100 * self.done / self.total, rate=rate, left=left, side=side),
+              flush=True)
 
 
 class Stop:
@@ -197,7 +203,7 @@ class Stop:
 
     def _handle(self, signum, frame):
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: stopping after this batch", flush=True)
+        print(t("eval.stopping", signal=signal.Signals(signum).name), flush=True)
 
 
 # --- the command ---------------------------------------------------------------------
@@ -213,14 +219,13 @@ def main(config_path: str | None, overrides: list[str]) -> int:
         if _own_config(config, config_path):  # a finished job's config.yaml, run again
             config = dataclasses.replace(config, output_dir="")
         else:
-            raise BadInput("this folder already holds an eval job; eval jobs never overwrite "
-                           "one", file=config.output_dir, field="output_dir")
+            raise BadInput(msg("eval.folder_taken"), file=config.output_dir, field="output_dir")
     try:
         inputs = check(config)
     except BadInput as err:
         if launched:  # the page made the folder: the error goes where the page reads
-            runs.write_status(Path(config.output_dir), "failed", exit_code=2, error=str(err),
-                              kind=KIND)
+            runs.write_status(Path(config.output_dir), "failed", exit_code=2, kind=KIND,
+                              **_error(err))
         raise
     if launched:
         folder = Path(config.output_dir)
@@ -249,7 +254,8 @@ def run(config: cfg.EvalConfig, folder: Path, inputs: Inputs) -> int:
     """Load once, measure each side, write results.json; status.json records the end."""
     from .train import quiet_library_noise
     quiet_library_noise()
-    runs.write_status(folder, "running", pid=os.getpid(), phase="loading model", kind=KIND)
+    runs.write_status(folder, "running", pid=os.getpid(), kind=KIND,
+                      **_phase(msg("eval.phase.loading")))
     started = time.monotonic()
     with Stop() as stop:
         return _run(config, folder, inputs, stop, started)
@@ -260,18 +266,18 @@ def _run(config: cfg.EvalConfig, folder: Path, inputs: Inputs, stop: Stop,
     try:
         job = Job(config, folder, _load(config), inputs, _sides(config), stop,
                   lambda total, unit: Progress(folder, total, unit))
-        runs.update_status(folder, phase=TASKS[config.eval_task].what)
+        runs.update_status(folder, **_phase(TASKS[config.eval_task].what))
         results = TASKS[config.eval_task].run(job)
         results.update(_provenance(config, started, partial=stop.requested))
         runs.write_atomic(folder / RESULTS, json.dumps(results, ensure_ascii=False, indent=1))
         print(summary_line(results), flush=True)
         if stop.requested:
-            return _finish(folder, "aborted", 1, "stopped by the user; results.json holds the "
-                           f"{results.get('n', 0)} rows done")
+            return _finish(folder, "aborted", 1,
+                           BadInput(msg("eval.stopped", n=results.get("n", 0))))
         return _finish(folder, "completed", 0)
     except BadInput as err:
         print(f"error: {err}", flush=True)
-        return _finish(folder, "failed", 2, str(err))
+        return _finish(folder, "failed", 2, err)
     except BaseException as err:
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
@@ -303,10 +309,18 @@ def _provenance(config: cfg.EvalConfig, started: float, partial: bool) -> dict:
 
 def summary_line(results: dict) -> str:
     """results.json in one line for the log and the terminal."""
+    return summary_msg(results).text()
+
+
+def summary_msg(results: dict) -> Msg:
+    """summary_line as a message, for a page to show in its visitor's language."""
     def side(values: dict | None) -> str:
         return ", ".join(f"{k} {_fmt(v)}" for k, v in (values or {}).items())
-    line = f"{results['task']} on {results['n']} rows: model {side(results['model'])}"
-    return line + (f"; base {side(results['base'])}" if results.get("base") else "")
+    line = msg("eval.summary", task=results["task"], n=results["n"],
+               model=side(results["model"]))
+    if results.get("base"):
+        return msg("eval.summary.base", line=line, base=side(results["base"]))
+    return line
 
 
 def _fmt(value) -> str:
@@ -315,7 +329,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _finish(folder: Path, state: str, code: int, error: str | None = None) -> int:
-    runs.write_status(folder, state, exit_code=code, error=error, kind=KIND)
+def _finish(folder: Path, state: str, code: int, error: "BadInput | str | None" = None) -> int:
+    """Record the ending; a BadInput's record goes beside its English text (error_msg)."""
+    runs.write_status(folder, state, exit_code=code, kind=KIND, **_error(error))
     print(f"eval {state}" + (f": {error}" if error else "") + f" ({folder})", flush=True)
     return code
+
+
+def _error(err: "BadInput | str | None") -> dict:
+    """status.json's `error` (English) and `error_msg` (its language-neutral record)."""
+    if isinstance(err, BadInput):
+        return {"error": err.text("en"), "error_msg": runs.error_record(err)}
+    return {"error": err, "error_msg": None}
+
+
+def _phase(what: "Msg | str") -> dict:
+    """status.json's `phase` text and its record (`phase_msg`), for the page's language."""
+    return {"phase": text_of(what), "phase_msg": what.record() if isinstance(what, Msg) else None}

@@ -52,6 +52,7 @@ import yaml
 from . import paths
 from .config import EXPORT_DTYPES, EXPORT_FORMATS, GGUF_TYPES
 from .errors import BadInput
+from .i18n import Msg, msg, t, text_of
 from .runs import now_iso
 
 DTYPES = EXPORT_DTYPES  # declared once, with the export settings
@@ -74,10 +75,10 @@ def parse_size(text: str | int) -> int:
     if unit and not unit.endswith("B"):
         unit += "B"  # "500M" means 500MB
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise BadInput(f"expected a size such as 500MB or 2GB, got '{text}'", field="shard_size")
+        raise BadInput(msg("export.size_expected", text=str(text)), field="shard_size")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size < 10**5:
-        raise BadInput(f"shard size {text} is too small; use at least 100KB", field="shard_size")
+        raise BadInput(msg("export.size_too_small", text=str(text)), field="shard_size")
     return size
 
 
@@ -95,10 +96,10 @@ class Reporter:
         self.as_json = (os.environ.get("TUNEBENCH_PROGRESS") == "json"
                         if as_json is None else as_json)
 
-    def step(self, fraction: float, message: str) -> None:
+    def step(self, fraction: float, message: "str | Msg") -> None:
         if self.as_json:
-            print(json.dumps({"progress": round(fraction, 3), "message": message},
-                             ensure_ascii=False), flush=True)
+            print(json.dumps({"progress": round(fraction, 3), "message": text_of(message),
+                              **message_record(message)}, ensure_ascii=False), flush=True)
         else:
             print(f"[{fraction:4.0%}] {message}", flush=True)
 
@@ -108,11 +109,23 @@ class Reporter:
             return
         for check in result["checks"]:
             print(f"  {'ok  ' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
-        state = "verified" if result["ok"] else "NOT verified"
-        files = "shards" if result.get("format", "safetensors") == "safetensors" else "file(s)"
-        print(f"export {state}: {result['out']} ({result['shards']} {files}, "
-              f"{result['size_mb']:.1f} MB; peak memory {result['peak_rss_mb']:.0f} MB for a "
-              f"{result['model_mb']:.0f} MB model)", flush=True)
+        print(t("export.result_line", **result_params(result)), flush=True)
+
+
+def result_params(result: dict) -> dict:
+    """The parameters of "export.result_line" (the one-line summary of a result)."""
+    safetensors = result.get("format", "safetensors") == "safetensors"
+    return {"state": msg("export.state.verified" if result["ok"] else "export.state.not_verified"),
+            "out": result["out"], "shards": result["shards"],
+            "files": msg("export.unit.shards" if safetensors else "export.unit.files"),
+            "size_mb": result["size_mb"], "peak_rss_mb": result["peak_rss_mb"],
+            "model_mb": result["model_mb"]}
+
+
+def message_record(message: "str | Msg", key: str = "message_msg") -> dict:
+    """{key: the language-neutral record} of a Msg (nothing for plain text), written beside
+    its text so that the page can show a progress line in its visitor's language."""
+    return {key: message.record()} if isinstance(message, Msg) else {}
 
 
 # --- plan: every check before loading ----------------------------------------------
@@ -148,12 +161,11 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
                          resolve_model, run_config)
 
     if dtype not in DTYPES:
-        raise BadInput(f"expected one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
+        raise BadInput(one_of(DTYPES, dtype), field="dtype")
     if format not in FORMATS:
-        raise BadInput(f"expected one of {', '.join(FORMATS)}, got '{format}'", field="format")
+        raise BadInput(one_of(FORMATS, format), field="format")
     if gguf_type not in GGUF_TYPES:
-        raise BadInput(f"expected one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'",
-                       field="gguf_type")
+        raise BadInput(one_of(GGUF_TYPES, gguf_type), field="gguf_type")
     fmt = FORMATS[format]
     fmt.available()  # a missing extra fails first, naming what to install
     shard_bytes = parse_size(shard_size)
@@ -161,7 +173,7 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     kind = checkpoint_kind(ckpt) if ckpt else "model"
     base = resolve_model(model)
     if not str(out or "").strip():
-        raise BadInput("no export folder given", field="out")
+        raise BadInput(msg("export.no_folder"), field="out")
     dest = paths.guard(out, "export folder").resolve()
     _check_destination(dest, [Path(base), ckpt], overwrite)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
@@ -172,27 +184,27 @@ def plan_export(model: str, adapter: str | None, out: str, shard_size: str = "2G
     plan = Plan(model, base, ckpt, kind, dest, tmp, shard_bytes, str(shard_size), dtype,
                 overwrite, run_config(ckpt) if ckpt else {}, head, format, gguf_type)
     if head == "score" and fmt.causal_only:
-        raise BadInput(f"this is a reward model (stage rm); {format} holds language models "
-                       "that generate text, so export it as safetensors", field="format")
+        raise BadInput(msg("export.reward_not_causal", format=format), field="format")
     fmt.check(plan)  # the library runs here, the architecture converts: before any work
     return plan
+
+
+def one_of(choices, got) -> Msg:
+    return msg("export.one_of", choices=", ".join(choices), got=str(got))
 
 
 def _check_destination(dest: Path, sources: list, overwrite: bool) -> None:
     for source in sources:
         if source is not None and source.exists() and (
                 dest == source.resolve() or source.resolve().is_relative_to(dest)):
-            raise BadInput("the export folder would replace the model or checkpoint it is made "
-                           "from; choose another folder", file=str(dest))
+            raise BadInput(msg("export.replaces_source"), file=str(dest))
     if dest.exists() and not dest.is_dir():
-        raise BadInput("a file is in the way of the export folder", file=str(dest))
+        raise BadInput(msg("export.file_in_way"), file=str(dest))
     if dest.is_dir() and any(dest.iterdir()):
         if not overwrite:
-            raise BadInput("an export already exists here; choose another folder or allow "
-                           "overwriting (the Overwrite box, or --overwrite)", file=str(dest))
+            raise BadInput(msg("export.exists"), file=str(dest))
         if not (dest / "config.json").is_file() and not any(dest.glob("*.gguf")):
-            raise BadInput("refusing to overwrite: this folder is not a model export",
-                           file=str(dest))
+            raise BadInput(msg("export.not_an_export"), file=str(dest))
     _remove_stale_temps(dest)
 
 
@@ -203,7 +215,7 @@ def _check_writable(tmp: Path) -> None:
         tmp.mkdir()
         tmp.rmdir()
     except OSError as err:
-        raise BadInput(f"cannot write the export here: {err.strerror or err}",
+        raise BadInput(msg("export.cannot_write", reason=str(err.strerror or err)),
                        file=str(tmp.parent)) from None
 
 
@@ -222,7 +234,7 @@ def _make_temp(plan: Plan, needed_bytes: int) -> None:
     try:
         plan.tmp.mkdir(parents=True)
     except OSError as err:
-        raise BadInput(f"cannot write the export here: {err.strerror or err}",
+        raise BadInput(msg("export.cannot_write", reason=str(err.strerror or err)),
                        file=str(plan.out.parent)) from None
     try:
         check_free_space(plan.out.parent, needed_bytes, plan.format)
@@ -239,12 +251,10 @@ def check_free_space(folder: Path, needed_bytes: int, format: str = "safetensors
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if needed_bytes * 1.05 > free:
-        what = ("its files" if format == "safetensors"
-                else "its files and the merged model it converts from")
-        raise BadInput(f"not enough disk space: the {format} export needs about "
-                       f"{needed_bytes / 1e9:.2f} GB while it runs ({what}) and "
-                       f"{free / 1e9:.2f} GB are free; free some space or choose a folder on "
-                       "another disk", file=str(folder))
+        what = msg("export.disk_what.files" if format == "safetensors"
+                   else "export.disk_what.merged")
+        raise BadInput(msg("export.no_space", format=format, needed=needed_bytes / 1e9,
+                           what=what, free=free / 1e9), file=str(folder))
 
 
 # --- load, reference turn, merge ---------------------------------------------------
@@ -368,7 +378,7 @@ def write_shards(model, tokenizer, plan: Plan, report: Reporter,
             if count != seen:
                 seen = count
                 report.step(0.35 + 0.3 * min(count / max(total, 1), 1.0),
-                            f"writing shard {count} of about {total}")
+                            msg("export.step.shard", count=count, total=total))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -393,8 +403,18 @@ def carry_recommendations(base: Path, out: Path) -> None:
 
 # --- verify -----------------------------------------------------------------------
 
-def _check(name: str, ok: bool, detail: str) -> dict:
-    return {"name": name, "ok": bool(ok), "detail": detail}
+def _check(name: "str | Msg", ok: bool, detail: "str | Msg") -> dict:
+    """One verification line: its text in the current language and, for Msgs, their
+    records (name_msg, detail_msg), so that the page shows it in its visitor's language."""
+    return {"name": text_of(name), "ok": bool(ok), "detail": text_of(detail),
+            **message_record(name, "name_msg"), **message_record(detail, "detail_msg")}
+
+
+def joined(parts: list) -> "Msg | str":
+    """Several findings as one message, separated by "; " (each may be a Msg)."""
+    if len(parts) == 1:
+        return parts[0]
+    return msg("export.joined", first=parts[0], rest=joined(parts[1:]))
 
 
 def check_shards(folder: Path, limit: int) -> dict:
@@ -412,24 +432,24 @@ def check_shards(folder: Path, limit: int) -> dict:
                 weight_map = {k: files[0] for k in fh.keys()}
     problems, oversized = [], []
     listed = set(weight_map.values())
-    problems += [f"{f} is not in the index" for f in files if f not in listed]
-    problems += [f"{f} is in the index but missing" for f in sorted(listed) if f not in files]
+    problems += [msg("export.shard.unlisted", file=f) for f in files if f not in listed]
+    problems += [msg("export.shard.missing", file=f) for f in sorted(listed) if f not in files]
     for name in files:
         with safe_open(str(folder / name), framework="pt") as fh:
             keys = list(fh.keys())
-        problems += [f"{k} is in {name} but the index says {weight_map.get(k)}"
+        problems += [msg("export.shard.misplaced", key=k, file=name, index=str(weight_map.get(k)))
                      for k in keys if weight_map.get(k) != name]
         size = (folder / name).stat().st_size
         if size > limit:
             (oversized if len(keys) == 1 else problems).append(
-                f"{name} is {size / 1e6:.2f} MB, over the {limit / 1e6:.2f} MB limit")
+                msg("export.shard.oversized", file=name, size=size / 1e6, limit=limit / 1e6))
     largest = max((folder / f).stat().st_size for f in files) if files else 0
-    detail = (f"{len(files)} shards, largest {largest / 1e6:.2f} MB of {limit / 1e6:.2f} MB "
-              "allowed, all listed in the index")
+    detail = msg("export.shard.detail", shards=len(files), largest=largest / 1e6,
+                 limit=limit / 1e6)
     if oversized:
-        detail += f" (a single tensor is bigger than the limit: {'; '.join(oversized)})"
-    return _check("shards within the size limit and indexed", not problems,
-                  "; ".join(problems[:3]) if problems else detail)
+        detail = msg("export.shard.detail_oversized", detail=detail, oversized=joined(oversized))
+    return _check(msg("export.check.shards"), not problems,
+                  joined(problems[:3]) if problems else detail)
 
 
 def verify(folder: Path, dtype, reference: dict | list | None, stops: list[int], limit: int,
@@ -439,24 +459,25 @@ def verify(folder: Path, dtype, reference: dict | list | None, stops: list[int],
     from .models import load_checkpoint
 
     checks = [check_shards(folder, limit)]
-    report.step(0.75, "verifying: reloading the export with transformers")
+    report.step(0.75, msg("export.step.reloading"))
     try:
         tokenizer, model = load_checkpoint(str(folder), head=head, dtype=dtype, device="cpu")
     except Exception as err:  # noqa: BLE001 - a failed reload is the finding, not a crash
-        return checks + [_check("reloads with transformers", False, f"{type(err).__name__}: {err}")]
-    checks.append(_check("reloads with transformers", True,
-                         f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
-                         "parameters"))
+        return checks + [_check(msg("export.check.reloads"), False,
+                                msg("text", text=f"{type(err).__name__}: {text_of(err)}"))]
+    checks.append(_check(msg("export.check.reloads"), True,
+                         msg("export.reloads.detail", cls=type(model).__name__,
+                             params=sum(p.numel() for p in model.parameters()))))
     if head == "score":
         return checks + _verify_scores(folder, model, tokenizer, reference, dtype, report)
     saved_eos = model.generation_config.eos_token_id
     saved_eos = saved_eos if isinstance(saved_eos, list) else [saved_eos]
     names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in stops)
-    checks.append(_check("generation config stops at the template's stop tokens",
-                         set(stops) <= set(saved_eos), f"eos_token_id = {saved_eos} ({names})"))
+    checks.append(_check(msg("export.check.stops"), set(stops) <= set(saved_eos),
+                         msg("export.stops.detail", eos=str(saved_eos), names=names)))
     if reference is None:
         return checks
-    report.step(0.85, "verifying: one greedy chat turn, export vs source")
+    report.step(0.85, msg("export.step.greedy"))
     got = greedy_turn(model, tokenizer)  # with the export's own generation config
     checks += compare_turns(reference, got, tokenizer, set(saved_eos))
     return checks
@@ -468,12 +489,12 @@ def _verify_scores(folder: Path, model, tokenizer, reference: list | None, dtype
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     arch = ", ".join(config.get("architectures") or ["none"])
     is_rm = arch.endswith("ForSequenceClassification") and model.config.num_labels == 1
-    checks = [_check("saved as a reward model", is_rm and config.get("pad_token_id") is not None,
-                     f"architectures {arch}, {model.config.num_labels} output, pad_token_id "
-                     f"{config.get('pad_token_id')} (AutoModelForSequenceClassification)")]
+    checks = [_check(msg("export.check.reward"), is_rm and config.get("pad_token_id") is not None,
+                     msg("export.reward.detail", arch=arch, labels=model.config.num_labels,
+                         pad=str(config.get("pad_token_id"))))]
     if reference is None:
         return checks
-    report.step(0.85, "verifying: reward scores on the probe prompts, export vs source")
+    report.step(0.85, msg("export.step.scores"))
     return checks + [compare_scores(reference, score_turns(model, tokenizer), dtype)]
 
 
@@ -486,10 +507,10 @@ def compare_scores(reference: list[float], got: list[float], dtype) -> dict:
     tolerance = (1e-4 if dtype == torch.float32 else 5e-2) * size
     diff = max((abs(a - b) for a, b in zip(reference, got)), default=0.0)
     ok = len(reference) == len(got) and diff <= tolerance
-    return _check("same scores as the source", ok,
-                  f"{len(got)} scores (SCORE_REPLIES to each probe prompt); max difference "
-                  f"{diff:.2e}, allowed {tolerance:.1e}; e.g. {got[0]:+.4f} vs {reference[0]:+.4f}"
-                  if got and reference else "no scores to compare")
+    return _check(msg("export.check.scores"), ok,
+                  msg("export.scores.detail", n=len(got), diff=diff, tolerance=tolerance,
+                      got=got[0], want=reference[0])
+                  if got and reference else msg("export.scores.none"))
 
 
 def compare_turns(reference: dict, got: dict, tokenizer, eos: set[int]) -> list[dict]:
@@ -503,32 +524,28 @@ def compare_turns(reference: dict, got: dict, tokenizer, eos: set[int]) -> list[
     ref, new = reference["tokens"], got["tokens"]
     diff = float((reference["logits"][0] - got["logits"][0]).abs().max())
     text = tokenizer.decode(new, skip_special_tokens=True)[:80]
+    greedy = msg("export.check.greedy")
     if ref == new:
-        same = _check("same greedy tokens as the source", True, f"{len(new)} tokens identical; "
-                      f"max logit difference {diff:.2e}: {text!r}")
+        same = _check(greedy, True, msg("export.greedy.same", n=len(new), diff=diff,
+                                      text=repr(text)))
     else:
         at = next((i for i, (a, b) in enumerate(zip(ref, new)) if a != b), min(len(ref), len(new)))
-        same = _check("same greedy tokens as the source", False, f"first difference at token "
-                      f"{at} of {len(ref)}; max logit difference {diff:.2e}")
+        same = _check(greedy, False, msg("export.greedy.differs", at=at, n=len(ref), diff=diff))
         if at < min(len(ref), len(new)):
             step_ref, step_new = reference["logits"][at], got["logits"][at]
             margin = float(step_ref[ref[at]] - step_ref[new[at]])
             noise = float((step_ref - step_new).abs().max())
             if margin <= 2 * noise:
-                same = _check("same greedy tokens as the source", True,
-                              f"first {at} tokens identical; at token {at} the source's two best "
-                              f"tokens were {margin:.3f} apart, within this dtype's rounding "
-                              f"({noise:.3f}), so the tie broke the other way")
-    name = "generation stops at eos"
+                same = _check(greedy, True, msg("export.greedy.tie", at=at, margin=margin,
+                                              noise=noise))
+    name = msg("export.check.eos")
     if new and new[-1] in eos:
         end = tokenizer.convert_ids_to_tokens(new[-1])
-        stops = _check(name, True, f"the reply ends with {end} after {len(new)} tokens")
+        stops = _check(name, True, msg("export.eos.ends", end=str(end), n=len(new)))
     elif ref and ref[-1] in eos and ref == new[:len(ref)]:
-        stops = _check(name, False, f"the source stopped after {len(ref)} tokens, the export "
-                       "did not")
+        stops = _check(name, False, msg("export.eos.missed", n=len(ref)))
     else:
-        stops = _check(name, True, f"not observable: the reply did not end within "
-                       f"{VERIFY_TOKENS} tokens (the stop tokens are checked above)")
+        stops = _check(name, True, msg("export.eos.unobserved", n=VERIFY_TOKENS))
     return [same, stops]
 
 
@@ -667,8 +684,7 @@ def publish(plan: Plan) -> None:
     old = plan.out.parent / f".{plan.out.name}.old-{os.getpid()}"
     if plan.out.exists():
         if not plan.overwrite and any(plan.out.iterdir()):
-            raise BadInput("an export appeared here while exporting; not overwriting it",
-                           file=str(plan.out))
+            raise BadInput(msg("export.appeared"), file=str(plan.out))
         os.rename(plan.out, old)
     os.rename(plan.tmp, plan.out)
     shutil.rmtree(old, ignore_errors=True)
@@ -698,8 +714,8 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
     try:
         model, tokenizer = load_source(plan, dtype, report)
         reference = fmt.reference(model, tokenizer, plan, report) if verify_after else None
-        report.step(0.3, "merging the adapter into the base weights" if plan.kind == "adapter"
-                    else "preparing the weights")
+        report.step(0.3, msg("export.step.merging" if plan.kind == "adapter"
+                             else "export.step.preparing"))
         model, stops = merge(model, plan, tokenizer)
         size = model_bytes(model)  # what is exported (the adapter is folded in by now)
         merged = plan.tmp if fmt.name == "safetensors" else plan.tmp / MERGED
@@ -717,7 +733,7 @@ def export(plan: Plan, verify_after: bool = True, report: Reporter | None = None
         result["verified"] = bool(checks)
         _write_or_explain(plan, lambda: write_card(plan.tmp, plan, result))
         if result["ok"]:
-            report.step(0.97, f"moving the export into place: {plan.out}")
+            report.step(0.97, msg("export.step.publishing", out=str(plan.out)))
             publish(plan)
         return result
     finally:
@@ -728,9 +744,9 @@ def _reference(model, tokenizer, plan: Plan, report: Reporter):
     """What the export is compared with: the source's greedy turn, or a reward model's
     scores on the probe prompts."""
     if plan.head == "score":
-        report.step(0.25, "reference scores of the source reward model on the probe prompts")
+        report.step(0.25, msg("export.step.reference_scores"))
         return score_turns(model, tokenizer)
-    report.step(0.25, "greedy reference turn on the source model")
+    report.step(0.25, msg("export.step.reference_turn"))
     from .chat import stop_token_ids
     return greedy_turn(model, tokenizer, stop_token_ids(tokenizer, model.generation_config))
 
@@ -744,9 +760,8 @@ def _write_or_explain(plan: Plan, write: Callable[[], Any]) -> Any:
         if getattr(err, "errno", None) in _DISK_FULL or any(
                 word in str(err) for word in ("No space left", "File too large", "Disk quota")
         ) or (isinstance(err, OSError) and re.search(r"\d+ requested and \d+ written", str(err))):
-            raise BadInput(f"the disk is full (or a file-size limit was hit) while writing the "
-                           f"export; nothing was kept. Free space or choose another folder. "
-                           f"({str(err).splitlines()[0][:120]})", file=str(plan.out)) from None
+            raise BadInput(msg("export.disk_full", detail=str(err).splitlines()[0][:120]),
+                           file=str(plan.out)) from None
         raise
 
 
@@ -777,7 +792,7 @@ def main(model: str, adapter: str | None, out: str, shard_size: str = "2GB", dty
         result = export(plan, verify_after=verify, report=report)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report.step(1.0, "done" if result["ok"] else "verification failed; nothing was kept")
+    report.step(1.0, msg("export.step.done" if result["ok"] else "export.not_verified"))
     report.result(result)
     return 0 if result["ok"] else 1
 
@@ -825,7 +840,7 @@ def _bnb_reference(model, tokenizer, plan: Plan, report: Reporter) -> dict:
     from . import bnb_export
     turn = _reference(model, tokenizer, plan, report)
     identity = (plan.run_config.get("identity_name"), plan.run_config.get("identity_author"))
-    report.step(0.27, "reference perplexity of the source on bundled identity rows")
+    report.step(0.27, msg("export.step.reference_rows"))
     return {"turn": turn, "rows": bnb_export.reference_rows(
         model, tokenizer, identity if all(identity) else None)}
 
@@ -839,7 +854,7 @@ def _bnb_convert(plan: Plan, merged: Path, tokenizer, stops, report: Reporter) -
 
 def _bnb_verify(plan: Plan, reference, tokenizer, stops, dtype, report) -> list[dict]:
     from . import bnb_export
-    report.step(0.8, f"verifying: reloading the {plan.format} export with from_pretrained")
+    report.step(0.8, msg("export.step.reloading_format", format=plan.format))
     return bnb_export.verify_quantized(plan.tmp, reference["turn"], tokenizer, reference["rows"])
 
 
@@ -870,7 +885,7 @@ def _gguf_check(plan: Plan) -> None:
 def _gguf_reference(model, tokenizer, plan: Plan, report: Reporter) -> dict:
     from . import gguf_export
     from .chat import stop_token_ids
-    report.step(0.25, "reference replies and perplexity of the source model")
+    report.step(0.25, msg("export.step.reference_gguf"))
     return gguf_export.reference(model, tokenizer,
                                  stop_token_ids(tokenizer, model.generation_config))
 
@@ -884,16 +899,16 @@ def _gguf_convert(plan: Plan, merged: Path, tokenizer, stops, report: Reporter) 
                         progress=lambda message, f: report.step(0.65 + 0.1 * f, message))
     try:
         ollama.write_modelfile(target, tokenizer, tokenizer.convert_ids_to_tokens(stops))
-        return [_check("Ollama Modelfile", True, "TEMPLATE renders the probe conversation as "
-                       "the chat template does; stop tokens " + ", ".join(
-                           tokenizer.convert_ids_to_tokens(stops)))]
+        return [_check(msg("export.check.modelfile"), True, msg(
+            "export.modelfile.written", stops=", ".join(tokenizer.convert_ids_to_tokens(stops))))]
     except BadInput as err:
-        return [_check("Ollama Modelfile", True, f"not written: {err.what}")]
+        return [_check(msg("export.check.modelfile"), True,
+                       msg("export.modelfile.skipped", why=err.what))]
 
 
 def _gguf_verify(plan: Plan, reference, tokenizer, stops, dtype, report) -> list[dict]:
     from . import gguf_export
-    report.step(0.8, "verifying: loading the GGUF with llama.cpp (llama-cpp-python)")
+    report.step(0.8, msg("export.step.verify_gguf"))
     return gguf_export.verify_gguf(gguf_file(plan), tokenizer, reference, plan.gguf_type)
 
 
@@ -914,12 +929,12 @@ class Format:
     library: str                           # the model card's library_name
     use: str                               # the model card's "Use" section
 
-    def missing(self) -> str | None:
+    def missing(self) -> Msg | None:
         """Why this format cannot be written here (a library is not installed), or None."""
         import importlib.util
         gone = [name for name in self.needs if importlib.util.find_spec(name) is None]
-        return (f"{self.name} export needs {' and '.join(gone)}, which is not installed: "
-                f"{self.install}") if gone else None
+        return msg("export.format_missing", format=self.name, gone=" and ".join(gone),
+                   install=self.install) if gone else None
 
     def available(self) -> None:
         problem = self.missing()

@@ -34,6 +34,7 @@ from pathlib import Path
 from . import config as cfg
 from . import export, jobs, runs, schema
 from .errors import BadInput
+from .i18n import Msg, msg, text_of
 
 KIND = "export"
 LOG = runs.EXPORT_LOG
@@ -68,15 +69,15 @@ def job_of(raw: dict, source: str = "the command line") -> ExportJob:
     BadInput naming the source."""
     unknown = [key for key in raw if key not in _JOB_KEYS]
     if unknown:
-        raise BadInput(f"unknown export setting '{unknown[0]}'; expected one of "
-                       f"{', '.join(_JOB_KEYS)}", file=source, field=str(unknown[0]))
+        raise BadInput(msg("export.unknown_setting", key=str(unknown[0]),
+                           keys=", ".join(_JOB_KEYS)), file=source, field=str(unknown[0]))
     settings = cfg.export_config({k: v for k, v in raw.items()
                                   if k in schema.fields(cfg.ExportConfig)}, source)
     job = ExportJob(**{k: v for k, v in raw.items() if k not in schema.fields(cfg.ExportConfig)})
     job = dataclasses.replace(job, **schema.to_dict(settings))
     for name in ("verify", "overwrite"):
         if not isinstance(getattr(job, name), bool):
-            raise BadInput(f"expected true or false, got {getattr(job, name)!r}", file=source,
+            raise BadInput(msg("export.not_bool", got=repr(getattr(job, name))), file=source,
                            field=name)
     job.adapter = str(job.adapter or "")
     return job
@@ -131,11 +132,10 @@ def preflight(job: ExportJob) -> None:
     checks all of it again, and the rest (the checkpoint, the architecture) before any work."""
     job.settings()
     if not job.out.strip():
-        raise BadInput("no export folder given", field="out")
+        raise BadInput(msg("export.no_folder"), field="out")
     dest = Path(job.out).expanduser().resolve()
     if dest.is_dir() and any(dest.iterdir()) and not job.overwrite:
-        raise BadInput("an export already exists here; choose another folder or allow "
-                       "overwriting (the Overwrite box, or --overwrite)", file=str(dest))
+        raise BadInput(msg("export.exists"), file=str(dest))
     sizes = size_estimate(job)
     if sizes:
         export.check_free_space(dest.parent, sizes["disk"], job.format)
@@ -197,15 +197,18 @@ class JobReporter(export.Reporter):
         self.folder, self.job = Path(folder), job
         self.started = time.monotonic()
 
-    def step(self, fraction: float, message: str) -> None:
+    def step(self, fraction: float, message: "str | Msg") -> None:
         elapsed = time.monotonic() - self.started
         # The linear guess is poor at the very start (libraries load), so none before 5%.
         eta = elapsed * (1 - fraction) / fraction if 0.05 <= fraction < 1 else None
+        # Beside each text, its record (message_msg, phase_msg): the page shows it in the
+        # language of whoever watches, whatever the language of this process.
         runs.append_metrics(self.folder, {
             "step": round(fraction * TOTAL_STEPS), "total_steps": TOTAL_STEPS, "epoch": None,
             "elapsed_s": round(elapsed, 2), "eta_s": round(eta, 1) if eta is not None else None,
-            "message": message})
-        runs.update_status(self.folder, phase=message)
+            "message": text_of(message), **export.message_record(message)})
+        runs.update_status(self.folder, phase=text_of(message),
+                           phase_msg=export.message_record(message).get("message_msg"))
         super().step(fraction, message)
 
     def result(self, result: dict) -> None:
@@ -232,8 +235,7 @@ def job_from(config_path: str | None, given: dict) -> ExportJob:
     job = job_of(raw, config_path or "the command line")
     for name in ("model", "out"):
         if not str(getattr(job, name) or "").strip():
-            raise BadInput(f"--{name} is required (or a config file that sets {name})",
-                           field=name)
+            raise BadInput(msg("export.flag_required", name=name), field=name)
     return job
 
 
@@ -253,24 +255,34 @@ def _launched_here(config_path: Path) -> bool:
 
 def run_job(job: ExportJob, folder: Path) -> int:
     """The export, recording its progress, result and ending in the job folder."""
-    runs.write_status(folder, "running", pid=os.getpid(), kind=KIND, phase="checking")
-    code, state, error = 1, "failed", None
+    checking = msg("export.phase.checking")
+    runs.write_status(folder, "running", pid=os.getpid(), kind=KIND, phase=text_of(checking),
+                      phase_msg=checking.record())
+    code, state, error, record = 1, "failed", None, None
     with runs.TeeLog(folder / LOG), jobs.own_pid_entry(folder):
         previous = signal.signal(signal.SIGTERM, export._interrupt)
         try:
             code = _export(job, JobReporter(folder, job))
             state = "completed" if code == 0 else "failed"
-            error = None if code == 0 else "verification failed; nothing was kept"
+            if code != 0:
+                error, record = _ending(msg("export.not_verified"))
         except BadInput as err:
             print(f"error: {err}", flush=True)
-            code, error = 2, str(err)
+            code, error, record = 2, err.text("en"), runs.error_record(err)
         except KeyboardInterrupt:
-            code, state, error = 130, "aborted", "stopped; nothing was kept"
+            code, state = 130, "aborted"
+            error, record = _ending(msg("export.stopped"))
         except Exception as err:  # noqa: BLE001 - recorded for the page, then reported
             traceback.print_exc()
             error = f"{type(err).__name__}: {err}"
         finally:
             signal.signal(signal.SIGTERM, previous)
-        runs.write_status(folder, state, exit_code=code, error=error)
+        runs.write_status(folder, state, exit_code=code, error=error, error_msg=record)
         print(f"export {state}" + (f": {error}" if error else "") + f" ({folder})", flush=True)
     return code
+
+
+def _ending(why: Msg) -> tuple[str, dict | None]:
+    """status.json's English `error` and its language-neutral `error_msg` for `why`."""
+    err = BadInput(why)
+    return err.text("en"), runs.error_record(err)

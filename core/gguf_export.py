@@ -37,10 +37,12 @@ import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import locks
 from .errors import BadInput
+from .export import _check, joined, one_of  # one shape of verification line for every format
+from .i18n import msg
 from .models import quiet_logger
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -61,7 +63,7 @@ MIN_AGREEMENT = {"f16": 0.98, "bf16": 0.95, "q8_0": 0.95, "q4_k_m": 0.80}
 MAX_PERPLEXITY_RISE = {"f16": 0.01, "bf16": 0.03, "q8_0": 0.03, "q4_k_m": 0.15}
 PERPLEXITY_ROWS = 8  # bundled identity conversations scored for perplexity
 
-Progress = Callable[[str, float], None]
+Progress = Callable[[Any, float], None]  # (message: str or Msg, fraction)
 
 
 def _quiet(message: str, fraction: float) -> None:
@@ -80,8 +82,7 @@ def llama_cpp_version() -> str:
     except ImportError:
         llama_cpp = None
     if llama_cpp is None or importlib.util.find_spec("sentencepiece") is None:
-        raise BadInput(f"GGUF export needs llama-cpp-python and sentencepiece: {INSTALL_HINT}",
-                       field="format")
+        raise BadInput(msg("export.gguf.needs", hint=INSTALL_HINT), field="format")
     return llama_cpp.__version__
 
 
@@ -93,9 +94,8 @@ def converter_dir() -> Path:
     if os.environ.get("TUNEBENCH_LLAMA_CPP"):
         folder = Path(os.environ["TUNEBENCH_LLAMA_CPP"]).expanduser()
         if not all((folder / part).exists() for part in CONVERTER_PARTS):
-            raise BadInput(f"expected a llama.cpp source folder holding "
-                           f"{', '.join(CONVERTER_PARTS)}", file=str(folder),
-                           field="TUNEBENCH_LLAMA_CPP")
+            raise BadInput(msg("export.gguf.not_llama_cpp", parts=", ".join(CONVERTER_PARTS)),
+                           file=str(folder), field="TUNEBENCH_LLAMA_CPP")
         return folder
     version = llama_cpp_version()
     folder = cache_root() / f"llama.cpp-convert-{version}"
@@ -121,9 +121,7 @@ def _download_sdist(version: str, dest: Path) -> Path:
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode or not found:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
-        raise BadInput(f"could not fetch llama.cpp's converter (the llama-cpp-python {version} "
-                       f"sdist) with pip: {tail[0][:200]}. With no network, set "
-                       "TUNEBENCH_LLAMA_CPP to a llama.cpp source folder of the same version",
+        raise BadInput(msg("export.gguf.no_sdist", version=version, why=tail[0][:200]),
                        field="format")
     return found[0]
 
@@ -141,8 +139,7 @@ def _extract_converter(sdist: Path, out: Path) -> None:
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(out, members=members, **safe)
     if not all((out / part).exists() for part in CONVERTER_PARTS):
-        raise BadInput("this llama-cpp-python sdist carries no convert_hf_to_gguf.py",
-                       file=str(sdist))
+        raise BadInput(msg("export.gguf.no_converter"), file=str(sdist))
 
 
 def load_converter():
@@ -170,16 +167,14 @@ def check_convertible(model_folder: str | Path) -> str:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise BadInput(f"not a model folder: cannot read config.json ({err})",
-                       file=str(folder)) from None
+        raise BadInput(msg("export.gguf.no_config", why=str(err)), file=str(folder)) from None
     conversion, _ = load_converter()
     try:
         arch = conversion.get_model_architecture(config, conversion.ModelType.TEXT)
     except ValueError:
-        raise BadInput("config.json names no architecture", file=str(folder)) from None
+        raise BadInput(msg("export.gguf.no_arch"), file=str(folder)) from None
     if arch not in conversion.TEXT_MODEL_MAP:
-        raise BadInput(f"llama.cpp (llama-cpp-python {llama_cpp_version()}) cannot convert "
-                       f"architecture {arch} to GGUF; export it as safetensors instead",
+        raise BadInput(msg("export.gguf.unsupported", version=llama_cpp_version(), arch=arch),
                        file=str(folder), field="architectures")
     return arch
 
@@ -237,9 +232,8 @@ def model_class(conversion, arch: str):
                 pass
         if is_qwen2_pretokenizer(tokenizer):
             return "qwen2"
-        raise BadInput("llama.cpp does not know this tokenizer's pre-tokenizer (its hash is "
-                       "not in convert_hf_to_gguf), and it is not Qwen2's; it cannot be "
-                       "converted faithfully", file=str(self.dir_model), field="tokenizer")
+        raise BadInput(msg("export.gguf.pretokenizer"), file=str(self.dir_model),
+                       field="tokenizer")
 
     # The converter requires each class to name model_arch in its own body.
     return type(base.__name__, (base,), {"model_arch": base.model_arch,
@@ -252,8 +246,7 @@ def convert(hf_folder: str | Path, out_file: str | Path, gguf_type: str,
     via a temp name renamed into place. Raises BadInput for anything unconvertible.
     `name` is the general.name written into the file (default: the folder's name)."""
     if gguf_type not in GGUF_TYPES:
-        raise BadInput(f"expected one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'",
-                       field="gguf_type")
+        raise BadInput(one_of(GGUF_TYPES, gguf_type), field="gguf_type")
     hf_folder, out_file = Path(hf_folder), Path(out_file)
     llama_cpp_version()
     arch = check_convertible(hf_folder)
@@ -261,22 +254,22 @@ def convert(hf_folder: str | Path, out_file: str | Path, gguf_type: str,
     tmp = out_file.parent / f".{out_file.name}.tmp-{os.getpid()}"
     try:
         if gguf_type in CONVERTER_TYPES:
-            progress(f"converting {arch} to GGUF {gguf_type} with llama.cpp's converter", 0.1)
+            progress(msg("export.gguf.converting", arch=arch, type=gguf_type), 0.1)
             _run_converter(hf_folder, tmp, arch, CONVERTER_TYPES[gguf_type], name)
         else:
             half = out_file.parent / f".{out_file.name}.16bit-{os.getpid()}"
             try:
                 kind = _half_type(hf_folder)
-                progress(f"converting {arch} to GGUF {kind} with llama.cpp's converter", 0.1)
+                progress(msg("export.gguf.converting", arch=arch, type=kind), 0.1)
                 _run_converter(hf_folder, half, arch, CONVERTER_TYPES[kind], name)
-                progress(f"quantizing to {gguf_type} with llama.cpp", 0.5)
+                progress(msg("export.gguf.quantizing", type=gguf_type), 0.5)
                 quantize(half, tmp, gguf_type)
             finally:
                 half.unlink(missing_ok=True)
         os.replace(tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
-    progress(f"wrote the GGUF ({out_file.stat().st_size / 1e6:.1f} MB)", 0.6)
+    progress(msg("export.gguf.wrote", size=out_file.stat().st_size / 1e6), 0.6)
     return out_file
 
 
@@ -323,10 +316,6 @@ PRETOKENIZER_TEXT = (
     "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
     "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
     "sure I'll make it, 'D you like some tea? We'Ve a'lL")
-
-
-def _check(name: str, ok: bool, detail: str) -> dict:
-    return {"name": name, "ok": bool(ok), "detail": detail}
 
 
 def sample_conversations(n: int = PERPLEXITY_ROWS) -> list[list[dict]]:
@@ -478,18 +467,16 @@ def check_tokenizer(llm, tokenizer, ref: dict) -> dict:
         if got != want:
             at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b),
                       min(len(want), len(got)))
-            return _check("same tokens as transformers", False,
-                          f"{text[:40]!r}: first difference at token {at} (transformers "
-                          f"{want[at:at + 3]}, llama.cpp {got[at:at + 3]})")
+            return _check(msg("export.check.tokens"), False, msg(
+                "export.tokens.differs", text=repr(text[:40]), at=at, want=str(want[at:at + 3]),
+                got=str(got[at:at + 3])))
     first = cases[0][0]
     want = tokenizer(first)["input_ids"]  # transformers' own special-token policy
     got = llm.tokenize(first.encode("utf-8"), add_bos=True, special=True)
     if got != want:
-        return _check("same tokens as transformers", False, f"with the model's BOS policy "
-                      f"llama.cpp starts {got[:3]}, transformers {want[:3]}")
-    return _check("same tokens as transformers", True,
-                  f"{len(cases) - 1} chat-templated texts (special and end-of-turn tokens "
-                  "included), llama.cpp's pre-tokenizer test text, and the BOS policy")
+        return _check(msg("export.check.tokens"), False,
+                      msg("export.tokens.bos", got=str(got[:3]), want=str(want[:3])))
+    return _check(msg("export.check.tokens"), True, msg("export.tokens.same", n=len(cases) - 1))
 
 
 def check_stops(llm, tokenizer, ref: dict) -> dict:
@@ -498,9 +485,9 @@ def check_stops(llm, tokenizer, ref: dict) -> dict:
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     names = tokenizer.convert_ids_to_tokens(ref["stops"])
     missing = [n for i, n in zip(ref["stops"], names) if not llama_cpp.llama_vocab_is_eog(vocab, i)]
-    return _check("llama.cpp stops at the end-of-turn tokens", not missing and bool(names),
-                  f"not end-of-generation in the GGUF: {', '.join(missing)}" if missing else
-                  f"end-of-generation in the GGUF: {', '.join(names)}")
+    return _check(msg("export.check.gguf_stops"), not missing and bool(names),
+                  msg("export.gguf_stops.missing", names=", ".join(missing)) if missing else
+                  msg("export.gguf_stops.ok", names=", ".join(names)))
 
 
 def check_greedy(llm, tokenizer, ref: dict, gguf_type: str) -> dict:
@@ -523,14 +510,12 @@ def check_greedy(llm, tokenizer, ref: dict, gguf_type: str) -> dict:
             if 0 <= margin <= 2 * float(abs(want - got).max()):
                 ties += 1
                 continue
-        problems.append(f"{probe['prompt']!r} differs at token {at}")
+        problems.append(msg("export.gguf_greedy.differs", prompt=repr(probe["prompt"]), at=at))
     n = len(ref["probes"])
     ok = not problems or gguf_type not in ("f16", "bf16")
-    detail = (f"{same} of {n} probe replies token for token the source's"
-              + (f", {ties} more up to a rounding tie" if ties else "")
-              + f"; {stopped} ended at an end-of-turn token"
-              + (f"; {'; '.join(problems)}" if problems else ""))
-    return _check("same greedy tokens as the source", ok, detail)
+    detail = msg("export.gguf_greedy.detail", same=same, n=n, stopped=stopped,
+                 ties=msg("export.gguf_greedy.ties", ties=ties) if ties else "")
+    return _check(msg("export.check.greedy"), ok, joined([detail] + problems))
 
 
 def check_agreement(llm, ref: dict, gguf_type: str) -> list[dict]:
@@ -555,13 +540,12 @@ def check_agreement(llm, ref: dict, gguf_type: str) -> list[dict]:
     ours = math.exp(sum(nlls) / len(nlls))
     rise = ours / source - 1
     return [
-        _check("next-token agreement with the source", share >= MIN_AGREEMENT[gguf_type],
-               f"{share:.1%} of {total} next tokens (probe replies and {len(nlls)} bundled "
-               f"conversations; at least {MIN_AGREEMENT[gguf_type]:.0%} for {gguf_type})"),
-        _check("perplexity close to the source's", rise <= MAX_PERPLEXITY_RISE[gguf_type],
-               f"{ours:.3f} vs {source:.3f} ({rise:+.2%}; at most "
-               f"+{MAX_PERPLEXITY_RISE[gguf_type]:.0%} for {gguf_type}) on "
-               f"{len(nlls)} bundled identity conversations")]
+        _check(msg("export.check.agreement"), share >= MIN_AGREEMENT[gguf_type],
+               msg("export.agreement.detail", share=share, total=total, rows=len(nlls),
+                   least=MIN_AGREEMENT[gguf_type], type=gguf_type)),
+        _check(msg("export.check.gguf_perplexity"), rise <= MAX_PERPLEXITY_RISE[gguf_type],
+               msg("export.gguf_perplexity.detail", ours=ours, source=source, rise=rise,
+                   most=MAX_PERPLEXITY_RISE[gguf_type], type=gguf_type, rows=len(nlls)))]
 
 
 # --- the whole GGUF export -------------------------------------------------------------
@@ -582,13 +566,13 @@ def export_gguf(hf_folder: str | Path, out_file: str | Path, gguf_type: str,
     tmp = out_file.parent / f".{out_file.name}.unverified-{os.getpid()}"
     try:
         convert(hf_folder, tmp, gguf_type, progress, name=out_file.stem)
-        progress("reference replies of the source model", 0.65)
+        progress(msg("export.gguf.reference"), 0.65)
         tokenizer, model = load_checkpoint(str(hf_folder), dtype="stored", device="cpu")
         stops = stop_token_ids(tokenizer, model.generation_config)
         ref = reference(model, tokenizer, stops)
         del model
         gc.collect()
-        progress("verifying the GGUF with llama-cpp-python", 0.8)
+        progress(msg("export.gguf.verifying"), 0.8)
         checks = verify_gguf(tmp, tokenizer, ref, gguf_type)
         result = {"ok": all(c["ok"] for c in checks), "out": str(out_file), "checks": checks,
                   "size_mb": tmp.stat().st_size / 1e6, "modelfile": None}

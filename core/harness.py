@@ -29,6 +29,7 @@ from typing import Callable
 
 from .data import CHOICE_LETTERS
 from .errors import BadInput
+from .i18n import Msg, msg
 
 ProgressFn = Callable[[int, int], None]
 FIELD = "harness_tasks"
@@ -138,9 +139,10 @@ def check_tasks(names: list[str], include_path: Path | None = None) -> None:
             continue
         pool = sorted(set(known) | local)
         close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
-        hint = f"closest: {', '.join(close)}" if close else "no task has a similar name"
-        raise BadInput(f"unknown lm-evaluation-harness task '{name}'; {hint}; {len(pool):,} "
-                       "tasks exist (list them with `lm-eval ls tasks`)", field=FIELD)
+        hint = (msg("eval.harness.closest", names=", ".join(close)) if close
+                else msg("eval.harness.none_close"))
+        raise BadInput(msg("eval.harness.unknown", name=name, hint=hint, count=len(pool)),
+                       field=FIELD)
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -188,12 +190,11 @@ def _load_tasks(names: list[str], include_path: Path | None, num_fewshot: int | 
             with _quiet():
                 one = manager.load([name])
         except ImportError as err:
-            raise BadInput(f"lm-evaluation-harness task '{name}' needs a Python package that "
-                           f"is not installed ({err}); install it and run again",
+            raise BadInput(msg("eval.harness.package", name=name, error=str(err)),
                            field=FIELD) from None
         except (ConnectionError, OSError) as err:  # datasets' offline and network errors
             if manager is local:
-                raise BadInput(f"cannot read the local task '{name}': {err}",
+                raise BadInput(msg("eval.harness.local", name=name, error=str(err)),
                                file=str(include_path)) from None
             raise BadInput(_unreachable(name, err), field=FIELD) from None
         for key in merged:
@@ -209,23 +210,20 @@ def _load_tasks(names: list[str], include_path: Path | None, num_fewshot: int | 
     return merged, leaves
 
 
-def _unreachable(name: str, err: Exception) -> str:
+def _unreachable(name: str, err: Exception) -> Msg:
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if offline:
-        return (f"task '{name}' needs its dataset from the Hugging Face Hub; this machine is "
-                "offline (HF_HUB_OFFLINE) and the dataset is not in the local cache. Run it "
-                "once online, or score a multiple-choice file of your own (eval_task choice)")
-    return f"task '{name}' could not load its dataset from the Hugging Face Hub: {err}"
+        return msg("eval.harness.offline", name=name)
+    return msg("eval.harness.unreachable", name=name, error=str(err))
 
 
 def _check_metric(task) -> None:
     """BadInput before the model runs when a task reports no accuracy (perplexity, BLEU)."""
     metrics = list(task.aggregation())
     if not any(m in metrics for m in ACCURACY_METRICS):
-        raise BadInput(f"lm-evaluation-harness task '{task.task_name}' reports "
-                       f"{', '.join(metrics) or 'no metric'}; tunebench reads accuracy "
-                       "(acc or exact_match): use a multiple-choice or question-answering task",
+        raise BadInput(msg("eval.harness.no_accuracy", name=task.task_name,
+                           metrics=", ".join(metrics) or msg("eval.harness.no_metric")),
                        field=FIELD)
 
 

@@ -223,3 +223,17 @@ def text_of(value: Any, lang: str | None = None) -> str:
     if hasattr(value, "text") and callable(value.text):
         return value.text(lang)
     return str(value)
+
+
+def recorded(found: dict | None, key: str, lang: str | None = None) -> str | None:
+    """A text a job wrote for people into one of its files (`key`, English) as its reader
+    reads it: from the record written beside it (`<key>_msg`) when there is one."""
+    if not found:
+        return None
+    record = found.get(f"{key}_msg")
+    if record:
+        try:
+            return Msg.from_record(record).text(lang)
+        except (KeyError, TypeError, AttributeError):
+            pass  # a record from another version: its English text follows
+    return found.get(key)

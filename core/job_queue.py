@@ -48,6 +48,7 @@ import psutil
 
 from . import jobs, runs
 from .errors import BadInput
+from .i18n import msg, t
 
 QUEUE_DIR = ".queue"
 STARTED = "started"
@@ -55,7 +56,7 @@ RUNNER_LOCK, RUNNER_LOG = "runner.lock", "runner.log"
 FAKE_GPUS_ENV = "TUNEBENCH_FAKE_GPUS"  # test hook: the GPU count the slot logic sees
 POLL_S = 0.5
 JOB_LOGS = {"train": runs.LOG, "eval": runs.EVAL_LOG, "export": runs.EXPORT_LOG}
-CANCELLED = "cancelled while queued; it never started"
+CANCELLED = "cancelled while queued; it never started"  # job.queue.cancelled's English
 
 try:
     import fcntl
@@ -122,16 +123,15 @@ def position(run_dir: Path) -> int | None:
 def waiting_text(run_dir: Path) -> str:
     """What the page says of a queued job, on every tab."""
     place = position(run_dir)
-    return (f"queued, position {place}: it starts by itself when the devices are free"
-            if place else "queued, but no longer in the queue (its entry was removed)")
+    return t("job.queue.waiting", place=place) if place else t("job.queue.lost")
 
 
 def state_label(run_dir: Path, state: str) -> str:
     """The runs list's state column: `queued #2` for a waiting job."""
     if state != "queued":
-        return state
+        return t(f"job.state.{state}") if state in runs.STATES else state
     n = position(run_dir)
-    return f"queued #{n}" if n else "queued"
+    return t("job.queue.label", n=n) if n else t("job.state.queued")
 
 
 # --- putting jobs in, taking them out (callers hold jobs.lock) --------------------------
@@ -149,7 +149,7 @@ def enqueue(run_dir: Path, saves_dir: str | Path, command: str = "train", gpus: 
     run_dir = Path(run_dir).resolve()
     path = folder / f"{_key(run_dir)}.json"
     if any(e.path == path for e in waiting):
-        raise BadInput("this job is queued already", file=str(run_dir))
+        raise BadInput(msg("job.queue.already"), file=str(run_dir))
     entry = Entry(path, run_dir, command, max(1, int(gpus)),
                   max((e.order for e in waiting), default=0) + 1, os.getcwd(), runs.now_iso(),
                   None)
@@ -168,8 +168,7 @@ def _find(saves_dir: str | Path, run_dir: Path) -> tuple[list[Entry], int]:
     for i, entry in enumerate(waiting):
         if entry.run_dir.resolve() == resolved:
             return waiting, i
-    raise BadInput(f"'{Path(run_dir).name}' is not waiting in the queue (it started, ended or "
-                   "was cancelled)")
+    raise BadInput(msg("job.queue.not_waiting", name=Path(run_dir).name))
 
 
 def cancel(saves_dir: str | Path, run_dir: Path) -> dict:
@@ -179,7 +178,8 @@ def cancel(saves_dir: str | Path, run_dir: Path) -> dict:
         _settle(saves_dir)
         waiting, i = _find(saves_dir, run_dir)
         waiting[i].path.unlink()
-        return runs.write_status(Path(run_dir), "aborted", pid=None, error=CANCELLED)
+        return runs.write_status(Path(run_dir), "aborted", pid=None,
+                                 **runs.error_fields(msg("job.queue.cancelled")))
 
 
 def move_up(saves_dir: str | Path, run_dir: Path) -> int:
@@ -420,7 +420,7 @@ def train_or_queue(config_path: str | None, overrides: list[str],
     config = cfg.load_resolved(config_path, overrides).config
     problems = cfg.validate(config)
     if problems:
-        raise BadInput("; ".join(problems))
+        raise BadInput(runs.semicolons(problems))
     with jobs.lock():
         now = not jobs.active() and not has_waiting(saves_dir)
         config, run_dir = train.prepare_run_dir(config, config_path)

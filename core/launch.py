@@ -29,6 +29,7 @@ import psutil
 from . import config as cfg
 from . import jobs, paths, runs
 from .errors import BadInput
+from .i18n import Msg, msg
 
 # Runs this process is aborting: their exit is "aborted", not a crash.
 _aborting: set[str] = set()
@@ -74,9 +75,9 @@ def refuse_if_busy(saves_dir: Path) -> None:
     if busy:
         run = busy[0]
         inside = runs.find_run(saves_dir, run.name) is not None
-        where = f"run '{run.name}'" if inside else f"a run in {run.path}"
-        raise BadInput(f"{where} is still running (started {run.started_at}); "
-                       "abort it or wait for it to finish before starting another")
+        where = (msg("job.busy.run", name=run.name) if inside
+                 else msg("job.busy.elsewhere", path=str(run.path)))
+        raise BadInput(msg("job.busy", where=where, started=run.started_at))
 
 
 def _new_run_dir(config: cfg.TrainConfig, saves_dir: Path) -> Path:
@@ -103,7 +104,7 @@ def start_run(config: cfg.TrainConfig, saves_dir: str | Path = "saves",
     saves_dir = Path(saves_dir)
     problems = cfg.validate(config)
     if problems:
-        raise BadInput("; ".join(problems))
+        raise BadInput(runs.semicolons(problems))
 
     def place(saves: Path) -> tuple[Path, cfg.TrainConfig]:
         run_dir = _new_run_dir(config, saves)
@@ -140,12 +141,12 @@ def resume_run(run_dir: str | Path, saves_dir: str | Path = "saves") -> Path:
     run_dir = Path(run_dir)
     status = runs.read_status(run_dir)
     if status is None:
-        raise BadInput("not a run folder (no status.json)", file=str(run_dir))
+        raise BadInput(msg("job.not_run_folder"), file=str(run_dir))
     if status["state"] in ("running", "queued"):
-        raise BadInput(f"run '{run_dir.name}' is still {status['state']}")
+        raise BadInput(msg("job.resume.still", name=run_dir.name,
+                           state=msg(f"job.state.{status['state']}")))
     if runs.last_checkpoint(run_dir) is None:
-        raise BadInput(f"run '{run_dir.name}' has no checkpoint to resume from; start it again "
-                       "instead")
+        raise BadInput(msg("job.resume.no_checkpoint", name=run_dir.name))
     config = cfg.load(run_dir / runs.CONFIG)
     config = dataclasses.replace(config, output_dir=str(run_dir), resume=True)
     with jobs.lock():
@@ -227,24 +228,23 @@ def _reap(proc: subprocess.Popen, run_dir: Path) -> None:
     if str(run_dir.resolve()) in _aborting:
         return  # abort_run writes the ending
     runs.write_status(run_dir, "failed", pid=proc.pid, exit_code=code,
-                      error=_death_message(code, run_dir))
+                      **runs.error_fields(_death_message(code, run_dir)))
 
 
-def _death_message(code: int, run_dir: Path) -> str:
-    what = runs.JOB_WORDS.get((runs.read_status_raw(run_dir) or {}).get("kind"), "training")
+def _death_message(code: int, run_dir: Path) -> Msg:
+    what = runs.job_word((runs.read_status_raw(run_dir) or {}).get("kind"))
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
-            name = f"signal {-code}"
-        cause = f"the {what} process was killed by {name}"
-        if code == -signal.SIGKILL:
-            cause += " (often the out-of-memory killer: lower batch_size or cutoff_len)"
+            name = msg("job.death.signal", number=-code)
+        oom = msg("job.death.oom_hint") if code == -signal.SIGKILL else ""
+        cause = msg("job.death.killed", what=what, name=name, hint=oom)
     else:
-        cause = f"the {what} process exited with code {code} without reporting why"
+        cause = msg("job.death.exited", what=what, code=code)
     log = runs.log_path(run_dir)
     tail = log_tail(log, lines=8).strip()
-    return cause + (f"; last lines of {log.name}:\n{tail}" if tail else "")
+    return msg("job.death.with_tail", cause=cause, log=log.name, tail=tail) if tail else cause
 
 
 def log_tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
@@ -275,7 +275,7 @@ def abort_run(run_dir: str | Path, grace_s: float = 8.0) -> dict:
     run_dir = Path(run_dir)
     status = runs.read_status(run_dir)
     if status is None:
-        raise BadInput("not a run folder (no status.json)", file=str(run_dir))
+        raise BadInput(msg("job.not_run_folder"), file=str(run_dir))
     if status["state"] != "running":
         return status
     pid = status["pid"]
@@ -305,7 +305,8 @@ def stop_job(run_dir: str | Path, saves_dir: str | Path) -> None:
     elif state == "running":
         abort_run(run_dir)
     else:
-        raise BadInput(f"'{Path(run_dir).name}' is not running or queued (it is {state})")
+        raise BadInput(msg("job.stop.not_active", name=Path(run_dir).name,
+                           state=msg(f"job.state.{state}") if state else "None"))
 
 
 def _is_group_leader(pid: int) -> bool:
@@ -330,7 +331,7 @@ def _signal_tree(pid: int, sig: int) -> None:
     except (ProcessLookupError, psutil.NoSuchProcess):
         return
     except PermissionError:
-        raise BadInput(f"not allowed to stop process {pid}; it belongs to another user") from None
+        raise BadInput(msg("job.stop.not_allowed", pid=pid)) from None
     for target in targets:
         try:
             os.kill(target, sig)

@@ -19,6 +19,7 @@ import reprlib
 from typing import Any
 
 from .errors import BadInput
+from .i18n import msg
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -217,7 +218,8 @@ def quote(value: Any, limit: int | None = None) -> str:
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # tab, newline, CR allowed
-_CONTROL_NAMES = {0: "NUL", 9: "tab", 10: "newline", 13: "carriage return", 27: "escape"}
+# The characters named in a message (config.limits.char.<name> in the catalogues).
+_CONTROL_NAMES = {0: "nul", 9: "tab", 10: "newline", 13: "carriage_return", 27: "escape"}
 
 
 def check_text(value: str, field: str, max_chars: int, *, multiline: bool = False) -> str:
@@ -228,21 +230,20 @@ def check_text(value: str, field: str, max_chars: int, *, multiline: bool = Fals
     no file, path or tokenizer can take.
     """
     if len(value) > max_chars:
-        raise BadInput(f"is {len(value):,} characters long; the limit is {max_chars:,} "
-                       f"(got {quote(value)})", field=field)
+        raise BadInput(msg("config.limits.too_long", size=f"{len(value):,}",
+                           most=f"{max_chars:,}", got=quote(value)), field=field)
     bad = (_CONTROL_MULTILINE if multiline else _CONTROL).search(value)
     if bad:
         code = ord(bad.group())
-        name = _CONTROL_NAMES.get(code, "control character")
-        raise BadInput(f"contains a {name} (U+{code:04X}) at position {bad.start() + 1}; "
-                       f"expected plain text{'' if multiline else ' on one line'} "
-                       f"(got {quote(value)})", field=field)
+        name = msg("config.limits.char." + _CONTROL_NAMES.get(code, "control"))
+        raise BadInput(msg("config.limits.control_multiline" if multiline else
+                           "config.limits.control", name=name, code=f"{code:04X}",
+                           position=bad.start() + 1, got=quote(value)), field=field)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise BadInput(f"contains an unpaired surrogate (U+{ord(value[err.start]):04X}) at "
-                       f"position {err.start + 1}, which is not valid Unicode "
-                       f"(got {quote(value)})", field=field) from None
+        raise BadInput(msg("config.limits.surrogate", code=f"{ord(value[err.start]):04X}",
+                           position=err.start + 1, got=quote(value)), field=field) from None
     return value
 
 
@@ -257,11 +258,11 @@ def check_path_text(value: str, field: str, max_bytes: int | None = None) -> str
     check_text(value, field, max_bytes)  # a character is at least one byte
     size = len(value.encode("utf-8"))
     if size > max_bytes:
-        raise BadInput(f"is {size:,} bytes long in UTF-8; the limit for a path is "
-                       f"{max_bytes:,} (got {quote(value)})", field=field)
+        raise BadInput(msg("config.limits.path_too_long", size=f"{size:,}",
+                           most=f"{max_bytes:,}", got=quote(value)), field=field)
     for part in _SEPARATORS.split(value):
         size = len(part.encode("utf-8"))
         if size > MAX_PATH_COMPONENT_BYTES:
-            raise BadInput(f"has a file or folder name of {size:,} bytes; file systems allow "
-                           f"at most {MAX_PATH_COMPONENT_BYTES} (got {quote(part)})", field=field)
+            raise BadInput(msg("config.limits.name_too_long", size=f"{size:,}",
+                               most=MAX_PATH_COMPONENT_BYTES, got=quote(part)), field=field)
     return value

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import device as device_mod
+from .i18n import Msg, msg, t
 
 GB = 1024**3
 CPU_RUNTIME_GB = 0.75       # RSS of a training process before the model: torch, transformers, TRL
@@ -87,19 +88,21 @@ class Estimate:
     generation_gb: float = 0.0   # grpo: KV cache and logits while sampling replies
     reward_gb: float = 0.0       # grpo: the reward model's weights
     sequences: int = 1           # sequences per example (dpo, rm: chosen and rejected)
-    notes: tuple[str, ...] = ()  # what the estimate could not count
+    notes: tuple[Msg, ...] = ()  # what the estimate could not count
 
-    def breakdown(self) -> str:
-        per = f" ({self.sequences} sequences per example)" if self.sequences > 1 else ""
-        parts = [f"weights {self.weights_gb:.1f}", f"gradients {self.gradients_gb:.1f}",
-                 f"optimizer {self.optimizer_gb:.1f}", f"activations {self.activations_gb:.1f}"
-                 f"{per}", f"runtime {self.runtime_gb:.1f}"]
-        for name, value in (("reference copy", self.reference_gb),
-                            ("generation cache", self.generation_gb),
-                            ("reward model", self.reward_gb)):
-            if value > 0:
-                parts.append(f"{name} {value:.1f}")
-        return ", ".join(parts) + "".join(f"; {note}" for note in self.notes)
+    def breakdown(self, lang: str | None = None) -> str:
+        """The parts in GB, in `lang` (default: the current language)."""
+        activations = ("activations_per", self.activations_gb) if self.sequences > 1 else \
+            ("activations", self.activations_gb)
+        named = [("weights", self.weights_gb), ("gradients", self.gradients_gb),
+                 ("optimizer", self.optimizer_gb), activations, ("runtime", self.runtime_gb)]
+        named += [(name, value) for name, value in (("reference", self.reference_gb),
+                                                    ("generation", self.generation_gb),
+                                                    ("reward", self.reward_gb)) if value > 0]
+        parts = [t(f"config.memory.part.{name}", lang, gb=f"{value:.1f}", n=self.sequences)
+                 for name, value in named]
+        return t("config.memory.sep", lang).join(parts) + "".join(
+            t("config.memory.note", lang, note=note) for note in self.notes)
 
 
 # --- the model's shape ------------------------------------------------------------
@@ -345,8 +348,7 @@ def _stage_parts(s: Shape, config, precision: str, dev, reward_info: dict | None
         total, _ = count_params(s)
         out["reference"] = total * (2.0 if precision == "pure_bf16" else 4.0)
     elif reference == "precomputed":
-        out["notes"].append("no reference copy: its log-probabilities are computed once "
-                            "before training")
+        out["notes"].append(msg("config.memory.note.precomputed"))
     if config.stage != "grpo":
         return out
     width = 2.0 if precision in ("bf16", "fp16", "pure_bf16") else 4.0
@@ -356,8 +358,7 @@ def _stage_parts(s: Shape, config, precision: str, dev, reward_info: dict | None
     if config.reward_model:
         size = reward_model_bytes(config.reward_model, dev, reward_info)
         if size is None:
-            out["notes"].append("reward model size unknown (its config.json is not on this "
-                                "machine), not counted")
+            out["notes"].append(msg("config.memory.note.reward_unknown"))
         else:
             out["reward"] = size
     return out
@@ -390,9 +391,10 @@ def fits(est: Estimate, dev=None) -> str | None:
     room = dev.memory_gb
     if est.total_gb <= room * 0.9:
         return None
-    what = f"{dev.name} ({room:.0f} GB)" if dev.kind == "cuda" else f"this machine's {room:.0f} GB RAM"
-    return (f"needs about {est.total_gb:.1f} GB but {what} is {'too small' if est.total_gb > room else 'nearly full'}"
-            ": lower batch_size or cutoff_len, turn on gradient_checkpointing, or use qlora")
+    what = t("config.memory.gpu_named", name=dev.name, gb=f"{room:.0f}") if dev.kind == "cuda" \
+        else t("config.memory.ram_here", gb=f"{room:.0f}")
+    return t("config.memory.too_small" if est.total_gb > room else "config.memory.nearly_full",
+             total=f"{est.total_gb:.1f}", what=what)
 
 
 def describe(config, dev=None) -> str:
@@ -400,15 +402,15 @@ def describe(config, dev=None) -> str:
     dev = dev or device_mod.detect()
     est = estimate(config, dev=dev)
     if est is None:
-        return "memory estimate unavailable: the model's config.json is not on this machine"
-    text = (f"≈ {est.total_gb:.1f} GB needed ({est.breakdown()}) for "
-            f"{est.params / 1e6:,.1f}M parameters, {est.trainable / 1e6:,.2f}M trainable")
+        return t("config.memory.unavailable")
+    text = t("config.memory.estimate", total=f"{est.total_gb:.1f}", breakdown=est.breakdown(),
+             params=f"{est.params / 1e6:,.1f}", trainable=f"{est.trainable / 1e6:,.2f}")
     warning = fits(est, dev)
     if warning:
-        return f"{text} — warning: {warning}"
-    where = f"{dev.memory_gb:.0f} GB GPU memory" if dev.kind == "cuda" else \
-        f"{dev.memory_gb:.0f} GB RAM"
-    return f"{text} — fits in {where}"
+        return t("config.memory.warning", text=text, warning=warning)
+    where = t("config.memory.gpu_memory" if dev.kind == "cuda" else "config.memory.ram",
+              gb=f"{dev.memory_gb:.0f}")
+    return t("config.memory.fits", text=text, where=where)
 
 
 # --- running out ------------------------------------------------------------------------
@@ -446,7 +448,7 @@ def cap_from_env(variable: str, preload: tuple[str, ...]) -> int | None:
     import torch
 
     if torch.cuda.is_available():
-        print(f"warning: {variable} is ignored on a GPU machine", flush=True)
+        print(t("config.memory.cap_ignored", variable=variable), flush=True)
         return None
     for module in preload:
         importlib.import_module(module)

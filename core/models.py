@@ -27,7 +27,9 @@ from typing import Callable
 
 from .config import DEMO_MODEL, LORA_FAMILY, TrainConfig
 from . import paths
+from .runs import semicolons
 from .errors import BadInput
+from .i18n import Msg, msg, t
 from .templates import CHATML, apply_template
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -46,28 +48,24 @@ def resolve_model(name: str) -> str:
     """
     name = paths.guard_model(name or "")  # confined jobs: inside the allowed roots
     if not name:
-        raise BadInput("no model given: enter a model folder, a hub id or 'demo'", field="model")
+        raise BadInput(msg("job.model.none"), field="model")
     if name == DEMO_MODEL:
         from .demo_model import ensure_demo_model
         return str(ensure_demo_model())
     local = Path(name).expanduser()
     if local.is_dir():
         if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
-            raise BadInput("this folder is an adapter, not a whole model: choose it as the "
-                           "checkpoint and its base model as the model", file=name, field="model")
+            raise BadInput(msg("job.model.is_adapter"), file=name, field="model")
         if not (local / "config.json").is_file():
-            raise BadInput("not a model folder: config.json is missing", file=str(local))
+            raise BadInput(msg("job.model.no_config"), file=str(local))
         if not any((local / f).is_file() for f in WEIGHT_FILES) and not (
                 local / "adapter_config.json").is_file():
-            raise BadInput("the model folder has no safetensors weights (model.safetensors or "
-                           "model.safetensors.index.json); tunebench never loads pickled .bin "
-                           "weights", file=str(local))
+            raise BadInput(msg("job.model.no_weights"), file=str(local))
         return str(local.resolve())
     # Hub ids look like "name" or "org/name"; anything else was meant as a folder.
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise BadInput("model folder not found (and hub ids need a network connection)",
-                       file=name, field="model")
+        raise BadInput(msg("job.model.not_found"), file=name, field="model")
     return name  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct, for online machines
 
 
@@ -77,19 +75,18 @@ def checkpoint_kind(folder: Path) -> str:
     """'adapter' (PEFT folder) or 'full' (whole model folder). BadInput otherwise."""
     folder = paths.guard(folder, "checkpoint")
     if not folder.is_dir():
-        raise BadInput("checkpoint folder not found", file=str(folder))
+        raise BadInput(msg("job.checkpoint.not_found"), file=str(folder))
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
-            what = ("only adapter_model.bin, which is pickled and never loaded"
-                    if (folder / "adapter_model.bin").exists() else "no adapter_model.safetensors")
-            raise BadInput(f"adapter folder has {what}", file=str(folder))
+            what = ("job.checkpoint.only_bin" if (folder / "adapter_model.bin").exists()
+                    else "job.checkpoint.no_safetensors")
+            raise BadInput(msg(what), file=str(folder))
         return "adapter"
     if not (folder / "config.json").is_file():
         inside = sorted(p.name for p in folder.iterdir() if p.name == "final" or
                         p.name.startswith("checkpoint-"))
-        hint = f"; this looks like a run folder, pick {inside[0]}/ inside it" if inside else ""
-        raise BadInput("not a checkpoint: expected adapter_config.json (LoRA family) or "
-                       f"config.json with *.safetensors (full model){hint}", file=str(folder))
+        hint = msg("job.checkpoint.run_folder_hint", inside=inside[0]) if inside else ""
+        raise BadInput(msg("job.checkpoint.not_one", hint=hint), file=str(folder))
     resolve_model(str(folder))  # config.json and safetensors weights, never pickles
     return "full"
 
@@ -104,6 +101,11 @@ REWARD_MODEL_REFUSAL = (
     "this {what} is a reward model (stage rm): it scores replies, it does not write them; "
     "use it as the reward_model of a grpo run, or score replies with it in the Chat tab "
     "(choose it there and use 'Score a reply')")
+
+
+def reward_model_refusal(what: str) -> Msg:
+    """REWARD_MODEL_REFUSAL as a message in the reader's language (`what`: checkpoint or model)."""
+    return msg("job.reward.refusal", what=msg(f"job.what.{what}"))
 
 
 def _read_json(path: Path) -> dict:
@@ -171,7 +173,7 @@ def tokenizer_folder(base: str, checkpoint: Path | None) -> str:
 
 
 def adapter_problems(base_config, adapter_dir: Path, trust_remote_code: bool = False,
-                     head: str = "causal") -> list[str]:
+                     head: str = "causal") -> list[Msg]:
     """Why an adapter does not fit a base model ([] = it fits).
 
     Compares each adapter tensor's shape with the layer it patches, using a model
@@ -200,14 +202,14 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_emb
                        r"lora_embedding_B)(?:\.weight)?$")
 
 
-def _shape_problem(key: str, shape: list[int], modules: dict) -> str | None:
+def _shape_problem(key: str, shape: list[int], modules: dict) -> Msg | None:
     match = _LORA_KEY.match(key)
     if not match:
         return None
     name, part = match.groups()
     module = modules.get(name)
     if module is None:
-        return f"the base model has no layer '{name}'"
+        return msg("job.adapter.no_layer", name=name)
     if hasattr(module, "in_features"):
         want = module.in_features if part == "lora_A" else module.out_features
         got = shape[1] if part == "lora_A" else shape[0]
@@ -217,7 +219,7 @@ def _shape_problem(key: str, shape: list[int], modules: dict) -> str | None:
     else:
         return None
     if want != got:
-        return f"layer '{name}' has size {want} in the base model but {got} in the adapter"
+        return msg("job.adapter.layer_size", name=name, want=want, got=got)
     return None
 
 
@@ -230,10 +232,9 @@ def check_adapter_fits(base: str, base_config, adapter_dir: Path,
     problems = adapter_problems(base_config, adapter_dir, trust_remote_code, head)
     if problems:
         trained_on = base_model_of(adapter_dir)
-        hint = f" It was trained on '{trained_on}'." if trained_on else ""
-        raise BadInput(f"this adapter does not fit the base model '{base}': "
-                       f"{'; '.join(problems)}.{hint} Use the base model it was trained on.",
-                       file=str(adapter_dir))
+        hint = msg("job.adapter.trained_on", model=trained_on) if trained_on else ""
+        raise BadInput(msg("job.adapter.misfit", base=base, problems=semicolons(problems),
+                           hint=hint), file=str(adapter_dir))
 
 
 # --- precision -------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def pick_dtype(wanted="auto", model_config=None, device: str | None = "cpu", *,
     if wanted == "stored":
         return stored if stored in named.values() else torch.float32
     if wanted != "auto":
-        raise BadInput(f"expected one of auto, stored, {', '.join(named)}, got '{wanted}'",
+        raise BadInput(msg("job.model.bad_dtype", named=", ".join(named), wanted=wanted),
                        field="dtype")
     if device not in (None, "cpu"):
         if stored in (torch.bfloat16, torch.float16):
@@ -322,8 +323,7 @@ def _rope_scaled(model_config, source: str, scaling: str, factor: float):
     text = model_config.get_text_config()
     old = dict(getattr(text, "rope_parameters", None) or {})
     if not old or any(isinstance(v, dict) for v in old.values()):
-        raise BadInput("rope_scaling: this model has no single RoPE setting to scale (it uses "
-                       "none, or one per layer type)", file=source, field="rope_scaling")
+        raise BadInput(msg("job.model.no_rope"), file=source, field="rope_scaling")
     original = int(text.max_position_embeddings)
     params = {"rope_type": scaling, "factor": float(factor),
               "rope_theta": old.get("rope_theta", getattr(text, "rope_theta", 10000.0))}
@@ -342,14 +342,14 @@ def _rope_scaled(model_config, source: str, scaling: str, factor: float):
 
 # --- the one loader ----------------------------------------------------------------------
 
-def load_error(name: str, err: Exception, what: str = "the model") -> BadInput:
+def load_error(name: str, err: Exception, what: str = "model") -> BadInput:
     """A failed from_pretrained, for people: a name that is neither a folder nor on the hub,
     or the library's first line about a folder it could not load."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not Path(name).exists():
-        return BadInput(f"'{name}' is not a local folder and could not be fetched from the hub "
-                        f"(offline, or no such model): {text}", field="model")
-    return BadInput(f"cannot load {what}: {text}", file=name)
+        return BadInput(msg("job.model.not_fetched", name=name, text=text), field="model")
+    return BadInput(msg("job.model.cannot_load", what=msg(f"job.model.part.{what}"), text=text),
+                    file=name)
 
 
 def load_config(folder: str, trust_remote_code: bool = False):
@@ -358,7 +358,7 @@ def load_config(folder: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise load_error(folder, err, "the model config") from None
+        raise load_error(folder, err, "config") from None
 
 
 def _tokenizer(folder: str, template: str, trust_remote_code: bool, fallback: str | None):
@@ -367,7 +367,7 @@ def _tokenizer(folder: str, template: str, trust_remote_code: bool, fallback: st
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise load_error(folder, err, "the tokenizer") from None
+        raise load_error(folder, err, "tokenizer") from None
     if template == "auto" and not tokenizer.chat_template and fallback:
         tokenizer.chat_template = fallback
     apply_template(tokenizer, template, model=folder)
@@ -416,9 +416,10 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
 
     train = purpose == "train"
     if head not in HEADS:
-        raise BadInput(f"expected head {' or '.join(HEADS)}, got '{head}'", field="head")
+        raise BadInput(msg("job.model.bad_head", a=HEADS[0], b=HEADS[1], head=head),
+                       field="head")
     progress = progress or (lambda message, fraction: None)
-    progress("Checking files", 0.02)
+    progress(t("job.load.checking"), 0.02)
     ckpt = paths.guard(adapter, "checkpoint").resolve() if adapter else None
     kind = checkpoint_kind(ckpt) if ckpt else None
     if not model and ckpt is not None:
@@ -433,16 +434,18 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = pick_dtype(dtype, model_config, device, train=train)
     if tokenizer is None:
-        progress("Loading tokenizer", 0.08)
+        progress(t("job.load.tokenizer"), 0.08)
         folder = tokenizer_folder(base, ckpt)
         if template is None:  # a checkpoint's saved tokenizer already carries its template
             template = run_config(ckpt).get("template", "auto") if ckpt and folder == base \
                 else "auto"
         tokenizer = _tokenizer(folder, str(template), trust_remote_code,
                                fallback=None if train else CHATML)
-    what = f"checkpoint {ckpt.name}" if kind == "full" else f"base model {Path(base).name}"
-    scored = " with a score head (reward model)" if head == "score" else ""
-    progress(f"Loading {what} as {str(torch_dtype).replace('torch.', '')}{scored}", 0.15)
+    what = (msg("job.load.checkpoint", name=ckpt.name) if kind == "full"
+            else msg("job.load.base", name=Path(base).name))
+    scored = msg("job.load.scored") if head == "score" else ""
+    progress(t("job.load.model", what=what, dtype=str(torch_dtype).replace("torch.", ""),
+               scored=scored), 0.15)
     kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device not in (None, "cpu"):
         kwargs["device_map"] = device
@@ -463,7 +466,7 @@ def load_checkpoint(model: str | None, adapter: str | Path | None = None, *,
         from .attention import apply_booster
         loaded = apply_booster(loaded, booster)
     if kind == "adapter":
-        progress(f"Applying adapter {ckpt.parent.name}/{ckpt.name}", 0.85)
+        progress(t("job.load.adapter", name=f"{ckpt.parent.name}/{ckpt.name}"), 0.85)
         loaded = _apply_adapter(loaded, ckpt, base, trainable=train)
     if not train:
         loaded.eval()
@@ -508,15 +511,13 @@ def _check_head(head: str, model_config, where: Path | str, kind: str | None,
         reward = _scores(getattr(model_config, "architectures", None))
     what = "checkpoint" if kind else "model"
     if head == "causal" and reward:
-        raise BadInput(REWARD_MODEL_REFUSAL.format(what=what), file=str(where), field=what)
+        raise BadInput(reward_model_refusal(what), file=str(where), field=what)
     if head == "score" and not reward and not train:
-        raise BadInput(f"this {what} is not a reward model: expected the final/ (or a "
-                       "checkpoint) of a stage rm run, or a model whose config.json names a "
-                       f"...{SCORE_ARCHITECTURE} architecture", file=str(where), field=what)
+        raise BadInput(msg("job.reward.not_one", what=msg(f"job.what.{what}"),
+                           architecture=SCORE_ARCHITECTURE), file=str(where), field=what)
     labels = getattr(model_config, "num_labels", 1)
     if head == "score" and reward and kind != "adapter" and labels != 1:
-        raise BadInput(f"this reward model has {labels} outputs per reply; a reward model has "
-                       "one (num_labels 1), the score", file=str(where), field=what)
+        raise BadInput(msg("job.reward.labels", labels=labels), file=str(where), field=what)
 
 
 def _score_config(model_config, tokenizer):
@@ -540,8 +541,8 @@ def _apply_adapter(model, adapter_dir: Path, base: str, trainable: bool = False)
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         # A shape mismatch the pre-check missed (e.g. a modules_to_save layer).
-        raise BadInput(f"this adapter does not fit the base model '{base}': "
-                       f"{str(err).splitlines()[0][:300]}", file=str(adapter_dir)) from None
+        raise BadInput(msg("job.adapter.misfit_load", base=base,
+                           text=str(err).splitlines()[0][:300]), file=str(adapter_dir)) from None
 
 
 # --- reward models: scoring replies ------------------------------------------------------
@@ -666,8 +667,8 @@ def score_head(model):
         head = getattr(model, name, None)
         if head is not None:
             return head
-    raise BadInput(f"this model has no score head ({' or '.join(SCORE_HEAD_NAMES)}) to "
-                   "train as a reward model", field="model")
+    raise BadInput(msg("job.reward.no_head", a=SCORE_HEAD_NAMES[0], b=SCORE_HEAD_NAMES[1]),
+                   field="model")
 
 
 # PEFT's fast-SVD PiSSA: 16 subspace iterations initialise a 7B model in seconds and train
@@ -768,8 +769,8 @@ def load_converted_adapter(model, folder: Path) -> None:
     misfits = [key for key, value in state.items() if value is None] + sorted(
         set(current) - set(saved))
     if misfits:
-        raise BadInput(f"this checkpoint was not saved by a PiSSA run with these LoRA settings "
-                       f"({misfits[0]} does not fit)", file=str(folder), field="resume")
+        raise BadInput(msg("job.pissa.misfit", key=misfits[0]), file=str(folder),
+                       field="resume")
     set_peft_model_state_dict(model, state)
 
 
@@ -793,13 +794,13 @@ def _decoder_layers(model):
         layers = getattr(module, "layers", None)
         if layers is not None and hasattr(layers, "__len__") and len(layers) > 0:
             return layers
-    raise BadInput("freeze tuning could not find the model's decoder layers", field="method")
+    raise BadInput(msg("job.freeze.no_layers"), field="method")
 
 
 def _train_last_layers(model, n: int) -> None:
     layers = _decoder_layers(model)
     if n > len(layers):
-        raise BadInput(f"freeze_layers is {n} but the model has only {len(layers)} layers",
+        raise BadInput(msg("job.freeze.too_many", n=n, layers=len(layers)),
                        field="freeze_layers")
     for param in model.parameters():
         param.requires_grad = False

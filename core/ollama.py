@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput
+from .i18n import Msg, msg
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 ROLES = ("system", "user", "assistant")
@@ -63,19 +64,19 @@ def chat_shape(render: Render) -> ChatShape:
         with_prompt = render(messages[:4], True)
         alone = render([{"role": "user", "content": _MARK.format(0)}], False)
     except Exception as err:  # noqa: BLE001 - a template that cannot render this is the finding
-        raise _unsupported(f"it fails on a system + user/assistant conversation ({err})") from None
+        raise _unsupported(msg("export.ollama.fails", error=str(err))) from None
     for k, message in enumerate(messages):
         if not texts[k + 1].startswith(texts[k]):
-            raise _unsupported("it does not render a conversation message by message")
+            raise _unsupported(msg("export.ollama.not_incremental"))
         block = texts[k + 1][len(texts[k]):]
         if block.count(message["content"]) != 1:
-            raise _unsupported(f"it does not write a {message['role']} message's content once")
+            raise _unsupported(msg("export.ollama.content_once", role=message["role"]))
         before, _, after = block.partition(message["content"])
         pair = prefix.setdefault(message["role"], before), suffix.setdefault(message["role"], after)
         if pair != (before, after):
-            raise _unsupported(f"its {message['role']} turns are not all written the same way")
+            raise _unsupported(msg("export.ollama.turns_differ", role=message["role"]))
     if not with_prompt.startswith(texts[4]):
-        raise _unsupported("its generation prompt is not added at the end")
+        raise _unsupported(msg("export.ollama.prompt_not_last"))
     user_block = prefix["user"] + _MARK.format(0) + suffix["user"]
     return ChatShape(prefix, suffix, with_prompt[len(texts[4]):],
                      _default_system(alone, user_block, prefix, suffix))
@@ -84,18 +85,17 @@ def chat_shape(render: Render) -> ChatShape:
 def _default_system(alone: str, user_block: str, prefix: dict, suffix: dict) -> str | None:
     """The system prompt a template adds when none is given (Qwen's), or None."""
     if not alone.endswith(user_block):
-        raise _unsupported("a conversation without a system message does not end as expected")
+        raise _unsupported(msg("export.ollama.no_system_end"))
     lead = alone[: len(alone) - len(user_block)]
     if not lead:
         return None
     if lead.startswith(prefix["system"]) and lead.endswith(suffix["system"]):
         return lead[len(prefix["system"]): len(lead) - len(suffix["system"])]
-    raise _unsupported("it writes text before the first message that is not a system turn")
+    raise _unsupported(msg("export.ollama.lead_text"))
 
 
-def _unsupported(why: str) -> BadInput:
-    return BadInput(f"this chat template cannot be written as an Ollama template: {why}",
-                    field="template")
+def _unsupported(why: Msg) -> BadInput:
+    return BadInput(msg("export.ollama.unsupported", why=why), field="template")
 
 
 def go_template(shape: ChatShape) -> str:
@@ -103,7 +103,7 @@ def go_template(shape: ChatShape) -> str:
     for piece in list(shape.prefix.values()) + list(shape.suffix.values()) + [
             shape.generation_prompt]:
         if "{{" in piece or '"""' in piece:
-            raise _unsupported("its text contains '{{' or '\"\"\"'")
+            raise _unsupported(msg("export.ollama.braces"))
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
         f"{shape.prefix[role]}{{{{ .Content }}}}{shape.suffix[role]}"
@@ -123,7 +123,7 @@ def modelfile_text(gguf_name: str, template: str, stops: list[str], settings,
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     if system:
         if '"""' in system:
-            raise BadInput('the system prompt contains \'"""\'', field="system")
+            raise BadInput(msg("export.ollama.system_quotes"), field="system")
         lines.append(f'SYSTEM """{system}"""')
     lines += [f"PARAMETER stop {_quote(stop)}" for stop in stops]
     # Ollama's names for tunebench's generation settings; top_k 0 means no limit in both.
@@ -151,8 +151,8 @@ def write_modelfile(gguf_file: Path, tokenizer, stops: list[str], settings=None)
     want = render(PROBE_CONVERSATION, True)
     got = render_go(template, PROBE_CONVERSATION, shape.default_system)
     if got != want:
-        raise _unsupported(f"the derived template renders {got[:80]!r}, the Jinja template "
-                           f"{want[:80]!r}")
+        raise _unsupported(msg("export.ollama.renders", got=repr(got[:80]),
+                               want=repr(want[:80])))
     path = Path(gguf_file).parent / "Modelfile"
     path.write_text(modelfile_text(Path(gguf_file).name, template, stops, settings,
                                    shape.default_system), encoding="utf-8")

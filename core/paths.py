@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import limits
 from .errors import BadInput
+from .i18n import msg
 
 ENV_ROOTS = "TUNEBENCH_ALLOWED_ROOTS"
 CONFINE_ENV = "TUNEBENCH_CONFINE"
@@ -89,7 +90,7 @@ def expand(raw: str | Path, what: str = "path") -> Path:
     """`~` expanded and made absolute against the project folder; symlinks not yet resolved."""
     text = limits.check_path_text(str(raw).strip(), what)
     if not text:
-        raise BadInput(f"{what} is empty")
+        raise BadInput(msg("config.paths.empty", what=what))
     path = expand_user(text)
     return path if path.is_absolute() else project_root() / path
 
@@ -106,14 +107,14 @@ def confine(raw: str | Path, what: str = "path", roots: list[Path] | None = None
     try:
         resolved = path.resolve()  # follows every symlink, so a link out of a root is caught
     except (OSError, RuntimeError) as err:  # a symlink loop, an unreadable parent
-        raise BadInput(f"{what} cannot be resolved: {err}") from None
+        raise BadInput(msg("config.paths.unresolved", what=what, error=str(err))) from None
     roots = roots if roots is not None else allowed_roots()
     if not is_allowed(resolved, roots):
         shown = ", ".join(str(r) for r in roots)
-        raise BadInput(f"{what} {limits.quote(text)} is outside the allowed folders ({shown}); "
-                       "start the app with --allow-root DIR to allow another folder")
+        raise BadInput(msg("config.paths.outside", what=what, path=limits.quote(text),
+                           roots=shown))
     if must_exist and not resolved.exists():
-        raise BadInput(f"{what} {limits.quote(text)} does not exist")
+        raise BadInput(msg("config.paths.missing", what=what, path=limits.quote(text)))
     return resolved
 
 
@@ -134,7 +135,7 @@ def confine_model(raw: str, roots: list[Path] | None = None) -> str:
     """Models may also be 'demo' or a hub id (org/name), which are not paths."""
     text = limits.check_path_text(str(raw).strip(), "model")
     if not text:
-        raise BadInput("no model given: enter a model folder, a hub id or 'demo'", field="model")
+        raise BadInput(msg("config.paths.no_model"), field="model")
     if text == "demo" or looks_like_hub_id(text):
         return text
     return str(confine(text, "model", roots, must_exist=True))

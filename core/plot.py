@@ -11,22 +11,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import runs
+from . import i18n, runs
+from .i18n import t
 
-# The signals a trainer may log besides the loss, in the order they are offered, with the
-# label a person reads. `reward_<func>` (one per grpo reward function) is labelled by
-# `signal_label`. Evaluation lines carry the same names with EVAL_PREFIX.
-SIGNALS = {
-    "reward_margin": "reward margin (chosen − rejected)",
-    "reward_accuracy": "reward accuracy (share of pairs with chosen > rejected)",
-    "accuracy": "accuracy (share of pairs scored chosen > rejected)",
-    "reward_chosen": "reward of the chosen replies",
-    "reward_rejected": "reward of the rejected replies",
-    "reward": "mean reward of the sampled replies",
-    "reward_std": "reward spread within each prompt's group (std)",
-    "completion_length": "sampled reply length (tokens)",
-    "kl": "KL divergence from the reference model",
-}
+# The signals a trainer may log besides the loss, in the order they are offered. What a
+# person reads for each is in the catalogues (core/locales): plot.signal.<name>, a short
+# name for an axis, and plot.signal.<name>.why where it needs explaining. `reward_<func>`
+# (one per grpo reward function) is labelled by `signal_label`. Evaluation lines carry the
+# same names with EVAL_PREFIX.
+SIGNALS = ("reward_margin", "reward_accuracy", "accuracy", "reward_chosen", "reward_rejected",
+           "reward", "reward_std", "completion_length", "kl")
 REWARD_PREFIX = "reward_"   # reward_<func>: one grpo reward function's mean score
 EVAL_PREFIX = "eval_"
 # What each stage shows unless the user picks otherwise: the signals that say whether
@@ -93,21 +87,30 @@ def is_signal(name: str) -> bool:
     return name in SIGNALS or (name.startswith(REWARD_PREFIX) and len(name) > len(REWARD_PREFIX))
 
 
-def signal_label(name: str) -> str:
+def signal_label(name: str, lang: str | None = None) -> str:
     """What a person reads for a signal: 'reward margin (chosen − rejected)',
-    'reward: exact_match', 'eval reward margin (chosen − rejected)'."""
-    if name.startswith(EVAL_PREFIX):
-        return "eval " + signal_label(name[len(EVAL_PREFIX):])
-    if name in SIGNALS:
-        return SIGNALS[name]
-    if name.startswith(REWARD_PREFIX):
-        return f"reward: {name[len(REWARD_PREFIX):]} (mean score of this reward function)"
-    return name.replace("_", " ")
+    'reward: exact_match (mean score of this reward function)', 'eval reward margin
+    (chosen − rejected)'."""
+    short, why = _signal_texts(name, lang)
+    return t("plot.explained", lang, label=short, why=why) if why else short
 
 
-def signal_short(name: str) -> str:
+def signal_short(name: str, lang: str | None = None) -> str:
     """The label without its explanation, for an axis: 'reward margin'."""
-    return signal_label(name).split(" (", 1)[0]
+    return _signal_texts(name, lang)[0]
+
+
+def _signal_texts(name: str, lang: str | None) -> tuple[str, str | None]:
+    if name.startswith(EVAL_PREFIX):
+        short, why = _signal_texts(name[len(EVAL_PREFIX):], lang)
+        return t("plot.eval", lang, label=short), why
+    if name in SIGNALS:
+        why = f"plot.signal.{name}.why"
+        return t(f"plot.signal.{name}", lang), (t(why, lang) if i18n.has(why) else None)
+    if name.startswith(REWARD_PREFIX):
+        return (t("plot.reward_function", lang, name=name[len(REWARD_PREFIX):]),
+                t("plot.reward_function.why", lang))
+    return name.replace("_", " "), None
 
 
 def signal_names(keys) -> list[str]:
@@ -188,8 +191,9 @@ def plot_loss(run_dir: Path, weight: float = 0.9, stage: str | None = None) -> P
     ax.legend()
     for i, name in enumerate(signals):
         panel = fig.add_subplot(grid[1, i])
-        _draw(panel, *signal_series(curves, name), weight, signal_short(name))
-        panel.set_title(signal_label(name), fontsize=8, wrap=True)
+        # loss.png is a file, read anywhere: English (its font has no CJK glyphs either)
+        _draw(panel, *signal_series(curves, name), weight, signal_short(name, "en"))
+        panel.set_title(signal_label(name, "en"), fontsize=8, wrap=True)
         panel.tick_params(labelsize=7)
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"

@@ -20,6 +20,7 @@ from typing import Callable
 from . import paths
 from .config import TrainConfig
 from .errors import BadInput
+from .i18n import msg
 
 Scorer = Callable[..., list[float]]
 _TRAILING = ".!?。！？ \t\n"
@@ -88,9 +89,7 @@ def user_scorer(ref: str) -> Scorer:
     saves/, --allow-root folders, or the working directory)."""
     file, _, name = ref.rpartition(":")
     if paths.confined():
-        raise BadInput(f"{ref}: a reward function written in Python runs code, so the page "
-                       "does not take one; start the run with tunebench train CONFIG",
-                       field="reward_funcs")
+        raise BadInput(msg("data.reward_code_refused", ref=ref), field="reward_funcs")
     path = paths.confine(file, "reward_funcs", roots=paths.allowed_roots() + [Path.cwd()],
                          must_exist=True)
     spec = importlib.util.spec_from_file_location(f"tunebench_reward_{path.stem}", path)
@@ -98,11 +97,12 @@ def user_scorer(ref: str) -> Scorer:
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # the user's code: say where it failed, no traceback
-        raise BadInput(f"cannot load the reward function: {type(err).__name__}: {err}",
+        raise BadInput(msg("data.reward_load_failed", error=f"{type(err).__name__}: {err}"),
                        file=str(path), field="reward_funcs") from None
     func = getattr(module, name, None)
     if not callable(func):
-        raise BadInput(f"has no function '{name}'", file=str(path), field="reward_funcs")
+        raise BadInput(msg("data.reward_no_function", name=name), file=str(path),
+                       field="reward_funcs")
     return func
 
 

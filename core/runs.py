@@ -29,7 +29,9 @@ from pathlib import Path
 
 import psutil
 
+from . import i18n
 from .errors import BadInput
+from .i18n import Msg, msg, t
 
 STATES = ("queued", "running", "completed", "failed", "aborted")  # queued: core/job_queue.py
 STATUS, METRICS, CONFIG, COMMAND, LOG = (
@@ -67,14 +69,13 @@ def pick_run_dir(config, saves_dir: str | Path = "saves",
     if config.output_dir:
         run_dir = Path(config.output_dir).expanduser()
         if holds_run(run_dir, config_file) and not _resumes(config, run_dir):
-            raise BadInput("this folder already holds a run; choose another output_dir, or "
-                           "resume that run", file=str(run_dir), field="output_dir")
+            raise BadInput(msg("job.run.folder_taken"), file=str(run_dir), field="output_dir")
         return run_dir
     saves_dir = Path(saves_dir)
     if config.run_name:
         run_dir = saves_dir / config.run_name
         if run_dir.exists() and not _resumes(config, run_dir):
-            raise BadInput(f"run_name '{config.run_name}' is taken: {run_dir} already exists")
+            raise BadInput(msg("job.run.name_taken", name=config.run_name, folder=str(run_dir)))
         return run_dir
     name = default_run_name(config.method, config.stage)
     run_dir, n = saves_dir / name, 2
@@ -164,6 +165,46 @@ def error_text(status: dict | None, lang: str | None = None) -> str | None:
     return status.get("error")
 
 
+def error_fields(err: "BaseException | Msg | str | None") -> dict:
+    """status.json's `error` (English, by contract) and `error_msg` (its language-neutral
+    record, for error_text) for an ending's cause: a BadInput, a Msg of fixed wording, or
+    a plain text (a bug's, which has no record, so no `error_msg`)."""
+    if isinstance(err, Msg):
+        return {"error": err.text("en"),
+                "error_msg": {**err.record(), "file": None, "record": None, "field": None}}
+    if isinstance(err, BadInput):
+        return {"error": err.text("en"), "error_msg": error_record(err)}
+    return {"error": None if err is None else str(err)}
+
+
+def semicolons(items: list) -> "Msg | str":
+    """Messages (or texts) joined by "; ", in whichever language they are shown."""
+    joined = items[-1] if items else ""
+    for item in reversed(items[:-1]):
+        joined = msg("job.semicolon", first=item, rest=joined)
+    return joined
+
+
+def job_word(kind: str | None) -> Msg:
+    """A job's kind (status.json) in a sentence: "training", "evaluation", ... (JOB_WORDS)."""
+    return msg(f"job.kind.{kind if kind in JOB_WORDS else 'train'}")
+
+
+# The phases a job reports in status.json (English, by contract) -> their catalogue ids.
+def phase_text(phase: str | None, lang: str | None = None) -> str:
+    """status.json's `phase` ("loading model") as its reader reads it (the catalogue's
+    job.phase.loading_model); a phase the catalogue lacks as it is written."""
+    phase = phase or "starting"
+    key = "job.phase." + phase.replace(" ", "_")
+    return t(key, lang) if i18n.has(key) else phase
+
+
+def stopped_early_text(status: dict | None, lang: str | None = None) -> str | None:
+    """Why a run stopped early, in the reader's language (`stopped_early_msg`), else the
+    English `stopped_early`."""
+    return i18n.recorded(status, "stopped_early", lang)
+
+
 def update_status(run_dir: Path, **fields) -> None:
     """Change extra fields (such as "phase") of the current status without a state change."""
     status = read_status_raw(run_dir) or {}
@@ -208,11 +249,10 @@ def read_status(run_dir: Path) -> dict | None:
     status = read_status_raw(run_dir)
     if status and status.get("state") == "running" and not pid_alive(
             status.get("pid"), status.get("started_at")):
-        what = JOB_WORDS.get(status.get("kind"), "training")
-        status = write_status(
-            Path(run_dir), "failed", pid=status.get("pid"), exit_code=status.get("exit_code"),
-            error=f"the {what} process disappeared without reporting (killed, or out of memory)",
-            guessed=True)
+        gone = msg("job.process.disappeared", what=job_word(status.get("kind")))
+        status = write_status(Path(run_dir), "failed", pid=status.get("pid"),
+                              exit_code=status.get("exit_code"), **error_fields(gone),
+                              guessed=True)
     return status
 
 

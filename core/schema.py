@@ -25,6 +25,19 @@ import yaml
 
 from . import limits
 from .errors import BadInput, Problems
+from .i18n import Msg, msg
+
+
+class Invalid(ValueError):
+    """A value a setting cannot take: the short reason as a message (core.i18n.Msg), to
+    which the caller adds the key name and the value. str() renders it."""
+
+    def __init__(self, key: str, /, **params: Any):
+        self.what = msg(key, **params)
+        super().__init__(self.what.text("en"))
+
+    def __str__(self) -> str:
+        return self.what.text()
 
 
 def setting(default: Any, help: str, group: str, *, min: float | None = None,
@@ -100,12 +113,12 @@ def _to_bool(raw: Any, name: str = "", meta: dict | None = None) -> bool:
         return raw
     if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
         return raw.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
+    raise Invalid("config.expected_bool")
 
 
 def _to_int(raw: Any, name: str = "", meta: dict | None = None) -> int:
     if isinstance(raw, bool):
-        raise ValueError("expected a whole number")
+        raise Invalid("config.expected_int")
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float) and raw.is_integer():
@@ -115,20 +128,20 @@ def _to_int(raw: Any, name: str = "", meta: dict | None = None) -> int:
             return int(raw.strip())
         except ValueError:
             pass
-    raise ValueError("expected a whole number")
+    raise Invalid("config.expected_int")
 
 
 def _to_float(raw: Any, name: str = "", meta: dict | None = None) -> float:
     if isinstance(raw, bool):
-        raise ValueError("expected a number")
+        raise Invalid("config.expected_number")
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
+        raise Invalid("config.expected_number") from None
     except OverflowError:  # an integer with hundreds of digits
-        raise ValueError("expected a finite number") from None
+        raise Invalid("config.expected_finite") from None
     if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("expected a finite number")
+        raise Invalid("config.expected_finite")
     return value
 
 
@@ -143,7 +156,7 @@ def _vet(name: str, text: str, meta: dict) -> str:
 
 def _to_str(raw: Any, name: str, meta: dict) -> str:
     if isinstance(raw, (dict, list)) or raw is None:
-        raise ValueError("expected text")
+        raise Invalid("config.expected_text")
     text = str(raw) if meta.get("multiline") else str(raw).strip()
     return _vet(name, text, meta)
 
@@ -153,17 +166,17 @@ def _to_str_list(raw: Any, name: str, meta: dict) -> list[str]:
     if isinstance(raw, str):
         parts = raw.split(",", most)  # never more than one piece past the limit
         if len(parts) > most:
-            raise ValueError(f"more than {most} entries; the limit is {most}")
+            raise Invalid("config.list_over_limit", most=most)
         items = [_vet(name, part.strip(), meta) for part in parts]
     elif isinstance(raw, list):
         if len(raw) > most:
-            raise ValueError(f"{len(raw):,} entries; the limit is {most}")
+            raise Invalid("config.list_too_long", count=f"{len(raw):,}", most=most)
         items = [_to_str(item, name, meta) for item in raw]
     else:
-        raise ValueError("expected a list of names or paths")
+        raise Invalid("config.expected_list")
     items = [item for item in items if item]
     if not items:
-        raise ValueError("expected at least one entry")
+        raise Invalid("config.expected_entry")
     return items
 
 
@@ -183,8 +196,8 @@ _COERCE = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
 def coerce(schema: type, name: str, raw: Any) -> Any:
     """Convert one raw value (from YAML, the CLI or the form) to the field's type.
 
-    Raises ValueError with a short reason, to which the caller adds the key name and
-    the value; or, for text the setting cannot take, BadInput naming the key and
+    Raises Invalid (a ValueError) with a short reason, to which the caller adds the key
+    name and the value; or, for text the setting cannot take, BadInput naming the key and
     quoting the value (`limits.check_text`).
     """
     meta = fields(schema)[name].metadata
@@ -192,39 +205,40 @@ def coerce(schema: type, name: str, raw: Any) -> Any:
         return []  # a list that is empty by default may be emptied again
     value = _COERCE[types(schema)[name]](raw, name, meta)
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise ValueError("expected one of " + ", ".join(map(str, meta["choices"])))
+        raise Invalid("config.expected_choice", choices=", ".join(map(str, meta["choices"])))
     if meta["min"] is not None and value < meta["min"]:
-        raise ValueError(f"must be at least {meta['min']:g}")
+        raise Invalid("config.at_least", min=f"{meta['min']:g}")
     if meta["max"] is not None and value > meta["max"]:
-        raise ValueError(f"must be at most {meta['max']:g}")
+        raise Invalid("config.at_most", max=f"{meta['max']:g}")
     return value
 
 
-def _unknown_key(schema: type, key: Any, suggest: bool = True) -> str:
+def _unknown_key(schema: type, key: Any, suggest: bool = True) -> Msg:
     """"unknown key 'x'", with the closest setting name when one is near."""
     text = key if isinstance(key, str) else limits.quote(key, 64)
     # difflib is quadratic in the key's length: only look for short, plausible keys
     close = difflib.get_close_matches(text, fields(schema), n=1) if suggest and len(text) <= 64 else []
-    return f"unknown key {limits.quote(text, 64)}" + (
-        f" (did you mean '{close[0]}'?)" if close else "")
+    if close:
+        return msg("config.unknown_key_close", key=limits.quote(text, 64), close=close[0])
+    return msg("config.unknown_key", key=limits.quote(text, 64))
 
 
-def _capped(problems: list[str]) -> list[str]:
+def _capped(problems: list[Msg]) -> list[Msg]:
     """The first MAX_REPORTED_PROBLEMS problems, and a count of the rest."""
     most = limits.MAX_REPORTED_PROBLEMS
     if len(problems) <= most:
         return problems
-    return problems[:most] + [f"... and {len(problems) - most:,} more problems"]
+    return problems[:most] + [msg("config.more_problems", count=f"{len(problems) - most:,}")]
 
 
 def build(schema: type, raw: dict, source: str | None = None,
-          rules: Callable[[Any], list[str]] | None = None) -> Any:
+          rules: Callable[[Any], list[Msg]] | None = None) -> Any:
     """A schema instance from a plain mapping, collecting every problem before failing.
 
     `rules` is the schema's cross-field check (a list of problems, empty when fine).
     """
     if not isinstance(raw, dict):
-        raise BadInput("expected a mapping of key: value", file=source)
+        raise BadInput(msg("config.expected_mapping"), file=source)
     problems, values = [], {}
     for key, value in raw.items():
         if key not in fields(schema):
@@ -234,9 +248,10 @@ def build(schema: type, raw: dict, source: str | None = None,
         try:
             values[key] = coerce(schema, key, value)
         except BadInput as err:  # already names the problem and quotes the value
-            problems.append(f"{key}: {err.what}")
-        except ValueError as err:
-            problems.append(f"{key}: {err} (got {limits.quote(value)})")
+            problems.append(msg("config.key_problem", key=key, what=err.what))
+        except Invalid as err:
+            problems.append(msg("config.value_problem", key=key, why=err.what,
+                                got=limits.quote(value)))
     if problems:
         raise Problems(_capped(problems), file=source)
     instance = schema(**values)
@@ -252,7 +267,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise BadInput(f"expected KEY=VALUE, got {limits.quote(pair)}")
+            raise BadInput(msg("config.expected_pair", got=limits.quote(pair)))
         out[key.strip()] = value
     return out
 
@@ -303,12 +318,11 @@ def _check_expansion(root: yaml.Node) -> None:
         if key in sizes:
             continue
         if key in on_path:
-            raise BadInput("a YAML alias (*name) refers to a value that contains it; write the "
-                           "values out")
+            raise BadInput(msg("config.yaml.alias_cycle"))
         if isinstance(node, yaml.ScalarNode) and len(node.value) > limits.MAX_YAML_SCALAR_CHARS:
-            raise BadInput(f"the value at line {node.start_mark.line + 1} is "
-                           f"{len(node.value):,} characters long; the limit is "
-                           f"{limits.MAX_YAML_SCALAR_CHARS:,}")
+            raise BadInput(msg("config.yaml.long_value", line=node.start_mark.line + 1,
+                               size=f"{len(node.value):,}",
+                               most=f"{limits.MAX_YAML_SCALAR_CHARS:,}"))
         on_path.add(key)
         stack.append((node, True))
         stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
@@ -317,9 +331,8 @@ def _check_expansion(root: yaml.Node) -> None:
 def _too_big(distinct: bool, node: yaml.Node) -> BadInput:
     most = limits.MAX_YAML_NODES
     if distinct:
-        return BadInput(f"config has more than {most:,} values; a config needs about a hundred")
-    return BadInput(f"config expands to more than {most:,} values through YAML aliases "
-                    "(&anchor/*alias); write the values out")
+        return BadInput(msg("config.yaml.too_many", most=f"{most:,}"))
+    return BadInput(msg("config.yaml.expands", most=f"{most:,}"))
 
 
 def _short(text: str) -> str:
@@ -329,15 +342,18 @@ def _short(text: str) -> str:
     return text if len(text) <= most else text[:most] + "…"
 
 
-def _yaml_error(err: yaml.YAMLError) -> str:
+def _yaml_error(err: yaml.YAMLError) -> Msg:
     """A short "invalid YAML" message: where, and what PyYAML found, without its
     multi-line snippet of the file."""
     if isinstance(err, yaml.MarkedYAMLError) and err.problem:
         mark = err.problem_mark
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        context = f"{_short(err.context)}: " if err.context else ""
-        return f"invalid YAML{where}: {context}{_short(err.problem)}"
-    return f"invalid YAML: {_short(str(err))}"
+        # PyYAML's own words (context, problem) stay as it wrote them
+        detail = (f"{_short(err.context)}: " if err.context else "") + _short(err.problem)
+        if mark:
+            return msg("config.yaml.invalid_at", line=mark.line + 1, column=mark.column + 1,
+                       detail=detail)
+        return msg("config.yaml.invalid", detail=detail)
+    return msg("config.yaml.invalid", detail=_short(str(err)))
 
 
 def _read_config_text(path: Path) -> str:
@@ -346,24 +362,24 @@ def _read_config_text(path: Path) -> str:
     try:
         size = path.stat().st_size
         if size > most:
-            raise BadInput(f"config file is {size:,} bytes; the limit is {most:,} "
-                           "(a config is a few KB)", file=str(path))
+            raise BadInput(msg("config.file.too_big", size=f"{size:,}", most=f"{most:,}"),
+                           file=str(path))
         with path.open("rb") as handle:
             data = handle.read(most + 1)  # bounded even if the file grows meanwhile
     except FileNotFoundError:
-        raise BadInput("config file not found", file=str(path)) from None
+        raise BadInput(msg("config.file.not_found"), file=str(path)) from None
     except IsADirectoryError as err:
-        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+        raise BadInput(msg("config.file.cannot_read", error=str(err)), file=str(path)) from None
     except (OSError, ValueError) as err:  # no permission, a NUL in the name
-        raise BadInput(f"cannot read config: {getattr(err, 'strerror', None) or err}",
+        raise BadInput(msg("config.file.cannot_read",
+                           error=str(getattr(err, "strerror", None) or err)),
                        file=str(path)) from None
     if len(data) > most:
-        raise BadInput(f"config file is over {most:,} bytes (a config is a few KB)",
-                       file=str(path))
+        raise BadInput(msg("config.file.over", most=f"{most:,}"), file=str(path))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise BadInput(f"cannot read config: {err}", file=str(path)) from None
+        raise BadInput(msg("config.file.cannot_read", error=str(err)), file=str(path)) from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -377,13 +393,14 @@ def read_yaml(path: str | Path) -> dict:
     except BadInput as err:
         raise BadInput(err.what, file=str(path)) from None
     except RecursionError:
-        raise BadInput("invalid YAML: nested too deeply", file=str(path)) from None
+        raise BadInput(msg("config.yaml.too_deep"), file=str(path)) from None
     except ValueError as err:  # e.g. an integer with more digits than Python converts
-        raise BadInput(f"invalid YAML: {_short(str(err))}", file=str(path)) from None
+        raise BadInput(msg("config.yaml.invalid", detail=_short(str(err))),
+                       file=str(path)) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise BadInput("expected a mapping of key: value at the top level", file=str(path))
+        raise BadInput(msg("config.yaml.not_mapping"), file=str(path))
     return raw
 
 

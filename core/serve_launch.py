@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import launch, paths, runs
 from .errors import BadInput
+from .i18n import Msg, msg
 from .serve_engine import ADAPTER_NAME
 
 FOLDER = ".serve"
@@ -93,7 +94,7 @@ def free_port(first: int = FIRST_PORT) -> int:
             except OSError:
                 continue
             return sock.getsockname()[1]
-    raise BadInput("no free port on 127.0.0.1")
+    raise BadInput(msg("chat.serve.no_port", host=HOST))
 
 
 # --- status -----------------------------------------------------------------------
@@ -108,8 +109,7 @@ def server_status(saves_dir: str | Path) -> dict | None:
     if status.get("state") == "running" and not runs.pid_alive(status.get("pid"),
                                                                status.get("started_at")):
         status = runs.write_status(folder, "failed", pid=status.get("pid"), guessed=True,
-                                   error="the API server disappeared without reporting "
-                                         "(killed, or out of memory)")
+                                   **_error(msg("chat.serve.disappeared")))
     return status
 
 
@@ -167,16 +167,15 @@ def start_server(model: str, adapters: dict[str, str], saves_dir: str | Path,
     checked = {}
     for name, path in adapters.items():
         if not ADAPTER_NAME.match(name or ""):
-            raise BadInput(f"adapter name '{name}' is not valid: letters, digits, '.', '_' "
-                           "and '-', starting with a letter or digit, 64 at most")
+            raise BadInput(msg("chat.serve.bad_adapter_name", name=str(name)))
         checked[name] = str(paths.confine(path, f"adapter '{name}'", must_exist=True))
     folder = job_dir(saves_dir)
     with _FolderLock(folder):
         running = find_server(saves_dir)
         if running:
-            where = running.get("url") or f"port {running.get('port', '?')} (still starting)"
-            raise BadInput(f"an API server is already running for this saves folder at "
-                           f"{where}; stop it before starting another")
+            where = running.get("url") or msg("chat.serve.starting_port",
+                                              port=str(running.get("port", "?")))
+            raise BadInput(msg("chat.serve.already_running", where=where))
         port = free_port() if port is None else port
         _spawn(folder, serve_command(model, checked, port, folder), port, model, checked)
     return folder
@@ -207,10 +206,16 @@ def _reap(proc: subprocess.Popen, folder: Path) -> None:
     if not unreported or status.get("pid") != proc.pid or str(folder.resolve()) in _stopping:
         return
     tail = launch.log_tail(folder / LOG, lines=8).strip()
-    cause = (f"the API server was killed by signal {-code}" if code < 0
-             else f"the API server exited with code {code}")
-    runs.write_status(folder, "failed", pid=proc.pid, exit_code=code,
-                      error=cause + (f"; last lines of {LOG}:\n{tail}" if tail else ""))
+    cause = (msg("chat.serve.killed", signal=-code) if code < 0
+             else msg("chat.serve.exited", code=code))
+    runs.write_status(folder, "failed", pid=proc.pid, exit_code=code, **_error(
+        msg("chat.serve.with_log", cause=cause, log=LOG, tail=tail) if tail else cause))
+
+
+def _error(why: Msg) -> dict:
+    """status.json's English `error` and, beside it, its record (`error_msg`) for the page."""
+    err = BadInput(why)
+    return {"error": err.text("en"), "error_msg": runs.error_record(err)}
 
 
 def stop_server(saves_dir: str | Path, grace_s: float = 10.0) -> dict | None:
@@ -245,8 +250,9 @@ def wait_answering(saves_dir: str | Path, timeout: float) -> dict:
     while time.monotonic() < deadline:
         status = server_status(saves_dir) or {}
         if status.get("state") not in (None, "running"):
-            raise BadInput(f"the API server stopped: {status.get('error') or status['state']}")
+            raise BadInput(msg("chat.serve.stopped",
+                               why=runs.error_text(status) or status["state"]))
         if answering(status):
             return status
         time.sleep(0.2)
-    raise BadInput(f"the API server did not answer within {timeout:.0f} s")
+    raise BadInput(msg("chat.serve.no_answer", timeout=timeout))

@@ -21,36 +21,29 @@ import statistics
 import sys
 from typing import Any
 
-from .data import (_alpaca_prompt, _chat_messages, _check_text, _kind, _ordered, _Source,
-                   _text, _turn, _with_system)
+from .data import (_absent, _alpaca_prompt, _chat_messages, _check_text, _kind, _ordered,
+                   _Source, _text, _turn, _with_system)
+from .i18n import Msg, msg, t
 
-# How a kind of data is named in messages, and what each stage trains on.
-HOLDS = {
-    "chat": "chat conversations, which train with stage sft",
-    "text": "plain text (field 'text'), which trains with stage pt",
-    "pairs": "chosen/rejected pairs, which train with stage rm or dpo",
-    "kto": "replies labelled true or false (KTO rows), which train with stage kto",
-    "prompts": "prompts without replies, which train with stage grpo",
-}
-_PAIRS = "chosen/rejected pairs (formatting pairs, alpaca_pairs or sharegpt_pairs)"
-NEEDS = {
-    "sft": "a chat format (alpaca, sharegpt or openai)",
-    "pt": "plain text or a chat format",
-    "rm": _PAIRS,
-    "dpo": _PAIRS,
-    "kto": "replies with a true/false label (formatting kto) or chosen/rejected pairs",
-    "grpo": "prompts (formatting prompts: prompt, optional answer) or a chat format",
-}
-# What `data check` says a stage reads.
-STAGE_DATA = {"sft": "chat", "pt": "plain text", "rm": "chosen/rejected pairs",
-              "dpo": "chosen/rejected pairs", "kto": "replies labelled good or bad",
-              "grpo": "prompts, with the expected answer when given"}
+# How a kind of data is named in messages, and what each stage trains on (messages in
+# the catalogues, rendered in the reader's language).
+HOLDS = {kind: msg(f"data.holds.{kind}") for kind in ("chat", "text", "pairs", "kto", "prompts")}
+NEEDS = {stage: msg(f"data.needs.{stage}") for stage in ("sft", "pt", "rm", "dpo", "kto", "grpo")}
+# What `data check` and the Train tab say a stage reads.
+STAGE_DATA = {stage: msg(f"data.stage_data.{stage}")
+              for stage in ("sft", "pt", "rm", "dpo", "kto", "grpo")}
 _BOOL_TEXT = {"true": True, "false": False}
 
 
-def mismatch(kind: str, stage: str) -> str:
+def trains_on(stage: str) -> Msg:
+    """"Stage dpo trains on chosen/rejected pairs": the Train tab's note on a stage."""
+    return msg("data.stage_trains_on", stage=stage,
+               what=STAGE_DATA.get(stage, msg("data.stage_data.other")))
+
+
+def mismatch(kind: str, stage: str) -> Msg:
     """Why `stage` cannot train on data of `kind`, and what it needs instead."""
-    return f"holds {HOLDS[kind]}; for stage {stage} use {NEEDS[stage]}"
+    return msg("data.mismatch", holds=HOLDS[kind], stage=stage, needs=NEEDS[stage])
 
 
 def build_record(row: dict, idx: int, src: _Source) -> dict:
@@ -91,8 +84,8 @@ def _sharegpt_pair(row: dict, idx: int, src: _Source) -> dict:
     return _pair(prompt, row, idx, src)
 
 
-def _pair_hint(src: _Source) -> str:
-    return f"the replies go in '{src.col('chosen')}' and '{src.col('rejected')}'"
+def _pair_hint(src: _Source) -> Msg:
+    return msg("data.hint_pair", chosen=src.col("chosen"), rejected=src.col("rejected"))
 
 
 def _pair(prompt: list[dict], row: dict, idx: int, src: _Source) -> dict:
@@ -108,8 +101,7 @@ def _check_different(chosen: str, rejected: str, idx: int, src: _Source) -> None
 
 
 def _same_replies(idx: int, src: _Source):
-    return src.bad(f"is the same reply as '{src.col('chosen')}'; a pair needs two different "
-                   "replies, the better one in chosen", idx, src.col("rejected"))
+    return src.bad(msg("data.same_replies", chosen=src.col("chosen")), idx, src.col("rejected"))
 
 
 def _is_conversation(value: Any) -> bool:
@@ -121,9 +113,8 @@ def _implicit_pair(row: dict, idx: int, src: _Source) -> dict:
     for canon in ("chosen", "rejected"):
         name, items = src.col(canon), _cell_messages(row.get(src.col(canon)), src)
         if not isinstance(items, (list, tuple)) or not items:
-            raise src.bad(f"expected a conversation like '{src.col('chosen')}' (there is no "
-                          f"'{src.col('prompt')}', so both hold the whole conversation), got "
-                          f"{_kind(items)}", idx, name)
+            raise src.bad(msg("data.implicit_not_conversation", chosen=src.col("chosen"),
+                              prompt=src.col("prompt"), kind=_kind(items)), idx, name)
         sides[canon] = [_turn(item, pos, idx, name, src) for pos, item in enumerate(items, 1)]
     chosen, rejected = sides["chosen"], sides["rejected"]
     shared = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a[:2] != b[:2]),
@@ -133,16 +124,15 @@ def _implicit_pair(row: dict, idx: int, src: _Source) -> dict:
         raise _same_replies(idx, src)
     if not (0 < shared == len(chosen) - 1 == len(rejected) - 1
             and chosen[-1][0] == rejected[-1][0] == "assistant"):
-        raise src.bad(f"without a '{src.col('prompt')}' field, chosen and rejected must be the "
-                      "same conversation up to their last message, the assistant's reply (they "
-                      f"differ at message {shared + 1})", idx, name)
+        raise src.bad(msg("data.implicit_differ", prompt=src.col("prompt"), pos=shared + 1),
+                      idx, name)
     chosen_name = src.col("chosen")
     prompt = _ordered(_with_system(chosen[:shared], row, idx, chosen_name, src), idx,
-                      chosen_name, src, "the replies are the last messages")
+                      chosen_name, src, msg("data.hint_last_messages"))
     replies = {}
     for canon, turns in sides.items():
         if not turns[-1][1].strip():
-            raise src.bad(f"message {turns[-1][2]}: the reply is empty; expected text", idx,
+            raise src.bad(msg("data.empty_reply_message", pos=turns[-1][2]), idx,
                           src.col(canon))
         replies[canon] = turns[-1][1]
     _check_different(replies["chosen"], replies["rejected"], idx, src)
@@ -160,13 +150,14 @@ def _kto_row(row: dict, idx: int, src: _Source) -> dict:
         messages = _chat_messages(row, idx, src, conversation)
         prompt, completion = messages[:-1], messages[-1]["content"]
     else:
-        prompt = _prompt(row, idx, src, f"the reply goes in '{src.col('completion')}'")
+        hint = msg("data.hint_completion", completion=src.col("completion"))
+        prompt = _prompt(row, idx, src, hint)
         completion = _reply(row, "completion", idx, src)
     return {"prompt": prompt, "completion": completion, "label": _label(row, idx, src)}
 
 
 def _prompt_row(row: dict, idx: int, src: _Source) -> dict:
-    hint = f"the model writes the reply; the expected one goes in '{src.col('answer')}'"
+    hint = msg("data.hint_answer", answer=src.col("answer"))
     return {"prompt": _prompt(row, idx, src, hint), "answer": _answer(row, idx, src)}
 
 
@@ -176,20 +167,20 @@ _BUILDERS = {"pairs": _trl_pair, "alpaca_pairs": _alpaca_pair, "sharegpt_pairs":
 
 # --- fields -----------------------------------------------------------------------------
 
-def _prompt(row: dict, idx: int, src: _Source, hint: str) -> list[dict]:
+def _prompt(row: dict, idx: int, src: _Source, hint: Msg) -> list[dict]:
     """The prompt field: a text (one user message) or messages ending with the user's."""
     name = src.col("prompt")
     value = _cell_messages(row.get(name), src)
-    expected = "expected the prompt: a text or a list of messages ending with the user's"
+    expected = msg("data.expected_prompt")
     if isinstance(value, str):
         turns = [("user", _text(row, "prompt", idx, src, required=True, nonempty=True), 1)]
     elif isinstance(value, (list, tuple)) and value:
         turns = [_turn(item, pos, idx, name, src) for pos, item in enumerate(value, 1)]
     elif value is None:
-        raise src.bad(f"is {'null' if name in row else 'missing'}; {expected}", idx, name)
+        raise src.bad(msg("data.absent", state=_absent(row, name), expected=expected), idx, name)
     else:
-        got = "an empty list" if isinstance(value, (list, tuple)) else _kind(value)
-        raise src.bad(f"{expected}, got {got}", idx, name)
+        got = msg("data.kind.empty_list") if isinstance(value, (list, tuple)) else _kind(value)
+        raise src.bad(msg("data.got", expected=expected, kind=got), idx, name)
     return _ordered(_with_system(turns, row, idx, name, src), idx, name, src, hint)
 
 
@@ -198,17 +189,15 @@ def _reply(row: dict, canon: str, idx: int, src: _Source) -> str:
     name = src.col(canon)
     value = _cell_messages(row.get(name), src)
     if value is None:
-        raise src.bad(f"is {'null' if name in row else 'missing'}; expected the reply: a text "
-                      "or an assistant message", idx, name)
+        raise src.bad(msg("data.absent_reply", state=_absent(row, name)), idx, name)
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, (list, tuple)):
         value = _reply_message(list(value), idx, name, src)
     if not isinstance(value, str):
-        raise src.bad(f"expected the reply as a text or an assistant message, got "
-                      f"{_kind(value)}", idx, name)
+        raise src.bad(msg("data.reply_not_text", kind=_kind(value)), idx, name)
     if not value.strip():
-        raise src.bad("is empty; expected the reply text", idx, name)
+        raise src.bad(msg("data.empty_reply"), idx, name)
     return _check_text(value, idx, name, src)
 
 
@@ -228,11 +217,10 @@ def _cell_messages(value: Any, src: _Source) -> Any:
 
 def _reply_message(items: list, idx: int, name: str, src: _Source) -> str:
     if len(items) != 1:
-        raise src.bad(f"holds {len(items)} messages; expected the one assistant reply (the "
-                      "conversation before it is the prompt)", idx, name)
+        raise src.bad(msg("data.reply_many_messages", n=len(items)), idx, name)
     role, content, _ = _turn(items[0], 1, idx, name, src)
     if role != "assistant":
-        raise src.bad(f"is a {role} message; expected the assistant's reply", idx, name)
+        raise src.bad(msg("data.reply_wrong_role", role=role), idx, name)
     return content
 
 
@@ -243,12 +231,12 @@ def _label(row: dict, idx: int, src: _Source) -> bool:
         return value
     if src.csv and isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
         return _BOOL_TEXT[value.strip().lower()]
-    expected = "expected true or false (true: a good reply to learn from, false: a bad one)"
+    expected = msg("data.expected_label")
     if value is None:
-        raise src.bad(f"is {'null' if name in row else 'missing'}; {expected}", idx, name)
+        raise src.bad(msg("data.absent", state=_absent(row, name), expected=expected), idx, name)
     shown = json.dumps(value, ensure_ascii=False, default=str)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    raise src.bad(f"{expected}, got {shown}", idx, name)
+    raise src.bad(msg("data.got_value", expected=expected, value=shown), idx, name)
 
 
 def _answer(row: dict, idx: int, src: _Source) -> str | None:
@@ -260,9 +248,9 @@ def _answer(row: dict, idx: int, src: _Source) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = _number_text(value, idx, name, src)
     if not isinstance(value, str):
-        raise src.bad(f"expected the answer as a text or a number, got {_kind(value)}", idx, name)
+        raise src.bad(msg("data.answer_not_text", kind=_kind(value)), idx, name)
     if not value.strip():
-        raise src.bad("is empty; expected the answer (or leave the field out)", idx, name)
+        raise src.bad(msg("data.empty_answer"), idx, name)
     return _check_text(value, idx, name, src)
 
 
@@ -270,12 +258,12 @@ def _number_text(value: int | float, idx: int, name: str, src: _Source) -> str:
     """12 and 12.0 -> "12"; 2.5 -> "2.5"."""
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise src.bad(f"is {value}; expected a finite number or a text", idx, name)
+            raise src.bad(msg("data.not_finite", value=str(value)), idx, name)
         return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
     try:
         return str(value)
     except ValueError:  # more digits than Python writes out
-        raise src.bad("is a number too long to write out; give it as a text", idx, name) from None
+        raise src.bad(msg("data.number_too_long"), idx, name) from None
 
 
 # --- tunebench data check ---------------------------------------------------------------
@@ -285,7 +273,7 @@ def print_preview(records: list[dict], stage: str, model: str, template: str) ->
     trained tokens marked (rm, dpo, kto), or the rendered prompt and its answer (grpo)."""
     from . import templates
     from .config import default_value
-    from .data import _length_summary, _marker
+    from .data import _length_summary, _marker, _scope
     from .models import load_tokenizer
     tokenizer = load_tokenizer(model, template)
     cutoff = default_value("cutoff_len")
@@ -295,38 +283,44 @@ def print_preview(records: list[dict], stage: str, model: str, template: str) ->
         _print_prompt_and_answer(records[0], tokenizer)
         lengths = [len(tokenizer(templates.render_prompt(r["prompt"], tokenizer),
                                  add_special_tokens=False)["input_ids"]) for r in sample]
-        print(f"prompt tokens ({_scope(len(sample), len(records))}): min {min(lengths)}, "
-              f"median {statistics.median(lengths):g}, max {max(lengths)}")
+        print(t("data.check.prompt_tokens", scope=_scope(len(sample), len(records)),
+                min=min(lengths), median=f"{statistics.median(lengths):g}", max=max(lengths)))
         return
-    print(f"\nfirst example as the model sees it (cutoff_len {cutoff}; trained tokens "
-          f"{marks[0]}marked{marks[1]}):")
+    print("\n" + t("data.check.as_model_sees", cutoff=cutoff, open=marks[0], close=marks[1]))
     counts = _print_replies(records[0], tokenizer, cutoff, marks)
-    print("\ntokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print("\n" + t("data.check.tokens", counts=", ".join(f"{k} {v}" for k, v in counts.items())))
     lengths = [_example_length(r, tokenizer) for r in sample]
     print(_length_summary(lengths, cutoff, len(sample), len(records)))
 
 
 def _replies(record: dict) -> list[tuple[str, str]]:
-    """(title, text) of each reply a record trains on."""
+    """(field, text) of each reply a record trains on."""
     if "chosen" in record:
         return [("chosen", record["chosen"]), ("rejected", record["rejected"])]
-    verdict = "true: a good reply" if record["label"] else "false: a bad reply"
-    return [(f"completion (label {verdict})", record["completion"])]
+    return [("completion", record["completion"])]
+
+
+def _title(field: str, record: dict) -> str:
+    """A reply's heading in the preview: its field, and a KTO reply's label."""
+    if field != "completion":
+        return field
+    return t("data.check.completion", verdict=msg("data.check.label_true" if record["label"]
+                                                  else "data.check.label_false"))
 
 
 def _print_replies(record: dict, tokenizer, cutoff: int, marks: tuple[str, str]) -> dict:
     from .data import _marked
     from .templates import encode_reply
     counts = {}
-    for n, (title, reply) in enumerate(_replies(record)):
+    for n, (field, reply) in enumerate(_replies(record)):
         prompt_ids, reply_ids = encode_reply(record["prompt"], reply, tokenizer, cutoff)
         if n == 0:
-            print("prompt (not trained):")
+            print(t("data.check.prompt_not_trained"))
             print(tokenizer.decode(prompt_ids, skip_special_tokens=False))
             counts["prompt"] = len(prompt_ids)
-        print(f"{title}:")
+        print(t("data.check.reply_title", title=_title(field, record)))
         print(_marked([(tokenizer.decode(reply_ids, skip_special_tokens=False), True)], marks))
-        counts[title.split()[0]] = len(reply_ids)
+        counts[field] = len(reply_ids)
     return counts
 
 
@@ -340,14 +334,8 @@ def _example_length(record: dict, tokenizer) -> int:
 
 def _print_prompt_and_answer(record: dict, tokenizer) -> None:
     from .templates import render_prompt
-    print("\nfirst prompt as the model sees it (the model writes the reply; GRPO trains on "
-          "its own sampled replies):")
+    print("\n" + t("data.check.first_prompt"))
     print(render_prompt(record["prompt"], tokenizer))
     answer = record["answer"]
-    print("answer: " + (answer if answer is not None else
-                        "(none: only a reward_model or rewards that need no answer can score "
-                        "this prompt)"))
-
-
-def _scope(sampled: int, total: int) -> str:
-    return f"first {sampled} of {total}" if sampled < total else f"all {total}"
+    print(t("data.check.answer", answer=answer if answer is not None else
+            msg("data.check.no_answer")))

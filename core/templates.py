@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import BadInput
+from .i18n import msg
 
 IGNORE = -100
 
@@ -112,11 +113,11 @@ def apply_template(tokenizer, name: str, model: str = "") -> None:
     """Put the chosen chat template on the tokenizer ('auto' keeps its own)."""
     if name == "auto":
         if not tokenizer.chat_template:
-            raise BadInput("this model's tokenizer has no chat template; choose a named template "
-                           f"({', '.join(TEMPLATES)})", file=model or None, field="template")
+            raise BadInput(msg("data.no_chat_template", templates=", ".join(TEMPLATES)),
+                           file=model or None, field="template")
         return
     if name not in TEMPLATES:
-        raise BadInput(f"unknown template '{name}'; expected auto or one of {', '.join(TEMPLATES)}",
+        raise BadInput(msg("data.unknown_template", name=name, templates=", ".join(TEMPLATES)),
                        field="template")
     tokenizer.chat_template = TEMPLATES[name].jinja
 
@@ -148,9 +149,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(prompt) and full.startswith(upto)):
-            raise BadInput("the chat template does not render conversations turn by turn, so "
-                           "prompt tokens cannot be masked; choose a named template",
-                           field="template")
+            raise BadInput(msg("data.template_not_incremental"), field="template")
         spans.append((len(prompt), len(upto)))
     return full, spans
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .i18n import Msg, msg
+
 
 def _env_says(name: str, *values: str) -> bool:
     return os.environ.get(name, "").lower() in values
@@ -44,7 +46,7 @@ class Tracker:
     package: str                              # what must be importable
     where: Callable[[Path], dict[str, str]]   # environment that points it at the run folder
     ready: Callable[[], bool] = lambda: True  # logged in, or told to stay offline
-    login: str = ""                           # what to do when not ready
+    login: str = ""                           # what to do when not ready (a message id)
 
 
 TRACKERS = {
@@ -55,25 +57,23 @@ TRACKERS = {
     "mlflow": Tracker("mlflow", lambda run: {"MLFLOW_TRACKING_URI": (run / "mlruns").as_uri(),
                                              "MLFLOW_ALLOW_FILE_STORE": "true"}),
     "wandb": Tracker("wandb", lambda run: {"WANDB_DIR": str(run)}, _wandb_ready,
-                     "set WANDB_API_KEY, run `wandb login`, or set WANDB_MODE=offline to keep "
-                     "the run's logs in its folder"),
+                     "config.trackers.login.wandb"),
     "swanlab": Tracker("swanlab", lambda run: {"SWANLAB_LOG_DIR": str(run / "swanlog")},
                        _swanlab_ready,
-                       "set SWANLAB_API_KEY, run `swanlab login`, or set SWANLAB_MODE=local to "
-                       "keep the run's logs in its folder"),
+                       "config.trackers.login.swanlab"),
 }
 CHOICES = ("none", *TRACKERS)
 
 
-def problems(name: str) -> list[str]:
+def problems(name: str) -> list[Msg]:
     """Why `name` cannot log from this machine; empty when it can (or for "none")."""
     tracker = TRACKERS.get(name)
     if tracker is None:
         return []
     if importlib.util.find_spec(tracker.package) is None:
-        return [f"report_to: {name} is not installed (pip install 'tunebench[{name}]')"]
+        return [msg("config.trackers.not_installed", name=name)]
     if not tracker.ready():
-        return [f"report_to: {name} needs a login this machine lacks: {tracker.login}"]
+        return [msg("config.trackers.needs_login", name=name, login=msg(tracker.login))]
     return []
 
 

@@ -22,14 +22,11 @@ from pathlib import Path
 from . import config as cfg
 from . import data, distributed, jobs, memory, models, paths, runs, stages
 from .errors import BadInput
+from .i18n import Msg, msg
 
 MEMORY_CAP_ENV = "TUNEBENCH_TRAIN_MEMORY_MB"  # optional hard cap; see memory.cap_from_env
 TRAINING_LIBRARIES = ("core.trainer", "peft", "transformers.modeling_utils", "safetensors.torch",
                       "matplotlib.pyplot")
-OOM_HINT = ("ran out of memory. Lower batch_size or cutoff_len, turn on gradient_checkpointing, "
-            "or use method qlora")
-
-
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # torch.save hides the errno of a failed write behind these RuntimeError texts.
 TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
@@ -109,7 +106,7 @@ def prepare_run_dir(config: cfg.TrainConfig,
         command = runs.started_as() + sys.argv[1:]
         runs.write_atomic(run_dir / runs.COMMAND, shlex.join(command) + "\n")
     except OSError as err:
-        raise BadInput(f"cannot write the run folder: {err.strerror}", file=str(run_dir),
+        raise BadInput(msg("job.run.cannot_write", reason=err.strerror), file=str(run_dir),
                        field="output_dir") from None
     return config, run_dir
 
@@ -150,26 +147,23 @@ def run(config: cfg.TrainConfig, run_dir: Path) -> int:
         from .trainer import early_stop_reason
         return _finish(run_dir, "completed", 0, stopped_early=early_stop_reason(trainer))
     except Aborted:
-        return _finish(run_dir, "aborted", 1, "stopped by the user")
+        return _finish(run_dir, "aborted", 1, msg("job.stopped_by_user"))
     except BadInput as err:
         print(f"error: {err}", flush=True)
-        return _finish(run_dir, "failed", 2, str(err))
+        return _finish(run_dir, "failed", 2, err)
     except (torch.OutOfMemoryError, MemoryError) as err:
         return _out_of_memory(run_dir, err)
     except OSError as err:
         if err.errno not in DISK_FULL:
             traceback.print_exc()
             return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
-        return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was hit) "
-                       f"while writing {err.filename or 'the run folder'}; free some space or "
-                       "choose another output_dir")
+        where = err.filename or msg("job.disk.the_run_folder")
+        return _finish(run_dir, "failed", 1, msg("job.disk.full_writing", file=where))
     except RuntimeError as err:
         if memory.is_out_of_memory(err):
             return _out_of_memory(run_dir, err)
         if any(sign in str(err) for sign in TORCH_WRITE_FAILED):
-            return _finish(run_dir, "failed", 1, "the disk is full (or a file size limit was "
-                           "hit) while saving a checkpoint; free some space or choose another "
-                           "output_dir")
+            return _finish(run_dir, "failed", 1, msg("job.disk.full_saving"))
         traceback.print_exc()
         return _finish(run_dir, "failed", 1, f"{type(err).__name__}: {err}")
     except BaseException as err:  # a bug, or a Rust library's panic (no Exception either):
@@ -194,7 +188,7 @@ def _out_of_memory(run_dir: Path, err: BaseException) -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print(f"error: {type(err).__name__}: {str(err)[:300]}", flush=True)
-    return _finish(run_dir, "failed", 1, OOM_HINT)
+    return _finish(run_dir, "failed", 1, msg("job.oom"))
 
 
 def _phase(run_dir: Path, phase: str) -> None:
@@ -202,10 +196,14 @@ def _phase(run_dir: Path, phase: str) -> None:
         runs.update_status(run_dir, phase=phase)
 
 
-def _finish(run_dir: Path, state: str, code: int, error: str | None = None,
-            stopped_early: str | None = None) -> int:
+def _finish(run_dir: Path, state: str, code: int, cause: "BadInput | Msg | str | None" = None,
+            stopped_early: Msg | None = None) -> int:
+    """Record the ending: `cause` (a BadInput, a message of fixed wording or a bug's text)
+    in English as `error` and, when it has one, as the language-neutral `error_msg`."""
     from .plot import plot_loss
 
+    fields = runs.error_fields(cause)
+    error = fields["error"]
     if code:  # torchrun's agent passes it on, so the launchers can name rank, node and cause
         distributed.record_worker_error(error or state)
     if not distributed.is_main_process():
@@ -215,12 +213,13 @@ def _finish(run_dir: Path, state: str, code: int, error: str | None = None,
     except Exception as err:  # a missing chart must not hide the run's real outcome
         print(f"warning: could not draw loss.png: {err}", flush=True)
     try:
-        runs.write_status(run_dir, state, exit_code=code, error=error,
-                          **({"stopped_early": stopped_early} if stopped_early else {}))
+        early = {"stopped_early": stopped_early.text("en"),
+                 "stopped_early_msg": stopped_early.record()} if stopped_early else {}
+        runs.write_status(run_dir, state, exit_code=code, **fields, **early)
     except OSError as err:  # e.g. the disk is full: say so on the console at least
         print(f"warning: could not write status.json: {err}", flush=True)
-    print(f"run {state}" + (f": {error or stopped_early}" if error or stopped_early else "")
-          + f" ({run_dir})", flush=True)
+    said = error or (stopped_early and stopped_early.text("en"))
+    print(f"run {state}" + (f": {said}" if said else "") + f" ({run_dir})", flush=True)
     return code
 
 
@@ -262,8 +261,7 @@ def resume_checkpoint(config: cfg.TrainConfig, run_dir: Path) -> str | None:
     if config.resume is True:
         last = runs.last_checkpoint(run_dir)
         if last is None:
-            raise BadInput("nothing to resume: the run folder has no checkpoint yet",
-                           file=str(run_dir), field="resume")
+            raise BadInput(msg("job.resume.nothing"), file=str(run_dir), field="resume")
         print(f"resuming from {last}", flush=True)
         return str(last)
     return str(Path(config.resume).resolve())
@@ -280,8 +278,8 @@ def build_dataset(config: cfg.TrainConfig, tokenizer) -> tuple[list[dict], list[
         print(f"warning: {dropped} records had nothing to train on after truncation to "
               f"cutoff_len {config.cutoff_len}", flush=True)
     if not rows:
-        raise BadInput("no trainable records: every record is empty after templating and "
-                       f"truncation to cutoff_len {config.cutoff_len}", field="dataset")
+        raise BadInput(msg("job.data.no_trainable", cutoff_len=config.cutoff_len),
+                       field="dataset")
     lengths = [_row_length(r) for r in rows]
     print(f"data: {len(rows)} records for stage {config.stage} "
           f"({stages.STAGES[config.stage].what}), {sum(lengths):,} tokens, length "
@@ -304,7 +302,7 @@ def split_eval(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict]
         return rows, []
     n_eval = max(1, round(len(rows) * val_size))
     if n_eval >= len(rows):
-        raise BadInput(f"val_size {val_size} leaves no records to train on", field="val_size")
+        raise BadInput(msg("job.data.val_size_all", val_size=val_size), field="val_size")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])

@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from . import attention, distributed, models, runs, stages, trackers
 from .config import LORA_FAMILY, TrainConfig
+from .i18n import Msg, msg
 
 STAGING = ".staging"
 
@@ -103,7 +104,7 @@ def early_stopping(config: TrainConfig) -> list[TrainerCallback]:
                                   config.early_stopping_threshold)]
 
 
-def early_stop_reason(trainer) -> str | None:
+def early_stop_reason(trainer) -> Msg | None:
     """Why the run ended before its last step, when early stopping ended it; else None."""
     from transformers import EarlyStoppingCallback
     state = trainer.state
@@ -112,13 +113,12 @@ def early_stop_reason(trainer) -> str | None:
     if stopper is None or state.global_step >= state.max_steps or \
             stopper.early_stopping_patience_counter < stopper.early_stopping_patience:
         return None
-    best = (f"; final/ holds the best checkpoint, step {state.best_global_step} (eval loss "
-            f"{state.best_metric:.4f})" if state.best_global_step else "")
-    by = (f" by more than {stopper.early_stopping_threshold:g}"
+    best = (msg("job.early.best", step=state.best_global_step,
+                loss=f"{state.best_metric:.4f}") if state.best_global_step else "")
+    by = (msg("job.early.by", threshold=f"{stopper.early_stopping_threshold:g}")
           if stopper.early_stopping_threshold else "")
-    return (f"stopped early at step {state.global_step} of {state.max_steps}: the eval loss "
-            f"did not improve{by} for {stopper.early_stopping_patience} evaluations in a row"
-            + best)
+    return msg("job.early.stopped", step=state.global_step, steps=state.max_steps, by=by,
+               patience=stopper.early_stopping_patience, best=best)
 
 
 def _sft_args(config: TrainConfig, padding_free: bool) -> dict:

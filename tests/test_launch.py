@@ -197,6 +197,21 @@ def test_a_run_that_fails_shows_its_error_in_status(tmp_path, demo_model_path):
     assert "bad.jsonl" in status["error"] and "record 2" in status["error"]
 
 
+@pytest.mark.train
+def test_a_failed_run_keeps_its_error_in_every_language(tmp_path, demo_model_path):
+    """status.json's `error` stays English; `error_msg` renders it in the reader's language."""
+    config = demo_config(str(demo_model_path), max_samples=1, val_size=0.5)
+    run_dir = launch.start_run(config, tmp_path)
+    wait_for(lambda: state(run_dir) != "running", 120, "the run to fail")
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and status["error_msg"]["code"] == "job.data.val_size_all"
+    assert runs.error_text(status, "en") == status["error"]
+    assert status["error"] == "field 'val_size': val_size 0.5 leaves no records to train on"
+    chinese = runs.error_text(status, "zh")
+    assert chinese != status["error"] and "val_size 0.5" in chinese
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in chinese)
+
+
 def test_the_launcher_replaces_a_guessed_death_with_the_real_cause(tmp_path):
     """The race that once failed CI: a poll sees the zombie before the launcher reaps it."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

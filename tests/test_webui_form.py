@@ -12,7 +12,7 @@ import gradio as gr
 import pytest
 
 from core import config as cfg
-from core import paths, schema
+from core import i18n, paths, schema
 from core.errors import BadInput
 from webui import configs, data_worker, form, train_tab
 
@@ -56,7 +56,7 @@ def non_default_config() -> cfg.TrainConfig:
         if not problems:
             return cfg.TrainConfig(**values)
         for problem in problems:  # "field: why" -> put that field back to its default
-            name = problem.split(":", 1)[0].strip()
+            name = i18n.text_of(problem, "en").split(":", 1)[0].strip()
             values[name] = cfg.default_value(name)
     raise AssertionError(f"could not build a valid config: {problems}")
 

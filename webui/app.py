@@ -27,18 +27,25 @@ ASSETS = Path(__file__).parent / "assets"
 # container): the page falls back, glyph by glyph, to a bundled subset of Noto Sans CJK SC
 # (scripts/make_cjk_font.py). unicode-range keeps it from loading for an English page.
 CJK_FONT = "tunebench CJK"
-FONT_CSS = f"""
-@font-face {{ font-family: '{CJK_FONT}'; font-display: swap;
-  src: url('gradio_api/file={ASSETS / "tunebench-cjk.woff2"}') format('woff2');
-  unicode-range: U+2010-2027, U+3000-30FF, U+3400-4DBF, U+4E00-9FFF, U+F900-FAFF, U+FF00-FFEF; }}
-"""
+CJK_RANGE = "U+2010-2027, U+3000-30FF, U+3400-4DBF, U+4E00-9FFF, U+F900-FAFF, U+FF00-FFEF"
+# Some of Gradio's own elements (a table's label) set a fixed font list that ends in
+# "Noto Sans": the same face under that name, for CJK characters only, reaches them too.
+FONT_CSS = "".join(
+    f"@font-face {{ font-family: '{family}'; font-display: swap; "
+    f"src: url('gradio_api/file={ASSETS / 'tunebench-cjk.woff2'}') format('woff2'); "
+    f"unicode-range: {CJK_RANGE}; }}\n" for family in (CJK_FONT, "Noto Sans"))
 
 CSS = FONT_CSS + """
+/* the theme's mono list ends in the CJK font; a bare <pre> would take the browser's */
+.gradio-container pre { font-family: var(--font-mono); }
 .tb-tight { gap: 0 !important; }
 .tb-header { align-items: center; }
 .tb-lang { flex-grow: 0 !important; min-width: max-content !important; }
 .tb-tight .html-container { padding-top: 2px; padding-bottom: 2px; }
 .tb-progress { margin: 4px 0; }
+.tb-legend { display: flex; gap: 14px; font-size: 0.8em; padding: 0 8px 4px 8px; }
+.tb-legend-item { display: inline-flex; align-items: center; gap: 5px; }
+.tb-swatch { display: inline-block; width: 16px; height: 3px; border-radius: 2px; }
 .tb-bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
 .tb-fill { height: 100%; background: var(--color-accent); transition: width .4s ease; }
 .tb-completed .tb-fill { background: #2da44e; }
@@ -166,7 +173,9 @@ def theme() -> gr.themes.Theme:
     """Gradio's Soft theme, with the bundled CJK font before the generic family."""
     sans = (gr.themes.LocalFont("Montserrat", weights=(400, 700)), "ui-sans-serif",
             "system-ui", CJK_FONT, "sans-serif")
-    return gr.themes.Soft(font=sans)
+    mono = (gr.themes.LocalFont("IBM Plex Mono"), "ui-monospace", "Consolas", "monospace",
+            CJK_FONT)   # after the generic family: a table cell's CJK glyphs come from it
+    return gr.themes.Soft(font=sans, font_mono=mono)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,

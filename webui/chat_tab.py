@@ -14,6 +14,7 @@ core's refusal (the same words `tunebench chat` prints).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -26,11 +27,13 @@ from core.chat import (DEFAULT_PROBES, base_model_of, build_messages, is_reward_
                        probes_path, save_probes)
 from core.chat_worker import ChatWorker, WorkerError
 from core.errors import BadInput
+from core.i18n import Msg, msg, t, text_of
 
 from . import form
+from .i18n import redraw, tr
 
-NO_CHECKPOINT = "(none: base model only)"
-PROBE_COLUMNS = ["prompt", "fine-tuned (after)", "base (before)"]
+NO_CHECKPOINT = t("ui.chat.no_checkpoint", "en")  # the checkpoint picker's empty choice
+PROBE_HEADERS = ["ui.chat.probe.col_prompt", "ui.chat.probe.col_after", "ui.chat.probe.col_before"]
 WORKER = ChatWorker()  # one model process per server
 
 
@@ -38,7 +41,7 @@ WORKER = ChatWorker()  # one model process per server
 
 def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
     """(label, path) for every final/ and checkpoint-N/ under saves, newest run first."""
-    out = [(NO_CHECKPOINT, "")]
+    out = [(t("ui.chat.no_checkpoint"), "")]  # the value "" is what the handlers read
     for path in runs.loadable_checkpoints(saves):
         out.append((f"{path.parent.name}/{path.name}", str(path)))
     return out
@@ -88,14 +91,14 @@ def scores_markdown(scores: list[float]) -> str:
     model is trained so that sigmoid(score A - score B) is the chance A is the better)."""
     import math
 
-    lines = [f"**Reply {name}: {score:+.4f}**" for name, score in zip("AB", scores)]
+    lines = [t("ui.chat.score.reply", name=name, score=f"{score:+.4f}")
+             for name, score in zip("AB", scores)]
     if len(scores) == 2:
         margin = scores[0] - scores[1]
         better, worse = ("A", "B") if margin >= 0 else ("B", "A")
         odds = 1 / (1 + math.exp(-abs(margin)))
-        lines.append(f"The reward model prefers reply {better} over {worse} by "
-                     f"{abs(margin):.4f} (its odds that {better} is the better reply: "
-                     f"{odds:.0%}).")
+        lines.append(t("ui.chat.score.prefers", better=better, worse=worse,
+                       margin=f"{abs(margin):.4f}", odds=f"{odds:.0%}"))
     return "  \n".join(lines)
 
 
@@ -108,7 +111,7 @@ def progress_html(fraction: float, text: str, state: str = "running") -> str:
 
 
 def message_html(text: str, kind: str = "error") -> str:
-    label = {"error": "error", "completed": "ready", "idle": "idle"}.get(kind, kind)
+    label = t(f"ui.chat.badge.{kind}") if kind in ("error", "completed", "idle") else kind
     body = (f"<pre class='tb-error'>{html.escape(text)}</pre>" if kind == "error"
             else f"<span class='tb-dim'>{html.escape(text)}</span>")
     return f"<div class='tb-status'><span class='tb-badge tb-{kind}'>{label}</span> {body}</div>"
@@ -117,18 +120,52 @@ def message_html(text: str, kind: str = "error") -> str:
 def loaded_html() -> str:
     if WORKER.alive and WORKER.info:
         return message_html(WORKER.text, "completed")
-    return message_html("No model loaded. Pick a model (and a checkpoint) and press Load.", "idle")
+    return message_html(t("ui.chat.no_model"), "idle")
+
+
+def _after_label() -> str:
+    """The left pane's label: "Model" while a plain model (no checkpoint) is loaded."""
+    info = WORKER.info if WORKER.alive else None
+    return t("ui.chat.pane_model") if info and not info.get("checkpoint") else t(
+        "ui.chat.pane_after")
 
 
 def _error_text(err: Exception) -> str:
     return str(err) if isinstance(err, (BadInput, WorkerError)) else f"{type(err).__name__}: {err}"
 
 
-def _stats_text(side: str, stats: dict) -> str:
+def _stats_note(side: str, stats: dict) -> Msg | None:
+    """One side's generation statistics (`side`: "after" or "before"), rendered when shown."""
     if not stats:
-        return ""
-    return (f"{side}: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
-            f"({stats['tokens_per_s']:.1f} tokens/s), stopped at {stats['stopped']}")
+        return None
+    return msg("ui.chat.stats", side=msg(f"ui.chat.side.{side}"), tokens=stats["tokens"],
+               seconds=f"{stats['seconds']:.1f}", rate=f"{stats['tokens_per_s']:.1f}",
+               stopped=stats["stopped"])
+
+
+def shown(note) -> str:
+    """A note kept in a gr.State (a Msg, a list of them, or plain text) as text in the
+    current language: the handler that made it and a language switch show it alike."""
+    if isinstance(note, list):
+        return " · ".join(shown(n) for n in note if n is not None)
+    return text_of(note) if note is not None else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scores:
+    """Scores kept as numbers, so their lines render in whichever language is shown."""
+    scores: tuple
+
+    def text(self, lang: str | None = None) -> str:
+        return scores_markdown(list(self.scores))
+
+
+_KEEP = object()  # a streamed update that leaves the stats line as it is
+
+
+def _redrawn(note):
+    """A stored note redrawn on a language switch; nothing stored: the shown text stays."""
+    return shown(note) if note else gr.skip()
 
 
 # --- the API server's panel ----------------------------------------------------------
@@ -168,23 +205,23 @@ def serve_markdown(saves: Path) -> str:
     status = serve_launch.server_status(saves)
     log = serve_launch.job_dir(saves) / serve_launch.LOG
     if status is None:
-        return "**idle**: no API server is running. Pick adapters and press **Start server**."
+        return t("ui.chat.serve.idle")
     state = status.get("state")
     if state == "running" and not serve_ready(status):
-        return (f"**starting**: the API server (pid {status.get('pid')}) is loading the model "
-                f"on 127.0.0.1:{status.get('port') or '…'}; its log is `{log}`.")
+        return t("ui.chat.serve.starting", pid=status.get("pid"),
+                 port=status.get("port") or "…", log=log)
     if state == "running":
         adapters = list(status.get("adapters") or {})
         models = status.get("models") or []
-        ids = ", ".join(f"`{m}`" for m in models)
+        ids = t("list.sep").join(f"`{m}`" for m in models)
         first = adapters[0] if adapters else (models[0] if models else "")
-        return (f"**running** at `{status['url']}`  \nModel ids: {ids}  \n"
-                f"It keeps running when this page closes; **Stop server** ends it.\n\n"
+        # The snippets are code: the same in every language.
+        return (t("ui.chat.serve.running", url=status["url"], ids=ids)
                 + serve_snippets(status["url"], first))
     if state == "completed":
-        return f"**stopped**: the API server at `{status.get('url') or '?'}` was stopped."
-    error = str(status.get("error") or state).replace("~~~", "")
-    return f"**{state}**: the API server did not keep running; see `{log}`.\n\n~~~\n{error}\n~~~"
+        return t("ui.chat.serve.stopped", url=status.get("url") or "?")
+    error = str(runs.error_text(status) or state).replace("~~~", "")
+    return t("ui.chat.serve.failed", state=state, log=log, error=error)
 
 
 # --- the tab ---------------------------------------------------------------------------
@@ -205,91 +242,124 @@ class ChatTab:
 
     def _loader(self):
         with gr.Row():
-            self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Model",
-                                     allow_custom_value=True, elem_id="chat-model", scale=3,
-                                     info="'demo', a model folder (an export works), or a hub id")
-            self.checkpoint = gr.Dropdown(checkpoint_choices(self.saves), value="",
-                                          label="Checkpoint", elem_id="chat-checkpoint", scale=3,
-                                          allow_custom_value=True,
-                                          info="final/ or checkpoint-N/ of a run in saves/")
+            self.model = tr(gr.Dropdown(model_choices(self.saves), value="demo",
+                                        label=t("ui.chat.model"), allow_custom_value=True,
+                                        elem_id="chat-model", scale=3,
+                                        info=t("ui.chat.model_info")),
+                            label="ui.chat.model", info="ui.chat.model_info")
+            self.checkpoint = tr(gr.Dropdown(checkpoint_choices(self.saves), value="",
+                                             label=t("ui.chat.checkpoint"),
+                                             elem_id="chat-checkpoint", scale=3,
+                                             allow_custom_value=True,
+                                             info=t("ui.chat.checkpoint_info")),
+                                 label="ui.chat.checkpoint", info="ui.chat.checkpoint_info",
+                                 choices=lambda: checkpoint_choices(self.saves))
             with gr.Column(scale=1, min_width=150):
-                self.load = gr.Button("Load", variant="primary", elem_id="chat-load")
+                self.load = tr(gr.Button(t("ui.chat.load"), variant="primary",
+                                         elem_id="chat-load"), value="ui.chat.load")
                 with gr.Row():
-                    self.unload = gr.Button("Unload", size="sm", elem_id="chat-unload")
-                    self.refresh = gr.Button("↻ Lists", size="sm", min_width=40,
-                                             elem_id="chat-refresh")
+                    self.unload = tr(gr.Button(t("ui.chat.unload"), size="sm",
+                                               elem_id="chat-unload"), value="ui.chat.unload")
+                    self.refresh = tr(gr.Button(t("ui.chat.refresh"), size="sm", min_width=40,
+                                                elem_id="chat-refresh"), value="ui.chat.refresh")
         self.status = gr.HTML(loaded_html(), elem_id="chat-status")
+        redraw(loaded_html, [], [self.status])
 
     def _settings(self):
         # Generated from core.config.GenConfig, as `tunebench chat`'s flags are.
-        with gr.Accordion("Generation settings", open=False, elem_id="chat-settings"):
+        with tr(gr.Accordion(t("ui.chat.settings"), open=False, elem_id="chat-settings"),
+                label="ui.chat.settings"):
             self.gen = form.build_settings(cfg.GenConfig, cfg.GenConfig(), "chat")
-            self.trust = gr.Checkbox(False, label="Trust remote code (runs Python code shipped "
-                                     "with the model: only for models you trust)",
-                                     elem_id="chat-trust-remote-code")
+            self.trust = tr(gr.Checkbox(False, label=t("ui.chat.trust"),
+                                        elem_id="chat-trust-remote-code"), label="ui.chat.trust")
 
     def _conversation(self):
-        self.compare = gr.Checkbox(False, label="Compare before/after: answer each prompt with "
-                                   "the base model too", elem_id="chat-compare")
+        self.compare = tr(gr.Checkbox(False, label=t("ui.chat.compare"), elem_id="chat-compare"),
+                          label="ui.chat.compare")
         self.hist_after = gr.State([])
         self.hist_before = gr.State([])
         with gr.Row():
-            self.output = gr.Chatbot(label="Fine-tuned (after)", elem_id="chat-output",
-                                     height=380, buttons=["copy"])
-            self.before = gr.Chatbot(label="Base model (before)", elem_id="chat-before",
-                                     height=380, visible=False, buttons=["copy"])
+            self.output = tr(gr.Chatbot(label=t("ui.chat.pane_after"), elem_id="chat-output",
+                                        height=380, buttons=["copy"]), label=_after_label)
+            self.before = tr(gr.Chatbot(label=t("ui.chat.pane_before"), elem_id="chat-before",
+                                        height=380, visible=False, buttons=["copy"]),
+                             label="ui.chat.pane_before")
         with gr.Row(equal_height=True):
-            self.input = gr.Textbox(placeholder="Type a message and press Enter", lines=1,
-                                    show_label=False, elem_id="chat-input", scale=6)
-            self.send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
-            self.stop = gr.Button("Stop", elem_id="chat-stop", scale=1)
-            self.clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
+            self.input = tr(gr.Textbox(placeholder=t("ui.chat.input"), lines=1,
+                                       show_label=False, elem_id="chat-input", scale=6),
+                            placeholder="ui.chat.input")
+            self.send = tr(gr.Button(t("ui.chat.send"), variant="primary", elem_id="chat-send",
+                                     scale=1), value="ui.chat.send")
+            self.stop = tr(gr.Button(t("ui.chat.stop"), elem_id="chat-stop", scale=1),
+                           value="ui.chat.stop")
+            self.clear = tr(gr.Button(t("ui.chat.clear"), elem_id="chat-clear", scale=1),
+                            value="ui.chat.clear")
         self.stats = gr.Markdown("", elem_id="chat-stats")
+        self.stats_note = gr.State(None)  # what stats shows, kept to redraw it on a switch
+        redraw(_redrawn, [self.stats_note], [self.stats])
 
     def _scoring(self):
         # Shown when the picked checkpoint (or model) is a reward model.
         with gr.Group(visible=False, elem_id="chat-score") as self.score_panel:
-            gr.Markdown("**Score a reply** with the reward model: it gives each reply to the "
-                        "prompt a score (higher = better). Load it first.")
-            self.score_prompt = gr.Textbox(label="Prompt (the user's message)", lines=2,
-                                           elem_id="chat-score-prompt")
+            tr(gr.Markdown(t("ui.chat.score.intro")), value="ui.chat.score.intro")
+            self.score_prompt = tr(gr.Textbox(label=t("ui.chat.score.prompt"), lines=2,
+                                              elem_id="chat-score-prompt"),
+                                   label="ui.chat.score.prompt")
             with gr.Row():
-                self.score_reply = gr.Textbox(label="Reply A", lines=3, elem_id="chat-score-reply")
-                self.score_reply_b = gr.Textbox(label="Reply B (optional: compare two)", lines=3,
-                                                elem_id="chat-score-reply-b")
-            self.score_start = gr.Button("Score", variant="primary", elem_id="chat-score-start")
+                self.score_reply = tr(gr.Textbox(label=t("ui.chat.score.reply_a"), lines=3,
+                                                 elem_id="chat-score-reply"),
+                                      label="ui.chat.score.reply_a")
+                self.score_reply_b = tr(gr.Textbox(label=t("ui.chat.score.reply_b"), lines=3,
+                                                   elem_id="chat-score-reply-b"),
+                                        label="ui.chat.score.reply_b")
+            self.score_start = tr(gr.Button(t("ui.chat.score.start"), variant="primary",
+                                            elem_id="chat-score-start"),
+                                  value="ui.chat.score.start")
             self.score_result = gr.Markdown("", elem_id="chat-score-result")
+            self.score_note = gr.State(None)
+            redraw(_redrawn, [self.score_note], [self.score_result])
 
     def _probes(self):
-        with gr.Accordion("Probe prompts: run a fixed set against both models", open=False):
-            self.probe_text = gr.Textbox("\n".join(DEFAULT_PROBES), lines=5, label="Prompts "
-                                         "(one per line)", elem_id="chat-probe-prompts")
-            self.probe_run = gr.Button("Run probes", elem_id="chat-probe-run")
-            self.probe_table = gr.Dataframe(headers=PROBE_COLUMNS, value=[], wrap=True,
-                                            interactive=False, elem_id="chat-probes",
-                                            column_widths=["20%", "40%", "40%"])
+        with tr(gr.Accordion(t("ui.chat.probe.title"), open=False), label="ui.chat.probe.title"):
+            # The probe prompts are data sent to the model: they stay as written.
+            self.probe_text = tr(gr.Textbox("\n".join(DEFAULT_PROBES), lines=5,
+                                            label=t("ui.chat.probe.prompts"),
+                                            elem_id="chat-probe-prompts"),
+                                 label="ui.chat.probe.prompts")
+            self.probe_run = tr(gr.Button(t("ui.chat.probe.run"), elem_id="chat-probe-run"),
+                                value="ui.chat.probe.run")
+            self.probe_table = tr(gr.Dataframe(headers=[t(h) for h in PROBE_HEADERS], value=[],
+                                               wrap=True, interactive=False,
+                                               elem_id="chat-probes",
+                                               column_widths=["20%", "40%", "40%"]),
+                                  headers=lambda: [t(h) for h in PROBE_HEADERS])
             self.probe_status = gr.Markdown("", elem_id="chat-probe-status")
+            self.probe_note = gr.State(None)
+            redraw(_redrawn, [self.probe_note], [self.probe_status])
 
     def _serving(self):
-        with gr.Accordion("Serve an API (OpenAI-compatible)", open=False,
-                          elem_id="serve-panel"):
-            gr.Markdown("Run `tunebench serve` in the background for the model above and the "
-                        "LoRA adapters picked here: an OpenAI-compatible API on 127.0.0.1, "
-                        "each adapter under its own model id.")
-            self.serve_adapters = gr.Dropdown(adapter_choices(self.saves), value=[],
-                                              multiselect=True, label="Adapters to serve",
-                                              elem_id="serve-adapters",
-                                              info="LoRA checkpoints in saves/ (none: the base "
-                                                   "model only)")
+        with tr(gr.Accordion(t("ui.chat.serve.title"), open=False, elem_id="serve-panel"),
+                label="ui.chat.serve.title"):
+            tr(gr.Markdown(t("ui.chat.serve.intro")), value="ui.chat.serve.intro")
+            self.serve_adapters = tr(gr.Dropdown(adapter_choices(self.saves), value=[],
+                                                 multiselect=True,
+                                                 label=t("ui.chat.serve.adapters"),
+                                                 elem_id="serve-adapters",
+                                                 info=t("ui.chat.serve.adapters_info")),
+                                     label="ui.chat.serve.adapters",
+                                     info="ui.chat.serve.adapters_info")
             with gr.Row():
-                self.serve_start = gr.Button("Start server", variant="primary",
-                                             elem_id="serve-start")
-                self.serve_stop = gr.Button("Stop server", elem_id="serve-stop")
+                self.serve_start = tr(gr.Button(t("ui.chat.serve.start"), variant="primary",
+                                                elem_id="serve-start"),
+                                      value="ui.chat.serve.start")
+                self.serve_stop = tr(gr.Button(t("ui.chat.serve.stop"), elem_id="serve-stop"),
+                                     value="ui.chat.serve.stop")
             # A callable value is read on every page load: a reloaded page finds the server.
             self.serve_status = gr.Markdown(lambda: serve_markdown(self.saves),
                                             elem_id="serve-status")
             self.serve_shown = gr.State("")
             self.serve_timer = gr.Timer(SERVE_TICK_S)
+            redraw(self.serve_redraw, [], [self.serve_status, self.serve_shown])
 
     def _wire_serving(self):
         self.serve_start.click(self.do_serve_start, [self.model, self.serve_adapters],
@@ -311,23 +381,24 @@ class ChatTab:
         self.checkpoint.change(self.pick_checkpoint, [self.checkpoint, self.model], [self.model])
         for picker in (self.checkpoint, self.model):
             picker.change(self.show_scoring, [self.checkpoint, self.model], [self.score_panel])
-        self.score_start.click(self.do_score, [self.score_prompt, self.score_reply,
-                                               self.score_reply_b], [self.score_result])
+        self.score_start.click(self.score_event, [self.score_prompt, self.score_reply,
+                                                  self.score_reply_b],
+                               [self.score_result, self.score_note])
         clear = [self.output, self.before, self.hist_after, self.hist_before, self.stats]
         self.load.click(self.do_load, [self.model, self.checkpoint, self.trust],
-                        [self.status] + clear)
+                        [self.status] + clear + [self.stats_note])
         self.unload.click(self.do_unload, None, [self.status])
         self.compare.change(lambda on: gr.update(visible=on), [self.compare], [self.before])
         settings = self.gen.components
         args = [self.input, self.compare, self.hist_after, self.hist_before] + settings
         outs = [self.output, self.before, self.hist_after, self.hist_before, self.input,
-                self.stats]
-        send = self.send.click(self.do_send, args, outs)
-        submit = self.input.submit(self.do_send, args, outs)
+                self.stats, self.stats_note]
+        send = self.send.click(self.send_event, args, outs)
+        submit = self.input.submit(self.send_event, args, outs)
         self.stop.click(lambda: WORKER.cancel(), None, None, cancels=[send, submit])
-        self.clear.click(lambda: ([], [], [], [], ""), None, clear)
-        self.probe_run.click(self.do_probes, [self.probe_text] + settings,
-                             [self.probe_table, self.probe_status])
+        self.clear.click(lambda: ([], [], [], [], "", None), None, clear + [self.stats_note])
+        self.probe_run.click(self.probes_event, [self.probe_text] + settings,
+                             [self.probe_table, self.probe_status, self.probe_note])
         tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
         if hasattr(tab, "select"):
             tab.select(self.refresh_choices, [self.model, self.checkpoint],
@@ -353,7 +424,7 @@ class ChatTab:
             serve_launch.start_server(model, serve_launch.adapter_names(picked or []),
                                       self.saves)
         except BadInput as err:
-            text = f"**not started**: {err}\n\n---\n\n{serve_markdown(self.saves)}"
+            text = t("ui.chat.serve.not_started", error=err, panel=serve_markdown(self.saves))
             return text, text
         text = serve_markdown(self.saves)
         return text, text
@@ -362,10 +433,9 @@ class ChatTab:
         try:
             final = serve_launch.stop_server(self.saves)
         except BadInput as err:
-            text = f"**not stopped**: {err}\n\n---\n\n{serve_markdown(self.saves)}"
+            text = t("ui.chat.serve.not_stopped", error=err, panel=serve_markdown(self.saves))
             return text, text
-        text = (serve_markdown(self.saves) if final else
-                "**idle**: no API server is running for this saves folder.")
+        text = serve_markdown(self.saves) if final else t("ui.chat.serve.none_here")
         return text, text
 
     def serve_tick(self, shown: str):
@@ -373,6 +443,12 @@ class ChatTab:
         text = serve_markdown(self.saves)
         if shown.endswith(text):  # unchanged (a refusal shown above it stays)
             return gr.skip(), gr.skip()
+        return text, text
+
+    def serve_redraw(self):
+        """On a language switch: the server's state in the new language (a refusal shown
+        above it goes: it was about the last press)."""
+        text = serve_markdown(self.saves)
         return text, text
 
     # --- handlers ---------------------------------------------------------------------
@@ -389,31 +465,38 @@ class ChatTab:
     def show_scoring(self, checkpoint: str, model: str):
         return gr.update(visible=reward_picked(checkpoint, model))
 
-    def do_score(self, prompt: str, reply_a: str, reply_b: str):
+    def do_score(self, prompt: str, reply_a: str, reply_b: str) -> str:
         """Score reply A (and B) to the prompt with the loaded reward model, in the worker."""
+        return shown(self._score(prompt, reply_a, reply_b))
+
+    def score_event(self, prompt: str, reply_a: str, reply_b: str):
+        """do_score for the page: the result, and what it says kept to redraw it."""
+        note = self._score(prompt, reply_a, reply_b)
+        return shown(note), note
+
+    def _score(self, prompt: str, reply_a: str, reply_b: str) -> "Msg | _Scores":
         try:
             for text, what in ((prompt, "prompt"), (reply_a, "reply A"), (reply_b, "reply B")):
                 limits.check_text(text or "", what, limits.MAX_MESSAGE_CHARS, multiline=True)
             replies = [r.strip() for r in (reply_a or "", reply_b or "") if r.strip()]
             if not (prompt or "").strip() or not (reply_a or "").strip():
-                raise BadInput("enter a prompt and reply A (reply B is optional)")
+                raise BadInput(msg("ui.chat.score.need_reply"))
             if (WORKER.info or {}).get("head") != "score" and WORKER.info is not None:
-                raise BadInput("the loaded model writes replies, it does not score them: pick "
-                               "a reward model (the final/ of a stage rm run) and press Load")
+                raise BadInput(msg("ui.chat.score.not_reward"))
             scores = WORKER.score(prompt.strip(), replies)
         except (BadInput, WorkerError) as err:
-            return f"**Not scored.** {_error_text(err)}"
-        return scores_markdown(scores)
+            return msg("ui.chat.score.not_scored", error=err)
+        return _Scores(tuple(scores))
 
     def do_load(self, model: str, checkpoint: str, trust: bool):
         # A plain model (no checkpoint) has no before/after: its pane is just "Model".
-        label = "Fine-tuned (after)" if checkpoint else "Model"
+        label = t("ui.chat.pane_after") if checkpoint else t("ui.chat.pane_model")
         WORKER.expect_load()  # a message sent meanwhile waits for this load, then is answered
         # The conversation is cleared once, now; later updates leave it alone, so a message
         # sent during the load keeps its reply.
-        keep = [gr.skip()] * 5
-        yield [progress_html(0, "Starting the model process…"),
-               gr.update(value=[], label=label), [], [], [], ""]
+        keep = [gr.skip()] * 6
+        yield [progress_html(0, t("ui.chat.starting")),
+               gr.update(value=[], label=label), [], [], [], "", None]
         try:
             model = paths.confine_model(model or "")  # typed paths stay inside the allowed roots
             checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
@@ -430,19 +513,32 @@ class ChatTab:
 
     def do_unload(self):
         WORKER.unload()
-        return message_html("Unloaded: the model process ended and its memory was freed.", "idle")
+        return message_html(t("ui.chat.unloaded"), "idle")
 
     def do_send(self, prompt, compare, hist_after, hist_before, *settings):
         """Stream the fine-tuned reply, then (comparing) the base reply to the same prompt."""
+        for *views, note in self._send(prompt, compare, hist_after, hist_before, *settings):
+            yield (*views, shown(note) if note is not _KEEP else gr.update())
+
+    def send_event(self, *args):
+        """do_send for the page: also the stats line kept to redraw it (None: unchanged)."""
+        for *views, note in self._send(*args):
+            if note is _KEEP:
+                yield (*views, gr.update(), gr.skip())
+            else:
+                yield (*views, shown(note), note)
+
+    def _send(self, prompt, compare, hist_after, hist_before, *settings):
         prompt = (prompt or "").strip()
         if not prompt:
-            yield hist_after, hist_before, hist_after, hist_before, "", ""
+            yield hist_after, hist_before, hist_after, hist_before, "", None
             return
         try:
             gen = self._gen(settings)
             limits.check_text(prompt, "message", limits.MAX_MESSAGE_CHARS, multiline=True)
         except BadInput as err:
-            yield hist_after, hist_before, hist_after, hist_before, "", f"**Not sent.** {err}"
+            yield (hist_after, hist_before, hist_after, hist_before, "",
+                   msg("ui.chat.not_sent", error=err))
             return
         views = {"after": list(hist_after), "before": list(hist_before)}
         sides = ["after"]
@@ -451,8 +547,7 @@ class ChatTab:
         elif compare:
             views["before"] = list(hist_before) + [
                 {"role": "user", "content": prompt},
-                {"role": "assistant", "content": "(no checkpoint loaded: the model on the left "
-                                                 "is the base model)"}]
+                {"role": "assistant", "content": t("ui.chat.no_checkpoint_reply")}]
         notes = []
         for side in sides:
             history = hist_after if side == "after" else hist_before
@@ -463,30 +558,38 @@ class ChatTab:
             try:
                 for piece in WORKER.generate(messages, schema.to_dict(gen), side, stats):
                     views[side][-1]["content"] += piece
-                    yield views["after"], views["before"], hist_after, hist_before, "", \
-                        gr.update()
+                    yield views["after"], views["before"], hist_after, hist_before, "", _KEEP
             except (BadInput, WorkerError) as err:
-                views[side][-1]["content"] = f"[error] {_error_text(err)}"
-                yield views["after"], views["before"], hist_after, hist_before, prompt, \
-                    _error_text(err)
+                views[side][-1]["content"] = t("ui.chat.error_reply", error=_error_text(err))
+                yield (views["after"], views["before"], hist_after, hist_before, prompt,
+                       err)
                 return
-            notes.append(_stats_text("fine-tuned" if side == "after" else "base", stats))
+            notes.append(_stats_note(side, stats))
         yield (views["after"], views["before"], views["after"],
-               views["before"] if compare else hist_before, "", " · ".join(notes))
+               views["before"] if compare else hist_before, "", notes)
 
     def do_probes(self, text: str, *settings):
         """Each probe prompt, single-turn, on both sides; the table is saved next to the
         checkpoint."""
+        for rows, note in self._probes_run(text, *settings):
+            yield rows, shown(note)
+
+    def probes_event(self, text: str, *settings):
+        """do_probes for the page: also the status kept to redraw it."""
+        for rows, note in self._probes_run(text, *settings):
+            yield rows, shown(note), note
+
+    def _probes_run(self, text: str, *settings):
         try:
             limits.check_text(text or "", "probe prompts", limits.MAX_MESSAGE_CHARS,
                               multiline=True)
             gen = self._gen(settings)
         except BadInput as err:
-            yield [], f"**Not run.** {err}"
+            yield [], msg("ui.chat.probe.not_run", error=err)
             return
         prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if not prompts:
-            yield [], "Enter at least one probe prompt."
+            yield [], msg("ui.chat.probe.none")
             return
         info = WORKER.info or {}
         rows = []
@@ -494,32 +597,32 @@ class ChatTab:
             try:
                 rows.append(_probe(prompt, gen, both=bool(info.get("checkpoint"))))
             except (BadInput, WorkerError) as err:
-                yield _probe_table(rows), f"[error] {_error_text(err)}"
+                yield _probe_table(rows), msg("ui.chat.error_reply", error=err)
                 return
-            yield _probe_table(rows), f"Probe {i} of {len(prompts)}…"
+            yield _probe_table(rows), msg("ui.chat.probe.progress", i=i, n=len(prompts))
         yield _probe_table(rows), self._save_probes(rows, info, gen)
 
     def _gen(self, values) -> cfg.GenConfig:
         return form.settings_of(cfg.GenConfig, self.gen.names, list(values),
-                                "the generation settings")
+                                msg("ui.chat.gen_source"))  # rendered when shown
 
-    def _save_probes(self, rows: list[dict], info: dict, gen: cfg.GenConfig) -> str:
+    def _save_probes(self, rows: list[dict], info: dict, gen: cfg.GenConfig) -> Msg:
         path = probes_path(info.get("checkpoint"), info.get("model", ""))
         if path is None:
-            return f"{len(rows)} probes done (not saved: no local checkpoint or model folder)."
+            return msg("ui.chat.probe.not_saved", n=len(rows))
         try:
             save_probes(path, rows, model=info.get("model", ""),
                         checkpoint=info.get("checkpoint"), settings=gen)
         except BadInput as err:
-            return f"{len(rows)} probes done, but not saved: {err}"
-        return f"{len(rows)} probes done; saved to `{path}`."
+            return msg("ui.chat.probe.save_failed", n=len(rows), error=err)
+        return msg("ui.chat.probe.saved", n=len(rows), path=str(path))
 
 
 def _probe(prompt: str, gen: cfg.GenConfig, both: bool) -> dict:
     messages = build_messages([], prompt, gen.system)
     after = "".join(WORKER.generate(messages, schema.to_dict(gen), "after"))
     before = ("".join(WORKER.generate(messages, schema.to_dict(gen), "before")) if both
-              else "(no checkpoint loaded)")
+              else t("ui.chat.probe.no_checkpoint"))
     return {"prompt": prompt, "fine_tuned": after, "base": before}
 
 

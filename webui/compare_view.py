@@ -15,9 +15,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core import compare
+from core import compare, i18n, plot
 from core.errors import BadInput
+from core.i18n import t, text_of
 
+from .i18n import redraw, tr, transient
 from .runs_view import _thin, find_listed_run, listed_runs
 
 # One colour per run, in the order picked (set explicitly: Gradio keeps the colours of the
@@ -26,9 +28,16 @@ PALETTE = ["#1d4ed8", "#e4572e", "#2da44e", "#8250df", "#bf8700", "#0891b2", "#d
            "#4b5563"]
 AXES = [("steps", "step"), ("tokens seen", "tokens"), ("time", "time")]
 COLUMNS = ["x", "value", "run"]
-# The axis titles stay put and the chart's label names the curve and the axis: Gradio
-# draws a frame whose axis title changed from the previous frame's data.
-X_TITLE = "steps / tokens / seconds"
+
+
+def axes() -> list[tuple[str, str]]:
+    """AXES, their names in the current language."""
+    return [(t(f"ui.compare.axis.{value}"), value) for _, value in AXES]
+
+
+def axis_name(axis: str) -> str:
+    """An x axis as the chart's label and the note name it (core.compare.X_AXES)."""
+    return t(f"ui.compare.axis_title.{axis}")
 
 
 class Panel:
@@ -53,26 +62,40 @@ class ComparePanel:
     def __init__(self, saves_dir: Path):
         self.saves_dir = Path(saves_dir)
         self.state = gr.State(Panel)  # a fresh Panel per browser tab
-        with gr.Accordion("Compare runs", open=True, elem_id="train-compare"):
-            self.runs = gr.Dropdown(
-                choices=[], value=[], multiselect=True, label="Runs to compare",
-                elem_id="train-compare-runs", info="Pick two or more; live runs keep drawing.")
+        with tr(gr.Accordion(t("ui.compare.title"), open=True, elem_id="train-compare"),
+                label="ui.compare.title"):
+            self.runs = tr(gr.Dropdown(
+                choices=[], value=[], multiselect=True, label=t("ui.compare.runs"),
+                elem_id="train-compare-runs", info=t("ui.compare.runs.info")),
+                label="ui.compare.runs", info="ui.compare.runs.info")
             with gr.Row(equal_height=False):
-                self.metric = gr.Radio(choices=[("loss", "loss")], value="loss", label="Curve",
-                                       scale=3, elem_id="train-compare-metric")
-                self.x = gr.Radio(choices=AXES, value="step", label="x axis", scale=2,
-                                  elem_id="train-compare-x")
+                self.metric = tr(gr.Radio(choices=only_loss(), value="loss",
+                                          label=t("ui.compare.curve"), scale=3,
+                                          elem_id="train-compare-metric"),
+                                 label="ui.compare.curve", choices=only_loss)
+                self.x = tr(gr.Radio(choices=axes(), value="step", label=t("ui.compare.x"),
+                                     scale=2, elem_id="train-compare-x"),
+                            label="ui.compare.x", choices=axes)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
-                    self.plot = gr.LinePlot(
-                        value=_frame([]), x="x", y="value", color="run", label="loss",
-                        x_title=X_TITLE, y_title="value", elem_id="train-compare-plot")
+                    # The axis titles stay put and the chart's label names the curve and
+                    # the axis: Gradio draws a frame whose axis title changed from the
+                    # previous frame's data.
+                    self.plot = tr(gr.LinePlot(
+                        value=_frame([]), x="x", y="value", color="run",
+                        color_title=t("ui.compare.legend"),
+                        label=t("plot.metric.loss"), x_title=t("ui.compare.x_title"),
+                        y_title=t("ui.compare.y_title"), elem_id="train-compare-plot"),
+                        x_title="ui.compare.x_title", y_title="ui.compare.y_title",
+                        label="plot.metric.loss", color_title="ui.compare.legend")
                     self.note = gr.Markdown(elem_id="train-compare-note")
                 with gr.Column(scale=2):
-                    self.table = gr.Dataframe(
+                    self.table = tr(gr.Dataframe(
                         value=[], interactive=False, wrap=True, max_height=420,
-                        label="Final metrics, eval results and the settings that differ",
-                        elem_id="train-compare-table")
+                        label=t("ui.compare.table"), elem_id="train-compare-table"),
+                        label="ui.compare.table")
+        # A language switch draws the chart's label, the table and the note again.
+        redraw(self.draw, [self.state], self.outputs)
 
     @property
     def outputs(self) -> list:
@@ -126,13 +149,13 @@ class ComparePanel:
         chooser = gr.skip()
         if picker or offered != panel.offered:
             panel.offered = offered
-            chooser = gr.update(choices=list(offered) or [("loss", "loss")], value=panel.metric)
-        label = dict((m, l) for l, m in offered).get(panel.metric, panel.metric)
+            chooser = gr.update(choices=list(offered) or only_loss(), value=panel.metric)
+        label = dict((m, l) for l, m in offered).get(panel.metric) or metric_label(panel.metric)
         names = [run.name for run in comparison.runs.values()]
         chart = gr.update(
             value=_frame(thinned_rows(comparison, panel.metric, panel.axis)),
             color_map={name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)},
-            label=f"{label} by {compare.X_AXES[panel.axis][1]}")
+            label=t("ui.compare.by", curve=label, axis=axis_name(panel.axis)))
         columns, rows = comparison.table(self.saves_dir)
         table = pd.DataFrame(rows, columns=columns) if names else pd.DataFrame()
         return [chart, chooser, table, note_text(comparison, panel.metric, panel.axis, label)]
@@ -141,18 +164,19 @@ class ComparePanel:
 def note_text(comparison: compare.Comparison, metric: str, axis: str, label: str) -> str:
     """What the chart does not show and why, in a line."""
     if not comparison.runs:
-        return "*Pick runs above to overlay their curves.*"
+        return t("ui.compare.note.empty")
     parts = []
     if len(comparison.runs) == 1:
-        parts.append("Pick another run to compare with.")
+        parts.append(t("ui.compare.note.one"))
     missing = comparison.missing(metric, axis)
     if missing:
-        how = "" if axis == "step" else f" against {compare.X_AXES[axis][1]}"
-        parts.append(f"No {label}{how} in: {', '.join(missing)}.")
+        runs = t("list.sep").join(missing)
+        parts.append(t("ui.compare.note.missing", curve=label, runs=runs) if axis == "step"
+                     else t("ui.compare.note.missing_on", curve=label, axis=axis_name(axis),
+                            runs=runs))
     broken = [run.name for run in comparison.runs.values() if run.settings_error]
     if broken:
-        parts.append(f"Settings shown as written (the loader refused them) for: "
-                     f"{', '.join(broken)}.")
+        parts.append(t("ui.compare.note.broken", runs=t("list.sep").join(broken)))
     return " ".join(f"*{p}*" for p in parts)
 
 
@@ -164,6 +188,17 @@ def thinned_rows(comparison: compare.Comparison, metric: str, axis: str) -> list
         xs, ys = _thin(*run.curve(metric, axis))
         rows += [(x, y, run.name) for x, y in zip(xs, ys)]
     return rows
+
+
+def metric_label(metric: str) -> str:
+    """A curve's name before any run logged it: loss, eval loss, a stage's signal."""
+    key = f"plot.metric.{metric}"
+    return t(key) if i18n.has(key) else plot.signal_short(metric)
+
+
+def only_loss() -> list[tuple[str, str]]:
+    """The curve picker before any run is picked."""
+    return [(t("plot.metric.loss"), "loss")]
 
 
 def _frame(rows: list[tuple]) -> pd.DataFrame:
@@ -178,12 +213,17 @@ class NotesPanel:
     def __init__(self, saves_dir: Path):
         self.saves_dir = Path(saves_dir)
         with gr.Row(equal_height=False):
-            self.note = gr.Textbox(label="Note on the run shown", lines=1, max_lines=6,
-                                   scale=3, elem_id="train-run-note")
-            self.tags = gr.Textbox(label="Tags", max_lines=1, scale=2, elem_id="train-run-tags",
-                                   info="Separated by commas or spaces; filter with tag:NAME.")
-            self.save = gr.Button("Save note", size="sm", scale=1, elem_id="train-run-note-save")
+            self.note = tr(gr.Textbox(label=t("ui.compare.notes.note"), lines=1, max_lines=6,
+                                      scale=3, elem_id="train-run-note"),
+                           label="ui.compare.notes.note")
+            self.tags = tr(gr.Textbox(label=t("ui.compare.notes.tags"), max_lines=1, scale=2,
+                                      elem_id="train-run-tags",
+                                      info=t("ui.compare.notes.tags.info")),
+                           label="ui.compare.notes.tags", info="ui.compare.notes.tags.info")
+            self.save = tr(gr.Button(t("ui.compare.notes.save"), size="sm", scale=1,
+                                     elem_id="train-run-note-save"), value="ui.compare.notes.save")
         self.message = gr.Markdown(elem_id="train-run-note-msg")
+        transient(self.message)
 
     def on_show(self, run_name: str | None) -> list:
         """The run shown changed: its note and tags."""
@@ -194,10 +234,10 @@ class NotesPanel:
     def on_save(self, run_name: str | None, note: str, tags: str) -> str:
         path = find_listed_run(self.saves_dir, run_name) if run_name else None
         if path is None:
-            return "**Not saved.** Pick a run in the runs list first."
+            return t("ui.compare.notes.no_run")
         try:
             saved = compare.write_notes(path, note, tags)
         except BadInput as err:
-            return f"**Not saved.** {err}"
-        tags = ", ".join(saved["tags"]) or "no tags"
-        return f"Saved the note of **{path.name}** ({tags})."
+            return t("ui.compare.notes.not_saved", error=text_of(err))
+        tags = ", ".join(saved["tags"]) or t("ui.compare.notes.no_tags")
+        return t("ui.compare.notes.saved", run=path.name, tags=tags)

@@ -14,6 +14,7 @@ from pathlib import Path
 from core import config as cfg
 from core import limits, paths, runs
 from core.errors import BadInput
+from core.i18n import msg
 
 EXAMPLES = Path("examples")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -47,8 +48,7 @@ def save(config: cfg.TrainConfig, name: str, saves_dir: Path) -> Path:
     """Write the form's config as <saves>/configs/<name>.yaml. Returns the path."""
     name = name.strip().removesuffix(".yaml")
     if not _NAME.match(name):
-        raise BadInput("config name: use letters, digits, '-', '_' and '.' (up to 64), "
-                       f"starting with a letter or digit; got {limits.quote(name)}")
+        raise BadInput(msg("ui.train.err.config_name", name=limits.quote(name)))
     runs.write_atomic(_writable_dir(saves_dir) / f"{name}.yaml", cfg.to_yaml(config))
     return config_dir(saves_dir) / f"{name}.yaml"  # as available() lists it
 
@@ -58,7 +58,7 @@ def load(path: str | Path, allowed: list[str] | None = None) -> cfg.TrainConfig:
     and those are read only where they resolve inside the folders they are listed in."""
     if allowed is not None:
         if str(path) not in allowed:
-            raise BadInput("not one of the listed config files", file=limits.quote(str(path)))
+            raise BadInput(msg("ui.train.err.not_listed_config"), file=limits.quote(str(path)))
         # Listed, but a listed name may be a symlink: its target must stay in the folders
         # the listed files are in.
         roots = list({Path(p).parent.resolve() for p in allowed})

@@ -23,7 +23,9 @@ import subprocess
 import sys
 
 from core import config as cfg
+from core import i18n
 from core.errors import BadInput
+from core.i18n import msg, t
 
 from . import fork_server
 
@@ -35,18 +37,29 @@ FORKS = fork_server.ForkServer("webui.data_worker") if hasattr(os, "fork") else 
 
 
 def ask(action: str, request: dict, timeout: float = TIMEOUT_S) -> dict:
-    """Run one action in a child process. Raises BadInput with the child's message."""
-    request = {"action": action, **request}
+    """Run one action in a child process. Raises BadInput with the child's message.
+
+    The child writes its texts (a preview's notes, a misfit) in the asker's language, and
+    sends an error as its record too, so the page can show it in whichever language."""
+    request = {"action": action, "lang": i18n.current(), **request}
     try:
         answer = FORKS.ask(request, timeout) if FORKS else _ask_new_process(request, timeout)
     except (TimeoutError, subprocess.TimeoutExpired):
-        raise BadInput(f"reading the data took longer than {timeout:.0f} s and was "
-                       "stopped") from None
+        raise BadInput(msg("ui.train.err.data_timeout", seconds=f"{timeout:.0f}")) from None
     except fork_server.WorkerFailed as err:
-        raise BadInput(f"reading the data failed: {err}") from None
+        raise BadInput(msg("ui.train.err.data_failed", error=str(err))) from None
     if "error" in answer:
-        raise BadInput(answer["error"])
+        raise _error_of(answer)
     return answer
+
+
+def _error_of(answer: dict) -> BadInput:
+    if answer.get("error_msg"):
+        try:
+            return BadInput.from_record(answer["error_msg"])
+        except (KeyError, TypeError, AttributeError):
+            pass  # an odd record: the child's text follows
+    return BadInput(answer["error"])
 
 
 def _ask_new_process(request: dict, timeout: float) -> dict:
@@ -133,8 +146,8 @@ def _reply_segments(prompt_ids: list[int], reply_ids: list[int], tokenizer, mark
 
 
 def _skipped(why: str) -> dict:
-    return {"segments": [(f"(left out of training: {why})", None)], "tokens": 0, "trained": 0,
-            "counts": "left out"}
+    return {"segments": [(t("ui.train.preview.left_out", why=why), None)], "tokens": 0,
+            "trained": 0, "counts": t("ui.train.preview.left_out.counts")}
 
 
 def _pair_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
@@ -146,15 +159,15 @@ def _pair_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
                                           len(whole["rejected_ids"])) if whole else 0
     row = stages.encode_pair(record, tokenizer, cutoff)
     if row is None:
-        return _skipped(f"a reply is empty within cutoff_len {cutoff}"), full
+        return _skipped(t("ui.train.preview.reply_empty", cutoff=cutoff)), full
     prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
     segments = _reply_segments(prompt, chosen, tokenizer, "chosen (trained)")
-    segments += [("\n── rejected reply to the same prompt ──\n", None)]
+    segments += [("\n" + t("ui.train.preview.rejected_title") + "\n", None)]
     segments += _reply_segments([], rejected, tokenizer, "rejected (trained)")
     return {"segments": segments, "tokens": len(prompt) + max(len(chosen), len(rejected)),
             "trained": len(chosen) + len(rejected),
-            "counts": f"prompt {len(prompt)} tokens, chosen reply {len(chosen)}, rejected "
-                      f"reply {len(rejected)}"}, full
+            "counts": t("ui.train.preview.pair_counts", prompt=len(prompt), chosen=len(chosen),
+                        rejected=len(rejected))}, full
 
 
 def _labelled_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
@@ -164,13 +177,15 @@ def _labelled_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
     full = len(whole["prompt_ids"]) + len(whole["completion_ids"]) if whole else 0
     row = stages.encode_labelled(record, tokenizer, cutoff)
     if row is None:
-        return _skipped(f"the reply is empty within cutoff_len {cutoff}"), full
+        return _skipped(t("ui.train.preview.the_reply_empty", cutoff=cutoff)), full
     prompt, reply, good = row["prompt_ids"], row["completion_ids"], row["label"]
     mark = "good reply (trained)" if good else "bad reply (trained)"
     return {"segments": _reply_segments(prompt, reply, tokenizer, mark),
             "tokens": len(prompt) + len(reply), "trained": len(reply),
-            "counts": f"label {str(good).lower()} ({'desirable' if good else 'undesirable'}); "
-                      f"prompt {len(prompt)} tokens, reply {len(reply)}"}, full
+            "counts": t("ui.train.preview.kto_counts", label=str(good).lower(),
+                        kind=t("ui.train.preview.desirable" if good else
+                               "ui.train.preview.undesirable"),
+                        prompt=len(prompt), reply=len(reply))}, full
 
 
 def _prompt_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
@@ -179,12 +194,11 @@ def _prompt_example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
     text = templates.render_prompt(record["prompt"], tokenizer)
     length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     answer = record.get("answer")
-    segments = [(text, None), ("\n── answer ──\n", None)]
+    segments = [(text, None), ("\n" + t("ui.train.preview.answer_title") + "\n", None)]
     segments.append((answer, "reference answer") if answer is not None else
-                    ("(none: only a reward_model or rewards that need no answer can score "
-                     "this prompt)", None))
+                    (t("ui.train.preview.no_answer"), None))
     return {"segments": segments, "tokens": length, "trained": 0,
-            "counts": f"prompt {length} tokens; the replies are sampled while training"}, length
+            "counts": t("ui.train.preview.prompt_counts", prompt=length)}, length
 
 
 def _example(record: dict, tokenizer, cutoff: int) -> tuple[dict, int]:
@@ -204,7 +218,7 @@ def _compute(config: cfg.TrainConfig, count: int) -> dict:
 
     records = data.load_records(config)
     if not records:
-        raise BadInput("the datasets hold no records", field="dataset")
+        raise BadInput(msg("ui.train.err.no_records"), field="dataset")
     tokenizer = models.load_tokenizer(config.model, config.template, config.trust_remote_code)
     shown, lengths = [], []
     for i, record in enumerate(records[:max(count, LENGTH_SAMPLE)]):
@@ -281,10 +295,14 @@ ACTIONS = {"check": _check, "register": _register, "preview": _preview,
 
 
 def handle(request: dict) -> dict:
+    """One request, in a child that answers only it: its texts in the asker's language."""
+    lang = i18n.supported(request.get("lang"))
+    if lang:
+        i18n.set_resolver(lambda: lang)
     try:
         return ACTIONS[request["action"]](request)
     except BadInput as err:
-        return {"error": str(err)}
+        return {"error": str(err), "error_msg": err.record_of()}
 
 
 def preload() -> None:

@@ -10,6 +10,10 @@ compares with live in a `gr.State`; a closed browser or a restarted server loses
 The form is generated from core.config.EvalConfig by webui/form.py's machinery; only
 the pickers whose choices come from the saves folder (model, checkpoint) and the task
 picker are made here, with the schema's label and help.
+
+Every text comes from the catalogue (ui.eval.*; metric, task and model names are data and
+stay as written). A language switch relabels the widgets (webui/i18n.py's `tr`) and redraws
+the job shown, the jobs list and the upload note from the session (`EvalTab.relabel`).
 """
 
 from __future__ import annotations
@@ -18,27 +22,28 @@ import dataclasses
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import yaml
 
 from core import config as cfg
-from core import data, eval_tasks, evaluate, job_queue, launch, models, paths, runs, schema
+from core import data, eval_tasks, evaluate, i18n, launch, models, paths, runs, schema
 from core.errors import BadInput
+from core.i18n import msg, t, text_of
 
-from . import data_worker, form
+from . import data_worker, form, runs_view
 from .chat_tab import model_choices
+from .i18n import redraw, tr
 from .runs_view import Watch, _short_time, log_html, message_html, progress_html, status_html
 
 TICK_S = 1.0
 PAGE_SIZE = 10
 JOB_COLUMNS = ["job", "task", "dataset", "state", "result", "started"]
-NO_CHECKPOINT = "none (model alone)"
-NO_JOB = "<div class='tb-status'>No eval job yet.</div>"
+NO_CHECKPOINT = t("ui.eval.no_checkpoint", "en")   # the checkpoint picker's empty choice
 # Element ids that shared/SPEC.md fixes; every other setting gets "eval-<key>".
 SPEC_IDS = {"adapter": "eval-checkpoint", "eval_task": "eval-task"}
-LABELS = {"adapter": "Checkpoint", "eval_task": "Task"}
+LABELS = {"adapter": "ui.eval.label.adapter", "eval_task": "ui.eval.label.eval_task"}
 # The first row: what is evaluated, and on what. The rest follow in schema order.
 PICKERS = ("model", "adapter", "eval_task")
 WHAT_ON = ("dataset", "harness_tasks")
@@ -55,13 +60,16 @@ HEADLINE = {"loss": "loss", "predict": "rouge_l", "choice": "accuracy", "harness
 WRITES_PREDICTIONS = ("predict", "probes")   # the tasks with a predictions.jsonl
 LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_COMPARED = ("tokens", "accuracy_stderr")   # no better or worse: sizes and spreads
-METRIC_HELP = {
-    "loss": "mean token loss on the trained tokens (lower is better)",
-    "perplexity": "exp(loss) (lower is better)", "tokens": "tokens scored",
-    "bleu_4": "BLEU-4, 0-100", "rouge_1": "ROUGE-1 F, 0-100", "rouge_2": "ROUGE-2 F, 0-100",
-    "rouge_l": "ROUGE-L F, 0-100", "exact_match": "replies equal to the reference, %",
-    "accuracy": "questions answered right, %", "accuracy_stderr": "standard error of accuracy",
-    "mentions_name": "replies that name the identity, %"}
+
+
+def metric_help(name: str) -> str:
+    """A metric's tooltip (`ui.eval.metric.<name>`); an unknown metric's is its name."""
+    key = f"ui.eval.metric.{name}"
+    return t(key) if i18n.has(key) else name
+
+
+def no_job() -> str:
+    return f"<div class='tb-status'>{t('ui.eval.status.none')}</div>"
 
 
 @dataclasses.dataclass
@@ -74,6 +82,10 @@ class Session:
     results_sig: tuple | None = None
     preds_sig: tuple | None = None
     holding_message: bool = False   # a refusal stays until the user acts again
+    # The message held, and the upload's note: (text, kind) and (id, params), kept unrendered
+    # (a Msg, an error) so that a language switch redraws them.
+    message: tuple | None = None
+    upload_note: tuple | None = None
 
 
 # --- numbers ---------------------------------------------------------------------------
@@ -118,21 +130,24 @@ def headline(results: dict | None) -> str:
         name = next(iter(model), "")
     if not name:
         return ""
-    text = f"{name} {fmt_metric(name, model[name])}"
     if name in base:
-        text += f" vs base {fmt_metric(name, base[name])}"
-    return ("partial: " if results.get("partial") else "") + text
+        text = t("ui.eval.headline.vs_base", name=name, value=fmt_metric(name, model[name]),
+                 base=fmt_metric(name, base[name]))
+    else:
+        text = t("ui.eval.headline", name=name, value=fmt_metric(name, model[name]))
+    return t("ui.eval.headline.partial", text=text) if results.get("partial") else text
 
 
 # --- results -------------------------------------------------------------------------
 
 def _metric_cell(name: str) -> str:
-    return (f"<td class='tb-metric' title='{html.escape(METRIC_HELP.get(name, name))}'>"
+    return (f"<td class='tb-metric' title='{html.escape(metric_help(name))}'>"
             f"{html.escape(name)}</td>")
 
 
 def _side_names(results: dict) -> tuple[str, str]:
-    return ("fine-tune", "base") if results.get("adapter") else ("model", "base")
+    first = "ui.eval.col.fine_tune" if results.get("adapter") else "ui.eval.col.model"
+    return t(first), t("ui.eval.col.base")
 
 
 def metrics_table(results: dict) -> str:
@@ -140,9 +155,10 @@ def metrics_table(results: dict) -> str:
     when the base was evaluated)."""
     model, base = results.get("model") or {}, results.get("base")
     first, second = _side_names(results)
-    head = f"<th>metric</th><th class='tb-num'>{first}</th>"
+    head = f"<th>{t('ui.eval.col.metric')}</th><th class='tb-num'>{first}</th>"
     if base is not None:
-        head += f"<th class='tb-num'>{second}</th><th class='tb-num'>difference</th>"
+        head += (f"<th class='tb-num'>{second}</th>"
+                 f"<th class='tb-num'>{t('ui.eval.col.difference')}</th>")
     rows = []
     for name in list(model) + [n for n in (base or {}) if n not in model]:
         cells = _metric_cell(name) + f"<td class='tb-num'>{fmt_metric(name, model.get(name))}</td>"
@@ -171,36 +187,34 @@ def tasks_table(results: dict) -> str:
                     f"<td class='tb-num'>{fmt_metric('accuracy', acc)}</td>"
                     f"<td class='tb-num'>{fmt_metric('accuracy', acc_base)}</td>"
                     f"<td class='tb-num {kind}'>{text}</td></tr>")
-    return (f"<div class='tb-eval-sub'>Accuracy per task</div><table class='tb-table' "
-            f"id='eval-tasks'><thead><tr><th>task</th><th class='tb-num'>n</th>"
-            f"<th class='tb-num'>{first}</th><th class='tb-num'>{second}</th>"
-            f"<th class='tb-num'>difference</th></tr></thead><tbody>{''.join(rows)}</tbody>"
-            "</table>")
+    return (f"<div class='tb-eval-sub'>{t('ui.eval.tasks.heading')}</div><table "
+            f"class='tb-table' id='eval-tasks'><thead><tr><th>{t('ui.eval.col.task')}</th>"
+            f"<th class='tb-num'>n</th><th class='tb-num'>{first}</th>"
+            f"<th class='tb-num'>{second}</th><th class='tb-num'>{t('ui.eval.col.difference')}"
+            f"</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def results_html(results: dict | None, status: dict | None = None) -> str:
     """results.json as the page shows it: what was measured, then the tables."""
     if not results:
         state = (status or {}).get("state")
-        text = {"running": "Results appear here when the job ends (a stopped job keeps the "
-                           "rows it did).",
-                "queued": "Queued: it starts by itself when the machine is free; Stop takes "
-                          "it out of the queue.",
-                "failed": "No results: the job failed (the status above says why).",
-                None: "No eval job shown. Pick a checkpoint, a task and a dataset, then "
-                      "press Start."}.get(state, "This job wrote no results.")
-        return f"<div class='tb-eval-results tb-idle' data-state='{state or ''}'>{text}</div>"
+        key = {"running": "running", "queued": "queued", "failed": "failed",
+               None: "none"}.get(state, "empty")
+        return (f"<div class='tb-eval-results tb-idle' data-state='{state or ''}'>"
+                f"{t('ui.eval.results.' + key)}</div>")
     task = str(results.get("task", "?"))
     on = ", ".join(map(str, results.get("dataset") or [])) or ", ".join(results.get("tasks") or {})
     what = html.escape(str(results.get("model_name") or "?"))
     if results.get("adapter"):
         what += " + " + html.escape(_short_path(results["adapter"]))
-    partial = ("<span class='tb-badge tb-aborted'>partial</span> " if results.get("partial")
-               else "")
+    partial = (f"<span class='tb-badge tb-aborted'>{t('ui.eval.results.partial')}</span> "
+               if results.get("partial") else "")
     elapsed = results.get("elapsed_s")
-    head = (f"{partial}<b>{html.escape(task)}</b> on {html.escape(on or '–')} · "
-            f"n = {results.get('n', '?')} · {what}"
-            + (f" · {elapsed:.0f} s" if isinstance(elapsed, (int, float)) else ""))
+    head = (partial + t("ui.eval.results.on", task=f"<b>{html.escape(task)}</b>",
+                        on=html.escape(on or '–'))
+            + f" · n = {results.get('n', '?')} · {what}"
+            + (" · " + t("ui.eval.results.seconds", s=f"{elapsed:.0f}")
+               if isinstance(elapsed, (int, float)) else ""))
     return (f"<div class='tb-eval-results' data-task='{html.escape(task)}' "
             f"data-partial='{str(bool(results.get('partial'))).lower()}'>"
             f"<div class='tb-eval-head'>{head}</div>{metrics_table(results)}"
@@ -238,27 +252,28 @@ def _cell(text: Any, note: str = "") -> str:
 
 
 def _finish_note(row: dict, key: str) -> str:
-    return "cut at max_new_tokens" if row.get(f"{key}_finish") == "length" else ""
+    return t("ui.eval.preds.cut") if row.get(f"{key}_finish") == "length" else ""
 
 
 def predictions_html(rows: list[dict], start: int, total: int, adapter: bool = True) -> str:
     """One page of predictions.jsonl: prompt, reference, each side's reply, ROUGE-L."""
     if not rows:
-        return "<div class='tb-idle' id='eval-no-predictions'>No predictions to show (only " \
-               "predict and probes jobs write them).</div>" if total == 0 else ""
+        return (f"<div class='tb-idle' id='eval-no-predictions'>{t('ui.eval.preds.none')}"
+                "</div>" if total == 0 else "")
     base = any("base_prediction" in r for r in rows)
     scored = any(r.get("scores") for r in rows)
-    first = "fine-tuned reply" if adapter else "reply"
-    head = f"<th>#</th><th>prompt</th><th>reference</th><th>{first}</th>"
-    head += "<th>base reply</th>" if base else ""
+    first = t("ui.eval.col.fine_tuned_reply" if adapter else "ui.eval.col.reply")
+    head = (f"<th>#</th><th>{t('ui.eval.col.prompt')}</th>"
+            f"<th>{t('ui.eval.col.reference')}</th><th>{first}</th>")
+    head += f"<th>{t('ui.eval.col.base_reply')}</th>" if base else ""
     if scored:
-        head += "<th class='tb-num'>ROUGE-L</th>" + ("<th class='tb-num'>base</th>" if base
-                                                     else "")
+        head += "<th class='tb-num'>ROUGE-L</th>" + (
+            f"<th class='tb-num'>{t('ui.eval.col.base')}</th>" if base else "")
     body = []
     for i, row in enumerate(rows, start=start + 1):
         turns = len(row.get("context") or [])
         cells = (f"<td class='tb-num'>{i}</td>"
-                 + _cell(row.get("prompt"), f"after {turns} earlier messages" if turns else "")
+                 + _cell(row.get("prompt"), t("ui.eval.preds.after", n=turns) if turns else "")
                  + _cell(row.get("reference") if row.get("reference") is not None else "–")
                  + _cell(row.get("prediction"), _finish_note(row, "prediction")))
         if base:
@@ -287,8 +302,8 @@ def predictions_page(folder: Path | None, page: int, size: int = PAGE_SIZE
     start = (page - 1) * size
     rows = evaluate.read_predictions(folder, start, size)
     adapter = bool(_job_config(Path(folder)).get("adapter"))
-    info = (f"of {pages} · rows {start + 1}–{start + len(rows)} of {total}, in the order "
-            "they were generated" if total else "")
+    info = (t("ui.eval.preds.info", pages=pages, first=start + 1, last=start + len(rows),
+              total=total) if total else "")
     return predictions_html(rows, start, total, adapter), page, info
 
 
@@ -336,7 +351,7 @@ def job_on(folder: Path) -> str:
     if config.get("eval_task") == "harness":
         return ", ".join(map(str, config.get("harness_tasks") or [])) or "–"
     if config.get("eval_task") == "probes":
-        return "probe prompts"
+        return t("ui.eval.on.probes")
     return ", ".join(map(str, config.get("dataset") or [])) or "–"
 
 
@@ -348,7 +363,7 @@ def eval_jobs(saves: Path) -> list[runs.RunSummary]:
 def jobs_rows(saves: Path) -> list[list]:
     """Rows for the eval-jobs list: job, task, dataset, state, headline result, started."""
     return [[job.name, job_task(job.path), job_on(job.path),
-             job_queue.state_label(job.path, job.state),
+             runs_view.state_label(job.path, job.state),
              headline(job_results(job.path)) or "–", _short_time(job.started_at) or "–"]
             for job in eval_jobs(saves)]
 
@@ -376,10 +391,10 @@ def evals_of_run(saves: Path, run_dir: Path | None) -> list[tuple[str, str]]:
     out = []
     for folder in evaluate.jobs_of_run(saves, run_dir):
         adapter = Path(str(_job_config(folder).get("adapter") or ""))
-        result = headline(job_results(folder)) or (runs.read_status_raw(folder) or {}).get(
-            "state", "?")
-        out.append((f"{folder.name} · {job_task(folder)} of {adapter.name} on "
-                    f"{job_on(folder)} · {result}", folder.name))
+        result = headline(job_results(folder)) or runs_view.state_name(
+            (runs.read_status_raw(folder) or {}).get("state", "?"))
+        out.append((t("ui.eval.of_run", job=folder.name, task=job_task(folder),
+                      checkpoint=adapter.name, on=job_on(folder), result=result), folder.name))
     return out
 
 
@@ -388,30 +403,29 @@ def evals_of_run(saves: Path, run_dir: Path | None) -> list[tuple[str, str]]:
 def comparable(a: dict, b: dict) -> str | None:
     """Why two jobs' results cannot sit side by side (None when they can)."""
     if a.get("task") != b.get("task"):
-        return f"the tasks differ ({a.get('task')} and {b.get('task')})"
+        return t("ui.eval.compare.tasks_differ", a=a.get("task"), b=b.get("task"))
     on_a, on_b = sorted(a.get("dataset") or []), sorted(b.get("dataset") or [])
     if a.get("task") == "harness":
         on_a, on_b = sorted(a.get("tasks") or {}), sorted(b.get("tasks") or {})
     if a.get("task") != "probes" and on_a != on_b:
-        return (f"they measured different data ({', '.join(on_a) or '–'} and "
-                f"{', '.join(on_b) or '–'})")
+        return t("ui.eval.compare.data_differ", a=", ".join(on_a) or "–",
+                 b=", ".join(on_b) or "–")
     return None
 
 
 def compare_html(first: Path | None, second: Path | None) -> str:
     """Two eval jobs' metrics side by side (fine-tune of each, and B − A), or why not."""
     if first is None or second is None:
-        return ("<div class='tb-idle'>Pick a second job to compare with the one shown "
-                "(same task and dataset).</div>")
+        return f"<div class='tb-idle'>{t('ui.eval.compare.pick')}</div>"
     if Path(first).resolve() == Path(second).resolve():
-        return "<div class='tb-idle'>That is the job shown; pick another one.</div>"
+        return f"<div class='tb-idle'>{t('ui.eval.compare.same')}</div>"
     a, b = job_results(first), job_results(second)
     missing = [f.name for f, r in ((first, a), (second, b)) if not r]
     if missing:
-        return _note(f"Not compared: {', '.join(missing)} has no results yet.")
+        return _note(t("ui.eval.compare.no_results", jobs=", ".join(missing)))
     why = comparable(a, b)
     if why:
-        return _note(f"Not compared: {why}. Compare jobs of the same task on the same data.")
+        return _note(t("ui.eval.compare.refused", why=why))
     names = list(a.get("model") or {}) + [n for n in b.get("model") or {}
                                           if n not in (a.get("model") or {})]
     rows = []
@@ -424,13 +438,13 @@ def compare_html(first: Path | None, second: Path | None) -> str:
                     f"<td class='tb-num {kind}'>{text}</td></tr>")
     notes = ""
     if a.get("n") != b.get("n"):
-        notes = (f"<div class='tb-note'>The jobs scored different numbers of rows ({a.get('n')} "
-                 f"and {b.get('n')}): max_samples differed, or a job was stopped.</div>")
+        differ = t("ui.eval.compare.rows_differ", a=a.get("n"), b=b.get("n"))
+        notes = f"<div class='tb-note'>{differ}</div>"
     return (f"<div id='eval-compare-table'><div class='tb-eval-head'>A = <b>"
             f"{html.escape(first.name)}</b> ({html.escape(_what(a))}) · B = <b>"
             f"{html.escape(second.name)}</b> ({html.escape(_what(b))})</div>"
-            f"<table class='tb-table'><thead><tr><th>metric</th><th class='tb-num'>A</th>"
-            f"<th class='tb-num'>B</th><th class='tb-num'>B − A</th></tr></thead>"
+            f"<table class='tb-table'><thead><tr><th>{t('ui.eval.col.metric')}</th>"
+            f"<th class='tb-num'>A</th><th class='tb-num'>B</th><th class='tb-num'>B − A</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>{notes}</div>")
 
 
@@ -486,13 +500,13 @@ def task_for_kind(kind: str | None, current: str) -> str:
     """The task to evaluate a dataset of `kind` with: the current one when it reads it."""
     if kind in TASK_KINDS.get(current, ()):
         return current
-    return next((t for t, kinds in TASK_KINDS.items() if kind in kinds), current)
+    return next((task for task, kinds in TASK_KINDS.items() if kind in kinds), current)
 
 
 def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
     """(label, path): the model alone, then every final/ and checkpoint-N/, newest run first."""
-    return [(NO_CHECKPOINT, "")] + [(f"{p.parent.name}/{p.name}", str(p))
-                                    for p in runs.loadable_checkpoints(saves)]
+    return [(t("ui.eval.no_checkpoint"), "")] + [(f"{p.parent.name}/{p.name}", str(p))
+                                                 for p in runs.loadable_checkpoints(saves)]
 
 
 def from_run(checkpoint: str | None) -> dict:
@@ -511,11 +525,19 @@ def from_run(checkpoint: str | None) -> dict:
 
 # --- layout ----------------------------------------------------------------------------
 
-def _picker(f: dataclasses.Field, choices: list, value: Any, **extra) -> gr.Dropdown:
-    """A dropdown for one setting, with its label and help from the schema."""
-    return gr.Dropdown(choices=choices, value=value, info=form.info(f),
-                       label=LABELS.get(f.name, form.label(f.name)),
-                       elem_id=SPEC_IDS.get(f.name, form.elem_id(f.name, "eval")), **extra)
+def _picker(f: dataclasses.Field, choices: list | Callable[[], list], value: Any,
+            **extra) -> gr.Dropdown:
+    """A dropdown for one setting, with its label and help from the schema (the label
+    from LABELS where this tab names it otherwise). Choices given as a function are
+    asked again on a language switch (their display texts are translated)."""
+    label = LABELS.get(f.name, f"field.eval.{f.name}.label")
+    texts = dict(label=label, info=lambda: form.info(f, cfg.EvalConfig))
+    if callable(choices):
+        texts["choices"], choices = choices, choices()
+    return tr(gr.Dropdown(choices=choices, value=value, info=form.info(f, cfg.EvalConfig),
+                          label=t(label),
+                          elem_id=SPEC_IDS.get(f.name, form.elem_id(f.name, "eval")), **extra),
+              **texts)
 
 
 def _rows(fields: list[dataclasses.Field], values: dict, datasets: list[str], task: str,
@@ -540,7 +562,7 @@ def build_eval_form(config: cfg.EvalConfig, saves: Path, kinds: dict) -> form.Fo
     with gr.Row(equal_height=False):
         widgets["model"] = _picker(fields["model"], model_choices(saves), values["model"],
                                    allow_custom_value=True, scale=2)
-        widgets["adapter"] = _picker(fields["adapter"], checkpoint_choices(saves), "",
+        widgets["adapter"] = _picker(fields["adapter"], lambda: checkpoint_choices(saves), "",
                                      allow_custom_value=True, scale=3)
         widgets["eval_task"] = _picker(fields["eval_task"], list(cfg.EVAL_TASKS),
                                        values["eval_task"], scale=2)
@@ -549,11 +571,12 @@ def build_eval_form(config: cfg.EvalConfig, saves: Path, kinds: dict) -> form.Fo
     rest = [f for f in fields.values() if f.name not in placed]
     _rows([f for f in rest if not f.metadata["advanced"] and f.metadata["group"] != "generation"],
           values, datasets, config.eval_task, widgets)
-    with gr.Accordion("Generation settings (predict and probes)", open=False,
-                      elem_id="eval-generation"):
+    with tr(gr.Accordion(t("ui.eval.generation"), open=False, elem_id="eval-generation"),
+            label="ui.eval.generation"):
         _rows([f for f in rest if f.metadata["group"] == "generation"], values, datasets,
               config.eval_task, widgets)
-    with gr.Accordion("More settings", open=False, elem_id="eval-advanced"):
+    with tr(gr.Accordion(t("ui.eval.advanced"), open=False, elem_id="eval-advanced"),
+            label="ui.eval.advanced"):
         _rows([f for f in rest if f.metadata["advanced"] and f.metadata["group"] != "generation"],
               values, datasets, config.eval_task, widgets)
     return form.Form({n: widgets[n] for n in fields if n in widgets})
@@ -579,62 +602,71 @@ class EvalTab:
         self.form = build_eval_form(defaults, self.saves, dataset_kinds(dataset_dir))
         self._upload_panel()
         with gr.Row():
-            self.start = gr.Button("Start", variant="primary", elem_id="eval-start")
-            self.abort = gr.Button("Stop", variant="stop", elem_id="eval-abort")
+            self.start = tr(gr.Button(t("ui.eval.start"), variant="primary",
+                                      elem_id="eval-start"), value="ui.eval.start")
+            self.abort = tr(gr.Button(t("ui.eval.stop"), variant="stop", elem_id="eval-abort"),
+                            value="ui.eval.stop")
         self._monitor()
         self._jobs_panel()
         self.timer = gr.Timer(TICK_S)
         self._wire()
 
     def _upload_panel(self):
-        with gr.Accordion("Upload a dataset: a multiple-choice file (question, A, B, C, D, "
-                          "answer) or prompts with references", open=False,
-                          elem_id="eval-data"):
+        with tr(gr.Accordion(t("ui.eval.upload"), open=False, elem_id="eval-data"),
+                label="ui.eval.upload"):
             with gr.Row():
-                self.upload_name = gr.Textbox(label="Register as (optional name)", max_lines=1,
-                                              elem_id="eval-upload-name",
-                                              info="Defaults to the file's name.")
-                self.upload = gr.File(label="Upload csv / json / jsonl",
-                                      file_types=[".csv", ".json", ".jsonl"],
-                                      elem_id="eval-upload", scale=2, height=150)
+                self.upload_name = tr(
+                    gr.Textbox(label=t("ui.eval.upload.name"), max_lines=1,
+                               elem_id="eval-upload-name", info=t("ui.eval.upload.name.info")),
+                    label="ui.eval.upload.name", info="ui.eval.upload.name.info")
+                self.upload = tr(gr.File(label=t("ui.eval.upload.file"),
+                                         file_types=[".csv", ".json", ".jsonl"],
+                                         elem_id="eval-upload", scale=2, height=150),
+                                 label="ui.eval.upload.file")
             self.upload_status = gr.Markdown(elem_id="eval-upload-status")
 
     def _monitor(self):
         bare = dict(apply_default_css=False, js_on_load=None)
         with gr.Column(elem_classes="tb-tight"):
-            self.status = gr.HTML(NO_JOB, elem_id="eval-status", **bare)
+            self.status = gr.HTML(no_job(), elem_id="eval-status", **bare)
             self.progress = gr.HTML(_progress(None), elem_id="eval-progress", **bare)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 self.results = gr.HTML(results_html(None), elem_id="eval-results", **bare)
             with gr.Column(scale=2):
                 self.log = gr.HTML(log_html("", evaluate.LOG), elem_id="eval-log", **bare)
-        with gr.Accordion("Predictions, page by page", open=True, visible=False,
-                          elem_id="eval-predictions-box") as self.preds_box:
+        with tr(gr.Accordion(t("ui.eval.preds"), open=True, visible=False,
+                             elem_id="eval-predictions-box"),
+                label="ui.eval.preds") as self.preds_box:
             with gr.Row(equal_height=True):
-                self.prev = gr.Button("◀ Previous", size="sm", elem_id="eval-prev", scale=0,
-                                      min_width=110)
-                self.page = gr.Number(1, precision=0, minimum=1, label="Page", scale=0,
-                                      min_width=90, elem_id="eval-page", show_label=False)
+                self.prev = tr(gr.Button(t("ui.eval.prev"), size="sm", elem_id="eval-prev",
+                                         scale=0, min_width=110), value="ui.eval.prev")
+                self.page = tr(gr.Number(1, precision=0, minimum=1, label=t("ui.eval.page"),
+                                         scale=0, min_width=90, elem_id="eval-page",
+                                         show_label=False), label="ui.eval.page")
                 self.page_info = gr.Markdown("", elem_id="eval-page-info")
-                self.next = gr.Button("Next ▶", size="sm", elem_id="eval-next", scale=0,
-                                      min_width=110)
+                self.next = tr(gr.Button(t("ui.eval.next"), size="sm", elem_id="eval-next",
+                                         scale=0, min_width=110), value="ui.eval.next")
             self.predictions = gr.HTML("", elem_id="eval-predictions", **bare)
 
     def _jobs_panel(self):
         with gr.Row(equal_height=False):
-            self.job_pick = gr.Dropdown(label="Eval job shown", choices=[], value=None,
-                                        elem_id="eval-job", scale=3)
-            self.compare_pick = gr.Dropdown(label="Compare with", choices=[], value=None,
-                                            elem_id="eval-compare-with", scale=3,
-                                            info="another job of the same task on the same data")
-            self.refresh = gr.Button("Refresh", size="sm", elem_id="eval-refresh", scale=0,
-                                     min_width=90)
+            self.job_pick = tr(gr.Dropdown(label=t("ui.eval.job"), choices=[], value=None,
+                                           elem_id="eval-job", scale=3), label="ui.eval.job")
+            self.compare_pick = tr(
+                gr.Dropdown(label=t("ui.eval.compare_with"), choices=[], value=None,
+                            elem_id="eval-compare-with", scale=3,
+                            info=t("ui.eval.compare_with.info")),
+                label="ui.eval.compare_with", info="ui.eval.compare_with.info")
+            self.refresh = tr(gr.Button(t("ui.eval.refresh"), size="sm",
+                                        elem_id="eval-refresh", scale=0, min_width=90),
+                              value="ui.eval.refresh")
         self.compare = gr.HTML(compare_html(None, None), elem_id="eval-compare",
                                apply_default_css=False, js_on_load=None)
-        self.jobs = gr.Dataframe(headers=JOB_COLUMNS, value=[], interactive=False,
-                                 label="Eval jobs (click a row to show it)", elem_id="eval-jobs",
-                                 max_height=280, wrap=True)
+        self.jobs = tr(gr.Dataframe(headers=job_headers(), value=[], interactive=False,
+                                    label=t("ui.eval.jobs"), elem_id="eval-jobs",
+                                    max_height=280, wrap=True),
+                       headers=job_headers, label="ui.eval.jobs")
 
     # --- wiring --------------------------------------------------------------------------
 
@@ -672,8 +704,10 @@ class EvalTab:
         w["adapter"].change(self.on_checkpoint, [w["adapter"]], [w[n] for n in self.prefilled],
                             **quiet)
         self.upload.upload(self.on_upload, [self.upload, self.upload_name, w["dataset_dir"],
-                                            w["dataset"], w["eval_task"]],
+                                            w["dataset"], w["eval_task"], self.session],
                            [w["eval_task"], w["dataset"], self.upload_status])
+        redraw(self.relabel, [self.session],
+               self.view_outputs + [self.jobs, self.upload_status])
         tab = gr.context.Context.block  # the gr.Tab app.py opened: refresh lists on opening it
         if hasattr(tab, "select"):
             tab.select(self.on_tab, [w["eval_task"], w["dataset_dir"], w["dataset"]],
@@ -709,21 +743,41 @@ class EvalTab:
         if session.watch is None or folder is None or session.watch.run_dir != folder:
             session.page = 1
         session.watch = Watch(folder) if folder else None
-        session.holding_message = False
-        if folder is None:
-            return [NO_JOB, _progress(None), log_html("", evaluate.LOG),
+        session.holding_message, session.message = False, None
+        if folder is not None:
+            session.watch.poll()
+            session.results_sig = runs.file_signature(folder / evaluate.RESULTS)
+            session.preds_sig = runs.file_signature(folder / eval_tasks.PREDICTIONS)
+        return self._draw(session)
+
+    def _draw(self, session: Session) -> list:
+        """Every view output from what the session last read, in the current language: a
+        job drawn anew, or the same job after a language switch (a held message stays)."""
+        watch = session.watch
+        if watch is None:
+            return [self._held(session) or no_job(), _progress(None), log_html("", evaluate.LOG),
                     results_html(None), "", 1, "", self._compare(session),
                     gr.update(visible=False)]
-        watch = session.watch
-        watch.poll()
-        session.results_sig = runs.file_signature(folder / evaluate.RESULTS)
-        session.preds_sig = runs.file_signature(folder / eval_tasks.PREDICTIONS)
+        folder = watch.run_dir
         table, page, info = predictions_page(folder, session.page)
         session.page = page
-        return [status_html(folder, watch.status), _progress(watch.status, watch.records),
+        return [self._held(session) or status_html(folder, watch.status),
+                _progress(watch.status, watch.records),
                 log_html(launch.log_tail(runs.log_path(folder)), evaluate.LOG),
                 results_html(job_results(folder), watch.status), table, page, info,
                 self._compare(session), gr.update(visible=job_task(folder) in WRITES_PREDICTIONS)]
+
+    def _held(self, session: Session) -> str | None:
+        """The message the status line holds (a refusal, "checking…"), rendered now."""
+        if not (session.holding_message and session.message):
+            return None
+        text, kind = session.message
+        return message_html(text_of(text), kind=kind)
+
+    def relabel(self, session: Session) -> list:
+        """A language switch: the view, the jobs list and the upload note, redrawn."""
+        return self._draw(session) + [_table(jobs_rows(self.saves)),
+                                      _upload_text(session.upload_note)]
 
     def _compare(self, session: Session) -> str:
         shown = session.watch.run_dir if session.watch else None
@@ -778,9 +832,11 @@ class EvalTab:
 
     # --- handlers ------------------------------------------------------------------------
 
-    def _message(self, session: Session, text: str, kind: str = "error") -> list:
-        session.holding_message = True
-        return [message_html(text, kind=kind)] + \
+    def _message(self, session: Session, text: Any, kind: str = "error") -> list:
+        """Hold `text` (a Msg or an error, kept unrendered for a language switch) in the
+        status line."""
+        session.holding_message, session.message = True, (text, kind)
+        return [self._held(session)] + \
             [gr.skip()] * (len(self.view_outputs) + len(self.listing_outputs) - 1)
 
     def on_start(self, session: Session, *values):
@@ -790,15 +846,14 @@ class EvalTab:
             config = config_of(self.form.names, list(values))
             paths.confine_config(config, self.saves)
         except BadInput as err:
-            yield self._message(session, str(err))
+            yield self._message(session, err)
             return
-        yield self._message(session, "checking the model, the checkpoint and every record "
-                                     "before starting…", kind="checking")
+        yield self._message(session, msg("ui.eval.checking"), kind="checking")
         try:
             data_worker.eval_check(config)
             folder = launch.start_eval(config, self.saves, queue=True)  # busy: queued
         except BadInput as err:
-            yield self._message(session, str(err))
+            yield self._message(session, err)
             return
         session.compare_with = None
         yield self._render(session, folder) + self._listing(session)
@@ -808,18 +863,17 @@ class EvalTab:
         watch = session.watch
         state = (watch.status or {}).get("state") if watch else None
         if state not in ("running", "queued"):
-            return self._message(session, "no running or queued eval job is shown here to "
-                                          "stop", kind="note")
+            return self._message(session, msg("ui.eval.nothing_to_stop"), kind="note")
         try:
             launch.stop_job(watch.run_dir, self.saves)
         except BadInput as err:
-            return self._message(session, str(err))
+            return self._message(session, err)
         return self._render(session, watch.run_dir) + self._listing(session)
 
     def on_pick(self, session: Session, name: str | None) -> list:
         folder = find_job(self.saves, name)
         if name and folder is None:
-            return self._message(session, f"{name!r} is not an eval job in the list")
+            return self._message(session, msg("ui.eval.not_a_job", name=repr(name)))
         if folder is not None and session.compare_with == folder.name:
             session.compare_with = None
         return self._render(session, folder) + self._listing(session)
@@ -883,11 +937,19 @@ class EvalTab:
                 gr.update(choices=checkpoint_choices(self.saves)), gr.update(choices=choices))
 
     def on_upload(self, file: str | None, name: str, dataset_dir: str,
-                  current: list[str] | None, task: str):
+                  current: list[str] | None, task: str, session: Session | None = None):
         """Validate and register the file (in the data worker); select it, with the task
-        that reads its kind of data."""
+        that reads its kind of data. The note is kept in `session` for a language switch."""
         if not file:
             return gr.skip(), gr.skip(), ""
+        task, picked, note = self._register(file, name, dataset_dir, current, task)
+        if session is not None:
+            session.upload_note = note
+        return task, picked, _upload_text(note)
+
+    def _register(self, file: str, name: str, dataset_dir: str, current: list[str] | None,
+                  task: str) -> tuple:
+        """(task, dataset picker update, note as (id, params))."""
         try:
             from core import limits
             dataset_dir = dataset_dir or "data"
@@ -895,25 +957,33 @@ class EvalTab:
             name = limits.check_text(name or "", "register as", limits.MAX_NAME_CHARS).strip()
             key = data_worker.register(file, dataset_dir, name or None)
         except BadInput as err:
-            return gr.skip(), gr.skip(), f"**Not registered.** {err}"
+            return gr.skip(), gr.skip(), ("ui.eval.upload.refused", {"error": err})
         kinds = dataset_kinds(dataset_dir)
         kind = kinds.get(key)
         new_task = task_for_kind(kind, task)
+        where = dict(name=key, kind=kind, folder=dataset_dir)
         if kind not in TASK_KINDS.get(new_task, ()):
-            return (gr.skip(), gr.skip(), f"Registered **{key}** ({kind} data) in "
-                    f"{dataset_dir}/dataset_info.json, but no eval task reads {kind} data.")
+            return gr.skip(), gr.skip(), ("ui.eval.upload.unread", where)
         keep = [d for d in current or [] if new_task == task and d != key]
         choices, _ = fit_datasets(new_task, kinds, keep + [key])
-        moved = f" Task set to **{new_task}**, which reads it." if new_task != task else ""
+        moved = msg("ui.eval.upload.moved", task=new_task) if new_task != task else ""
         return (new_task, gr.update(choices=choices, value=keep + [key]),
-                f"Registered **{key}** ({kind} data) in {dataset_dir}/dataset_info.json and "
-                f"selected it.{moved}")
+                ("ui.eval.upload.done", {**where, "moved": moved}))
 
 
 def _progress(status: dict | None, records: list[dict] | None = None) -> str:
     if status is None:
-        return "<div class='tb-progress tb-idle'>No eval job shown. Press Start to evaluate.</div>"
+        return f"<div class='tb-progress tb-idle'>{t('ui.eval.progress.none')}</div>"
     return progress_html(status, records or [])
+
+
+def _upload_text(note: tuple | None) -> str:
+    """The upload's note (id, params) in the current language; an error parameter is shown
+    as its text."""
+    if note is None:
+        return ""
+    key, params = note
+    return t(key, **{k: text_of(v) for k, v in params.items()})
 
 
 def _new_session() -> Session:
@@ -924,6 +994,11 @@ def _is_running(watch: Watch | None) -> bool:
     return bool(watch and watch.status and watch.status.get("state") == "running")
 
 
+def job_headers() -> list[str]:
+    """The jobs list's column headers in the current language (JOB_COLUMNS are their ids)."""
+    return [t(f"ui.eval.col.{c}") for c in JOB_COLUMNS]
+
+
 def _table(rows: list[list]):
     import pandas as pd
-    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+    return pd.DataFrame(rows, columns=job_headers())

@@ -21,17 +21,19 @@ import gradio as gr
 from core import config as cfg
 from core import export_job, job_queue, launch, paths, runs, schema
 from core.errors import BadInput
+from core.i18n import msg, recorded, t
 
 from . import form
+from .i18n import redraw, tr
 from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, progress_html,
                        reward_picked)
 from .runs_view import fmt_duration
 
 TICK_S = 2.0  # an export is minutes long; every open tab ticks, so tick half as often as Train
-REWARD_HINT = ("This is a reward model (stage rm): it is exported as a sequence classifier "
-               "that `AutoModelForSequenceClassification` loads (one score per reply), and "
-               "verified by comparing its scores on the probe prompts with the source's.")
-IDLE = "<div class='tb-status tb-idle'>Pick a checkpoint and press Export.</div>"
+
+
+def idle_html() -> str:
+    return f"<div class='tb-status tb-idle'>{html.escape(t('ui.export.idle'))}</div>"
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class Session:
     seen: tuple | None = None      # the job files' signatures when last drawn
     attached: bool = False         # the first tick looked for a job to show
     holding_message: bool = False  # a refusal stays until the user acts again
+    refusal: BadInput | None = None  # that refusal, to redraw it in another language
 
 
 def default_export_dir(saves: Path, checkpoint: str) -> str:
@@ -54,26 +57,31 @@ def default_export_dir(saves: Path, checkpoint: str) -> str:
 def result_html(result: dict) -> str:
     """The verification checks as a list, under a verified / not verified badge."""
     ok = result["ok"]
-    badge = ("verified" if result.get("verified") else "written") if ok else "not verified"
+    badge = t(("ui.export.verified" if result.get("verified") else "ui.export.written") if ok
+              else "ui.export.not_verified")
     kind = "completed" if ok else "failed"
+    # The checks' names and details as result.json keeps them, in the reader's language.
     items = "".join(f"<li class='tb-check-{'ok' if c['ok'] else 'fail'}'>"
-                    f"{'✓' if c['ok'] else '✗'} <b>{html.escape(c['name'])}</b>: "
-                    f"{html.escape(c['detail'])}</li>" for c in result["checks"])
-    where = (f"Written to <code>{html.escape(result['out'])}</code>" if ok else
-             "Nothing was kept (the export was not moved into place)")
+                    f"{'✓' if c['ok'] else '✗'} <b>{html.escape(recorded(c, 'name'))}</b>: "
+                    f"{html.escape(recorded(c, 'detail'))}</li>" for c in result["checks"])
+    where = (t("ui.export.written_to", out=f"<code>{html.escape(result['out'])}</code>") if ok
+             else html.escape(t("ui.export.nothing_kept")))
     fmt = result.get("format", "safetensors")
-    files = (f"{result['shards']} shards, {result['size_mb']:.1f} MB {result['dtype']}"
+    size = f"{result['size_mb']:.1f}"
+    files = (t("ui.export.files", shards=result["shards"], size=size, dtype=result["dtype"])
              if fmt == "safetensors" else
-             f"{fmt}: {result['shards']} file(s), {result['size_mb']:.1f} MB "
-             f"{html.escape(str(result.get('weights', '')))}")
+             t("ui.export.files_other", format=fmt, shards=result["shards"], size=size,
+               weights=html.escape(str(result.get("weights", "")))))
+    summary = t("ui.export.summary", where=where, files=files,
+                peak=f"{result['peak_rss_mb']:.0f}", model=f"{result['model_mb']:.0f}")
     return (f"<div class='tb-status' id='export-result' data-ok='{str(ok).lower()}' "
             f"data-format='{html.escape(fmt)}'>"
-            f"<span class='tb-badge tb-{kind}'>{badge}</span> {where}: {files}; peak memory "
-            f"{result['peak_rss_mb']:.0f} MB for a {result['model_mb']:.0f} MB model."
+            f"<span class='tb-badge tb-{kind}'>{html.escape(badge)}</span> {summary}"
             f"<ul class='tb-checks'>{items}</ul></div>")
 
 
-def failure_html(text: str, label: str = "export failed") -> str:
+def failure_html(text: str, label: str | None = None) -> str:
+    label = t("ui.export.failed") if label is None else label
     return (f"<div class='tb-status'><span class='tb-badge tb-error'>{html.escape(label)}"
             f"</span><pre class='tb-error'>{html.escape(text)}</pre></div>")
 
@@ -84,26 +92,31 @@ def job_html(folder: Path) -> str:
     state = status.get("state")
     records = runs.read_metrics(folder)
     last = records[-1] if records else {}
-    name = f"<span class='tb-dim'>job {html.escape(folder.name)}</span>"
+    name = f"<span class='tb-dim'>{html.escape(t('ui.export.job', name=folder.name))}</span>"
     if state == "running":
         step, total = last.get("step", 0), last.get("total_steps") or export_job.TOTAL_STEPS
-        parts = [f"step {step}/{total}", f"elapsed {fmt_duration(last.get('elapsed_s'))}"]
+        parts = [t("ui.export.step", step=step, total=total),
+                 t("ui.export.elapsed", time=fmt_duration(last.get("elapsed_s")))]
         if last.get("eta_s") is not None:
-            parts.append(f"ETA {fmt_duration(last['eta_s'])}")
-        message = last.get("message") or status.get("phase") or "starting"
+            parts.append(t("ui.export.eta", time=fmt_duration(last["eta_s"])))
+        # The exporter's own progress words (metrics.jsonl), in the reader's language.
+        message = (recorded(last, "message") or recorded(status, "phase")
+                   or t("ui.export.starting"))
         return (progress_html(step / total, f"{step / total:.0%} · {' · '.join(parts)} · "
                               f"{message}") + name)
     if state == "queued":
+        text = t("ui.export.queued", waiting=job_queue.waiting_text(folder))
         return (f"<div class='tb-status' id='export-queued'><span class='tb-badge tb-queued'>"
-                f"queued</span> {html.escape(job_queue.waiting_text(folder))}; Stop takes it "
-                "out of the queue.</div>" + name)
+                f"{html.escape(t('ui.export.queued_badge'))}</span> {html.escape(text)}</div>"
+                + name)
     result = export_job.read_result(folder)
     if result is not None:
         return result_html(result) + name
+    error = runs.error_text(status)
     if state == "aborted":
-        return failure_html(status.get("error") or "stopped; nothing was kept",
-                            "stopped") + name
-    return failure_html(status.get("error") or f"the export ended ({state})") + name
+        return failure_html(error or t("ui.export.stopped_text"),
+                            t("ui.export.stopped")) + name
+    return failure_html(error or t("ui.export.ended", state=state)) + name
 
 
 def job_command(folder: Path) -> str:
@@ -126,12 +139,10 @@ def estimate_text(job: export_job.ExportJob) -> str:
     except (BadInput, KeyError, OSError):
         sizes = None
     if not sizes:
-        return "Estimated size: not known until the model is found."
-    text = f"Estimated size: **{_mb(sizes['output'])}**"
+        return t("ui.export.estimate_unknown")
     if sizes["disk"] > sizes["output"]:
-        text += (f" (about {_mb(sizes['disk'])} of disk while it runs: the merged model it "
-                 "converts from is written first)")
-    return text + "."
+        return t("ui.export.estimate_disk", size=_mb(sizes["output"]), disk=_mb(sizes["disk"]))
+    return t("ui.export.estimate", size=_mb(sizes["output"]))
 
 
 def _mb(size: float) -> str:
@@ -145,14 +156,18 @@ class ExportTab:
         self.saves = Path(saves)
         self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row():
-            self.model = gr.Dropdown(model_choices(self.saves), value="demo", label="Base model",
-                                     allow_custom_value=True, elem_id="export-model", scale=3,
-                                     info="filled in from the checkpoint's run")
-            self.checkpoint = gr.Dropdown(checkpoint_choices(self.saves), value="",
-                                          label="Checkpoint to merge", elem_id="export-checkpoint",
-                                          allow_custom_value=True, scale=3,
-                                          info="a LoRA-family adapter is merged into the base; "
-                                               "a full checkpoint is exported as it is")
+            self.model = tr(gr.Dropdown(model_choices(self.saves), value="demo",
+                                        label=t("ui.export.model"), allow_custom_value=True,
+                                        elem_id="export-model", scale=3,
+                                        info=t("ui.export.model_info")),
+                            label="ui.export.model", info="ui.export.model_info")
+            self.checkpoint = tr(gr.Dropdown(checkpoint_choices(self.saves), value="",
+                                             label=t("ui.export.checkpoint"),
+                                             elem_id="export-checkpoint",
+                                             allow_custom_value=True, scale=3,
+                                             info=t("ui.export.checkpoint_info")),
+                                 label="ui.export.checkpoint", info="ui.export.checkpoint_info",
+                                 choices=lambda: checkpoint_choices(self.saves))
             self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm",
                                      elem_id="export-refresh")
         self.hint = gr.Markdown("", elem_id="export-hint")
@@ -162,21 +177,35 @@ class ExportTab:
         self.widgets["gguf_type"].visible = False  # shown for format gguf only
         self.estimate = gr.Markdown(estimate_text(export_job.ExportJob()),
                                     elem_id="export-estimate")
-        self.out = gr.Textbox(default_export_dir(self.saves, ""), label="Export folder",
-                              elem_id="export-dir")
+        self.out = tr(gr.Textbox(default_export_dir(self.saves, ""), label=t("ui.export.out"),
+                                 elem_id="export-dir"), label="ui.export.out")
         with gr.Row():
-            self.overwrite = gr.Checkbox(False, label="Overwrite an existing export in this "
-                                         "folder", elem_id="export-overwrite")
-            self.verify = gr.Checkbox(True, label="Verify after writing (reload and compare)",
-                                      elem_id="export-verify")
+            self.overwrite = tr(gr.Checkbox(False, label=t("ui.export.overwrite"),
+                                            elem_id="export-overwrite"),
+                                label="ui.export.overwrite")
+            self.verify = tr(gr.Checkbox(True, label=t("ui.export.verify"),
+                                         elem_id="export-verify"), label="ui.export.verify")
         with gr.Row():
-            self.start = gr.Button("Export", variant="primary", elem_id="export-start")
-            self.abort = gr.Button("Stop", variant="stop", elem_id="export-abort")
-        self.status = gr.HTML(IDLE, elem_id="export-status")
-        self.command = gr.Code(label="Command", language="shell", elem_id="export-command",
-                               interactive=False, lines=2, max_lines=4)
+            self.start = tr(gr.Button(t("ui.export.start"), variant="primary",
+                                      elem_id="export-start"), value="ui.export.start")
+            self.abort = tr(gr.Button(t("ui.export.stop"), variant="stop",
+                                      elem_id="export-abort"), value="ui.export.stop")
+        self.status = gr.HTML(idle_html(), elem_id="export-status")
+        self.command = tr(gr.Code(label=t("ui.export.command"), language="shell",
+                                  elem_id="export-command", interactive=False, lines=2,
+                                  max_lines=4), label="ui.export.command")
         self.timer = gr.Timer(TICK_S)
         self._wire()
+        self._redraws()
+
+    def _redraws(self):
+        """What a language switch redraws: the hint, the size estimate and the job's state."""
+        w = self.widgets
+        redraw(self.reward_hint, [self.checkpoint, self.model], [self.hint])
+        redraw(self.on_settings, [self.model, self.checkpoint, self.out, self.overwrite,
+                                  self.verify] + self.settings.components,
+               [w["gguf_type"], w["shard_size"], self.estimate])
+        redraw(self.redraw_job, [self.session], [self.status, self.command])
 
     def _wire(self):
         self.refresh.click(self.refresh_choices, [self.model, self.checkpoint],
@@ -208,13 +237,16 @@ class ExportTab:
 
     def pick_checkpoint(self, checkpoint: str, model: str):
         base = base_of_picked(checkpoint)
-        hint = REWARD_HINT if reward_picked(checkpoint, model) else ""
-        return gr.update(value=base or model), default_export_dir(self.saves, checkpoint), hint
+        return (gr.update(value=base or model), default_export_dir(self.saves, checkpoint),
+                self.reward_hint(checkpoint, model))
+
+    def reward_hint(self, checkpoint: str, model: str) -> str:
+        return t("ui.export.reward_hint") if reward_picked(checkpoint, model) else ""
 
     def _job(self, model, checkpoint, out, overwrite, verify, values) -> export_job.ExportJob:
         """The form as an ExportJob; typed paths stay inside the allowed roots."""
         settings = form.settings_of(cfg.ExportConfig, self.settings.names, list(values),
-                                    "the export settings")
+                                    msg("ui.export.settings_source"))  # rendered when shown
         model = paths.confine_model(model or "")
         checkpoint = (str(paths.confine(checkpoint, "checkpoint", must_exist=True))
                       if (checkpoint or "").strip() else "")
@@ -239,9 +271,10 @@ class ExportTab:
             job = self._job(model, checkpoint, out, overwrite, verify, values)
             folder = launch.start_export(job, self.saves, queue=True)  # busy: queued
         except BadInput as err:
-            session.holding_message = True
+            session.holding_message, session.refusal = True, err
             return failure_html(str(err)), gr.skip()
         session.folder, session.seen, session.holding_message = folder, None, False
+        session.refusal = None
         session.attached = True
         return job_html(folder), job_command(folder)
 
@@ -257,6 +290,14 @@ class ExportTab:
             return failure_html(str(err)), gr.skip()
         session.seen = None
         return job_html(folder), job_command(folder)
+
+    def redraw_job(self, session: Session):
+        """The shown job (or refusal) drawn again, in the language just chosen."""
+        if session.holding_message and session.refusal is not None:
+            return failure_html(str(session.refusal)), gr.skip()
+        if session.folder is None:
+            return idle_html(), gr.skip()
+        return job_html(session.folder), gr.skip()
 
     def tick(self, session: Session):
         """Once a second: reattach on the first tick (the running export, else the newest

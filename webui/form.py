@@ -23,6 +23,8 @@ from core import config as cfg
 from core import schema
 from core.i18n import t
 
+from .i18n import tr
+
 SPEC_IDS = {
     "model": "train-model", "dataset": "train-dataset", "method": "train-method",
     "epochs": "train-epochs", "learning_rate": "train-lr", "output_dir": "train-output",
@@ -95,7 +97,14 @@ def shown(f: dataclasses.Field, method: str, stage: str) -> bool:
 def make_widget(f: dataclasses.Field, value: Any, dataset_choices: list[str],
                 settings: type = cfg.TrainConfig, prefix: str = "train",
                 visible: bool = True) -> gr.Component:
-    """One widget for one field of `settings` (a schema), chosen from its type and metadata."""
+    """One widget for one field of `settings` (a schema), chosen from its type and metadata;
+    its label and help follow the page's language (webui/i18n.py)."""
+    widget = _widget(f, value, dataset_choices, settings, prefix, visible)
+    return tr(widget, label=lambda: label(f.name, settings), info=lambda: info(f, settings))
+
+
+def _widget(f: dataclasses.Field, value: Any, dataset_choices: list[str], settings: type,
+            prefix: str, visible: bool) -> gr.Component:
     meta, kind = f.metadata, schema.types(settings)[f.name]
     common = dict(label=label(f.name, settings), info=info(f, settings),
                   elem_id=elem_id(f.name, prefix),
@@ -184,7 +193,8 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
 
     for group in cfg.GROUPS:
         rows([f for f in cfg.fields_in(group) if not f.metadata["advanced"]])
-    with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
+    with tr(gr.Accordion(t("ui.train.advanced"), open=False, elem_id="train-advanced"),
+            label="ui.train.advanced"):
         for group in cfg.GROUPS:
             rows([f for f in cfg.fields_in(group) if f.metadata["advanced"]])
     # Keep schema order so positional handler arguments line up with cfg.FIELDS.

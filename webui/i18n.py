@@ -43,15 +43,22 @@ def visitor_lang() -> str | None:
     if request is None:
         return None  # not inside a page event: the environment's language
     try:
-        chosen = i18n.supported(request.cookies.get(COOKIE))
-        header = request.headers.get("accept-language", "")
+        return lang_of(request.cookies, request.headers)
     except (AttributeError, KeyError):
         return _server_default
+
+
+def lang_of(cookies, headers) -> str:
+    """A visitor's language from a request's cookies and headers: the switch's cookie, else
+    the server's default (--lang, TUNEBENCH_LANG or a Chinese locale), else the browser's
+    Accept-Language, else English. The sign-in page (webui/login.py) asks the same."""
+    chosen = i18n.supported(cookies.get(COOKIE))
     if chosen:
         return chosen
-    if _server_default or i18n.supported(i18n.environment_lang()) != i18n.ENGLISH:
-        return _server_default or i18n.environment_lang()
-    for tag in header.split(","):
+    environment = i18n.environment_lang()
+    if _server_default or environment != i18n.ENGLISH:
+        return _server_default or environment
+    for tag in headers.get("accept-language", "").split(","):
         found = i18n.supported(tag.split(";")[0])
         if found:
             return found
@@ -70,6 +77,7 @@ class Texts:
     static: list[tuple[gr.components.Component, dict[str, Any]]] = dataclasses.field(
         default_factory=list)
     dynamic: list[tuple[Callable, list, list]] = dataclasses.field(default_factory=list)
+    transient: list = dataclasses.field(default_factory=list)
 
     def updates(self) -> list:
         return [gr.update(**{prop: _text(spec) for prop, spec in props.items()})
@@ -102,6 +110,13 @@ def redraw(fn: Callable, inputs: list, outputs: list) -> None:
         _building.dynamic.append((fn, list(inputs), list(outputs)))
 
 
+def transient(*outputs) -> None:
+    """Record outputs that answer one click ("Saved.", an upload's note, a preview): a switch
+    clears them rather than leave them in the old language; the next click answers anew."""
+    if _building is not None:
+        _building.transient.extend(outputs)
+
+
 def _text(spec: Any) -> Any:
     if callable(spec):
         return spec()
@@ -119,10 +134,13 @@ SET_COOKIE_JS = ("(lang) => { document.cookie = '%s=' + lang + "
 
 
 def picker() -> gr.Radio:
-    """The language switch for the page header."""
-    return gr.Radio(choices=[(name, code) for code, name in i18n.languages().items()],
-                    value=BUILT_IN, show_label=False, container=False, elem_id="lang",
-                    elem_classes="tb-lang", interactive=True)
+    """The language switch for the page header: each language named in its own, and its
+    (screen readers') label in all of them, since it is how a visitor finds their own."""
+    languages = i18n.languages()
+    return gr.Radio(choices=[(name, code) for code, name in languages.items()],
+                    value=BUILT_IN, label=" / ".join(i18n.t("app.language", c) for c in languages),
+                    show_label=False, container=False, elem_id="lang", elem_classes="tb-lang",
+                    interactive=True)
 
 
 def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
@@ -142,9 +160,14 @@ def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
     hidden = dict(queue=False, show_progress="hidden", api_visibility="private")
     switched = switch.input(relabel, [switch], statics, js=SET_COOKIE_JS, **hidden)
     loaded = demo.load(on_load, None, [switch] + statics, **hidden)
+    # Each redraw follows the relabelling on its own, not in a chain: one tab's slow redraw
+    # (a memory estimate, a run's files) must not hold back the others'.
+    if texts.transient:
+        cleared = [gr.update(value=None) for _ in texts.transient]
+        switched.then(lambda: cleared, None, texts.transient, **hidden)
     for fn, inputs, outputs in texts.dynamic:
-        switched = switched.then(fn, inputs, outputs, **hidden)
-        loaded = loaded.then(_unless_built_in(fn, outputs), inputs, outputs, **hidden)
+        switched.then(fn, inputs, outputs, **hidden)
+        loaded.then(_unless_built_in(fn, outputs), inputs, outputs, **hidden)
 
 
 def _unless_built_in(fn: Callable, outputs: list) -> Callable:

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import json
 
 from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection
+
+from core import i18n
+
+from . import i18n as page_i18n
 
 # What a request without a session may still reach, as (method, app-relative path).
 OPEN = {
@@ -35,7 +40,6 @@ OPEN = {
     # (they run at launch anyway) and answers only true or false.
     ("GET", "/gradio_api/startup-events"),
 }
-PAGE_TITLE = "tunebench · sign in"
 
 # Sent with everything the gate answers: what it says depends on the cookie,
 # so no cache may keep it (or hand a cached copy to the wrong browser).
@@ -46,8 +50,9 @@ COMMON_HEADERS = [
 ]
 
 # The page's script. It is constant (the login URL travels in the form's
-# `action`), so its hash can go in the Content-Security-Policy: the page then
-# runs this script and nothing else, and talks to no other origin.
+# `action`, its messages in the form's data- attributes, in the page's language),
+# so its hash can go in the Content-Security-Policy: the page then runs this
+# script and nothing else, and talks to no other origin.
 LOGIN_SCRIPT = """
 const form = document.getElementById("login");
 const message = document.getElementById("message");
@@ -65,10 +70,10 @@ form.addEventListener("submit", async (event) => {
     });
     if (response.ok) { location.reload(); return; }
     message.textContent = response.status === 400
-      ? "Wrong user name or password"
-      : "Sign-in failed (HTTP " + response.status + ")";
+      ? form.dataset.wrong
+      : form.dataset.failed.replace("{status}", response.status);
   } catch (error) {
-    message.textContent = "Could not reach the server";
+    message.textContent = form.dataset.unreachable;
   }
   button.disabled = false;
   form.password.select();
@@ -101,7 +106,7 @@ button:disabled { opacity: 0.6; cursor: wait; }
 """
 
 LOGIN_HTML = """<!doctype html>
-<html lang="en">
+<html lang="{lang}">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -113,14 +118,15 @@ LOGIN_HTML = """<!doctype html>
 <body>
 <main>
   <h1>tunebench</h1>
-  <p class="sub">Sign in to continue</p>
-  <form id="login" method="post" action="{action}">
-    <label for="username">User name</label>
+  <p class="sub">{sub}</p>
+  <form id="login" method="post" action="{action}" data-wrong="{wrong}" data-failed="{failed}"
+        data-unreachable="{unreachable}">
+    <label for="username">{user}</label>
     <input id="username" name="username" autocomplete="username" required autofocus>
-    <label for="password">Password</label>
+    <label for="password">{password}</label>
     <input id="password" name="password" type="password" autocomplete="current-password"
            required>
-    <button type="submit">Sign in</button>
+    <button type="submit">{button}</button>
     <p id="message" role="alert"></p>
   </form>
 </main>
@@ -151,10 +157,26 @@ def login_url(path: str) -> str:
     return "../" * (path.count("/") - 1) + "login"
 
 
-def login_page(path: str) -> bytes:
-    """Our sign-in page as served at `path`. It names nothing of the app."""
-    return LOGIN_HTML.format(title=PAGE_TITLE, style=LOGIN_STYLE, script=LOGIN_SCRIPT,
-                             action=login_url(path)).encode()
+# The page's texts: {placeholder in LOGIN_HTML: catalogue id}.
+TEXTS = {"title": "ui.login.title", "sub": "ui.login.sub", "user": "ui.login.user",
+         "password": "ui.login.password", "button": "ui.login.button",
+         "wrong": "ui.login.wrong", "failed": "ui.login.failed",
+         "unreachable": "ui.login.unreachable"}
+
+
+def login_page(path: str, lang: str = i18n.ENGLISH) -> bytes:
+    """Our sign-in page as served at `path`, in `lang`. It names nothing of the app."""
+    texts = {name: html.escape(i18n.t(key, lang), quote=True) for name, key in TEXTS.items()}
+    return LOGIN_HTML.format(style=LOGIN_STYLE, script=LOGIN_SCRIPT, action=login_url(path),
+                             lang=lang, **texts).encode()
+
+
+def page_lang(scope: dict) -> str:
+    """The sign-in page's language, chosen as the app's page chooses it (webui/i18n.py):
+    the visitor's switch (its cookie), else the server's default (--lang, TUNEBENCH_LANG),
+    else the browser's Accept-Language, else English."""
+    connection = HTTPConnection(scope)
+    return page_i18n.lang_of(connection.cookies, connection.headers)
 
 
 def app_path(scope: dict) -> str:
@@ -219,7 +241,8 @@ async def refuse_http(scope: dict, send) -> None:
     a form, not an HTTP scheme, and `Basic` would pop up the browser's dialog.
     """
     if wants_html(scope):
-        await _respond(send, 401, b"text/html; charset=utf-8", login_page(app_path(scope)),
+        page = login_page(app_path(scope), page_lang(scope))
+        await _respond(send, 401, b"text/html; charset=utf-8", page,
                        [(b"content-security-policy", CSP.encode())])
     else:
         body = json.dumps({"error": "Not authenticated"}).encode()

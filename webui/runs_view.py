@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import compare, job_queue, jobs, launch, paths, plot, runs, schema
+from core import compare, i18n, job_queue, jobs, launch, paths, plot, runs, schema
 from core.errors import BadInput
+from core.i18n import t
 
 LOG_LINES = 30
 MAX_POINTS = 1500          # per series sent to the browser; longer runs are thinned
@@ -30,6 +31,31 @@ COLORS = {SERIES["raw"]: "#b9cdf2", SERIES["smoothed"]: "#1d3f8f", SERIES["eval"
 # A stage's own signals (core.plot.SIGNALS), one panel each, drawn like the loss.
 SIGNAL_SERIES = {"raw": "raw", "smoothed": "smoothed", "eval": "eval"}
 SIGNAL_COLORS = {SIGNAL_SERIES[k]: COLORS[SERIES[k]] for k in SERIES}
+
+
+# The series are named in the charts' data by these fixed keys, in every language, and the
+# charts draw no legend of their own: `legend_html` is the legend, in the reader's language.
+# Gradio's line plot keeps the legend (and colour scale) of the names it first drew: data
+# renamed to another language drew no lines at all under the old names.
+def legend_html(kind: str = "loss") -> str:
+    """A chart's legend: a swatch and a name per series ("loss" for the loss chart,
+    "signal" for the stage-signal panels)."""
+    prefix = "ui.runs.series." if kind == "loss" else "ui.runs.signal_series."
+    items = "".join(f"<span class='tb-legend-item'><span class='tb-swatch' "
+                    f"style='background:{COLORS[SERIES[k]]}'></span>"
+                    f"{html.escape(t(prefix + k))}</span>" for k in SERIES)
+    return f"<div class='tb-legend' data-kind='{kind}'>{items}</div>"
+
+
+def word(prefix: str, value: str) -> str:
+    """A known word of the run files (a state, a phase, a unit) in the current language;
+    anything else as written."""
+    key = prefix + str(value).replace(" ", "_")
+    return t(key) if i18n.has(key) else str(value)
+
+
+def state_name(state: str) -> str:
+    return word("ui.runs.state.", state)
 
 
 @dataclass
@@ -113,7 +139,7 @@ def _last_with(records: list[dict], key: str) -> dict | None:
 def progress_html(status: dict | None, records: list[dict]) -> str:
     """A progress bar with step, epoch, elapsed time, ETA, throughput and padding waste."""
     if status is None:
-        return "<div class='tb-progress tb-idle'>No run selected. Press Start to train.</div>"
+        return f"<div class='tb-progress tb-idle'>{t('ui.runs.progress.none')}</div>"
     last = records[-1] if records else {}
     total, step = last.get("total_steps") or 0, last.get("step") or 0
     state = status.get("state", "?")
@@ -122,27 +148,29 @@ def progress_html(status: dict | None, records: list[dict]) -> str:
     parts = []
     if total:
         unit = last.get("unit")  # an eval job counts replies, batches or tasks
-        parts.append(f"{step}/{total} {unit}" if unit else f"step {step}/{total}")
+        parts.append(t("ui.runs.progress.units", step=step, total=total,
+                       unit=word("ui.runs.unit.", unit)) if unit
+                     else t("ui.runs.progress.step", step=step, total=total))
     if last.get("epoch") is not None:
-        parts.append(f"epoch {last['epoch']:.2f}")
+        parts.append(t("ui.runs.progress.epoch", epoch=f"{last['epoch']:.2f}"))
     if last.get("elapsed_s") is not None:
-        parts.append(f"elapsed {fmt_duration(last['elapsed_s'])}")
+        parts.append(t("ui.runs.progress.elapsed", time=fmt_duration(last["elapsed_s"])))
     if state == "running" and last.get("eta_s") is not None:
-        parts.append(f"ETA {fmt_duration(last['eta_s'])}")
+        parts.append(t("ui.runs.progress.eta", time=fmt_duration(last["eta_s"])))
     evaluated = _last_with(records, "eval_loss")
     if evaluated:
-        parts.append(f"eval loss {evaluated['eval_loss']:.4f}")
+        parts.append(t("ui.runs.progress.eval_loss", loss=f"{evaluated['eval_loss']:.4f}"))
     speed = _last_with(records, "tokens_per_s")
     if speed:
-        parts.append(f"{speed['tokens_per_s']:,.0f} tokens/s")
+        parts.append(t("ui.runs.progress.speed", speed=f"{speed['tokens_per_s']:,.0f}"))
     packed = _last_with(records, "nonpad_share")
     if packed:  # how much of each batch is real tokens rather than padding
-        parts.append(f"{packed['nonpad_share']:.0%} non-padding")
-    if state == "running" and not records:
-        parts.append(html.escape(status.get("phase") or "starting") + "…")
-    elif state == "running" and status.get("phase") not in (None, "training"):
-        parts.append(html.escape(status["phase"]) + "…")
-    text = " · ".join(parts) or state
+        parts.append(t("ui.runs.progress.nonpad", share=f"{packed['nonpad_share']:.0%}"))
+    phase = status.get("phase")
+    if state == "running" and (not records or phase not in (None, "training")):
+        phase = runs.phase_text(phase)
+        parts.append(html.escape(t("ui.runs.progress.phase", phase=phase)))
+    text = " · ".join(parts) or html.escape(state_name(state))
     return (f"<div class='tb-progress tb-{html.escape(state)}'>"
             f"<div class='tb-bar'><div class='tb-fill' style='width:{frac * 100:.1f}%'></div></div>"
             f"<div class='tb-progress-text'>{round(frac * 100)}% · {text}</div></div>")
@@ -151,22 +179,23 @@ def progress_html(status: dict | None, records: list[dict]) -> str:
 def status_html(run_dir: Path | None, status: dict | None) -> str:
     """The run's state, times and, for a failed run, its error text."""
     if run_dir is None or status is None:
-        return "<div class='tb-status'>No run yet.</div>"
+        return f"<div class='tb-status'>{t('ui.runs.status.none')}</div>"
     state = status.get("state", "?")
     when = _short_time(status.get("started_at"))
     if status.get("ended_at"):
         when += " → " + _short_time(status["ended_at"])
     out = (f"<div class='tb-status'><span class='tb-badge tb-{html.escape(state)}'>"
-           f"{html.escape(state)}</span> <b>{html.escape(run_dir.name)}</b> "
+           f"{html.escape(state_name(state))}</span> <b>{html.escape(run_dir.name)}</b> "
            f"<span class='tb-dim'>{html.escape(when)} · {html.escape(str(run_dir))}</span>")
     if state == "queued":
         note = html.escape(job_queue.waiting_text(run_dir))
         out += f"<pre class='tb-note tb-queue'>{note}</pre>"
-    if status.get("error"):
+    error = runs.error_text(status)  # in the reader's language when the job recorded it
+    if error:
         kind = "tb-error" if state == "failed" else "tb-note"  # "stopped by the user" is no error
-        out += f"<pre class='{kind}'>{html.escape(status['error'])}</pre>"
+        out += f"<pre class='{kind}'>{html.escape(error)}</pre>"
     if status.get("stopped_early"):
-        out += f"<pre class='tb-note'>{html.escape(status['stopped_early'])}</pre>"
+        out += f"<pre class='tb-note'>{html.escape(runs.stopped_early_text(status))}</pre>"
     return out + "</div>"
 
 
@@ -174,14 +203,17 @@ def message_html(text: str, kind: str = "error") -> str:
     """A message from the page itself (bad input, refusal), in the status box."""
     badge, box = ("refused", "tb-error") if kind == "error" else (kind, "tb-note")
     return (f"<div class='tb-status'><span class='tb-badge tb-{badge}'>"
-            f"{'not started' if kind == 'error' else html.escape(kind)}</span>"
+            f"{t('ui.runs.badge.not_started') if kind == 'error' else html.escape(state_name(kind))}"
+            "</span>"
             f"<pre class='{box}'>{html.escape(text)}</pre></div>")
 
 
 def log_html(text: str, name: str = runs.LOG) -> str:
     """The log tail in a box that stays scrolled to its newest line (`name`: the log's)."""
-    body = html.escape(text) if text else "<span class='tb-dim'>(no output yet)</span>"
-    return (f"<div class='tb-log-title'>{html.escape(name)} (last {LOG_LINES} lines)</div>"
+    empty = f"<span class='tb-dim'>{html.escape(t('ui.runs.log.empty'))}</span>"
+    body = html.escape(text) if text else empty
+    title = t("ui.runs.log.title", name=name, lines=LOG_LINES)
+    return (f"<div class='tb-log-title'>{html.escape(title)}</div>"
             f"<div class='tb-log'><pre>{body}</pre></div>")
 
 
@@ -307,7 +339,7 @@ def stage_or_kind(run: runs.RunSummary) -> str:
     """The runs list's stage column: a run's training stage, or "eval: <task>" for an eval
     job (core/evaluate.py), which the list shows beside the runs."""
     if run.kind == "eval":
-        return f"eval: {eval_task_of(run.path)}"
+        return t("ui.runs.eval_task", task=eval_task_of(run.path))
     return run_stage(run.path)
 
 
@@ -324,10 +356,19 @@ def runs_table(saves_dir: Path, query: str = "") -> list[list]:
         if query and not compare.matches(run.path, query):
             continue
         loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "–"
-        rows.append([run.name, job_queue.state_label(run.path, run.state), run.steps, loss,
+        rows.append([run.name, state_label(run.path, run.state), run.steps, loss,
                      stage_or_kind(run),
                      _short_time(run.started_at) or "–"])
     return rows
+
+
+def state_label(run_dir: Path, state: str) -> str:
+    """The runs list's state column (job_queue.state_label's, in the reader's language):
+    `queued #2` for a waiting job."""
+    if state != "queued":
+        return state_name(state)
+    n = job_queue.position(run_dir)
+    return t("ui.runs.state.queued_at", n=n) if n else state_name(state)
 
 
 def newest_running(saves_dir: Path) -> Path | None:

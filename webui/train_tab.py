@@ -18,11 +18,13 @@ import gradio as gr
 from core import config as cfg
 from core import data, job_queue, launch, limits, memory, paths, plot, runs, stage_data
 from core.errors import BadInput
+from core.i18n import msg, t, text_of
 
 from . import compare_view, configs, data_worker, eval_tab, form as form_mod
-from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, log_html, loss_frame,
-                        message_html, newest_running, progress_html, run_names, runs_table,
-                        series_to_show, signal_frame, status_html)
+from .i18n import redraw, tr, transient
+from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, legend_html, log_html,
+                        loss_frame, message_html, newest_running, progress_html, run_names,
+                        runs_table, series_to_show, signal_frame, status_html)
 
 TICK_S = 1.0
 TABLE_REFRESH_S = 15.0       # the running run's row (steps, loss) in the runs list
@@ -31,6 +33,11 @@ RUN_COLUMNS = ["run", "state", "steps", "final loss", "stage", "started"]
 PREVIEW_COLORS = {"trained": "#3fb950", "chosen (trained)": "#3fb950",
                   "rejected (trained)": "#f85149", "good reply (trained)": "#3fb950",
                   "bad reply (trained)": "#f85149", "reference answer": "#d4a72c"}
+# The marks are the data worker's names; the legend shows them in the reader's language.
+MARK_IDS = {"trained": "ui.train.mark.trained", "chosen (trained)": "ui.train.mark.chosen",
+            "rejected (trained)": "ui.train.mark.rejected",
+            "good reply (trained)": "ui.train.mark.good",
+            "bad reply (trained)": "ui.train.mark.bad", "reference answer": "ui.train.mark.reference"}
 SIGNAL_PANELS = 6            # stage signals drawn at once, one panel each
 PANELS_PER_ROW = 3
 
@@ -47,6 +54,7 @@ class Session:
     # A refusal or note shown in the status line stays until the user acts again: a tick
     # that reads the watched run's new status must not wipe the answer to a click.
     holding_message: bool = False
+    message: tuple | None = None  # (what, kind) held: a language switch shows it anew
     runs_filter: str = ""        # the runs list's filter (core.compare.matches)
 
 
@@ -88,23 +96,25 @@ def fit_datasets(stage: str, dataset_dir: str, current: list[str] | None
     dropped = [d for d in current if d not in keep]
     if not dropped:
         return sorted(set(fits) | set(current)), current, ""
-    what = f"Stage {stage} trains on {stage_data.STAGE_DATA.get(stage, 'its own kind of data')}"
+    what = t("ui.train.dataset.stage_data", stage=stage,
+             data=stage_data.STAGE_DATA.get(stage) or t("ui.train.dataset.own_kind"))
+    sep = t("list.sep")
     if not keep and not fits:
         return (sorted(set(current)), current,
-                f"{what}, and no registered dataset holds them: upload one below, or type a "
-                f"file's path. *{', '.join(dropped)}* will not be accepted by Start.")
+                t("ui.train.dataset.none_fit", what=what, dropped=sep.join(dropped)))
     if not keep:
         keep = [fits[0]]
     return (sorted(set(fits) | set(keep)), keep,
-            f"{what}: replaced *{', '.join(dropped)}* with *{', '.join(keep)}*.")
+            t("ui.train.dataset.replaced", what=what, dropped=sep.join(dropped),
+              kept=sep.join(keep)))
 
 
 def memory_text(config: cfg.TrainConfig) -> str:
     """The memory estimate shown before Start (core.memory reads config.json, no torch)."""
     try:
-        return "**Memory:** " + memory.describe(config)
+        return t("ui.train.memory", text=text_of(memory.describe(config)))
     except (BadInput, OSError, ValueError) as err:
-        return f"**Memory:** estimate unavailable ({err})"
+        return t("ui.train.memory.unavailable", error=text_of(err))
 
 
 def command_text(config: cfg.TrainConfig, saves_dir: Path) -> str:
@@ -112,7 +122,7 @@ def command_text(config: cfg.TrainConfig, saves_dir: Path) -> str:
     try:
         run_dir = runs.pick_run_dir(config, saves_dir)  # the folder Start would pick now
     except BadInput as err:
-        return f"# Start is refused until this is fixed:\n# {err}\n"
+        return t("ui.train.command.refused", error=text_of(err))
     config = dataclasses.replace(config, output_dir=str(run_dir), run_name=run_dir.name)
     path = shlex.quote(str(run_dir / runs.CONFIG))
     return (f"mkdir -p {shlex.quote(str(run_dir))}\n"
@@ -131,7 +141,7 @@ class TrainTab:
             with gr.Column(scale=7):
                 self.form = form_mod.build_form(
                     defaults, dataset_choices(dataset_dir, defaults.stage))
-                self.dataset_note = gr.Markdown(elem_id="train-dataset-note")
+                self.dataset_note = gr.Markdown(elem_id="train-dataset-note")  # t() at each change
                 rec = recommended_of(defaults)
                 self.rec_state = gr.State(rec)  # what the model recommended, per browser tab
                 self.recommended = gr.Markdown(recommended_text(defaults, rec),
@@ -147,31 +157,32 @@ class TrainTab:
 
     def _controls(self):
         with gr.Row():
-            self.start = gr.Button("Start", variant="primary", elem_id="train-start")
-            self.abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
-            self.resume = gr.Button("Resume selected run", elem_id="train-resume")
+            self.start = _button("ui.train.start", variant="primary", elem_id="train-start")
+            self.abort = _button("ui.train.abort", variant="stop", elem_id="train-abort")
+            self.resume = _button("ui.train.resume", elem_id="train-resume")
             # A queued run shown above (core/job_queue.py): leave the queue, or go first.
-            self.queue_cancel = gr.Button("Cancel queued run", size="sm",
-                                          elem_id="train-queue-cancel")
-            self.queue_up = gr.Button("Move up in queue", size="sm", elem_id="train-queue-up")
+            self.queue_cancel = _button("ui.train.queue_cancel", size="sm",
+                                        elem_id="train-queue-cancel")
+            self.queue_up = _button("ui.train.queue_up", size="sm", elem_id="train-queue-up")
 
     def _data_panel(self):
-        with gr.Accordion("Data: upload a file, preview what the model sees", open=False,
-                          elem_id="train-data"):
+        with tr(gr.Accordion(t("ui.train.data"), open=False, elem_id="train-data"),
+                label="ui.train.data"):
             with gr.Row():
-                self.upload_name = gr.Textbox(label="Register as (optional name)", max_lines=1,
-                                              elem_id="train-upload-name",
-                                              info="Defaults to the file's name.")
-                self.upload = gr.File(label="Upload json / jsonl / csv / parquet",
-                                      file_types=list(data.EXTENSIONS), elem_id="train-upload",
-                                      scale=2, height=150)
+                self.upload_name = tr(gr.Textbox(
+                    label=t("ui.train.upload_name"), max_lines=1, elem_id="train-upload-name",
+                    info=t("ui.train.upload_name.info")),
+                    label="ui.train.upload_name", info="ui.train.upload_name.info")
+                self.upload = tr(gr.File(label=t("ui.train.upload"),
+                                         file_types=list(data.EXTENSIONS), elem_id="train-upload",
+                                         scale=2, height=150), label="ui.train.upload")
             self.upload_status = gr.Markdown(elem_id="train-upload-status")
-            self.preview_btn = gr.Button("Preview the first records", elem_id="train-preview-btn")
+            self.preview_btn = _button("ui.train.preview", elem_id="train-preview-btn")
             self.preview_summary = gr.Markdown(elem_id="train-preview-summary")
-            self.preview_text = gr.HighlightedText(
-                label="As the model sees them (highlighted = trained tokens)",
+            self.preview_text = tr(gr.HighlightedText(
+                label=t("ui.train.preview.label"),
                 color_map=PREVIEW_COLORS, show_legend=True, combine_adjacent=True,
-                elem_id="train-preview")
+                elem_id="train-preview"), label="ui.train.preview.label")
 
     def _monitor(self):
         bare = dict(apply_default_css=False, js_on_load=None)
@@ -180,34 +191,43 @@ class TrainTab:
             self.progress = gr.HTML(progress_html(None, []), elem_id="train-progress", **bare)
         # The eval jobs of the run shown (core.evaluate.jobs_of_run); app.py wires picking
         # one to open it in the Evaluate tab.
-        self.evals = gr.Radio(choices=[], value=None, visible=False, elem_id="train-evals",
-                              label="Evaluations of this run (pick one to open it in the "
-                                    "Evaluate tab)")
+        self.evals = tr(gr.Radio(choices=[], value=None, visible=False, elem_id="train-evals",
+                                 label=t("ui.train.evals")), label="ui.train.evals")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                self.plot = gr.LinePlot(
-                    x="step", y="loss", color="series", color_map=COLORS, label="Loss",
-                    x_title="step", y_title="loss", elem_id="train-loss-plot")
-                self.weight = gr.Slider(0.0, 0.99, value=0.9, step=0.01,
-                                        label="Smoothing (EMA weight)", elem_id="train-smoothing",
-                                        info="0 shows the raw curve; higher is smoother. The "
-                                             "smoothed history never shifts as points arrive.")
+                self.plot = tr(gr.LinePlot(
+                    x="step", y="loss", color="series", color_map=COLORS, colors_in_legend=[],
+                    label=t("ui.train.plot.label"), x_title=t("ui.train.plot.x"),
+                    y_title=t("ui.train.plot.y"), elem_id="train-loss-plot"),
+                    label="ui.train.plot.label", x_title="ui.train.plot.x",
+                    y_title="ui.train.plot.y")
+                tr(gr.HTML(legend_html("loss"), elem_id="train-loss-legend", padding=False),
+                   value=lambda: legend_html("loss"))
+                self.weight = tr(gr.Slider(0.0, 0.99, value=0.9, step=0.01,
+                                           label=t("ui.train.smoothing"),
+                                           elem_id="train-smoothing",
+                                           info=t("ui.train.smoothing.info")),
+                                 label="ui.train.smoothing", info="ui.train.smoothing.info")
             with gr.Column(scale=2):
                 self.log = gr.HTML(log_html(""), elem_id="train-log", **bare)
         self._signal_panels()
         with gr.Row(equal_height=False):
-            self.run_pick = gr.Dropdown(label="Run shown above", choices=[], value=None,
-                                        elem_id="train-run", scale=3)
+            self.run_pick = tr(gr.Dropdown(label=t("ui.train.run_pick"), choices=[], value=None,
+                                           elem_id="train-run", scale=3),
+                               label="ui.train.run_pick")
             with gr.Column(scale=1, min_width=200):
-                self.refresh = gr.Button("Refresh runs", elem_id="train-refresh", size="sm")
-                self.load_run_cfg = gr.Button("Copy its settings into the form", size="sm",
-                                              elem_id="train-run-config")
-        self.runs_filter = gr.Textbox(label="Filter runs", max_lines=1,
-                                      elem_id="train-runs-filter",
-                                      placeholder="text in a name, note or tag; tag:NAME")
-        self.table = gr.Dataframe(headers=RUN_COLUMNS, value=[], interactive=False,
-                                  label="Runs (click a row to show it)", elem_id="train-runs",
-                                  max_height=280)
+                self.refresh = _button("ui.train.refresh", elem_id="train-refresh", size="sm")
+                self.load_run_cfg = _button("ui.train.run_config", size="sm",
+                                            elem_id="train-run-config")
+        self.runs_filter = tr(gr.Textbox(label=t("ui.train.runs_filter"), max_lines=1,
+                                         elem_id="train-runs-filter",
+                                         placeholder=t("ui.train.runs_filter.placeholder")),
+                              label="ui.train.runs_filter",
+                              placeholder="ui.train.runs_filter.placeholder")
+        self.table = tr(gr.Dataframe(headers=run_columns(), value=[], interactive=False,
+                                     label=t("ui.train.runs"), elem_id="train-runs",
+                                     max_height=280),
+                        label="ui.train.runs", headers=run_columns)
         self.notes = compare_view.NotesPanel(self.saves_dir)
         self.compare = compare_view.ComparePanel(self.saves_dir)
         self.timer = gr.Timer(TICK_S)
@@ -217,40 +237,48 @@ class TrainTab:
         and one chart per ticked signal, each on its own scale. Hidden for a run that
         logs none (sft, pt)."""
         with gr.Column(visible=False, elem_id="train-signal-plot") as self.signal_box:
-            self.series = gr.CheckboxGroup(
-                label="Training signals", choices=[], value=[], elem_id="train-series",
-                info=f"What this run's stage logs besides the loss; each one ticked gets a "
-                     f"chart (raw, smoothed with the weight above, eval), up to "
-                     f"{SIGNAL_PANELS} at once.")
+            series_info = ("ui.train.signals.info", {"n": SIGNAL_PANELS})
+            self.series = tr(gr.CheckboxGroup(
+                label=t("ui.train.signals"), choices=[], value=[], elem_id="train-series",
+                info=t("ui.train.signals.info", n=SIGNAL_PANELS)),
+                label="ui.train.signals", info=series_info)
             self.panel_rows, self.panels = [], []
             for first in range(0, SIGNAL_PANELS, PANELS_PER_ROW):
                 with gr.Row(equal_height=False, visible=False) as row:
                     self.panel_rows.append(row)
                     for i in range(first, first + PANELS_PER_ROW):
-                        self.panels.append(gr.LinePlot(
+                        # Its label names the signal drawn (_panels); the axis follows here.
+                        self.panels.append(tr(gr.LinePlot(
                             x="step", y="value", color="series", color_map=SIGNAL_COLORS,
-                            x_title="step", visible=False, label="signal",
-                            show_label=True,
-                            elem_id=f"train-signal-plot-{i + 1}"))
+                            colors_in_legend=[], x_title=t("ui.train.plot.x"), visible=False,
+                            label=t("ui.train.signal"), show_label=True,
+                            elem_id=f"train-signal-plot-{i + 1}"), x_title="ui.train.plot.x"))
+            tr(gr.HTML(legend_html("signal"), elem_id="train-signal-legend", padding=False),
+               value=lambda: legend_html("signal"))
 
     def _config_panel(self, defaults: cfg.TrainConfig):
-        self.command = gr.Code(command_text(defaults, self.saves_dir), language="shell",
-                               label="What Start runs: the same as this in a terminal",
-                               elem_id="train-command", max_lines=24, interactive=False)
+        self.command = tr(gr.Code(command_text(defaults, self.saves_dir), language="shell",
+                                  label=t("ui.train.command"), elem_id="train-command",
+                                  max_lines=24, interactive=False), label="ui.train.command")
         self.memory = gr.Markdown(memory_text(defaults), elem_id="train-memory")
         with gr.Group():
             with gr.Row(equal_height=False):
-                self.save_name = gr.Textbox(label="Save the form as", value="my-config",
-                                            max_lines=1, elem_id="train-config-name", scale=2)
-                self.config_file = gr.Dropdown(label="Saved and example configs",
-                                               choices=configs.available(self.saves_dir),
-                                               value=None, elem_id="train-config-file", scale=3)
+                self.save_name = tr(gr.Textbox(label=t("ui.train.save_name"), value="my-config",
+                                               max_lines=1, elem_id="train-config-name",
+                                               scale=2), label="ui.train.save_name")
+                self.config_file = tr(gr.Dropdown(label=t("ui.train.config_file"),
+                                                  choices=configs.available(self.saves_dir),
+                                                  value=None, elem_id="train-config-file",
+                                                  scale=3), label="ui.train.config_file")
             with gr.Row():
-                self.save_btn = gr.Button("Save", elem_id="train-config-save", size="sm")
-                self.load_btn = gr.Button("Load", elem_id="train-config-load", size="sm")
-                self.upload_cfg = gr.UploadButton("Upload YAML", file_types=[".yaml", ".yml"],
-                                                  elem_id="train-config-upload", size="sm")
-                self.reset_btn = gr.Button("Reset", elem_id="train-config-reset", size="sm")
+                self.save_btn = _button("ui.train.save", elem_id="train-config-save", size="sm")
+                self.load_btn = _button("ui.train.load", elem_id="train-config-load", size="sm")
+                self.upload_cfg = tr(gr.UploadButton(t("ui.train.upload_yaml"),
+                                                     file_types=[".yaml", ".yml"],
+                                                     elem_id="train-config-upload", size="sm"),
+                                     label="ui.train.upload_yaml")
+                self.reset_btn = _button("ui.train.reset", elem_id="train-config-reset",
+                                         size="sm")
         self.config_msg = gr.Markdown(elem_id="train-config-msg")
 
     # --- wiring --------------------------------------------------------------------------
@@ -311,6 +339,7 @@ class TrainTab:
               [w[n] for n in limited] + [row for row, _ in self.form.limited_rows],
               api_visibility="private", **quiet)
         self._wire_data_and_configs(widgets)
+        self._wire_relabel(widgets)
         # A new model, stage or method brings its recommendations; a new stage or dataset
         # folder, the datasets that fit.
         follow = [w["model"].blur, w["model"].submit, w["stage"].change, w["method"].change,
@@ -332,6 +361,17 @@ class TrainTab:
         self.reset_btn.click(self.on_reset, [], widgets + [self.config_msg])
         self.load_run_cfg.click(self.on_load_run_config, [self.run_pick],
                                 widgets + [self.config_msg])
+
+    def _wire_relabel(self, widgets) -> None:
+        """What a language switch redraws besides the labels (webui/i18n.py): the run shown,
+        the runs table, the command and memory estimate, the recommended settings' line."""
+        redraw(self.on_relabel, [self.session], self.view_outputs + [self.table])
+        transient(self.dataset_note, self.upload_status, self.preview_summary, self.preview_text,
+                  self.config_msg)
+        redraw(self.on_form_change, widgets, [self.command, self.memory])
+        w = self.form.widgets
+        redraw(on_relabel_recommended, [self.rec_state, w["model"], w["stage"], w["method"]],
+               [self.recommended])
 
     def wire_page_load(self, demo: gr.Blocks) -> None:
         """Reattach when a page opens, and bring back the form the user last started or
@@ -455,6 +495,24 @@ class TrainTab:
             out[n_view:] = self._listing(session)
         return out
 
+    def on_relabel(self, session: Session) -> list:
+        """The run shown and the runs table drawn again in the current language, from what
+        the session read (nothing re-read); the charts' colours follow the series' names."""
+        watch = session.watch
+        table = _table(runs_table(self.saves_dir, session.runs_filter))
+        signals = self._signals(session, watch, picker=True)
+        if session.holding_message and session.message:
+            status = message_html(text_of(session.message[0]), kind=session.message[1])
+        else:
+            status = status_html(watch.run_dir if watch else None, watch and watch.status)
+        if watch is None:
+            return [status, progress_html(None, []),
+                    _empty_plot(), log_html("")] + \
+                signals + [table]
+        return [status, progress_html(watch.status, watch.records),
+                loss_frame(watch.curves, session.weight),
+                log_html(launch.log_tail(runs.log_path(watch.run_dir)))] + signals + [table]
+
     def on_weight(self, session: Session, weight: float):
         session.weight = weight
         n = len(self.panel_rows) + len(self.panels)
@@ -467,12 +525,13 @@ class TrainTab:
         session.series = list(chosen or [])
         return self._panels(session, session.watch)
 
-    def _message(self, session: Session, text: str, kind: str = "error") -> list:
-        session.holding_message = True
-        return [message_html(text, kind=kind)] + [gr.skip()] * (len(self.view_outputs) + 1)
+    def _message(self, session: Session, text, kind: str = "error") -> list:
+        """`text`: a str, a Msg or a BadInput, shown in the reader's language."""
+        session.holding_message, session.message = True, (text, kind)
+        return [message_html(text_of(text), kind=kind)] + [gr.skip()] * (len(self.view_outputs) + 1)
 
     def _error(self, session: Session, err: BadInput) -> list:
-        return self._message(session, str(err))
+        return self._message(session, err)
 
     def on_start(self, session: Session, *values) -> list:
         """Validate everything, then launch; on bad input show why and launch nothing."""
@@ -489,7 +548,7 @@ class TrainTab:
     def _queued_run(self, session: Session) -> Path:
         watch = session.watch
         if watch is None or not watch.status or watch.status.get("state") != "queued":
-            raise BadInput("no queued run is shown here; pick one in the runs list")
+            raise BadInput(msg("ui.train.err.no_queued"))
         return watch.run_dir
 
     def on_queue_cancel(self, session: Session) -> list:
@@ -510,7 +569,7 @@ class TrainTab:
     def on_abort(self, session: Session) -> list:
         watch = session.watch
         if watch is None or not watch.status or watch.status.get("state") != "running":
-            return self._message(session, "no running run is shown here to abort", kind="note")
+            return self._message(session, msg("ui.train.err.no_running"), kind="note")
         try:
             launch.abort_run(watch.run_dir)
         except BadInput as err:
@@ -522,12 +581,12 @@ class TrainTab:
         """A run named in the page: only one the runs list shows (found by resolving)."""
         path = find_listed_run(self.saves_dir, run_name)
         if path is None:
-            raise BadInput("not a run in the runs list", file=limits.quote(run_name))
+            raise BadInput(msg("ui.train.err.not_listed"), file=limits.quote(run_name))
         return path
 
     def on_resume(self, session: Session, run_name: str | None) -> list:
         if not run_name:
-            return self._error(session, BadInput("pick a run to resume in the runs list first"))
+            return self._error(session, BadInput(msg("ui.train.err.pick_resume")))
         try:
             run_dir = self._run_path(run_name)
             # The stored config names paths too: they pass the gate as Start's do.
@@ -572,7 +631,7 @@ class TrainTab:
         try:
             config = form_mod.to_config(self.form.names, list(values))
         except BadInput as err:
-            return "# Start is refused until these are fixed:\n" + "".join(
+            return t("ui.train.command.refused_many") + "".join(
                 f"# {line}\n" for line in str(err).splitlines()), gr.skip()
         return command_text(config, self.saves_dir), memory_text(config)
 
@@ -590,17 +649,15 @@ class TrainTab:
             key, misfit = data_worker.register_for_stage(file, dataset_dir, name or None,
                                                          stage or "sft")
         except BadInput as err:
-            return gr.skip(), f"**Not registered.** {err}"
+            return gr.skip(), t("ui.train.upload.refused", error=text_of(err))
         if misfit:
-            return (gr.skip(), f"Registered **{key}** in {dataset_dir}/dataset_info.json, but "
-                    f"did not add it to the datasets: stage {stage} cannot train on it. "
-                    f"{misfit}")
+            return (gr.skip(), t("ui.train.upload.misfit", key=key, folder=dataset_dir,
+                                 stage=stage, why=misfit))
         fits = dataset_choices(dataset_dir, stage)
         registered = set(dataset_choices(dataset_dir))
         chosen = [d for d in current or [] if d in fits or d not in registered] + [key]
         return (gr.update(choices=sorted(set(fits) | set(chosen)), value=chosen),
-                f"Registered **{key}** in {dataset_dir}/dataset_info.json and added it to "
-                "the datasets above.")
+                t("ui.train.upload.done", key=key, folder=dataset_dir))
 
     def on_preview(self, *values):
         try:
@@ -608,10 +665,10 @@ class TrainTab:
             paths.confine_config(config, self.saves_dir)  # the gate Start uses
             answer = data_worker.preview(config)
         except BadInput as err:
-            return [], f"**Cannot preview.** {err}"
+            return [], t("ui.train.preview.refused", error=text_of(err))
         shown = preview_highlights(answer)
         used = {mark for _, mark in shown if mark}  # the legend lists only these marks
-        return (gr.update(value=shown, color_map={k: v for k, v in PREVIEW_COLORS.items()
+        return (gr.update(value=shown, color_map={k: v for k, v in preview_colors().items()
                                                   if k in used}),
                 preview_summary(answer))
 
@@ -623,29 +680,29 @@ class TrainTab:
             config = form_mod.to_config(self.form.names, list(values))
             path = configs.save(config, name, self.saves_dir)
         except BadInput as err:
-            return gr.skip(), f"**Not saved.** {err}"
+            return gr.skip(), t("ui.train.config.not_saved", error=text_of(err))
         configs.remember(config, self.saves_dir)
         return (gr.update(choices=configs.available(self.saves_dir), value=str(path)),
-                f"Saved to `{path}`.")
+                t("ui.train.config.saved", path=path))
 
     def _load(self, path: str | None, allowed: list[str] | None, what: str) -> list:
         if not path:
-            return [gr.skip()] * len(self.form.names) + ["Pick a config file first."]
+            return [gr.skip()] * len(self.form.names) + [t("ui.train.config.pick")]
         try:
             config = configs.load(path, allowed)
         except BadInput as err:
-            return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
-        return self._form_values(config, f"Loaded {what}.")
+            return [gr.skip()] * len(self.form.names) + [
+                t("ui.train.config.not_loaded", error=text_of(err))]
+        return self._form_values(config, t("ui.train.config.loaded", what=what))
 
     def on_load_file(self, path: str | None) -> list:
         return self._load(path, configs.available(self.saves_dir), f"`{path}`")
 
     def on_load_upload(self, file: str | None) -> list:
-        return self._load(file, None, "the uploaded file")
+        return self._load(file, None, t("ui.train.config.uploaded_file"))
 
     def on_reset(self) -> list:
-        return self._form_values(cfg.first_job(), "Reset to the first job: the demo model "
-                                                  "with its recommended settings.")
+        return self._form_values(cfg.first_job(), t("ui.train.config.reset"))
 
     def on_restore_form(self) -> list:
         """A page opens: the form the user last started or saved, else the first job."""
@@ -653,7 +710,7 @@ class TrainTab:
         if config is None:
             return [gr.skip()] * (len(self.form.names) + 3)
         rec = recommended_of(config)
-        return self._form_values(config, "Restored the settings you last started or saved.") + \
+        return self._form_values(config, t("ui.train.config.restored")) + \
             [recommended_text(config, rec), rec]
 
     def on_model_change(self, previous: dict, *values) -> list:
@@ -664,8 +721,8 @@ class TrainTab:
             chosen = cfg.from_mapping({k: current[k] for k in ("model", "stage", "method")})
             rec = recommended_of(chosen)
         except BadInput as err:
-            return [gr.skip()] * len(values) + [f"*Recommended settings unavailable: {err}*",
-                                                previous, gr.skip()]
+            return [gr.skip()] * len(values) + [
+                t("ui.train.recommended.unavailable", error=text_of(err)), previous, gr.skip()]
         out, after = [], {}
         for name, value in current.items():
             old = previous.get(name, cfg.default_value(name))
@@ -682,13 +739,13 @@ class TrainTab:
 
     def on_load_run_config(self, run_name: str | None) -> list:
         if not run_name:
-            return [gr.skip()] * len(self.form.names) + ["Pick a run first."]
+            return [gr.skip()] * len(self.form.names) + [t("ui.train.config.pick_run")]
         try:
             config = configs.for_new_run(cfg.load(self._run_path(run_name) / runs.CONFIG))
         except BadInput as err:
-            return [gr.skip()] * len(self.form.names) + [f"**Not loaded.** {err}"]
-        return self._form_values(config, f"Copied the settings of run **{run_name}**; Start "
-                                         "makes a new run with them.")
+            return [gr.skip()] * len(self.form.names) + [
+                t("ui.train.config.not_loaded", error=text_of(err))]
+        return self._form_values(config, t("ui.train.config.copied", run=run_name))
 
 
 def _now() -> float:
@@ -706,7 +763,22 @@ def _empty_plot():
 
 def _table(rows: list[list]):
     import pandas as pd
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+    return pd.DataFrame(rows, columns=run_columns())
+
+
+def run_columns() -> list[str]:
+    """The runs table's headers (RUN_COLUMNS) in the current language."""
+    return [t("ui.train.col." + c.replace(" ", "_")) for c in RUN_COLUMNS]
+
+
+def preview_colors() -> dict[str, str]:
+    """PREVIEW_COLORS keyed by the marks' names in the current language (the legend's)."""
+    return {t(MARK_IDS[k]): v for k, v in PREVIEW_COLORS.items()}
+
+
+def _button(key: str, **kwargs) -> gr.Button:
+    """A button whose text is the catalogue's `key`, relabelled on a language switch."""
+    return tr(gr.Button(t(key), **kwargs), value=key)
 
 
 def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None:
@@ -718,16 +790,12 @@ def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None
     (checking would build it inside the page server).
     """
     if config.resume is True:
-        raise BadInput("resume: true continues an existing run; pick that run in the runs list "
-                       "and press Resume instead (or give a checkpoint folder to start from)")
+        raise BadInput(msg("ui.train.err.resume_true"))
     paths.confine_config(config, saves_dir)
     code = [n for n in config.reward_funcs if n not in cfg.BUILTIN_REWARDS + ("none",)]
     if config.stage == "grpo" and code:
-        raise BadInput(f"reward_funcs: {limits.quote(code[0])} names Python code, which the "
-                       "page never runs; use the built-in rewards ("
-                       f"{', '.join(cfg.BUILTIN_REWARDS)}) here, or start a run with your own "
-                       "scorer from the command line: tunebench train CONFIG",
-                       field="reward_funcs")
+        raise BadInput(msg("ui.train.err.reward_code", name=limits.quote(code[0]),
+                           rewards=", ".join(cfg.BUILTIN_REWARDS)), field="reward_funcs")
     data_worker.check(config)
     if config.model != cfg.DEMO_MODEL:
         from core import models  # light: no torch until a model is loaded
@@ -744,12 +812,21 @@ def recommended_of(config: cfg.TrainConfig) -> dict:
 
 def recommended_text(config: cfg.TrainConfig, rec: dict) -> str:
     """The line under the form saying which values come from the model."""
+    where = dict(model=config.model, stage=config.stage, method=config.method)
     if not rec:
-        return (f"*{config.model} recommends no settings for {config.stage}/{config.method}: "
-                "the form holds the schema's defaults.*")
-    values = ", ".join(f"{k} {cfg.format_value(v)}" for k, v in rec.items())
-    return (f"**Recommended by {config.model}** for {config.stage}/{config.method} "
-            f"({cfg.RECOMMENDED_FILE}): {values}. They fill the form until you change them.")
+        return t("ui.train.recommended.none", **where)
+    # the keys in code type: they are config keys (data), in every language
+    values = t("list.sep").join(f"`{k}` {cfg.format_value(v)}" for k, v in rec.items())
+    return t("ui.train.recommended", file=cfg.RECOMMENDED_FILE, values=values, **where)
+
+
+def on_relabel_recommended(rec: dict, model: str, stage: str, method: str):
+    """The recommended settings' line in the current language, for the form's model."""
+    try:
+        config = cfg.from_mapping({"model": model, "stage": stage, "method": method})
+    except BadInput:
+        return gr.skip()  # the line says why already; the next valid change redraws it
+    return recommended_text(config, rec or {})
 
 
 def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:
@@ -758,23 +835,30 @@ def preview_highlights(answer: dict) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     for i, example in enumerate(answer["examples"], start=1):
         counts = example.get("counts") or \
-            f"{example['tokens']} tokens, {example['trained']} trained"
-        out.append((f"── record {i}: {counts} ──\n", None))
-        out += [(text, "trained" if mark is True else (mark or None))
+            t("ui.train.preview.counts", tokens=example["tokens"], trained=example["trained"])
+        out.append((t("ui.train.preview.record", i=i, counts=counts) + "\n", None))
+        out += [(text, _mark("trained" if mark is True else mark))
                 for text, mark in example["segments"]]
         out.append(("\n\n", None))
     return out
 
 
+def _mark(mark: str | None) -> str | None:
+    """A segment's mark as the legend names it (the reader's language)."""
+    return t(MARK_IDS[mark]) if mark in MARK_IDS else (mark or None)
+
+
 def preview_summary(answer: dict) -> str:
     s = answer["summary"]
-    scope = (f"the first {s['measured']} of {s['records']}" if s["measured"] < s["records"]
-             else f"all {s['records']}")
+    scope = (t("ui.train.preview.scope_first", measured=s["measured"], records=s["records"])
+             if s["measured"] < s["records"] else t("ui.train.preview.scope_all",
+                                                    records=s["records"]))
     prompts = answer.get("stage") == "grpo"  # a prompt too long to reply to is left out
-    return (f"**{s['records']} records.** {'Prompt tokens' if prompts else 'Tokens'} per record "
-            f"({scope}): min {s['min']}, median {s['median']:g}, max {s['max']}; "
-            f"{s['over_cutoff']} longer than cutoff_len {s['cutoff_len']} (those are "
-            f"{'skipped' if prompts else 'truncated'}).")
+    return t("ui.train.preview.summary", records=s["records"], scope=scope,
+             what=t("ui.train.preview.prompt_tokens" if prompts else "ui.train.preview.tokens"),
+             min=s["min"], median=f"{s['median']:g}", max=s["max"], over=s["over_cutoff"],
+             cutoff=s["cutoff_len"],
+             fate=t("ui.train.preview.skipped" if prompts else "ui.train.preview.truncated"))
 
 
 def _new_session() -> Session:

@@ -17,7 +17,8 @@ import pytest
 from fontTools.ttLib import TTFont
 from page_helpers import fill, open_tab, shot, start_run, status_text, wait_until
 
-from core import i18n
+from core import config as cfg
+from core import i18n, schema
 from webui import app
 
 pytestmark = [pytest.mark.browser, pytest.mark.train]
@@ -38,10 +39,25 @@ ALLOWED = {
     "liger", "unsloth", "kernels", "cuda", "mps", "xpu", "nccl", "gloo", "ipv", "localhost",
     "sigmoid", "ipo", "hinge", "exact", "match", "answer", "format", "length", "f", "ps",
     "lr", "pt", "rm", "full", "freeze", "none", "true", "false", "q", "k", "m", "s", "h",
+    "alpha", "english",   # LoRA alpha; the language switch names each language in its own
+    "transformers", "dtype", "bnb", "modelfile", "question",   # a library, a term, data columns
 }
+# Names of more than one word.
+NAMES = ["Hugging Face", "LM Studio", "lm-evaluation-harness"]
+
+
+def option_values() -> set[str]:
+    """The settings' option values (a task, a format, a method): data, written as the user
+    writes them in a config, in every language."""
+    found = set()
+    for settings in cfg.SCHEMAS.values():
+        for f in schema.fields(settings).values():
+            for choice in f.metadata.get("choices") or ():
+                found.update(w.lower() for w in re.findall(r"[A-Za-z]+", str(choice)))
+    return found - {"with", "default"}  # parts of values, and words a sentence would use
 # Elements that show data (a config's YAML, a log, run names in a table), not page text.
-DATA = ["#train-command", ".tb-log", "code", "pre", "input", "textarea", "table td",
-        "[data-testid='textbox']", ".token", ".options", "svg", "#train-preview"]
+DATA = ["#train-command", ".tb-log", "code", "pre", "input", "textarea",
+        "[data-testid='textbox']", ".token", ".options", "#train-preview"]
 
 WORDS_JS = """(skip) => {
   const out = [];
@@ -52,10 +68,25 @@ WORDS_JS = """(skip) => {
     if (skip.some(sel => el.closest(sel))) continue;
     const box = el.getBoundingClientRect();
     const style = getComputedStyle(el);
-    if (!box.width || !box.height || style.visibility === 'hidden') continue;
+    if (box.width <= 1 || box.height <= 1 || style.visibility === 'hidden') continue;
     out.push(node.textContent);
   }
   return out.join('\\n');
+}"""
+
+
+# Elements showing CJK text whose font list reaches no family that maps to the bundled font:
+# on a machine without a CJK font, those draw empty boxes.
+UNREACHED_JS = """(families) => {
+  const out = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const el = walker.currentNode.parentElement;
+    if (!el || !/[\\u3040-\\u30ff\\u4e00-\\u9fff]/.test(walker.currentNode.textContent)) continue;
+    const font = getComputedStyle(el).fontFamily;
+    if (!families.some(f => font.includes(f))) out.push(el.tagName + ': ' + font);
+  }
+  return out;
 }"""
 
 
@@ -66,17 +97,35 @@ def visible_text(page) -> str:
 def english_words(text: str) -> set[str]:
     """Words of two or more Latin letters that are not allowed names; paths, file names and
     config keys (a dot, slash or underscore inside) are data."""
-    found = set()
-    for token in re.findall(r"[A-Za-z0-9_./\-{}'’]+", text):
-        if re.search(r"[./_{}]", token) or re.search(r"\d", token):
+    found, allowed = set(), ALLOWED | option_values()
+    for name in NAMES:
+        text = text.replace(name, " ")
+    for token in re.findall(r"[A-Za-z0-9_./:\-{}'’]+", text):
+        if re.search(r"[./_{}:]", token) or re.search(r"\d", token):
             continue
         for word in re.findall(r"[A-Za-z]{2,}", token):
-            if word.lower() not in ALLOWED:
+            if word.lower() not in allowed:
                 found.add(word)
-    return found
+    return found - {"with", "default"}  # parts of values, and words a sentence would use
+
+
+PENDING_JS = "document.querySelectorAll('.pending, .progress-text, .meta-text').length"
+
+
+def settled(page) -> None:
+    """Wait until the page's load-time events have answered (Gradio marks a component that
+    awaits one as pending): a person switches after the page has drawn, and an answer to a
+    request sent before the switch is in the language it was asked in."""
+    quiet = 0
+    for _ in range(60):
+        quiet = quiet + 1 if page.evaluate(PENDING_JS) == 0 else 0
+        if quiet >= 4:
+            return
+        page.wait_for_timeout(250)
 
 
 def switch_to(page, lang: str) -> None:
+    settled(page)
     name = i18n.languages()[lang]
     page.locator("#lang label", has_text=name).click()
     wait_until(lambda: page.get_by_role("tab", name=i18n.t("app.tab.train", lang)).count(), 10,
@@ -111,7 +160,10 @@ def test_chinese_page_trains_the_identity_model_and_speaks_chinese(page, server)
     page.locator("#train-dataset input").first.press("Enter")
     page.click("#train-start")
     record = zh("where.record", record=2)
-    wait_until(lambda: record in status_text(page), 30, "the data problem in Chinese")
+    try:
+        wait_until(lambda: record in status_text(page), 30, "the data problem in Chinese")
+    except AssertionError as err:
+        raise AssertionError(f"{err}: the status says {status_text(page)!r}") from None
     assert "broken.jsonl" in status_text(page)
     shot(page, "zh-bad-data")
     page.locator("#train-dataset button[aria-label*='broken'], #train-dataset .token-remove") \
@@ -136,13 +188,29 @@ def test_chinese_page_trains_the_identity_model_and_speaks_chinese(page, server)
     shot(page, "zh-train-completed")
 
 
+def reload_in(page, lang: str) -> None:
+    """Switch, then reload: the choice is remembered, and every answer the page asked for
+    before the switch (a restored form's note, a tick) is asked again in `lang`."""
+    switch_to(page, lang)
+    page.reload()
+    page.wait_for_selector("#train-start")
+    wait_until(lambda: page.get_by_role("tab", name=i18n.t("app.tab.train", lang)).count(), 15,
+               f"the page in {lang} after a reload")
+    settled(page)
+
+
 @pytest.mark.parametrize("tab", ["train", "chat", "eval", "export"])
 def test_each_tab_in_chinese_shows_no_english_and_no_missing_glyph(page, tab):
-    switch_to(page, "zh")
+    reload_in(page, "zh")
     open_tab(page, i18n.t(f"app.tab.{tab}", "zh"))
-    page.wait_for_timeout(1500)                   # the tab's first tick draws its status
+    try:  # the switch's redraws and the tab's first tick arrive within moments
+        wait_until(lambda: not english_words(visible_text(page)), 15, "Chinese only")
+    except AssertionError:
+        pass  # the assertion below names what stayed English
     text = visible_text(page)
-    assert not english_words(text), f"English on the {tab} tab: {sorted(english_words(text))}"
+    found = english_words(text)
+    lines = [line for line in text.splitlines() if english_words(line)]
+    assert not found, f"English on the {tab} tab: {sorted(found)} in {lines[:8]}"
     path = shot(page, f"zh-tab-{tab}")
     assert path.exists()
     # Every Chinese character shown is in the bundled font, and the browser loaded it: on a
@@ -150,6 +218,7 @@ def test_each_tab_in_chinese_shows_no_english_and_no_missing_glyph(page, tab):
     held = set(map(chr, TTFont(app.ASSETS / "tunebench-cjk.woff2").getBestCmap()))
     assert not cjk_chars(text) - held, sorted(cjk_chars(text) - held)
     assert page.evaluate(f"document.fonts.check('16px \"{app.CJK_FONT}\"', '训练')")
+    assert not page.evaluate(UNREACHED_JS, [app.CJK_FONT, "Noto Sans"])
     if no_cjk_font_installed():
         loaded = page.evaluate("[...document.fonts].filter(f => f.status === 'loaded')"
                                ".map(f => f.family)")
@@ -157,7 +226,7 @@ def test_each_tab_in_chinese_shows_no_english_and_no_missing_glyph(page, tab):
 
 
 def test_the_train_tab_in_japanese(page):
-    switch_to(page, "ja")
+    reload_in(page, "ja")
     assert i18n.t("field.train.learning_rate.label", "ja") in \
         page.locator("#train-lr").inner_text()
     text = page.evaluate(WORDS_JS.replace("document.body", "document.querySelector('#tab-train')"),
