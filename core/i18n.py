@@ -43,8 +43,6 @@ _resolver: Callable[[], str | None] | None = None
 def _file(lang: str) -> dict[str, Any]:
     path = LOCALES / f"{lang}.yaml"
     found = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
-    for part in sorted((LOCALES / "parts").glob(f"*.{lang}.yaml")):  # TODO merge before landing
-        found.update(yaml.safe_load(part.read_text(encoding="utf-8")) or {})
     return found or {}
 
 
