@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from core.i18n import t
+
 READY = "ready"
 START_TIMEOUT_S = 120
 
@@ -83,7 +85,7 @@ class ForkServer:
         line = _readline_within(self.proc, START_TIMEOUT_S)
         if line.strip() != READY:
             self._stop()
-            raise WorkerFailed(f"the data worker did not start (it said {line.strip()!r})")
+            raise WorkerFailed(t("ui.train.err.worker_start", said=repr(line.strip())))
 
     def _stop(self) -> None:
         if self.proc is not None:
@@ -132,7 +134,7 @@ def _answer_of(reply: bytes) -> dict:
     except json.JSONDecodeError:
         answer = None
     if not isinstance(answer, dict):
-        raise WorkerFailed("the worker process died before it answered")
+        raise WorkerFailed(t("ui.train.err.worker_died"))
     if "crash" in answer:
         raise WorkerFailed(answer["crash"])
     return answer

@@ -96,8 +96,7 @@ def fit_datasets(stage: str, dataset_dir: str, current: list[str] | None
     dropped = [d for d in current if d not in keep]
     if not dropped:
         return sorted(set(fits) | set(current)), current, ""
-    what = t("ui.train.dataset.stage_data", stage=stage,
-             data=stage_data.STAGE_DATA.get(stage) or t("ui.train.dataset.own_kind"))
+    what = stage_data.trains_on(stage).text()
     sep = t("list.sep")
     if not keep and not fits:
         return (sorted(set(current)), current,
