@@ -190,7 +190,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
     print(f"tunebench web UI on http://{host}:{port} (runs in {saves_dir()})", flush=True)
     demo.launch(server_name=host, server_port=port, auth=credentials, share=share,
                 css=CSS, theme=theme(), show_error=True, quiet=True,
-                footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES,
+                footer_links=[], max_file_size=data.MAX_UPLOAD_BYTES, head=i18n.head(),
                 # Gradio hands app_kwargs to its FastAPI app. With a login, the gate shows
                 # visitors without a session a sign-in page only; without one it does nothing.
                 app_kwargs={"middleware": login.middleware()})

@@ -19,6 +19,7 @@ relabelling when the page loads.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import gradio as gr
@@ -133,6 +134,40 @@ SET_COOKIE_JS = ("(lang) => { document.cookie = '%s=' + lang + "
                  "document.documentElement.lang = lang; return lang; }" % COOKIE)
 
 
+# Gradio draws a file box's own words ("Drop File Here - or - Click to Upload") in its
+# locale, which follows the browser and does not change with the page's switch. This script,
+# in the page's head, writes them from the catalogue in the page's language (<html lang>,
+# which the switch and each load set) whenever Gradio draws such a box.
+UPLOAD_TEXTS = {"drop": "gradio.drop_file", "or": "gradio.or", "click": "gradio.click_to_upload"}
+UPLOAD_JS = """
+(() => {
+  const TEXTS = %s;
+  function relabel() {
+    const t = TEXTS[document.documentElement.lang];
+    if (!t) return;
+    document.querySelectorAll('[data-testid=upload-text]').forEach(box => {
+      const words = [...box.childNodes].filter(n => n.nodeType === 3 && n.textContent.trim());
+      const set = (node, text) => { if (node && node.textContent.trim() !== text) node.textContent = text; };
+      if (words.length >= 2) { set(words[0], t.drop); set(words[words.length - 1], t.click); }
+      set(box.querySelector('.or'), t.or);
+    });
+  }
+  new MutationObserver(relabel).observe(document.documentElement, {subtree: true,
+    childList: true, characterData: true, attributes: true, attributeFilter: ['lang']});
+})();
+"""
+
+
+def head() -> str:
+    """The page's <head> addition: Gradio's own upload words in each language."""
+    texts = {lang: {k: i18n.t(key, lang) for k, key in UPLOAD_TEXTS.items()}
+             for lang in i18n.languages()}
+    return "<script>%s</script>" % (UPLOAD_JS % json.dumps(texts, ensure_ascii=False))
+
+
+LANG_JS = "(lang) => { document.documentElement.lang = lang; return lang; }"
+
+
 def picker() -> gr.Radio:
     """The language switch for the page header: each language named in its own, and its
     (screen readers') label in all of them, since it is how a visitor finds their own."""
@@ -160,6 +195,7 @@ def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
     hidden = dict(queue=False, show_progress="hidden", api_visibility="private")
     switched = switch.input(relabel, [switch], statics, js=SET_COOKIE_JS, **hidden)
     loaded = demo.load(on_load, None, [switch] + statics, **hidden)
+    loaded.then(None, [switch], None, js=LANG_JS, **hidden)   # <html lang>, for UPLOAD_JS
     # Each redraw follows the relabelling on its own, not in a chain: one tab's slow redraw
     # (a memory estimate, a run's files) must not hold back the others'.
     if texts.transient:

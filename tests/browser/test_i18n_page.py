@@ -151,6 +151,9 @@ def test_chinese_page_trains_the_identity_model_and_speaks_chinese(page, server)
     switch_to(page, "zh")
     assert page.locator("#identity-name input, #identity-name textarea").first.input_value() == "Zed"
     assert zh("field.train.epochs.label") in page.locator("#train-epochs").inner_text()
+    page.click("#train-data")                     # Gradio's own words in a file box follow too
+    wait_until(lambda: zh("gradio.drop_file") in page.locator("#train-upload").inner_text(), 10,
+               "the file box's words in Chinese")
 
     # An error in Chinese: a dataset record without its reply.
     (server.project / "data" / "broken.jsonl").write_text(
