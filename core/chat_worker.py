@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BadInput
-from .i18n import Msg, msg, text_of
+from .i18n import Msg, msg, recorded_msg, text_of
 
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding the core package
 
@@ -63,13 +63,7 @@ class WorkerError(Exception):
 def _message_of(event: dict, key: str = "message") -> "str | Msg":
     """An event's text as a Msg when the worker sent its record (`<key>_msg`), so that the
     page renders it in its visitor's language; else the text as it came."""
-    found = event.get(f"{key}_msg")
-    if found:
-        try:
-            return Msg.from_record(found)
-        except (KeyError, TypeError, AttributeError):
-            pass  # a record from another version: its text follows
-    return event.get(key, "")
+    return recorded_msg(event, key) or ""
 
 
 def _record(key: str, message) -> dict:
@@ -282,12 +276,7 @@ class ChatWorker:
 def _bad_input(event: dict) -> BadInput:
     """The worker's BadInput, rebuilt from its record so that it reads in the language of
     whoever sees it on the page; from its text when no record came."""
-    if event.get("record"):
-        try:
-            return BadInput.from_record(event["record"])
-        except (KeyError, TypeError, AttributeError):
-            pass  # a record from another version: its text follows
-    return BadInput(event["message"])
+    return BadInput.rebuilt(event.get("record"), event["message"])
 
 
 # --- worker side ----------------------------------------------------------------

@@ -65,6 +65,17 @@ class BadInput(Exception):
         return cls(Msg.from_record(found), file=found.get("file"), record=found.get("record"),
                    field=found.get("field"))
 
+    @classmethod
+    def rebuilt(cls, record: dict | None, text: str | None) -> "BadInput":
+        """An error that crossed a process or a file: from its language-neutral record when
+        there is a readable one, else from its text as written."""
+        if record:
+            try:
+                return cls.from_record(record)
+            except (KeyError, TypeError, AttributeError):
+                pass  # a record from another version: its text follows
+        return cls(text or "")
+
 
 class Problems(BadInput):
     """Several config problems found at once, so the user can fix them in one go."""

@@ -46,6 +46,7 @@ def _file(lang: str) -> dict[str, Any]:
     return found or {}
 
 
+@functools.cache  # asked by every t() that resolves a language: read the folder once
 def languages() -> dict[str, str]:
     """{code: its own name} for each catalogue present, English first."""
     codes = sorted(p.stem for p in LOCALES.glob("*.yaml"))
@@ -223,15 +224,19 @@ def text_of(value: Any, lang: str | None = None) -> str:
     return str(value)
 
 
-def recorded(found: dict | None, key: str, lang: str | None = None) -> str | None:
-    """A text a job wrote for people into one of its files (`key`, English) as its reader
-    reads it: from the record written beside it (`<key>_msg`) when there is one."""
-    if not found:
-        return None
-    record = found.get(f"{key}_msg")
+def recorded_msg(found: dict | None, key: str) -> "str | Msg | None":
+    """A text a job or worker wrote for people (`key`, English), as the Msg of the record
+    written beside it (`<key>_msg`) when there is a readable one, else as written."""
+    record = (found or {}).get(f"{key}_msg")
     if record:
         try:
-            return Msg.from_record(record).text(lang)
+            return Msg.from_record(record)
         except (KeyError, TypeError, AttributeError):
             pass  # a record from another version: its English text follows
-    return found.get(key)
+    return (found or {}).get(key)
+
+
+def recorded(found: dict | None, key: str, lang: str | None = None) -> str | None:
+    """That text as its reader reads it (in `lang`, default the current language)."""
+    value = recorded_msg(found, key)
+    return value.text(lang) if isinstance(value, Msg) else value

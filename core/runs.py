@@ -155,14 +155,9 @@ def error_record(err: BaseException | str | None) -> dict | None:
 def error_text(status: dict | None, lang: str | None = None) -> str | None:
     """A job's error as its reader reads it: from `error_msg` when the job wrote one (in
     `lang`, default the current language), else the English `error`."""
-    if not status:
-        return None
-    if status.get("error_msg"):
-        try:
-            return BadInput.from_record(status["error_msg"]).text(lang)
-        except (KeyError, TypeError, AttributeError):
-            pass  # a record from another version: its English text follows
-    return status.get("error")
+    if not status or not status.get("error_msg"):
+        return (status or {}).get("error")
+    return BadInput.rebuilt(status["error_msg"], status.get("error")).text(lang)
 
 
 def error_fields(err: "BaseException | Msg | str | None") -> dict:

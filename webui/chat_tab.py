@@ -30,7 +30,7 @@ from core.errors import BadInput
 from core.i18n import Msg, msg, t, text_of
 
 from . import form
-from .i18n import redraw, tr
+from .i18n import redraw, tr, widget
 
 NO_CHECKPOINT = t("ui.chat.no_checkpoint", "en")  # the checkpoint picker's empty choice
 PROBE_HEADERS = ["ui.chat.probe.col_prompt", "ui.chat.probe.col_after", "ui.chat.probe.col_before"]
@@ -45,6 +45,20 @@ def checkpoint_choices(saves: Path) -> list[tuple[str, str]]:
     for path in runs.loadable_checkpoints(saves):
         out.append((f"{path.parent.name}/{path.name}", str(path)))
     return out
+
+
+def model_pickers(saves: Path, tab: str) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """The base model and checkpoint pickers of the Chat and Export tabs (`tab`: their
+    elem_id prefix and catalogue section, ui.<tab>.model, ui.<tab>.checkpoint)."""
+    model = widget(gr.Dropdown, {"label": f"ui.{tab}.model", "info": f"ui.{tab}.model_info"},
+                   choices=model_choices(saves), value="demo", allow_custom_value=True,
+                   elem_id=f"{tab}-model", scale=3)
+    checkpoint = widget(gr.Dropdown, {"label": f"ui.{tab}.checkpoint",
+                                      "info": f"ui.{tab}.checkpoint_info",
+                                      "choices": lambda: checkpoint_choices(saves)},
+                        value="", allow_custom_value=True, elem_id=f"{tab}-checkpoint",
+                        scale=3)
+    return model, checkpoint
 
 
 def model_choices(saves: Path) -> list[str]:
@@ -242,18 +256,7 @@ class ChatTab:
 
     def _loader(self):
         with gr.Row():
-            self.model = tr(gr.Dropdown(model_choices(self.saves), value="demo",
-                                        label=t("ui.chat.model"), allow_custom_value=True,
-                                        elem_id="chat-model", scale=3,
-                                        info=t("ui.chat.model_info")),
-                            label="ui.chat.model", info="ui.chat.model_info")
-            self.checkpoint = tr(gr.Dropdown(checkpoint_choices(self.saves), value="",
-                                             label=t("ui.chat.checkpoint"),
-                                             elem_id="chat-checkpoint", scale=3,
-                                             allow_custom_value=True,
-                                             info=t("ui.chat.checkpoint_info")),
-                                 label="ui.chat.checkpoint", info="ui.chat.checkpoint_info",
-                                 choices=lambda: checkpoint_choices(self.saves))
+            self.model, self.checkpoint = model_pickers(self.saves, "chat")
             with gr.Column(scale=1, min_width=150):
                 self.load = tr(gr.Button(t("ui.chat.load"), variant="primary",
                                          elem_id="chat-load"), value="ui.chat.load")

@@ -49,17 +49,8 @@ def ask(action: str, request: dict, timeout: float = TIMEOUT_S) -> dict:
     except fork_server.WorkerFailed as err:
         raise BadInput(msg("ui.train.err.data_failed", error=str(err))) from None
     if "error" in answer:
-        raise _error_of(answer)
+        raise BadInput.rebuilt(answer.get("error_msg"), answer["error"])
     return answer
-
-
-def _error_of(answer: dict) -> BadInput:
-    if answer.get("error_msg"):
-        try:
-            return BadInput.from_record(answer["error_msg"])
-        except (KeyError, TypeError, AttributeError):
-            pass  # an odd record: the child's text follows
-    return BadInput(answer["error"])
 
 
 def _ask_new_process(request: dict, timeout: float) -> dict:

@@ -25,8 +25,8 @@ from core.i18n import msg, recorded, t
 
 from . import form
 from .i18n import redraw, tr
-from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, progress_html,
-                       reward_picked)
+from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, model_pickers,
+                       progress_html, reward_picked)
 from .runs_view import fmt_duration
 
 TICK_S = 2.0  # an export is minutes long; every open tab ticks, so tick half as often as Train
@@ -156,18 +156,7 @@ class ExportTab:
         self.saves = Path(saves)
         self.session = gr.State(_new_session)  # a fresh Session per browser tab
         with gr.Row():
-            self.model = tr(gr.Dropdown(model_choices(self.saves), value="demo",
-                                        label=t("ui.export.model"), allow_custom_value=True,
-                                        elem_id="export-model", scale=3,
-                                        info=t("ui.export.model_info")),
-                            label="ui.export.model", info="ui.export.model_info")
-            self.checkpoint = tr(gr.Dropdown(checkpoint_choices(self.saves), value="",
-                                             label=t("ui.export.checkpoint"),
-                                             elem_id="export-checkpoint",
-                                             allow_custom_value=True, scale=3,
-                                             info=t("ui.export.checkpoint_info")),
-                                 label="ui.export.checkpoint", info="ui.export.checkpoint_info",
-                                 choices=lambda: checkpoint_choices(self.saves))
+            self.model, self.checkpoint = model_pickers(self.saves, "export")
             self.refresh = gr.Button("↻", scale=0, min_width=40, size="sm",
                                      elem_id="export-refresh")
         self.hint = gr.Markdown("", elem_id="export-hint")

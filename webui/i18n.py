@@ -104,6 +104,12 @@ def tr(component, **props: Any):
     return component
 
 
+def widget(cls, texts: dict[str, Any], **kwargs):
+    """Build `cls` with its text properties (`texts`: property -> spec, as `tr` takes them)
+    rendered in the page's language, and record them for a switch: each id written once."""
+    return tr(cls(**{prop: _text(spec) for prop, spec in texts.items()}, **kwargs), **texts)
+
+
 def redraw(fn: Callable, inputs: list, outputs: list) -> None:
     """Record a handler that re-renders server-made text into `outputs` in the current
     language (called on a switch, and on load for a visitor who does not read English)."""

@@ -21,7 +21,7 @@ from core.errors import BadInput
 from core.i18n import msg, t, text_of
 
 from . import compare_view, configs, data_worker, eval_tab, form as form_mod
-from .i18n import redraw, tr, transient
+from .i18n import redraw, tr, transient, widget
 from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, legend_html, log_html,
                         loss_frame, message_html, newest_running, progress_html, run_names,
                         runs_table, series_to_show, signal_frame, status_html)
@@ -777,7 +777,7 @@ def preview_colors() -> dict[str, str]:
 
 def _button(key: str, **kwargs) -> gr.Button:
     """A button whose text is the catalogue's `key`, relabelled on a language switch."""
-    return tr(gr.Button(t(key), **kwargs), value=key)
+    return widget(gr.Button, {"value": key}, **kwargs)
 
 
 def check_inputs(config: cfg.TrainConfig, saves_dir: Path | None = None) -> None:
