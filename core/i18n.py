@@ -21,6 +21,8 @@ an ended run's error in whichever language its visitor reads.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -35,6 +37,9 @@ ENV = "TUNEBENCH_LANG"
 META = ("_name", "_scope")   # per-file settings, not messages
 
 _resolver: Callable[[], str | None] | None = None
+# A language fixed for one block of code (`speaking`), before the resolver: a context
+# variable, so each thread and each page event keeps its own.
+_speaking: contextvars.ContextVar[str | None] = contextvars.ContextVar("speaking", default=None)
 
 
 # --- the catalogues -------------------------------------------------------------------
@@ -117,7 +122,19 @@ def environment_lang() -> str:
     return ENGLISH
 
 
+@contextlib.contextmanager
+def speaking(lang: str):
+    """Render every text inside the block in `lang`, whoever the resolver says reads it."""
+    token = _speaking.set(lang)
+    try:
+        yield
+    finally:
+        _speaking.reset(token)
+
+
 def current() -> str:
+    if _speaking.get():
+        return _speaking.get()
     if _resolver is not None:
         found = _resolver()
         if found:

@@ -1,6 +1,7 @@
 """The catalogues (core/locales): complete in each language, parameters that match, and
 messages that survive status.json in a language-neutral form."""
 
+import json
 import string
 
 import pytest
@@ -119,3 +120,26 @@ def test_the_bundled_font_holds_every_character_of_the_catalogues():
     for lang in LANGS:
         shown = {c for text in i18n.catalogue(lang).values() for c in text if ord(c) > 0x2E7F}
         assert not shown - held, f"{lang}: the font lacks {''.join(sorted(shown - held))}"
+
+
+def test_a_switch_relabels_the_page_in_the_browser():
+    """The switch's relabelling runs in the browser, from texts rendered once per language,
+    not as a server event: Gradio's frontend then tracks a loading status for each output
+    of an event and walks them all on every later event, and ~200 labelled components made
+    every open tab's timer ticks cost several times more (a form edit, with five tabs
+    watching a run, took 7-8 s to show instead of 2.5-3 s)."""
+    from webui import app
+    config = app.build_app().get_config_file()
+    ids = {c["props"].get("elem_id"): c["id"] for c in config["components"]}
+    tabs = {c["id"] for c in config["components"] if c["type"] == "tabitem"}
+    on_switch = [d for d in config["dependencies"] if [ids["lang"], "change"] in
+                 [list(t) for t in d["targets"]]]
+    relabel = [d for d in on_switch if tabs <= set(d["outputs"])]
+    assert len(relabel) == 1 and not relabel[0]["backend_fn"]
+    for lang in i18n.languages():
+        assert json.dumps(i18n.t("app.tab.train", lang), ensure_ascii=False) in relabel[0]["js"]
+    assert not [d for d in config["dependencies"] if d["backend_fn"] and tabs & set(d["outputs"])]
+    # The server's redraws (status, progress, tables) follow it, told the language.
+    redraws = [d for d in config["dependencies"]
+               if d["backend_fn"] and d.get("trigger_after") == relabel[0]["id"]]
+    assert len(on_switch) == 1 and len(redraws) >= 5

@@ -23,6 +23,7 @@ import json
 from typing import Any, Callable
 
 import gradio as gr
+from gradio.blocks import postprocess_update_dict
 from gradio.context import LocalContext
 
 from core import i18n
@@ -80,9 +81,29 @@ class Texts:
     dynamic: list[tuple[Callable, list, list]] = dataclasses.field(default_factory=list)
     transient: list = dataclasses.field(default_factory=list)
 
-    def updates(self) -> list:
-        return [gr.update(**{prop: _text(spec) for prop, spec in props.items()})
-                for _, props in self.static]
+    def relabel_js(self) -> str:
+        """The browser's relabelling: each static component's update, in every language."""
+        by_lang = {lang: self._updates_in(lang) for lang in i18n.languages()}
+        return ("(lang) => { const byLang = %s; document.documentElement.lang = lang; "
+                "return byLang[lang] || byLang['%s']; }"
+                % (json.dumps(by_lang, ensure_ascii=False), BUILT_IN))
+
+    def _updates_in(self, lang: str) -> list[dict]:
+        with i18n.speaking(lang):
+            return [_update(block, {prop: _text(spec) for prop, spec in props.items()})
+                    for block, props in self.static]
+
+    def cleared_js(self) -> str:
+        """The JavaScript value that clears each transient output."""
+        return json.dumps([{"__type__": "update", "value": None} for _ in self.transient])
+
+
+def _update(block, props: dict) -> dict:
+    """`gr.update(**props)` for `block` as Gradio's server sends it: the new properties
+    passed through the component's constructor (choices with labels, say, become pairs)."""
+    kwargs = {**block.constructor_args, **props, "render": False}
+    kwargs.pop("value", None)
+    return postprocess_update_dict(block.__class__(**kwargs), dict(props))
 
 
 _building: Texts | None = None
@@ -133,11 +154,10 @@ def _text(spec: Any) -> Any:
     return i18n.t(spec)
 
 
-# The cookie is set in the browser before the event leaves it, so the handlers that
-# follow (and every later tick and reload) read the new choice.
-SET_COOKIE_JS = ("(lang) => { document.cookie = '%s=' + lang + "
-                 "'; path=/; max-age=31536000; SameSite=Lax'; "
-                 "document.documentElement.lang = lang; return lang; }" % COOKIE)
+# A visitor's choice, kept in a cookie for every later tick and reload; the answers to
+# one click, cleared (%s: their cleared values).
+SET_COOKIE_JS = ("(lang) => { document.cookie = '" + COOKIE + "=' + lang + "
+                 "'; path=/; max-age=31536000; SameSite=Lax'; return %s; }")
 
 
 # Gradio draws a file box's own words ("Drop File Here - or - Click to Upload") in its
@@ -185,39 +205,34 @@ def picker() -> gr.Radio:
 
 
 def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
-    """A switch relabels everything; a page load does when its visitor reads another
-    language than the one the page was built in."""
-    statics = [c for c, _ in texts.static]
+    """A switch relabels everything; so does a page load for a visitor who reads another
+    language than the one the page was built in (the load sets the switch, which changes).
 
-    def relabel(lang: str) -> list:
-        return texts.updates()
-
-    def on_load() -> list:
-        lang = i18n.current()
-        if lang == BUILT_IN:
-            return [gr.update(value=lang)] + [gr.skip() for _ in statics]
-        return [gr.update(value=lang)] + texts.updates()
-
-    hidden = dict(queue=False, show_progress="hidden", api_visibility="private")
-    switched = switch.input(relabel, [switch], statics, js=SET_COOKIE_JS, **hidden)
-    loaded = demo.load(on_load, None, [switch] + statics, **hidden)
-    loaded.then(None, [switch], None, js=LANG_JS, **hidden)   # <html lang>, for UPLOAD_JS
-    # Each redraw follows the relabelling on its own, not in a chain: one tab's slow redraw
-    # (a memory estimate, a run's files) must not hold back the others'.
-    if texts.transient:
-        cleared = [gr.update(value=None) for _ in texts.transient]
-        switched.then(lambda: cleared, None, texts.transient, **hidden)
+    The labels change in the browser, from texts rendered here once per language: no
+    request, and, unlike a server event, no Gradio loading status for each labelled
+    component. The page's frontend walks every component that was ever an event's output on
+    every status message of every later event (each tick's), so relabelling ~200 components
+    through the server made every open tab slower for as long as it stayed open."""
+    hidden = dict(show_progress="hidden", api_visibility="private")
+    demo.load(visitor_language, None, [switch], queue=False, **hidden).then(
+        None, [switch], None, js=LANG_JS, **hidden)   # <html lang>, for UPLOAD_JS
+    switched = switch.change(None, [switch], [c for c, _ in texts.static],
+                             js=texts.relabel_js(), **hidden)
+    switch.input(None, [switch], texts.transient, js=SET_COOKIE_JS % texts.cleared_js(),
+                 **hidden)
+    # Each redraw follows on its own, not in a chain: one tab's slow redraw (a memory
+    # estimate, a run's files) must not hold back the others'. Each is told the language:
+    # the cookie the switch sets may not have reached the server before the change does.
     for fn, inputs, outputs in texts.dynamic:
-        switched.then(fn, inputs, outputs, **hidden)
-        loaded.then(_unless_built_in(fn, outputs), inputs, outputs, **hidden)
+        switched.then(_in_language(fn), [switch] + inputs, outputs, **hidden)
 
 
-def _unless_built_in(fn: Callable, outputs: list) -> Callable:
-    """`fn` for a visitor who reads another language; for one who reads the page's own,
-    no change (its handlers already drew it)."""
-    def on_load(*args):
-        if i18n.current() == BUILT_IN:
-            skipped = [gr.skip() for _ in outputs]
-            return skipped[0] if len(outputs) == 1 else skipped
-        return fn(*args)
-    return on_load
+def visitor_language() -> str:
+    return i18n.current()
+
+
+def _in_language(fn: Callable) -> Callable:
+    def redraw_in(lang: str, *args):
+        with i18n.speaking(i18n.supported(lang) or BUILT_IN):
+            return fn(*args)
+    return redraw_in
