@@ -16,10 +16,9 @@ import gradio as gr
 
 from core import data, paths
 from core.errors import BadInput
-from core.i18n import t
 
 from . import chat_tab, eval_tab, export_tab, i18n, login, train_tab
-from .i18n import tr
+from .i18n import widget
 
 TITLE = "tunebench"
 ASSETS = Path(__file__).parent / "assets"
@@ -100,20 +99,20 @@ def build_app(saves: Path | None = None) -> gr.Blocks:
     texts = i18n.collecting()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         with gr.Row(elem_classes="tb-header"):
-            tr(gr.Markdown(t("app.heading")), value="app.heading")
+            widget(gr.Markdown, {"value": "app.heading"})
             switch = i18n.picker()
         with gr.Tabs() as tabs:
-            with tr(gr.Tab(t("app.tab.train"), id="train", elem_id="tab-train"),
-                    label="app.tab.train") as train_page:
+            with widget(gr.Tab, {"label": "app.tab.train"}, id="train",
+                        elem_id="tab-train") as train_page:
                 train = train_tab.TrainTab(saves)
-            with tr(gr.Tab(t("app.tab.chat"), id="chat", elem_id="tab-chat"),
-                    label="app.tab.chat") as chat_page:
+            with widget(gr.Tab, {"label": "app.tab.chat"}, id="chat",
+                        elem_id="tab-chat") as chat_page:
                 chat = chat_tab.build(saves)
-            with tr(gr.Tab(t("app.tab.eval"), id="eval", elem_id="tab-eval"),
-                    label="app.tab.eval") as eval_page:
+            with widget(gr.Tab, {"label": "app.tab.eval"}, id="eval",
+                        elem_id="tab-eval") as eval_page:
                 evaluate = eval_tab.EvalTab(saves)
-            with tr(gr.Tab(t("app.tab.export"), id="export", elem_id="tab-export"),
-                    label="app.tab.export") as export_page:
+            with widget(gr.Tab, {"label": "app.tab.export"}, id="export",
+                        elem_id="tab-export") as export_page:
                 export = export_tab.build(saves)
         train.wire_page_load(demo)
         evaluate.wire_page_load(demo)

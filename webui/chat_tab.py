@@ -258,45 +258,43 @@ class ChatTab:
         with gr.Row():
             self.model, self.checkpoint = model_pickers(self.saves, "chat")
             with gr.Column(scale=1, min_width=150):
-                self.load = tr(gr.Button(t("ui.chat.load"), variant="primary",
-                                         elem_id="chat-load"), value="ui.chat.load")
+                self.load = widget(gr.Button, {"value": "ui.chat.load"}, variant="primary",
+                                   elem_id="chat-load")
                 with gr.Row():
-                    self.unload = tr(gr.Button(t("ui.chat.unload"), size="sm",
-                                               elem_id="chat-unload"), value="ui.chat.unload")
-                    self.refresh = tr(gr.Button(t("ui.chat.refresh"), size="sm", min_width=40,
-                                                elem_id="chat-refresh"), value="ui.chat.refresh")
+                    self.unload = widget(gr.Button, {"value": "ui.chat.unload"}, size="sm",
+                                         elem_id="chat-unload")
+                    self.refresh = widget(gr.Button, {"value": "ui.chat.refresh"}, size="sm",
+                                          min_width=40, elem_id="chat-refresh")
         self.status = gr.HTML(loaded_html(), elem_id="chat-status")
         redraw(loaded_html, [], [self.status])
 
     def _settings(self):
         # Generated from core.config.GenConfig, as `tunebench chat`'s flags are.
-        with tr(gr.Accordion(t("ui.chat.settings"), open=False, elem_id="chat-settings"),
-                label="ui.chat.settings"):
+        with widget(gr.Accordion, {"label": "ui.chat.settings"}, open=False,
+                    elem_id="chat-settings"):
             self.gen = form.build_settings(cfg.GenConfig, cfg.GenConfig(), "chat")
-            self.trust = tr(gr.Checkbox(False, label=t("ui.chat.trust"),
-                                        elem_id="chat-trust-remote-code"), label="ui.chat.trust")
+            self.trust = widget(gr.Checkbox, {"label": "ui.chat.trust"}, False,
+                                elem_id="chat-trust-remote-code")
 
     def _conversation(self):
-        self.compare = tr(gr.Checkbox(False, label=t("ui.chat.compare"), elem_id="chat-compare"),
-                          label="ui.chat.compare")
+        self.compare = widget(gr.Checkbox, {"label": "ui.chat.compare"}, False,
+                              elem_id="chat-compare")
         self.hist_after = gr.State([])
         self.hist_before = gr.State([])
         with gr.Row():
             self.output = tr(gr.Chatbot(label=t("ui.chat.pane_after"), elem_id="chat-output",
                                         height=380, buttons=["copy"]), label=_after_label)
-            self.before = tr(gr.Chatbot(label=t("ui.chat.pane_before"), elem_id="chat-before",
-                                        height=380, visible=False, buttons=["copy"]),
-                             label="ui.chat.pane_before")
+            self.before = widget(gr.Chatbot, {"label": "ui.chat.pane_before"},
+                                 elem_id="chat-before", height=380, visible=False,
+                                 buttons=["copy"])
         with gr.Row(equal_height=True):
-            self.input = tr(gr.Textbox(placeholder=t("ui.chat.input"), lines=1,
-                                       show_label=False, elem_id="chat-input", scale=6),
-                            placeholder="ui.chat.input")
-            self.send = tr(gr.Button(t("ui.chat.send"), variant="primary", elem_id="chat-send",
-                                     scale=1), value="ui.chat.send")
-            self.stop = tr(gr.Button(t("ui.chat.stop"), elem_id="chat-stop", scale=1),
-                           value="ui.chat.stop")
-            self.clear = tr(gr.Button(t("ui.chat.clear"), elem_id="chat-clear", scale=1),
-                            value="ui.chat.clear")
+            self.input = widget(gr.Textbox, {"placeholder": "ui.chat.input"}, lines=1,
+                                show_label=False, elem_id="chat-input", scale=6)
+            self.send = widget(gr.Button, {"value": "ui.chat.send"}, variant="primary",
+                               elem_id="chat-send", scale=1)
+            self.stop = widget(gr.Button, {"value": "ui.chat.stop"}, elem_id="chat-stop", scale=1)
+            self.clear = widget(gr.Button, {"value": "ui.chat.clear"}, elem_id="chat-clear",
+                                scale=1)
         self.stats = gr.Markdown("", elem_id="chat-stats")
         self.stats_note = gr.State(None)  # what stats shows, kept to redraw it on a switch
         redraw(_redrawn, [self.stats_note], [self.stats])
@@ -304,33 +302,28 @@ class ChatTab:
     def _scoring(self):
         # Shown when the picked checkpoint (or model) is a reward model.
         with gr.Group(visible=False, elem_id="chat-score") as self.score_panel:
-            tr(gr.Markdown(t("ui.chat.score.intro")), value="ui.chat.score.intro")
-            self.score_prompt = tr(gr.Textbox(label=t("ui.chat.score.prompt"), lines=2,
-                                              elem_id="chat-score-prompt"),
-                                   label="ui.chat.score.prompt")
+            widget(gr.Markdown, {"value": "ui.chat.score.intro"})
+            self.score_prompt = widget(gr.Textbox, {"label": "ui.chat.score.prompt"}, lines=2,
+                                       elem_id="chat-score-prompt")
             with gr.Row():
-                self.score_reply = tr(gr.Textbox(label=t("ui.chat.score.reply_a"), lines=3,
-                                                 elem_id="chat-score-reply"),
-                                      label="ui.chat.score.reply_a")
-                self.score_reply_b = tr(gr.Textbox(label=t("ui.chat.score.reply_b"), lines=3,
-                                                   elem_id="chat-score-reply-b"),
-                                        label="ui.chat.score.reply_b")
-            self.score_start = tr(gr.Button(t("ui.chat.score.start"), variant="primary",
-                                            elem_id="chat-score-start"),
-                                  value="ui.chat.score.start")
+                self.score_reply = widget(gr.Textbox, {"label": "ui.chat.score.reply_a"}, lines=3,
+                                          elem_id="chat-score-reply")
+                self.score_reply_b = widget(gr.Textbox, {"label": "ui.chat.score.reply_b"},
+                                            lines=3, elem_id="chat-score-reply-b")
+            self.score_start = widget(gr.Button, {"value": "ui.chat.score.start"},
+                                      variant="primary", elem_id="chat-score-start")
             self.score_result = gr.Markdown("", elem_id="chat-score-result")
             self.score_note = gr.State(None)
             redraw(_redrawn, [self.score_note], [self.score_result])
 
     def _probes(self):
-        with tr(gr.Accordion(t("ui.chat.probe.title"), open=False), label="ui.chat.probe.title"):
+        with widget(gr.Accordion, {"label": "ui.chat.probe.title"}, open=False):
             # The probe prompts are data sent to the model: they stay as written.
-            self.probe_text = tr(gr.Textbox("\n".join(DEFAULT_PROBES), lines=5,
-                                            label=t("ui.chat.probe.prompts"),
-                                            elem_id="chat-probe-prompts"),
-                                 label="ui.chat.probe.prompts")
-            self.probe_run = tr(gr.Button(t("ui.chat.probe.run"), elem_id="chat-probe-run"),
-                                value="ui.chat.probe.run")
+            self.probe_text = widget(gr.Textbox, {"label": "ui.chat.probe.prompts"},
+                                     "\n".join(DEFAULT_PROBES), lines=5,
+                                     elem_id="chat-probe-prompts")
+            self.probe_run = widget(gr.Button, {"value": "ui.chat.probe.run"},
+                                    elem_id="chat-probe-run")
             self.probe_table = tr(gr.Dataframe(headers=[t(h) for h in PROBE_HEADERS], value=[],
                                                wrap=True, interactive=False,
                                                elem_id="chat-probes",
@@ -341,22 +334,19 @@ class ChatTab:
             redraw(_redrawn, [self.probe_note], [self.probe_status])
 
     def _serving(self):
-        with tr(gr.Accordion(t("ui.chat.serve.title"), open=False, elem_id="serve-panel"),
-                label="ui.chat.serve.title"):
-            tr(gr.Markdown(t("ui.chat.serve.intro")), value="ui.chat.serve.intro")
-            self.serve_adapters = tr(gr.Dropdown(adapter_choices(self.saves), value=[],
-                                                 multiselect=True,
-                                                 label=t("ui.chat.serve.adapters"),
-                                                 elem_id="serve-adapters",
-                                                 info=t("ui.chat.serve.adapters_info")),
-                                     label="ui.chat.serve.adapters",
-                                     info="ui.chat.serve.adapters_info")
+        with widget(gr.Accordion, {"label": "ui.chat.serve.title"}, open=False,
+                    elem_id="serve-panel"):
+            widget(gr.Markdown, {"value": "ui.chat.serve.intro"})
+            self.serve_adapters = widget(gr.Dropdown,
+                                         {"label": "ui.chat.serve.adapters",
+                                          "info": "ui.chat.serve.adapters_info"},
+                                         adapter_choices(self.saves), value=[], multiselect=True,
+                                         elem_id="serve-adapters")
             with gr.Row():
-                self.serve_start = tr(gr.Button(t("ui.chat.serve.start"), variant="primary",
-                                                elem_id="serve-start"),
-                                      value="ui.chat.serve.start")
-                self.serve_stop = tr(gr.Button(t("ui.chat.serve.stop"), elem_id="serve-stop"),
-                                     value="ui.chat.serve.stop")
+                self.serve_start = widget(gr.Button, {"value": "ui.chat.serve.start"},
+                                          variant="primary", elem_id="serve-start")
+                self.serve_stop = widget(gr.Button, {"value": "ui.chat.serve.stop"},
+                                         elem_id="serve-stop")
             # A callable value is read on every page load: a reloaded page finds the server.
             self.serve_status = gr.Markdown(lambda: serve_markdown(self.saves),
                                             elem_id="serve-status")

@@ -19,7 +19,7 @@ from core import compare, i18n, plot
 from core.errors import BadInput
 from core.i18n import t, text_of
 
-from .i18n import redraw, tr, transient
+from .i18n import redraw, tr, transient, widget
 from .runs_view import _thin, find_listed_run, listed_runs
 
 # One colour per run, in the order picked (set explicitly: Gradio keeps the colours of the
@@ -62,12 +62,12 @@ class ComparePanel:
     def __init__(self, saves_dir: Path):
         self.saves_dir = Path(saves_dir)
         self.state = gr.State(Panel)  # a fresh Panel per browser tab
-        with tr(gr.Accordion(t("ui.compare.title"), open=True, elem_id="train-compare"),
-                label="ui.compare.title"):
-            self.runs = tr(gr.Dropdown(
-                choices=[], value=[], multiselect=True, label=t("ui.compare.runs"),
-                elem_id="train-compare-runs", info=t("ui.compare.runs.info")),
-                label="ui.compare.runs", info="ui.compare.runs.info")
+        with widget(gr.Accordion, {"label": "ui.compare.title"}, open=True,
+                    elem_id="train-compare"):
+            self.runs = widget(gr.Dropdown,
+                               {"label": "ui.compare.runs", "info": "ui.compare.runs.info"},
+                               choices=[], value=[], multiselect=True,
+                               elem_id="train-compare-runs")
             with gr.Row(equal_height=False):
                 self.metric = tr(gr.Radio(choices=only_loss(), value="loss",
                                           label=t("ui.compare.curve"), scale=3,
@@ -81,19 +81,18 @@ class ComparePanel:
                     # The axis titles stay put and the chart's label names the curve and
                     # the axis: Gradio draws a frame whose axis title changed from the
                     # previous frame's data.
-                    self.plot = tr(gr.LinePlot(
-                        value=_frame([]), x="x", y="value", color="run",
-                        color_title=t("ui.compare.legend"),
-                        label=t("plot.metric.loss"), x_title=t("ui.compare.x_title"),
-                        y_title=t("ui.compare.y_title"), elem_id="train-compare-plot"),
-                        x_title="ui.compare.x_title", y_title="ui.compare.y_title",
-                        label="plot.metric.loss", color_title="ui.compare.legend")
+                    self.plot = widget(gr.LinePlot,
+                                       {"x_title": "ui.compare.x_title",
+                                        "y_title": "ui.compare.y_title",
+                                        "label": "plot.metric.loss",
+                                        "color_title": "ui.compare.legend"},
+                                       value=_frame([]), x="x", y="value", color="run",
+                                       elem_id="train-compare-plot")
                     self.note = gr.Markdown(elem_id="train-compare-note")
                 with gr.Column(scale=2):
-                    self.table = tr(gr.Dataframe(
-                        value=[], interactive=False, wrap=True, max_height=420,
-                        label=t("ui.compare.table"), elem_id="train-compare-table"),
-                        label="ui.compare.table")
+                    self.table = widget(gr.Dataframe, {"label": "ui.compare.table"}, value=[],
+                                        interactive=False, wrap=True, max_height=420,
+                                        elem_id="train-compare-table")
         # A language switch draws the chart's label, the table and the note again.
         redraw(self.draw, [self.state], self.outputs)
 
@@ -213,15 +212,14 @@ class NotesPanel:
     def __init__(self, saves_dir: Path):
         self.saves_dir = Path(saves_dir)
         with gr.Row(equal_height=False):
-            self.note = tr(gr.Textbox(label=t("ui.compare.notes.note"), lines=1, max_lines=6,
-                                      scale=3, elem_id="train-run-note"),
-                           label="ui.compare.notes.note")
-            self.tags = tr(gr.Textbox(label=t("ui.compare.notes.tags"), max_lines=1, scale=2,
-                                      elem_id="train-run-tags",
-                                      info=t("ui.compare.notes.tags.info")),
-                           label="ui.compare.notes.tags", info="ui.compare.notes.tags.info")
-            self.save = tr(gr.Button(t("ui.compare.notes.save"), size="sm", scale=1,
-                                     elem_id="train-run-note-save"), value="ui.compare.notes.save")
+            self.note = widget(gr.Textbox, {"label": "ui.compare.notes.note"}, lines=1,
+                               max_lines=6, scale=3, elem_id="train-run-note")
+            self.tags = widget(gr.Textbox,
+                               {"label": "ui.compare.notes.tags",
+                                "info": "ui.compare.notes.tags.info"},
+                               max_lines=1, scale=2, elem_id="train-run-tags")
+            self.save = widget(gr.Button, {"value": "ui.compare.notes.save"}, size="sm", scale=1,
+                               elem_id="train-run-note-save")
         self.message = gr.Markdown(elem_id="train-run-note-msg")
         transient(self.message)
 

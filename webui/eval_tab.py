@@ -34,7 +34,7 @@ from core.i18n import msg, t, text_of
 
 from . import data_worker, form, runs_view
 from .chat_tab import model_choices
-from .i18n import redraw, tr
+from .i18n import redraw, tr, widget
 from .runs_view import Watch, _short_time, log_html, message_html, progress_html, status_html
 
 TICK_S = 1.0
@@ -571,12 +571,11 @@ def build_eval_form(config: cfg.EvalConfig, saves: Path, kinds: dict) -> form.Fo
     rest = [f for f in fields.values() if f.name not in placed]
     _rows([f for f in rest if not f.metadata["advanced"] and f.metadata["group"] != "generation"],
           values, datasets, config.eval_task, widgets)
-    with tr(gr.Accordion(t("ui.eval.generation"), open=False, elem_id="eval-generation"),
-            label="ui.eval.generation"):
+    with widget(gr.Accordion, {"label": "ui.eval.generation"}, open=False,
+                elem_id="eval-generation"):
         _rows([f for f in rest if f.metadata["group"] == "generation"], values, datasets,
               config.eval_task, widgets)
-    with tr(gr.Accordion(t("ui.eval.advanced"), open=False, elem_id="eval-advanced"),
-            label="ui.eval.advanced"):
+    with widget(gr.Accordion, {"label": "ui.eval.advanced"}, open=False, elem_id="eval-advanced"):
         _rows([f for f in rest if f.metadata["advanced"] and f.metadata["group"] != "generation"],
               values, datasets, config.eval_task, widgets)
     return form.Form({n: widgets[n] for n in fields if n in widgets})
@@ -602,27 +601,25 @@ class EvalTab:
         self.form = build_eval_form(defaults, self.saves, dataset_kinds(dataset_dir))
         self._upload_panel()
         with gr.Row():
-            self.start = tr(gr.Button(t("ui.eval.start"), variant="primary",
-                                      elem_id="eval-start"), value="ui.eval.start")
-            self.abort = tr(gr.Button(t("ui.eval.stop"), variant="stop", elem_id="eval-abort"),
-                            value="ui.eval.stop")
+            self.start = widget(gr.Button, {"value": "ui.eval.start"}, variant="primary",
+                                elem_id="eval-start")
+            self.abort = widget(gr.Button, {"value": "ui.eval.stop"}, variant="stop",
+                                elem_id="eval-abort")
         self._monitor()
         self._jobs_panel()
         self.timer = gr.Timer(TICK_S)
         self._wire()
 
     def _upload_panel(self):
-        with tr(gr.Accordion(t("ui.eval.upload"), open=False, elem_id="eval-data"),
-                label="ui.eval.upload"):
+        with widget(gr.Accordion, {"label": "ui.eval.upload"}, open=False, elem_id="eval-data"):
             with gr.Row():
-                self.upload_name = tr(
-                    gr.Textbox(label=t("ui.eval.upload.name"), max_lines=1,
-                               elem_id="eval-upload-name", info=t("ui.eval.upload.name.info")),
-                    label="ui.eval.upload.name", info="ui.eval.upload.name.info")
-                self.upload = tr(gr.File(label=t("ui.eval.upload.file"),
-                                         file_types=[".csv", ".json", ".jsonl"],
-                                         elem_id="eval-upload", scale=2, height=150),
-                                 label="ui.eval.upload.file")
+                self.upload_name = widget(gr.Textbox,
+                                          {"label": "ui.eval.upload.name",
+                                           "info": "ui.eval.upload.name.info"},
+                                          max_lines=1, elem_id="eval-upload-name")
+                self.upload = widget(gr.File, {"label": "ui.eval.upload.file"},
+                                     file_types=[".csv", ".json", ".jsonl"], elem_id="eval-upload",
+                                     scale=2, height=150)
             self.upload_status = gr.Markdown(elem_id="eval-upload-status")
 
     def _monitor(self):
@@ -635,32 +632,29 @@ class EvalTab:
                 self.results = gr.HTML(results_html(None), elem_id="eval-results", **bare)
             with gr.Column(scale=2):
                 self.log = gr.HTML(log_html("", evaluate.LOG), elem_id="eval-log", **bare)
-        with tr(gr.Accordion(t("ui.eval.preds"), open=True, visible=False,
-                             elem_id="eval-predictions-box"),
-                label="ui.eval.preds") as self.preds_box:
+        with widget(gr.Accordion, {"label": "ui.eval.preds"}, open=True, visible=False,
+                    elem_id="eval-predictions-box") as self.preds_box:
             with gr.Row(equal_height=True):
-                self.prev = tr(gr.Button(t("ui.eval.prev"), size="sm", elem_id="eval-prev",
-                                         scale=0, min_width=110), value="ui.eval.prev")
-                self.page = tr(gr.Number(1, precision=0, minimum=1, label=t("ui.eval.page"),
-                                         scale=0, min_width=90, elem_id="eval-page",
-                                         show_label=False), label="ui.eval.page")
+                self.prev = widget(gr.Button, {"value": "ui.eval.prev"}, size="sm",
+                                   elem_id="eval-prev", scale=0, min_width=110)
+                self.page = widget(gr.Number, {"label": "ui.eval.page"}, 1, precision=0, minimum=1,
+                                   scale=0, min_width=90, elem_id="eval-page", show_label=False)
                 self.page_info = gr.Markdown("", elem_id="eval-page-info")
-                self.next = tr(gr.Button(t("ui.eval.next"), size="sm", elem_id="eval-next",
-                                         scale=0, min_width=110), value="ui.eval.next")
+                self.next = widget(gr.Button, {"value": "ui.eval.next"}, size="sm",
+                                   elem_id="eval-next", scale=0, min_width=110)
             self.predictions = gr.HTML("", elem_id="eval-predictions", **bare)
 
     def _jobs_panel(self):
         with gr.Row(equal_height=False):
-            self.job_pick = tr(gr.Dropdown(label=t("ui.eval.job"), choices=[], value=None,
-                                           elem_id="eval-job", scale=3), label="ui.eval.job")
-            self.compare_pick = tr(
-                gr.Dropdown(label=t("ui.eval.compare_with"), choices=[], value=None,
-                            elem_id="eval-compare-with", scale=3,
-                            info=t("ui.eval.compare_with.info")),
-                label="ui.eval.compare_with", info="ui.eval.compare_with.info")
-            self.refresh = tr(gr.Button(t("ui.eval.refresh"), size="sm",
-                                        elem_id="eval-refresh", scale=0, min_width=90),
-                              value="ui.eval.refresh")
+            self.job_pick = widget(gr.Dropdown, {"label": "ui.eval.job"}, choices=[], value=None,
+                                   elem_id="eval-job", scale=3)
+            self.compare_pick = widget(gr.Dropdown,
+                                       {"label": "ui.eval.compare_with",
+                                        "info": "ui.eval.compare_with.info"},
+                                       choices=[], value=None, elem_id="eval-compare-with",
+                                       scale=3)
+            self.refresh = widget(gr.Button, {"value": "ui.eval.refresh"}, size="sm",
+                                  elem_id="eval-refresh", scale=0, min_width=90)
         self.compare = gr.HTML(compare_html(None, None), elem_id="eval-compare",
                                apply_default_css=False, js_on_load=None)
         self.jobs = tr(gr.Dataframe(headers=job_headers(), value=[], interactive=False,

@@ -24,7 +24,7 @@ from core.errors import BadInput
 from core.i18n import msg, recorded, t
 
 from . import form
-from .i18n import redraw, tr
+from .i18n import redraw, widget
 from .chat_tab import (base_of_picked, checkpoint_choices, model_choices, model_pickers,
                        progress_html, reward_picked)
 from .runs_view import fmt_duration
@@ -166,23 +166,21 @@ class ExportTab:
         self.widgets["gguf_type"].visible = False  # shown for format gguf only
         self.estimate = gr.Markdown(estimate_text(export_job.ExportJob()),
                                     elem_id="export-estimate")
-        self.out = tr(gr.Textbox(default_export_dir(self.saves, ""), label=t("ui.export.out"),
-                                 elem_id="export-dir"), label="ui.export.out")
+        self.out = widget(gr.Textbox, {"label": "ui.export.out"},
+                          default_export_dir(self.saves, ""), elem_id="export-dir")
         with gr.Row():
-            self.overwrite = tr(gr.Checkbox(False, label=t("ui.export.overwrite"),
-                                            elem_id="export-overwrite"),
-                                label="ui.export.overwrite")
-            self.verify = tr(gr.Checkbox(True, label=t("ui.export.verify"),
-                                         elem_id="export-verify"), label="ui.export.verify")
+            self.overwrite = widget(gr.Checkbox, {"label": "ui.export.overwrite"}, False,
+                                    elem_id="export-overwrite")
+            self.verify = widget(gr.Checkbox, {"label": "ui.export.verify"}, True,
+                                 elem_id="export-verify")
         with gr.Row():
-            self.start = tr(gr.Button(t("ui.export.start"), variant="primary",
-                                      elem_id="export-start"), value="ui.export.start")
-            self.abort = tr(gr.Button(t("ui.export.stop"), variant="stop",
-                                      elem_id="export-abort"), value="ui.export.stop")
+            self.start = widget(gr.Button, {"value": "ui.export.start"}, variant="primary",
+                                elem_id="export-start")
+            self.abort = widget(gr.Button, {"value": "ui.export.stop"}, variant="stop",
+                                elem_id="export-abort")
         self.status = gr.HTML(idle_html(), elem_id="export-status")
-        self.command = tr(gr.Code(label=t("ui.export.command"), language="shell",
-                                  elem_id="export-command", interactive=False, lines=2,
-                                  max_lines=4), label="ui.export.command")
+        self.command = widget(gr.Code, {"label": "ui.export.command"}, language="shell",
+                              elem_id="export-command", interactive=False, lines=2, max_lines=4)
         self.timer = gr.Timer(TICK_S)
         self._wire()
         self._redraws()

@@ -23,7 +23,7 @@ from core import config as cfg
 from core import schema
 from core.i18n import t
 
-from .i18n import tr
+from .i18n import tr, widget
 
 SPEC_IDS = {
     "model": "train-model", "dataset": "train-dataset", "method": "train-method",
@@ -193,8 +193,8 @@ def build_form(config: cfg.TrainConfig, dataset_choices: list[str]) -> Form:
 
     for group in cfg.GROUPS:
         rows([f for f in cfg.fields_in(group) if not f.metadata["advanced"]])
-    with tr(gr.Accordion(t("ui.train.advanced"), open=False, elem_id="train-advanced"),
-            label="ui.train.advanced"):
+    with widget(gr.Accordion, {"label": "ui.train.advanced"}, open=False,
+                elem_id="train-advanced"):
         for group in cfg.GROUPS:
             rows([f for f in cfg.fields_in(group) if f.metadata["advanced"]])
     # Keep schema order so positional handler arguments line up with cfg.FIELDS.

@@ -125,10 +125,12 @@ def tr(component, **props: Any):
     return component
 
 
-def widget(cls, texts: dict[str, Any], **kwargs):
-    """Build `cls` with its text properties (`texts`: property -> spec, as `tr` takes them)
-    rendered in the page's language, and record them for a switch: each id written once."""
-    return tr(cls(**{prop: _text(spec) for prop, spec in texts.items()}, **kwargs), **texts)
+def widget(cls, texts: dict[str, Any], *args, **kwargs):
+    """Build `cls(*args, **kwargs)` with its text properties (`texts`: property -> spec, as
+    `tr` takes them) rendered in the page's language, and record them for a switch: each id
+    written once."""
+    return tr(cls(*args, **{prop: _text(spec) for prop, spec in texts.items()}, **kwargs),
+              **texts)
 
 
 def redraw(fn: Callable, inputs: list, outputs: list) -> None:

@@ -165,23 +165,21 @@ class TrainTab:
             self.queue_up = _button("ui.train.queue_up", size="sm", elem_id="train-queue-up")
 
     def _data_panel(self):
-        with tr(gr.Accordion(t("ui.train.data"), open=False, elem_id="train-data"),
-                label="ui.train.data"):
+        with widget(gr.Accordion, {"label": "ui.train.data"}, open=False, elem_id="train-data"):
             with gr.Row():
-                self.upload_name = tr(gr.Textbox(
-                    label=t("ui.train.upload_name"), max_lines=1, elem_id="train-upload-name",
-                    info=t("ui.train.upload_name.info")),
-                    label="ui.train.upload_name", info="ui.train.upload_name.info")
-                self.upload = tr(gr.File(label=t("ui.train.upload"),
-                                         file_types=list(data.EXTENSIONS), elem_id="train-upload",
-                                         scale=2, height=150), label="ui.train.upload")
+                self.upload_name = widget(gr.Textbox,
+                                          {"label": "ui.train.upload_name",
+                                           "info": "ui.train.upload_name.info"},
+                                          max_lines=1, elem_id="train-upload-name")
+                self.upload = widget(gr.File, {"label": "ui.train.upload"},
+                                     file_types=list(data.EXTENSIONS), elem_id="train-upload",
+                                     scale=2, height=150)
             self.upload_status = gr.Markdown(elem_id="train-upload-status")
             self.preview_btn = _button("ui.train.preview", elem_id="train-preview-btn")
             self.preview_summary = gr.Markdown(elem_id="train-preview-summary")
-            self.preview_text = tr(gr.HighlightedText(
-                label=t("ui.train.preview.label"),
-                color_map=PREVIEW_COLORS, show_legend=True, combine_adjacent=True,
-                elem_id="train-preview"), label="ui.train.preview.label")
+            self.preview_text = widget(gr.HighlightedText, {"label": "ui.train.preview.label"},
+                                       color_map=PREVIEW_COLORS, show_legend=True,
+                                       combine_adjacent=True, elem_id="train-preview")
 
     def _monitor(self):
         bare = dict(apply_default_css=False, js_on_load=None)
@@ -190,39 +188,35 @@ class TrainTab:
             self.progress = gr.HTML(progress_html(None, []), elem_id="train-progress", **bare)
         # The eval jobs of the run shown (core.evaluate.jobs_of_run); app.py wires picking
         # one to open it in the Evaluate tab.
-        self.evals = tr(gr.Radio(choices=[], value=None, visible=False, elem_id="train-evals",
-                                 label=t("ui.train.evals")), label="ui.train.evals")
+        self.evals = widget(gr.Radio, {"label": "ui.train.evals"}, choices=[], value=None,
+                            visible=False, elem_id="train-evals")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                self.plot = tr(gr.LinePlot(
-                    x="step", y="loss", color="series", color_map=COLORS, colors_in_legend=[],
-                    label=t("ui.train.plot.label"), x_title=t("ui.train.plot.x"),
-                    y_title=t("ui.train.plot.y"), elem_id="train-loss-plot"),
-                    label="ui.train.plot.label", x_title="ui.train.plot.x",
-                    y_title="ui.train.plot.y")
+                self.plot = widget(gr.LinePlot,
+                                   {"label": "ui.train.plot.label", "x_title": "ui.train.plot.x",
+                                    "y_title": "ui.train.plot.y"},
+                                   x="step", y="loss", color="series", color_map=COLORS,
+                                   colors_in_legend=[], elem_id="train-loss-plot")
                 tr(gr.HTML(legend_html("loss"), elem_id="train-loss-legend", padding=False),
                    value=lambda: legend_html("loss"))
-                self.weight = tr(gr.Slider(0.0, 0.99, value=0.9, step=0.01,
-                                           label=t("ui.train.smoothing"),
-                                           elem_id="train-smoothing",
-                                           info=t("ui.train.smoothing.info")),
-                                 label="ui.train.smoothing", info="ui.train.smoothing.info")
+                self.weight = widget(gr.Slider,
+                                     {"label": "ui.train.smoothing",
+                                      "info": "ui.train.smoothing.info"},
+                                     0.0, 0.99, value=0.9, step=0.01, elem_id="train-smoothing")
             with gr.Column(scale=2):
                 self.log = gr.HTML(log_html(""), elem_id="train-log", **bare)
         self._signal_panels()
         with gr.Row(equal_height=False):
-            self.run_pick = tr(gr.Dropdown(label=t("ui.train.run_pick"), choices=[], value=None,
-                                           elem_id="train-run", scale=3),
-                               label="ui.train.run_pick")
+            self.run_pick = widget(gr.Dropdown, {"label": "ui.train.run_pick"}, choices=[],
+                                   value=None, elem_id="train-run", scale=3)
             with gr.Column(scale=1, min_width=200):
                 self.refresh = _button("ui.train.refresh", elem_id="train-refresh", size="sm")
                 self.load_run_cfg = _button("ui.train.run_config", size="sm",
                                             elem_id="train-run-config")
-        self.runs_filter = tr(gr.Textbox(label=t("ui.train.runs_filter"), max_lines=1,
-                                         elem_id="train-runs-filter",
-                                         placeholder=t("ui.train.runs_filter.placeholder")),
-                              label="ui.train.runs_filter",
-                              placeholder="ui.train.runs_filter.placeholder")
+        self.runs_filter = widget(gr.Textbox,
+                                  {"label": "ui.train.runs_filter",
+                                   "placeholder": "ui.train.runs_filter.placeholder"},
+                                  max_lines=1, elem_id="train-runs-filter")
         self.table = tr(gr.Dataframe(headers=run_columns(), value=[], interactive=False,
                                      label=t("ui.train.runs"), elem_id="train-runs",
                                      max_height=280),
@@ -247,35 +241,34 @@ class TrainTab:
                     self.panel_rows.append(row)
                     for i in range(first, first + PANELS_PER_ROW):
                         # Its label names the signal drawn (_panels); the axis follows here.
-                        self.panels.append(tr(gr.LinePlot(
-                            x="step", y="value", color="series", color_map=SIGNAL_COLORS,
-                            colors_in_legend=[], x_title=t("ui.train.plot.x"), visible=False,
-                            label=t("ui.train.signal"), show_label=True,
-                            elem_id=f"train-signal-plot-{i + 1}"), x_title="ui.train.plot.x"))
+                        self.panels.append(widget(gr.LinePlot, {"x_title": "ui.train.plot.x"},
+                                                  x="step", y="value", color="series",
+                                                  color_map=SIGNAL_COLORS, colors_in_legend=[],
+                                                  visible=False, label=t("ui.train.signal"),
+                                                  show_label=True,
+                                                  elem_id=f"train-signal-plot-{i + 1}"))
             tr(gr.HTML(legend_html("signal"), elem_id="train-signal-legend", padding=False),
                value=lambda: legend_html("signal"))
 
     def _config_panel(self, defaults: cfg.TrainConfig):
-        self.command = tr(gr.Code(command_text(defaults, self.saves_dir), language="shell",
-                                  label=t("ui.train.command"), elem_id="train-command",
-                                  max_lines=24, interactive=False), label="ui.train.command")
+        self.command = widget(gr.Code, {"label": "ui.train.command"},
+                              command_text(defaults, self.saves_dir), language="shell",
+                              elem_id="train-command", max_lines=24, interactive=False)
         self.memory = gr.Markdown(memory_text(defaults), elem_id="train-memory")
         with gr.Group():
             with gr.Row(equal_height=False):
-                self.save_name = tr(gr.Textbox(label=t("ui.train.save_name"), value="my-config",
-                                               max_lines=1, elem_id="train-config-name",
-                                               scale=2), label="ui.train.save_name")
-                self.config_file = tr(gr.Dropdown(label=t("ui.train.config_file"),
-                                                  choices=configs.available(self.saves_dir),
-                                                  value=None, elem_id="train-config-file",
-                                                  scale=3), label="ui.train.config_file")
+                self.save_name = widget(gr.Textbox, {"label": "ui.train.save_name"},
+                                        value="my-config", max_lines=1,
+                                        elem_id="train-config-name", scale=2)
+                self.config_file = widget(gr.Dropdown, {"label": "ui.train.config_file"},
+                                          choices=configs.available(self.saves_dir), value=None,
+                                          elem_id="train-config-file", scale=3)
             with gr.Row():
                 self.save_btn = _button("ui.train.save", elem_id="train-config-save", size="sm")
                 self.load_btn = _button("ui.train.load", elem_id="train-config-load", size="sm")
-                self.upload_cfg = tr(gr.UploadButton(t("ui.train.upload_yaml"),
-                                                     file_types=[".yaml", ".yml"],
-                                                     elem_id="train-config-upload", size="sm"),
-                                     label="ui.train.upload_yaml")
+                self.upload_cfg = widget(gr.UploadButton, {"label": "ui.train.upload_yaml"},
+                                         file_types=[".yaml", ".yml"],
+                                         elem_id="train-config-upload", size="sm")
                 self.reset_btn = _button("ui.train.reset", elem_id="train-config-reset",
                                          size="sm")
         self.config_msg = gr.Markdown(elem_id="train-config-msg")
