@@ -133,8 +133,9 @@ def speaking(lang: str):
 
 
 def current() -> str:
-    if _speaking.get():
-        return _speaking.get()
+    forced = _speaking.get()
+    if forced:
+        return forced
     if _resolver is not None:
         found = _resolver()
         if found:

@@ -324,11 +324,11 @@ class ChatTab:
                                      elem_id="chat-probe-prompts")
             self.probe_run = widget(gr.Button, {"value": "ui.chat.probe.run"},
                                     elem_id="chat-probe-run")
-            self.probe_table = tr(gr.Dataframe(headers=[t(h) for h in PROBE_HEADERS], value=[],
-                                               wrap=True, interactive=False,
-                                               elem_id="chat-probes",
-                                               column_widths=["20%", "40%", "40%"]),
-                                  headers=lambda: [t(h) for h in PROBE_HEADERS])
+            self.probe_table = widget(gr.Dataframe,
+                                      {"headers": lambda: [t(h) for h in PROBE_HEADERS]},
+                                      value=[], wrap=True, interactive=False,
+                                      elem_id="chat-probes",
+                                      column_widths=["20%", "40%", "40%"])
             self.probe_status = gr.Markdown("", elem_id="chat-probe-status")
             self.probe_note = gr.State(None)
             redraw(_redrawn, [self.probe_note], [self.probe_status])

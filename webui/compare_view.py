@@ -19,7 +19,7 @@ from core import compare, i18n, plot
 from core.errors import BadInput
 from core.i18n import t, text_of
 
-from .i18n import redraw, tr, transient, widget
+from .i18n import redraw, transient, widget
 from .runs_view import _thin, find_listed_run, listed_runs
 
 # One colour per run, in the order picked (set explicitly: Gradio keeps the colours of the
@@ -69,13 +69,10 @@ class ComparePanel:
                                choices=[], value=[], multiselect=True,
                                elem_id="train-compare-runs")
             with gr.Row(equal_height=False):
-                self.metric = tr(gr.Radio(choices=only_loss(), value="loss",
-                                          label=t("ui.compare.curve"), scale=3,
-                                          elem_id="train-compare-metric"),
-                                 label="ui.compare.curve", choices=only_loss)
-                self.x = tr(gr.Radio(choices=axes(), value="step", label=t("ui.compare.x"),
-                                     scale=2, elem_id="train-compare-x"),
-                            label="ui.compare.x", choices=axes)
+                self.metric = widget(gr.Radio, {"label": "ui.compare.curve", "choices": only_loss},
+                                     value="loss", scale=3, elem_id="train-compare-metric")
+                self.x = widget(gr.Radio, {"label": "ui.compare.x", "choices": axes},
+                                value="step", scale=2, elem_id="train-compare-x")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
                     # The axis titles stay put and the chart's label names the curve and

@@ -657,10 +657,9 @@ class EvalTab:
                                   elem_id="eval-refresh", scale=0, min_width=90)
         self.compare = gr.HTML(compare_html(None, None), elem_id="eval-compare",
                                apply_default_css=False, js_on_load=None)
-        self.jobs = tr(gr.Dataframe(headers=job_headers(), value=[], interactive=False,
-                                    label=t("ui.eval.jobs"), elem_id="eval-jobs",
-                                    max_height=280, wrap=True),
-                       headers=job_headers, label="ui.eval.jobs")
+        self.jobs = widget(gr.Dataframe, {"headers": job_headers, "label": "ui.eval.jobs"},
+                           value=[], interactive=False, elem_id="eval-jobs", max_height=280,
+                           wrap=True)
 
     # --- wiring --------------------------------------------------------------------------
 

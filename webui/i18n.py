@@ -7,10 +7,12 @@ The texts live in core/locales (core/i18n.py). Here:
   default (`tunebench webui --lang`, TUNEBENCH_LANG), else the browser's Accept-Language,
   else English. Every handler that renders text (status lines, progress, errors) therefore
   renders it in the visitor's language without passing the language around.
-- `tr(component, label="train.start", ...)` records which catalogue id each text property
-  of a component shows; `redraw(fn, inputs, outputs)` records a handler that renders
-  server-made text (HTML, Markdown). A switch updates both in one event chain, so the form,
-  the chart and the conversation keep their values: only texts change, no reload.
+- `widget(gr.Button, {"value": "train.start"}, ...)` builds a component and records which
+  catalogue id each text property shows (`tr` records a component built otherwise);
+  `redraw(fn, inputs, outputs)` records a handler that renders server-made text (HTML,
+  Markdown). A switch relabels the recorded texts in the browser and runs the redraws on
+  the server, so the form, the chart and the conversation keep their values: only texts
+  change, no reload.
 
 The page is built once, in English; a visitor who reads another language gets the same
 relabelling when the page loads.
@@ -216,7 +218,7 @@ def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
     every status message of every later event (each tick's), so relabelling ~200 components
     through the server made every open tab slower for as long as it stayed open."""
     hidden = dict(show_progress="hidden", api_visibility="private")
-    demo.load(visitor_language, None, [switch], queue=False, **hidden).then(
+    demo.load(i18n.current, None, [switch], queue=False, **hidden).then(
         None, [switch], None, js=LANG_JS, **hidden)   # <html lang>, for UPLOAD_JS
     switched = switch.change(None, [switch], [c for c, _ in texts.static],
                              js=texts.relabel_js(), **hidden)
@@ -227,10 +229,6 @@ def wire(demo: gr.Blocks, switch: gr.Radio, texts: Texts) -> None:
     # the cookie the switch sets may not have reached the server before the change does.
     for fn, inputs, outputs in texts.dynamic:
         switched.then(_in_language(fn), [switch] + inputs, outputs, **hidden)
-
-
-def visitor_language() -> str:
-    return i18n.current()
 
 
 def _in_language(fn: Callable) -> Callable:

@@ -21,7 +21,7 @@ from core.errors import BadInput
 from core.i18n import msg, t, text_of
 
 from . import compare_view, configs, data_worker, eval_tab, form as form_mod
-from .i18n import redraw, tr, transient, widget
+from .i18n import redraw, transient, widget
 from .runs_view import (COLORS, SIGNAL_COLORS, Watch, find_listed_run, legend_html, log_html,
                         loss_frame, message_html, newest_running, progress_html, run_names,
                         runs_table, series_to_show, signal_frame, status_html)
@@ -197,8 +197,8 @@ class TrainTab:
                                     "y_title": "ui.train.plot.y"},
                                    x="step", y="loss", color="series", color_map=COLORS,
                                    colors_in_legend=[], elem_id="train-loss-plot")
-                tr(gr.HTML(legend_html("loss"), elem_id="train-loss-legend", padding=False),
-                   value=lambda: legend_html("loss"))
+                widget(gr.HTML, {"value": lambda: legend_html("loss")},
+                       elem_id="train-loss-legend", padding=False)
                 self.weight = widget(gr.Slider,
                                      {"label": "ui.train.smoothing",
                                       "info": "ui.train.smoothing.info"},
@@ -217,10 +217,8 @@ class TrainTab:
                                   {"label": "ui.train.runs_filter",
                                    "placeholder": "ui.train.runs_filter.placeholder"},
                                   max_lines=1, elem_id="train-runs-filter")
-        self.table = tr(gr.Dataframe(headers=run_columns(), value=[], interactive=False,
-                                     label=t("ui.train.runs"), elem_id="train-runs",
-                                     max_height=280),
-                        label="ui.train.runs", headers=run_columns)
+        self.table = widget(gr.Dataframe, {"label": "ui.train.runs", "headers": run_columns},
+                            value=[], interactive=False, elem_id="train-runs", max_height=280)
         self.notes = compare_view.NotesPanel(self.saves_dir)
         self.compare = compare_view.ComparePanel(self.saves_dir)
         self.timer = gr.Timer(TICK_S)
@@ -230,11 +228,10 @@ class TrainTab:
         and one chart per ticked signal, each on its own scale. Hidden for a run that
         logs none (sft, pt)."""
         with gr.Column(visible=False, elem_id="train-signal-plot") as self.signal_box:
-            series_info = ("ui.train.signals.info", {"n": SIGNAL_PANELS})
-            self.series = tr(gr.CheckboxGroup(
-                label=t("ui.train.signals"), choices=[], value=[], elem_id="train-series",
-                info=t("ui.train.signals.info", n=SIGNAL_PANELS)),
-                label="ui.train.signals", info=series_info)
+            self.series = widget(gr.CheckboxGroup,
+                                 {"label": "ui.train.signals",
+                                  "info": ("ui.train.signals.info", {"n": SIGNAL_PANELS})},
+                                 choices=[], value=[], elem_id="train-series")
             self.panel_rows, self.panels = [], []
             for first in range(0, SIGNAL_PANELS, PANELS_PER_ROW):
                 with gr.Row(equal_height=False, visible=False) as row:
@@ -247,8 +244,8 @@ class TrainTab:
                                                   visible=False, label=t("ui.train.signal"),
                                                   show_label=True,
                                                   elem_id=f"train-signal-plot-{i + 1}"))
-            tr(gr.HTML(legend_html("signal"), elem_id="train-signal-legend", padding=False),
-               value=lambda: legend_html("signal"))
+            widget(gr.HTML, {"value": lambda: legend_html("signal")},
+                   elem_id="train-signal-legend", padding=False)
 
     def _config_panel(self, defaults: cfg.TrainConfig):
         self.command = widget(gr.Code, {"label": "ui.train.command"},
