@@ -241,6 +241,20 @@ def test_changing_the_stage_swaps_a_dataset_it_cannot_read(pair_registry, tmp_pa
     assert "replaced" in out[-1]
 
 
+def test_a_model_change_leaves_a_fitting_dataset_pick_alone(pair_registry, tmp_path):
+    """The answer to a model change may arrive after the user picked another dataset: it
+    must not send the old pick back (the browser test that typed a model, then a dataset,
+    once started a run on the old one)."""
+    with gr.Blocks():
+        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(pair_registry))
+    names = tab.form.names
+    values = dict(zip(names, [w.value for w in tab.form.components]))
+    values.update(dataset=["chat"], dataset_dir=str(pair_registry), stage="sft")
+    out = tab.on_model_change({}, *[values[n] for n in names])
+    dataset = out[names.index("dataset")]
+    assert "value" not in dataset and dataset["choices"] == ["chat"]
+
+
 def test_an_upload_is_validated_for_the_stage(pair_registry, tmp_path, monkeypatch):
     monkeypatch.setenv(paths.ENV_ROOTS, str(tmp_path))  # the page writes uploads only there
     with gr.Blocks():

@@ -721,9 +721,13 @@ class TrainTab:
             out.append(form_mod.widget_value(name, new) if moved else gr.skip())
             after[name] = form_mod.widget_value(name, new) if moved else value
         # The datasets offered follow the stage, and a selection it cannot read is replaced.
+        # A selection that stays is not sent back: this answer can arrive after the user
+        # has picked another dataset (a model typed, then a dataset at once), and sending
+        # the value it was asked with would undo that pick.
         choices, fitted, note = fit_datasets(chosen.stage, after["dataset_dir"],
                                              after["dataset"])
-        out[self.form.names.index("dataset")] = gr.update(choices=choices, value=fitted)
+        replaced = {"value": fitted} if fitted != list(after["dataset"] or []) else {}
+        out[self.form.names.index("dataset")] = gr.update(choices=choices, **replaced)
         return out + [recommended_text(chosen, rec), rec, note]
 
     def on_load_run_config(self, run_name: str | None) -> list:

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 from fontTools.ttLib import TTFont
-from page_helpers import fill, open_tab, shot, start_run, status_text, wait_until
+from page_helpers import choose, fill, open_tab, shot, start_run, status_text, wait_until
 
 from core import config as cfg
 from core import i18n, schema
@@ -159,8 +159,9 @@ def test_chinese_page_trains_the_identity_model_and_speaks_chinese(page, server)
     (server.project / "data" / "broken.jsonl").write_text(
         '{"instruction": "hi", "output": "hello"}\n{"instruction": "no output"}\n')
     fill(page, "train-model", server.model)
-    page.locator("#train-dataset input").first.fill("data/broken.jsonl")
-    page.locator("#train-dataset input").first.press("Enter")
+    choose(page, "train-dataset", "data/broken.jsonl")
+    wait_until(lambda: "broken.jsonl" in page.locator("#train-command").inner_text(), 10,
+               "the dataset to reach the form")
     page.click("#train-start")
     record = zh("where.record", record=2)
     try:
