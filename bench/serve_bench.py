@@ -20,11 +20,16 @@ the demo model), so only the serving differs. With torch's default two spinning 
 naive server collapsed whenever another process held a core (70 s instead of 4 s for the
 same run), which is not what this compares.
 
-Measured: requests/s and output tokens/s over the timed run (wall clock, first request
+Measured: requests/s and output tokens/s over a timed round (wall clock, first request
 sent to last reply read), p50/p95 time to first token and total latency per request, and
-the server's RSS with its children (peak, sampled every 0.2 s). Each server first answers
-the workload's first 16 requests, untimed. Each client thread keeps one HTTP client for
-its requests, as real clients do. Results go to bench/results/serve-<machine>-<date>.json.
+the server's RSS with its children (peak, sampled every 0.2 s). Both servers are up at
+once; each first answers the workload's first 16 requests, untimed, then they take turns
+at the whole workload, `--repeats` rounds each (default 5), and each figure is the median
+over a server's rounds (the per-round ratios are kept too). One round of tunebench lasts
+about a second, and this machine's speed drifts by a quarter within minutes, so a single
+round each said little. Each client thread keeps one HTTP client for its requests, as real
+clients do. Replies are compared as text without special tokens, as both servers send
+them. Results go to bench/results/serve-<machine>-<date>.json.
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def naive_server(model: str, base_id: str, adapters: dict[str, str], port: int) 
             new = out[0, ids.shape[1]:].tolist()
             new = new[:-1] if new and new[-1] in eos else new
             self._send(200, {"choices": [{"message": {"role": "assistant",
-                                                      "content": tok.decode(new)}}],
+                                                      "content": tok.decode(
+                                                          new, skip_special_tokens=True)}}],
                              "usage": {"prompt_tokens": ids.shape[1],
                                        "completion_tokens": len(new)}})
 
@@ -255,41 +261,77 @@ def stats_delta(before: dict, after: dict, wall: float) -> dict:
     return delta
 
 
-def bench_server(name: str, argv: list[str], requests: list[dict], clients: int,
-                 stream: bool) -> dict:
-    import httpx
-    port = free_port()
-    proc = subprocess.Popen([*argv, "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    root = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    try:
+class Served:
+    """One server under test: started, warmed up, then timed a round at a time."""
+
+    def __init__(self, name: str, argv: list[str], clients: int, stream: bool):
+        self.name, self.argv, self.clients, self.stream = name, argv, clients, stream
+        self.rounds: list[dict] = []
+
+    def __enter__(self) -> "Served":
+        import httpx
+        port = free_port()
+        self.proc = subprocess.Popen([*self.argv, "--port", str(port)], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.root = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
         while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} server exited: {proc.stdout.read()[-2000:]}")
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} server exited: {self.proc.stdout.read()[-2000:]}")
             try:
-                if httpx.get(root + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.root + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        load_s = time.monotonic() - t0
-        sampler = Sampler(proc.pid)
-        idle_rss = sampler.rss()
-        idle_parts = sampler.parts()
-        sampler.start()
-        drive(root, requests[:WARMUP], clients, stream)  # the same warm-up for both servers
-        before = model_stats(root)
-        result = drive(root, requests, clients, stream)
-        result["model_process"] = stats_delta(before, model_stats(root), result["wall_s"])
-        sampler.done.set()
-        sampler.join()
-        result.update(server=name, load_s=load_s, rss_idle_mb=idle_rss / 2**20,
-                      rss_idle_by_process_mb=idle_parts,
-                      rss_peak_mb=sampler.peak / 2**20)
+        self.load_s = time.monotonic() - t0
+        self.sampler = Sampler(self.proc.pid)
+        self.idle_rss, self.idle_parts = self.sampler.rss(), self.sampler.parts()
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sampler.done.set()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def warm_up(self, requests: list[dict]) -> None:
+        drive(self.root, requests[:WARMUP], self.clients, self.stream)
+
+    def timed_round(self, requests: list[dict]) -> dict:
+        before = model_stats(self.root)
+        result = drive(self.root, requests, self.clients, self.stream)
+        result["model_process"] = stats_delta(before, model_stats(self.root), result["wall_s"])
+        self.rounds.append(result)
         return result
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+    def summary(self) -> dict:
+        """Each figure's median over the rounds; the first round's replies."""
+        keys = [k for k, v in self.rounds[0].items() if isinstance(v, (int, float))]
+        out = {k: statistics.median(r[k] for r in self.rounds) for k in keys}
+        busy = [r["model_process"] for r in self.rounds if r["model_process"]]
+        if busy:
+            out["model_process"] = {k: statistics.median(b[k] for b in busy) for k in busy[0]}
+        out.update(server=self.name, load_s=self.load_s, rss_idle_mb=self.idle_rss / 2**20,
+                   rss_idle_by_process_mb=self.idle_parts, rss_peak_mb=self.sampler.peak / 2**20,
+                   rounds_output_tokens_per_s=[round(r["output_tokens_per_s"], 1)
+                                               for r in self.rounds],
+                   replies=self.rounds[0]["replies"])
+        return out
+
+
+def bench_servers(servers: list[Served], requests: list[dict], repeats: int) -> list[dict]:
+    """Both servers up at once, each warmed up the same way, then timed in alternating
+    rounds: on a shared 2-core machine the speed drifts by 20-30% within minutes, and
+    alternating gives each server the same share of good and bad minutes."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(server)
+        for server in servers:
+            server.warm_up(requests)
+        for _ in range(repeats):
+            for server in servers:
+                server.timed_round(requests)
+        return [server.summary() for server in servers]
 
 
 # --big: a bigger model with random weights, where a decoding step is arithmetic rather
@@ -340,6 +382,8 @@ def main() -> None:
                     help="a random 26M-parameter qwen2 with two random adapters instead")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed rounds per server, alternating (figures are medians)")
     ap.add_argument("--out", help="JSON file (default bench/results/serve-cpu-DATE.json)")
     ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -368,17 +412,18 @@ def main() -> None:
     flags = [a for spec in adapters for a in ("--adapter", spec)]
     requests = workload(args.requests, base_id)
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    results = [
-        bench_server("tunebench", [sys.executable, "-m", "core", "serve", "--model", served,
-                                   *flags], requests, args.clients, stream=True),
-        bench_server("naive", [sys.executable, __file__, "--naive-server", "--model", model,
-                               "--base-id", base_id, *flags], requests, args.clients,
-                     stream=False),
-    ]
+    results = bench_servers([
+        Served("tunebench", [sys.executable, "-m", "core", "serve", "--model", served, *flags],
+               args.clients, stream=True),
+        Served("naive", [sys.executable, __file__, "--naive-server", "--model", model,
+                         "--base-id", base_id, *flags], args.clients, stream=False),
+    ], requests, args.repeats)
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     tb, naive = results
     summary = {
         "output_tokens_per_s_ratio": tb["output_tokens_per_s"] / naive["output_tokens_per_s"],
+        "round_ratios": [round(a / b, 2) for a, b in zip(tb["rounds_output_tokens_per_s"],
+                                                          naive["rounds_output_tokens_per_s"])],
         "requests_per_s_ratio": tb["requests_per_s"] / naive["requests_per_s"],
         "rss_peak_ratio": tb["rss_peak_mb"] / naive["rss_peak_mb"],
         "same_replies": sum(a["text"].strip() == b["text"].strip() for a, b in
@@ -392,7 +437,8 @@ def main() -> None:
     }
     record = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "uptime_before": uptime_before, "uptime_after": uptime_after},
-              "model": "big" if args.big else "demo", "requests": args.requests, "clients": args.clients, "max_tokens": MAX_TOKENS,
+              "model": "big" if args.big else "demo", "requests": args.requests,
+              "clients": args.clients, "max_tokens": MAX_TOKENS, "repeats": args.repeats,
               "summary": summary, "servers": results}
     size = "-big" if args.big else ""
     out = Path(args.out or REPO / "bench" / "results" / f"serve-cpu{size}-{date.today()}.json")

@@ -65,7 +65,7 @@ class LeanDecoder:
             x = layer(x, cos[0], sin[0], step, i, lora)
         ends = torch.tensor(lengths, dtype=torch.long, device=x.device).cumsum(0) - 1 + running
         picks = torch.cat([torch.arange(running, device=x.device), ends])
-        return F.linear(self.norm(x[picks]), self.head), step.prompt_kv
+        return F.linear(_rms(x[picks], self.norm), self.head), step.prompt_kv
 
 
 class _Step:
@@ -109,14 +109,14 @@ class _Layer:
     def __call__(self, x, cos, sin, step: _Step, index: int, lora_mask):
         """x: [tokens, hidden] -> the same after this layer."""
         d = self.lean.head_dim
-        h = self.norm1(x)
+        h = _rms(x, self.norm1)
         qkv = _project(h, self.qkv, self.qkv_bias, self.qkv_lora, lora_mask)
         q, k, v = (t.view(t.shape[0], -1, d).transpose(0, 1)    # [heads, tokens, d]
                    for t in qkv.split(self.splits, dim=-1))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         out = self._attend(q, k, v, step, index)
         x = x + _project(out, self.o, self.o_bias, self.o_lora, lora_mask)
-        h = self.norm2(x)
+        h = _rms(x, self.norm2)
         gate, up = _project(h, self.gate_up, self.gate_up_bias, self.gate_up_lora,
                             lora_mask).chunk(2, dim=-1)
         return x + _project(F.silu(gate) * up, self.down, self.down_bias, self.down_lora,
@@ -142,13 +142,22 @@ class _Layer:
 
 def _project(x, weight_t, bias, lora, lora_mask: dict | None):
     """x @ W (+ bias) with W stored [in, out], plus each token's own adapter: `lora` is
-    (A, B, k) for k fused projections, `lora_mask[k]` the per-token 0/1 columns repeated
-    k times."""
+    (A, blocks, k) for k fused projections (multi_lora.StackedLora.fused), `lora_mask[k]`
+    the per-token 0/1 columns repeated k times."""
     out = torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
     if lora is None or lora_mask is None:
         return out
-    a, b, k = lora
-    return out.addmm_((x @ a).mul_(lora_mask[k]), b)
+    a, blocks, k = lora
+    h = (x @ a).mul_(lora_mask[k])
+    for columns, outputs, b in blocks:
+        out[:, outputs].addmm_(h[:, columns], b)
+    return out
+
+
+def _rms(x, norm):
+    """The model's RMSNorm as one op: its module runs seven (the same numbers; pinned by
+    tests/test_lean_decode.py against transformers' forward)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rope(t, cos, sin):
@@ -248,6 +257,9 @@ def supported(model) -> bool:
                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
     except AttributeError:
         return False
+    norms = (inner.norm, layer.input_layernorm, layer.post_attention_layernorm)
     # exactly nn.Linear: quantized layers (bitsandbytes) subclass it and keep their own weights
     return all(type(_base(p)) is torch.nn.Linear for p in parts[3:]) and \
-        isinstance(inner.embed_tokens, torch.nn.Embedding)
+        isinstance(inner.embed_tokens, torch.nn.Embedding) and \
+        all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon")
+            for n in norms)

@@ -10,7 +10,8 @@
 Requests are checked here (every problem is a 4xx with an OpenAI-style error body and the
 server keeps serving), turned into rows, and generated in batches by the model process
 (core/serve_worker.py, core/serve_engine.py). Sampling settings take the Chat tab's defaults and bounds
-(GenConfig). The same listening policy as the web UI: loopback unless an API key is set.
+(GenConfig); vLLM's `ignore_eos` extension is taken too. The same listening policy as the
+web UI: loopback unless an API key is set.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
@@ -36,7 +37,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FIELD_TYPES = {"model": str, "messages": list, "prompt": (str, list), "stream": bool,
                "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
                "top_p": (int, float), "top_k": int, "n": int, "seed": int, "stop": (str, list),
-               "repetition_penalty": (int, float), "stream_options": dict}
+               "repetition_penalty": (int, float), "stream_options": dict, "ignore_eos": bool}
 
 
 class ApiError(Exception):
@@ -88,7 +89,7 @@ def sampling_of(body: dict) -> tuple[Sampling, int]:
     gen = cfg.GenConfig(**{k: v for k, v in values.items()})
     seed = values.get("seed")
     return Sampling(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty,
-                    seed), gen.max_new_tokens
+                    seed, bool(body.get("ignore_eos"))), gen.max_new_tokens
 
 
 def stops_of(body: dict) -> tuple[str, ...]:

@@ -623,7 +623,7 @@ def advance(row: Row, token: int, stop_ids: set, tokenizer, outbox: list) -> Non
         row.end("cancelled", outbox)
         return
     finish = None
-    if token in stop_ids:
+    if token in stop_ids and not row.sampling.ignore_eos:
         finish = "stop"
     else:
         row.tokens.append(token)

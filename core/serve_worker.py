@@ -40,6 +40,7 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False   # write on past the end-of-turn tokens, to max_tokens (vLLM's name)
 
 
 class Busy(Exception):

@@ -244,6 +244,19 @@ def test_stop_strings_cut_the_reply(client):
         assert got == text[:cut_at], (stream, got, text)
 
 
+def test_ignore_eos_writes_to_max_tokens(client):
+    """vLLM's `ignore_eos`: the reply goes on past the end-of-turn token. Tests that need a
+    long generation use it, so they do not depend on where the demo model stops (a demo
+    model built on another CPU stopped early where this one counts on)."""
+    ended = client.chat.completions.create(model="tuney", messages=WHO, max_tokens=64)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 40
+    longer = client.chat.completions.create(model="tuney", messages=WHO, max_tokens=40,
+                                            extra_body={"ignore_eos": True})
+    assert longer.choices[0].finish_reason == "length"
+    assert longer.usage.completion_tokens == 40
+    assert longer.choices[0].message.content.startswith(ended.choices[0].message.content)
+
+
 # --- refusals ----------------------------------------------------------------------
 
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, base_id):
@@ -287,10 +300,11 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, bas
 
 
 def test_a_client_that_goes_away_frees_its_slot(server, client, base_id):
-    # the demo base counts on greedily for as long as it may: 2,000 tokens take several
+    # with ignore_eos the base writes on for as long as it may: 2,000 tokens take several
     # seconds here, so a slot that frees within a second was freed by the cancellation
     stream = client.completions.create(model=base_id, prompt="1, 2, 3, 4, 5, 6, 7, 8,",
-                                       max_tokens=2000, stream=True)
+                                       max_tokens=2000, stream=True,
+                                       extra_body={"ignore_eos": True})
     for got, _ in enumerate(stream, 1):
         if got == 5:
             break
@@ -301,7 +315,8 @@ def test_a_client_that_goes_away_frees_its_slot(server, client, base_id):
         time.sleep(0.02)
     freed_s = time.monotonic() - closed
     assert httpx.get(server + "/health").json()["load"] == 0 and freed_s < 1.5, freed_s
-    again = client.completions.create(model=base_id, prompt="1, 2, 3,", max_tokens=4)
+    again = client.completions.create(model=base_id, prompt="1, 2, 3,", max_tokens=4,
+                                      extra_body={"ignore_eos": True})
     assert again.choices[0].finish_reason == "length"
 
 
@@ -360,7 +375,8 @@ def test_api_key_and_full_queue(demo_model_path):
     try:
         assert KEY not in " ".join(psutil_cmdline(proc.pid))
         base = demo_model_path.resolve().name
-        body = {"model": base, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 8}
+        body = {"model": base, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 8,
+                "ignore_eos": True}
         assert httpx.post(root + "/v1/completions", json=body).status_code == 401
         r = httpx.post(root + "/v1/completions", json=body,
                        headers={"authorization": "Bearer wrong-key-123"})
@@ -368,7 +384,9 @@ def test_api_key_and_full_queue(demo_model_path):
         assert httpx.get(root + "/v1/models").status_code == 401
         assert httpx.get(root + "/health").status_code == 200  # liveness needs no key
         client = openai.OpenAI(base_url=root + "/v1", api_key=KEY, max_retries=0)
-        assert client.completions.create(**body).choices[0].finish_reason == "length"
+        reply = client.completions.create(**{k: v for k, v in body.items() if k != "ignore_eos"},
+                                          extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length"
 
         statuses: list[int] = []
         long = {**body, "max_tokens": 300}
