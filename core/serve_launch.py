@@ -4,7 +4,8 @@ A server is a detached child process, as a launched run is (core/launch.py): its
 session and process group, stdin closed, output appended to `serve.log`. Closing the page
 or restarting the web server does not stop it; the page finds it again through the job
 folder's status.json, which `tunebench serve --job-dir` keeps up to date (its URL and model
-ids once it listens, "completed" when it stops).
+ids once it listens, "completed" when it stops). The page changes the adapters a running
+server serves through the server's own API (POST and DELETE /v1/adapters).
 
 One server per saves folder, in `<saves>/.serve/` (a hidden name, so the runs list and the
 checkpoint pickers skip it). A server is not a training job: it is not registered in
@@ -15,6 +16,8 @@ It listens on loopback only.
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import re
 import shlex
 import signal
@@ -23,10 +26,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from . import launch, paths, runs
+from .config import SERVE_KEY_ENV
 from .errors import BadInput
 from .i18n import Msg, msg
 from .serve_engine import ADAPTER_NAME
@@ -37,6 +42,7 @@ KIND = "serve"
 HOST = "127.0.0.1"
 FIRST_PORT = 8000
 HEALTH_TIMEOUT_S = 0.5
+ADAPTER_CALL_TIMEOUT_S = 120  # loading an adapter reads and checks its folder
 
 _stopping: set[str] = set()   # job folders this process is stopping: their exit is no crash
 _lock = threading.Lock()      # two clicks in this process; the file lock covers others
@@ -164,11 +170,7 @@ def start_server(model: str, adapters: dict[str, str], saves_dir: str | Path,
     BadInput if a server already runs for this saves folder, naming its URL.
     """
     model = paths.confine_model(model or "")
-    checked = {}
-    for name, path in adapters.items():
-        if not ADAPTER_NAME.match(name or ""):
-            raise BadInput(msg("chat.serve.bad_adapter_name", name=str(name)))
-        checked[name] = str(paths.confine(path, f"adapter '{name}'", must_exist=True))
+    checked = _checked(adapters)
     folder = job_dir(saves_dir)
     with _FolderLock(folder):
         running = find_server(saves_dir)
@@ -179,6 +181,59 @@ def start_server(model: str, adapters: dict[str, str], saves_dir: str | Path,
         port = free_port() if port is None else port
         _spawn(folder, serve_command(model, checked, port, folder), port, model, checked)
     return folder
+
+
+def _checked(adapters: dict[str, str]) -> dict[str, str]:
+    """{name: resolved path}: valid model ids, folders under the allowed ones."""
+    checked = {}
+    for name, path in adapters.items():
+        if not ADAPTER_NAME.match(name or ""):
+            raise BadInput(msg("chat.serve.bad_adapter_name", name=str(name)))
+        checked[name] = str(paths.confine(path, f"adapter '{name}'", must_exist=True))
+    return checked
+
+
+def apply_adapters(saves_dir: str | Path, adapters: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Make the running server serve exactly these adapters ({name: path}), through its own
+    API: the base stays loaded and requests keep being answered. Returns (added, removed)
+    names; an adapter served under the same name from another folder is replaced.
+    BadInput when no server answers, or when the server refuses one (its reason named)."""
+    checked = _checked(adapters)
+    folder = job_dir(saves_dir)
+    with _FolderLock(folder):
+        status = find_server(saves_dir)
+        if not status or not answering(status):
+            raise BadInput(msg("chat.serve.not_running"))
+        served = {n: str(Path(p).resolve()) for n, p in (status.get("adapters") or {}).items()}
+        removed = [n for n, p in served.items() if checked.get(n) != p]
+        added = [n for n, p in checked.items() if served.get(n) != p]
+        for name in removed:
+            _call(status["url"], "DELETE", f"/adapters/{name}", name)
+        for name in added:
+            _call(status["url"], "POST", "/adapters", name, {"name": name, "path": checked[name]})
+    return added, removed
+
+
+def _call(url: str, method: str, route: str, name: str, body: dict | None = None) -> dict:
+    """One call to the server's adapter API (its key from the environment, if it has one)."""
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(SERVE_KEY_ENV)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url.rstrip("/") + route, data=data, headers=headers,
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=ADAPTER_CALL_TIMEOUT_S) as reply:
+            return json.load(reply)
+    except urllib.error.HTTPError as err:
+        try:
+            why = json.load(err)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = f"HTTP {err.code}"
+        raise BadInput(msg("chat.serve.adapter_refused", name=name, why=why)) from None
+    except OSError as err:
+        raise BadInput(msg("chat.serve.adapter_refused", name=name, why=str(err))) from None
 
 
 def _spawn(folder: Path, argv: list[str], port: int, model: str,

@@ -62,3 +62,48 @@ def test_start_find_refuse_and_stop(tmp_path, demo_model_path: Path, monkeypatch
     assert not serve_launch.answering(final)
     assert runs.read_status(folder)["state"] == "completed"
     assert final["url"] == url and "serve" in (folder / runs.COMMAND).read_text()
+
+
+def _model_ids(url: str) -> list[str]:
+    with urllib.request.urlopen(url + "/models", timeout=5) as reply:
+        return [m["id"] for m in json.load(reply)["data"]]
+
+
+def test_adapters_change_on_a_running_server(tmp_path, demo_model_path: Path, monkeypatch):
+    """The page's Apply: the running server serves the adapters picked now, added and
+    removed through its API while the base stays loaded (the same process answers)."""
+    from test_multi_lora import _adapter
+    monkeypatch.chdir(tmp_path)
+    saves = tmp_path / "saves"
+    alpha, beta = (_adapter(demo_model_path, saves / name / "final", r=4, lora_alpha=8,
+                            target_modules=["q_proj", "v_proj"]) for name in ("alpha", "beta"))
+    with pytest.raises(BadInput, match="no API server is answering"):
+        serve_launch.apply_adapters(saves, {"alpha": alpha})
+    serve_launch.start_server(str(demo_model_path), {"alpha": alpha}, saves)
+    try:
+        status = serve_launch.wait_answering(saves, timeout=40)
+        url, base, pid = status["url"], status["models"][0], status["pid"]
+        picked = serve_launch.adapter_names([alpha, beta])
+        assert serve_launch.apply_adapters(saves, picked) == (["beta"], [])
+        assert _model_ids(url) == [base, "alpha", "beta"]
+        assert serve_launch.find_server(saves)["models"] == [base, "alpha", "beta"]
+        assert serve_launch.apply_adapters(saves, {"beta": beta}) == ([], ["alpha"])
+        assert _model_ids(url) == [base, "beta"]
+        assert serve_launch.apply_adapters(saves, {"beta": beta}) == ([], [])
+        # the same name from another folder: replaced
+        assert serve_launch.apply_adapters(saves, {"beta": alpha}) == (["beta"], ["beta"])
+        assert serve_launch.find_server(saves)["adapters"] == {"beta": alpha}
+        with pytest.raises(BadInput, match="outside the allowed folders"):
+            serve_launch.apply_adapters(saves, {"x": "/etc"})
+        (saves / "empty" / "final").mkdir(parents=True)
+        with pytest.raises(BadInput, match="refused adapter 'empty': not a LoRA adapter"):
+            serve_launch.apply_adapters(saves, {"beta": alpha,
+                                                "empty": str(saves / "empty" / "final")})
+        body = json.dumps({"model": "beta", "prompt": "Hello", "max_tokens": 3}).encode()
+        request = urllib.request.Request(url + "/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert json.load(reply)["usage"]["completion_tokens"] >= 1
+        assert serve_launch.find_server(saves)["pid"] == pid  # never restarted
+    finally:
+        serve_launch.stop_server(saves)

@@ -345,6 +345,8 @@ class ChatTab:
             with gr.Row():
                 self.serve_start = widget(gr.Button, {"value": "ui.chat.serve.start"},
                                           variant="primary", elem_id="serve-start")
+                self.serve_apply = widget(gr.Button, {"value": "ui.chat.serve.apply"},
+                                          elem_id="serve-apply")
                 self.serve_stop = widget(gr.Button, {"value": "ui.chat.serve.stop"},
                                          elem_id="serve-stop")
             # A callable value is read on every page load: a reloaded page finds the server.
@@ -356,6 +358,8 @@ class ChatTab:
 
     def _wire_serving(self):
         self.serve_start.click(self.do_serve_start, [self.model, self.serve_adapters],
+                               [self.serve_status, self.serve_shown])
+        self.serve_apply.click(self.do_serve_apply, [self.serve_adapters],
                                [self.serve_status, self.serve_shown])
         self.serve_stop.click(self.do_serve_stop, None, [self.serve_status, self.serve_shown])
         self.serve_timer.tick(self.serve_tick, [self.serve_shown],
@@ -420,6 +424,24 @@ class ChatTab:
             text = t("ui.chat.serve.not_started", error=err, panel=serve_markdown(self.saves))
             return text, text
         text = serve_markdown(self.saves)
+        return text, text
+
+    def do_serve_apply(self, picked: list[str] | None):
+        """The running server serves the adapters picked now: added and removed through its
+        API, without a restart."""
+        try:
+            added, removed = serve_launch.apply_adapters(
+                self.saves, serve_launch.adapter_names(picked or []))
+        except BadInput as err:
+            text = t("ui.chat.serve.not_applied", error=err, panel=serve_markdown(self.saves))
+            return text, text
+        panel = serve_markdown(self.saves)
+        if not added and not removed:
+            text = t("ui.chat.serve.unchanged", panel=panel)
+        else:
+            names = lambda found: t("list.sep").join(found) or t("ui.chat.serve.nothing")
+            text = t("ui.chat.serve.applied", added=names(added), removed=names(removed),
+                     panel=panel)
         return text, text
 
     def do_serve_stop(self):

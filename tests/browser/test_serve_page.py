@@ -1,7 +1,9 @@
 """The Chat tab's serving panel in Chromium: start the API server for the identity adapter,
-call it with the openai client, find it again after a reload, stop it."""
+call it with the openai client, serve another adapter and drop the first while it runs,
+find it again after a reload, stop it."""
 
 import re
+import shutil
 import sys
 import time
 import urllib.request
@@ -21,6 +23,12 @@ URL = re.compile(r"http://127\.0\.0\.1:\d+/v1")
 
 def serve_status(page) -> str:
     return text_of(page, "serve-status")
+
+
+def status_models(page) -> list[str]:
+    """The model ids the panel lists, base first."""
+    line = next(l for l in serve_status(page).splitlines() if l.startswith("Model ids"))
+    return [m.strip() for m in line.split(":", 1)[1].split(",")]
 
 
 def answers(url: str) -> bool:
@@ -66,6 +74,29 @@ def test_serve_call_reload_and_stop(page, server, run_in_saves, served):
         model="identity", messages=[{"role": "user", "content": "Who are you?"}],
         max_tokens=48)
     assert NAME in reply.choices[0].message.content, reply
+
+    # another adapter joins the running server, and the first leaves: no restart
+    shutil.copytree(run_in_saves, run_in_saves.parent / "twin")
+    page.click("#chat-refresh")
+    choose(page, "serve-adapters", "twin/final")
+    wait_until(lambda: chosen(page, "serve-adapters") == ["identity/final", "twin/final"], 10,
+               "both adapters to be picked")
+    page.click("#serve-apply")
+    wait_until(lambda: "applied" in serve_status(page), 60, "the new adapter to be served")
+    assert "added twin" in serve_status(page) and url in serve_status(page)
+    reply = client.chat.completions.create(
+        model="twin", messages=[{"role": "user", "content": "Who are you?"}], max_tokens=48)
+    assert NAME in reply.choices[0].message.content, reply
+    page.locator("#serve-adapters .token", has_text="identity/final") \
+        .locator(".token-remove").click()
+    wait_until(lambda: chosen(page, "serve-adapters") == ["twin/final"], 10, "one adapter left")
+    page.click("#serve-apply")
+    wait_until(lambda: "removed identity" in serve_status(page), 60, "the first to leave")
+    assert {m.id for m in client.models.list().data} == {"twin", status_models(page)[0]}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="identity", messages=[{"role": "user", "content": "Who are you?"}])
+    shot(page, "serve-applied")
 
     # the page closes and comes back: the server is still there, and found again
     page.reload()
