@@ -243,13 +243,28 @@ def test_unwritable_output_dir_is_bad_input(demo_model_path, tmp_path):
 # first 16 identity records), pinned as torchtune pins its losses: a change in the data,
 # the templates, the masking or the trainer shows up here. Re-pin only for a change meant
 # to move it, and say why in the commit.
-PINNED_LOSSES = [4.6384, 4.3257, 4.4562, 4.2227, 4.2561, 4.6245, 4.0830, 4.0358]
+#
+# One curve per demo-model build. The demo model is trained from scratch on first use, and
+# the same recipe gives other weights on another CPU: on an AMD EPYC (Zen 4) the build
+# differs from the one the first pins came from (the machine CI passed on at earlier
+# stops); float sums in another order, carried through 12,800 rows of pretraining. Each
+# build is identical from run to run on its own machine. The first loss is taken before any update, so it names the build; it depends
+# on the data, template and masking too, so a change there matches no build and fails.
+PINNED_LOSSES = {
+    "first": [4.6384, 4.3257, 4.4562, 4.2227, 4.2561, 4.6245, 4.0830, 4.0358],
+    "amd-zen4": [4.4920, 4.2217, 4.4480, 4.0716, 4.3053, 4.5083, 4.0157, 3.9244],
+}
 
 
 def test_the_demo_models_loss_curve_is_pinned(demo_model_path, tmp_path):
     run_train(demo_model_path, tmp_path / "run", "epochs=2", "warmup_ratio=0", "seed=42")
     losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "loss" in r]
-    assert losses == pytest.approx(PINNED_LOSSES, rel=0.01), losses
+    build = next((name for name, pinned in PINNED_LOSSES.items()
+                  if losses[0] == pytest.approx(pinned[0], rel=0.005)), None)
+    assert build, (f"first loss {losses[0]:.4f} matches no pinned demo-model build "
+                   f"({', '.join(f'{n} {p[0]}' for n, p in PINNED_LOSSES.items())}): a change "
+                   f"in the data, template or masking, or a new CPU family; curve {losses}")
+    assert losses == pytest.approx(PINNED_LOSSES[build], rel=0.01), (build, losses)
 
 
 def test_a_save_steps_beyond_the_run_writes_only_the_final_model(demo_model_path, tmp_path):
