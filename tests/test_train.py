@@ -248,8 +248,9 @@ def test_unwritable_output_dir_is_bad_input(demo_model_path, tmp_path):
 # the same recipe gives other weights on another CPU: on an AMD EPYC (Zen 4) the build
 # differs from the one the first pins came from (the machine CI passed on at earlier
 # stops); float sums in another order, carried through 12,800 rows of pretraining. Each
-# build is identical from run to run on its own machine. The first loss is taken before any update, so it names the build; it depends
-# on the data, template and masking too, so a change there matches no build and fails.
+# build is identical from run to run on its own machine. The first loss is taken before
+# any update, so it names the build; it depends on the data, template and masking too, so
+# a change there matches no build and fails.
 PINNED_LOSSES = {
     "first": [4.6384, 4.3257, 4.4562, 4.2227, 4.2561, 4.6245, 4.0830, 4.0358],
     "amd-zen4": [4.4920, 4.2217, 4.4480, 4.0716, 4.3053, 4.5083, 4.0157, 3.9244],

@@ -229,14 +229,20 @@ def test_datasets_offered_follow_the_stage(pair_registry):
     assert chosen == ["chat"] and "upload" in note
 
 
-def test_changing_the_stage_swaps_a_dataset_it_cannot_read(pair_registry, tmp_path):
+def _model_change(registry, tmp_path, **values) -> tuple[dict, list]:
+    """The Train tab's answer to a model/stage change from its default form with `values`:
+    (the dataset picker's update, the whole answer)."""
     with gr.Blocks():
-        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(pair_registry))
+        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(registry))
     names = tab.form.names
-    values = dict(zip(names, [w.value for w in tab.form.components]))
-    values.update(dataset=["chat"], dataset_dir=str(pair_registry), stage="dpo")
-    out = tab.on_model_change({}, *[values[n] for n in names])
-    dataset = out[names.index("dataset")]
+    form = dict(zip(names, [w.value for w in tab.form.components]),
+                dataset_dir=str(registry), **values)
+    out = tab.on_model_change({}, *[form[n] for n in names])
+    return out[names.index("dataset")], out
+
+
+def test_changing_the_stage_swaps_a_dataset_it_cannot_read(pair_registry, tmp_path):
+    dataset, out = _model_change(pair_registry, tmp_path, dataset=["chat"], stage="dpo")
     assert dataset["value"] == ["pref"] and dataset["choices"] == ["pref"]
     assert "replaced" in out[-1]
 
@@ -245,13 +251,7 @@ def test_a_model_change_leaves_a_fitting_dataset_pick_alone(pair_registry, tmp_p
     """The answer to a model change may arrive after the user picked another dataset: it
     must not send the old pick back (the browser test that typed a model, then a dataset,
     once started a run on the old one)."""
-    with gr.Blocks():
-        tab = train_tab.TrainTab(tmp_path / "saves", dataset_dir=str(pair_registry))
-    names = tab.form.names
-    values = dict(zip(names, [w.value for w in tab.form.components]))
-    values.update(dataset=["chat"], dataset_dir=str(pair_registry), stage="sft")
-    out = tab.on_model_change({}, *[values[n] for n in names])
-    dataset = out[names.index("dataset")]
+    dataset, _ = _model_change(pair_registry, tmp_path, dataset=["chat"], stage="sft")
     assert "value" not in dataset and dataset["choices"] == ["chat"]
 
 

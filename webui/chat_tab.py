@@ -416,42 +416,44 @@ class ChatTab:
             return gr.update(choices=choices)
         return gr.update(choices=choices, value=[checkpoint])
 
-    def do_serve_start(self, model: str, picked: list[str] | None):
+    def _serve_action(self, action, refused: str, answer) -> tuple[str, str]:
+        """Run a start, apply or stop: the panel shows `answer(result)`, or why it was refused
+        above the panel as it stands. The text twice: shown, and kept for the tick."""
         try:
-            serve_launch.start_server(model, serve_launch.adapter_names(picked or []),
-                                      self.saves)
+            result = action()
         except BadInput as err:
-            text = t("ui.chat.serve.not_started", error=err, panel=serve_markdown(self.saves))
-            return text, text
-        text = serve_markdown(self.saves)
+            text = t(refused, error=err, panel=serve_markdown(self.saves))
+        else:
+            text = answer(result)
         return text, text
+
+    def do_serve_start(self, model: str, picked: list[str] | None):
+        return self._serve_action(
+            lambda: serve_launch.start_server(model, serve_launch.adapter_names(picked or []),
+                                              self.saves),
+            "ui.chat.serve.not_started", lambda _: serve_markdown(self.saves))
 
     def do_serve_apply(self, picked: list[str] | None):
         """The running server serves the adapters picked now: added and removed through its
         API, without a restart."""
-        try:
-            added, removed = serve_launch.apply_adapters(
-                self.saves, serve_launch.adapter_names(picked or []))
-        except BadInput as err:
-            text = t("ui.chat.serve.not_applied", error=err, panel=serve_markdown(self.saves))
-            return text, text
+        return self._serve_action(
+            lambda: serve_launch.apply_adapters(self.saves,
+                                                serve_launch.adapter_names(picked or [])),
+            "ui.chat.serve.not_applied", self._applied_text)
+
+    def _applied_text(self, changes: tuple[list[str], list[str]]) -> str:
+        added, removed = changes
         panel = serve_markdown(self.saves)
         if not added and not removed:
-            text = t("ui.chat.serve.unchanged", panel=panel)
-        else:
-            names = lambda found: t("list.sep").join(found) or t("ui.chat.serve.nothing")
-            text = t("ui.chat.serve.applied", added=names(added), removed=names(removed),
-                     panel=panel)
-        return text, text
+            return t("ui.chat.serve.unchanged", panel=panel)
+        names = lambda found: t("list.sep").join(found) or t("ui.chat.serve.nothing")
+        return t("ui.chat.serve.applied", added=names(added), removed=names(removed),
+                 panel=panel)
 
     def do_serve_stop(self):
-        try:
-            final = serve_launch.stop_server(self.saves)
-        except BadInput as err:
-            text = t("ui.chat.serve.not_stopped", error=err, panel=serve_markdown(self.saves))
-            return text, text
-        text = serve_markdown(self.saves) if final else t("ui.chat.serve.none_here")
-        return text, text
+        return self._serve_action(
+            lambda: serve_launch.stop_server(self.saves), "ui.chat.serve.not_stopped",
+            lambda final: serve_markdown(self.saves) if final else t("ui.chat.serve.none_here"))
 
     def serve_tick(self, shown: str):
         """Every 2 s: status.json (and /health while starting); an unchanged text is not sent."""
