@@ -218,45 +218,79 @@ class Batch:
         self.joinable = True              # whether rows can join while others run
         self.version = -1                 # the engine's adapter version the rows were checked at
 
-    def join(self, rows: list[Row], cache, mask, tokens: list[int]) -> None:
-        """Add freshly prefilled rows: both sides padded on the left to one length."""
+    def join(self, rows: list[Row], tokens: list[int], lengths: list[int], cache=None,
+             packed: list | None = None) -> None:
+        """Add freshly prefilled rows (prompts of `lengths` tokens), right-aligned with the
+        running ones. Their keys and values come as transformers' `cache` (one left-padded
+        row per prompt), or from the lean step as `packed` (each layer's (keys, values),
+        the prompts end to end in one row)."""
         import torch
+        with torch.inference_mode():  # the cache was made in a forward's inference mode
+            self._join(rows, tokens, lengths, cache, packed)
+
+    def _join(self, rows, tokens, lengths, cache, packed) -> None:
+        import torch
+        from transformers.cache_utils import DynamicCache
         if not self.rows:
-            self.joinable = _plain_layers(cache)
-            if self.joinable:
-                cache.layers = [growing_layer().of(layer) for layer in cache.layers]
-            self.rows, self.cache, self.mask, self.next = list(rows), cache, mask, list(tokens)
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            # both read before either is set: a GrowingLayer's length follows its keys
-            mine.keys, mine.values = (
-                torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)]),
-                torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)]))
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            self.joinable = packed is not None or _plain_layers(cache)
+            if not self.joinable:  # a cache of another kind: kept whole, as transformers built it
+                self.rows, self.cache, self.next = list(rows), cache, list(tokens)
+                self.mask = _left_mask(lengths, max(lengths), cache.layers[0].keys.device)
+                return
+            self.cache = DynamicCache()
+            self.cache.layers = [slot_layer()() for _ in (packed or cache.layers)]
+        for i, layer in enumerate(self.cache.layers):
+            if packed is not None:
+                layer.add_packed(*packed[i], lengths)
+            else:
+                layer.add_padded(cache.layers[i].keys, cache.layers[i].values)
+        width = layer.end - layer.start
+        fresh = _left_mask(lengths, width, layer.device)
+        self.mask = fresh if self.mask is None else torch.cat([_pad_left(self.mask, width), fresh])
         self.rows += rows
         self.next += tokens
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only these rows, and cut the padding no remaining row needs."""
+        """Keep only these rows, and drop the padding no remaining row needs. In the slot
+        cache, rows past the new count move into the places of rows that left: one row's
+        keys and values are copied per leaver, not the whole cache."""
         if len(keep) == len(self.rows):
             return
         if not keep:
             self.reset()
             return
         import torch
-        index = torch.tensor(keep, device=self.mask.device)
-        self.mask = self.mask[index]
-        start = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, start:]
+        with torch.inference_mode():  # the cache was made in a forward's inference mode
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        order = _refill(keep, len(self.rows))
+        self.mask = self.mask[order]
+        cut = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, cut:]
+        moves = [(place, row) for place, row in enumerate(order) if place != row]
         for layer in self.cache.layers:
-            if isinstance(layer, growing_layer()):
-                layer.keep(index, start)
+            if isinstance(layer, slot_layer()):
+                layer.keep(len(keep), moves, cut)
             else:
-                layer.keys = layer.keys[index, :, start:]
-                layer.values = layer.values[index, :, start:]
-        self.rows = [self.rows[i] for i in keep]
-        self.next = [self.next[i] for i in keep]
+                layer.keys = layer.keys[order, :, cut:]
+                layer.values = layer.values[order, :, cut:]
+        self.rows = [self.rows[i] for i in order]
+        self.next = [self.next[i] for i in order]
+
+
+def _refill(keep: list[int], count: int) -> list[int]:
+    """The kept rows' new order: rows already in the first len(keep) places stay, and the
+    kept rows beyond them fill the places of rows that left."""
+    kept = set(keep)
+    movers = iter(i for i in keep if i >= len(keep))
+    return [i if i in kept else next(movers) for i in range(len(keep))]
+
+
+def _left_mask(lengths: list[int], width: int, device=None):
+    """[prompts, width]: 1 on each prompt's last `length` columns."""
+    import torch
+    return torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
 
 
 def _unpack(packed, lengths: list[int], width: int):
@@ -270,75 +304,115 @@ def _plain_layers(cache) -> bool:
     """Only full-attention layers can be padded and stacked (not sliding windows, not
     recurrent state); other models decode a batch to its end before new rows join."""
     from transformers.cache_utils import DynamicLayer
-    return all(type(layer) in (DynamicLayer, growing_layer())
+    return all(type(layer) in (DynamicLayer, slot_layer())
                for layer in getattr(cache, "layers", [None]))
 
 
+SLOT_MARGIN = 64   # columns before the first token of a new buffer, for longer prompts to join
+
+
 @functools.cache
-def growing_layer():
-    """The GrowingLayer class, built on first use: only the model process imports
+def slot_layer():
+    """The SlotLayer class, built on first use: only the model process imports
     transformers, never the HTTP side or the page, which import this module."""
     from transformers.cache_utils import DynamicLayer
 
-    class GrowingLayer(DynamicLayer):
-        """A full-attention cache layer that appends in place. transformers' DynamicLayer
-        concatenates the whole cache with each new token, which for a decoding batch is
-        the step's largest cost (46% of a step of 8 rows on the demo model); this one
-        keeps spare room after the tokens, writes each step's keys into it, and grows by
-        doubling. `keys` and `values` are views of the filled part."""
+    class SlotLayer(DynamicLayer):
+        """One full-attention layer's cache for a continuous batch, written in place.
 
-        @classmethod
-        def of(cls, layer) -> "GrowingLayer":
-            grown = cls()
-            grown.keys, grown.values = layer.keys, layer.values
-            grown.is_initialized, grown.device = True, layer.keys.device
-            return grown
+        Why by hand: transformers' DynamicLayer concatenates the whole cache with each new
+        token, and stacking joining rows onto a running batch (or dropping rows that
+        ended) copies it all again; for a decoding batch of 8 rows on the demo model those
+        copies were the step's largest cost. Here the rows live in the first `rows` slots
+        of one buffer [slots, heads, columns, dim], their tokens right-aligned in columns
+        [start, end). A step writes its keys at `end`; a joining prompt is written into a
+        free slot, ending at `end`; a row that leaves is replaced by the last one; padding
+        no row needs is dropped by moving `start`. The buffer is copied only when it must
+        grow (doubling). Columns a row does not use hold zeros or a former row's finite
+        values, always masked out. `keys` and `values` are views of the live part."""
+
+        def __init__(self):
+            super().__init__()
+            self._k = self._v = None
+            self.rows = self.start = self.end = 0
+            self.is_initialized, self.device = True, None
 
         @property
         def keys(self):
-            return None if self._k is None else self._k[:, :, :self.length]
+            return None if self._k is None else self._k[:self.rows, :, self.start:self.end]
 
         @keys.setter
-        def keys(self, value):  # a whole new cache (stacked rows): no spare room yet
-            self._k = value
-            self.length = 0 if value is None or value.dim() < 3 else value.shape[-2]
+        def keys(self, value):
+            if value is not None:  # only CacheLayerMixin.__init__ sets it, to None
+                raise AttributeError("a SlotLayer is changed through its own methods")
 
         @property
         def values(self):
-            return None if self._v is None else self._v[:, :, :self.length]
+            return None if self._v is None else self._v[:self.rows, :, self.start:self.end]
 
         @values.setter
         def values(self, value):
-            self._v = value
+            if value is not None:
+                raise AttributeError("a SlotLayer is changed through its own methods")
 
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized or self._k is None or self._k.dim() < 3:
-                self.lazy_initialization(key_states, value_states)
-                self._k, self._v, self.length = key_states, value_states, key_states.shape[-2]
-                return self.keys, self.values
-            end = self.length + key_states.shape[-2]
-            if end > self._k.shape[-2]:
-                self._k, self._v = self._grown(self._k, end), self._grown(self._v, end)
-            self._k[:, :, self.length:end] = key_states
-            self._v[:, :, self.length:end] = value_states
-            self.length = end
+            """This step's keys and values of every row, at column `end`."""
+            new = key_states.shape[-2]
+            self._fit(key_states, self.rows, 0, new)
+            self._k[:self.rows, :, self.end:self.end + new] = key_states
+            self._v[:self.rows, :, self.end:self.end + new] = value_states
+            self.end += new
             return self.keys, self.values
 
-        def _grown(self, buffer, end: int):
-            shape = list(buffer.shape)
-            shape[-2] = max(2 * end, end + 32)
-            bigger = buffer.new_empty(shape)
-            bigger[:, :, :self.length] = buffer[:, :, :self.length]
-            return bigger
+        def add_padded(self, keys, values) -> None:
+            """New rows from [rows, heads, width, dim], left-padded."""
+            count, width = keys.shape[0], keys.shape[-2]
+            self._fit(keys, self.rows + count, width, 1)
+            self._k[self.rows:self.rows + count, :, self.end - width:self.end] = keys
+            self._v[self.rows:self.rows + count, :, self.end - width:self.end] = values
+            self._added(count, width)
 
-        def keep(self, index, start: int) -> None:
-            """Keep these rows and drop `start` columns of padding, spare room included."""
-            self._k = self._k[index, :, start:]
-            self._v = self._v[index, :, start:]
-            self.length -= start
+        def add_packed(self, keys, values, lengths: list[int]) -> None:
+            """New rows from [1, heads, sum(lengths), dim], the prompts end to end."""
+            width = max(lengths)
+            self._fit(keys, self.rows + len(lengths), width, 1)
+            for i, (k, v) in enumerate(zip(keys[0].split(lengths, dim=1),
+                                           values[0].split(lengths, dim=1))):
+                self._k[self.rows + i, :, self.end - k.shape[1]:self.end] = k
+                self._v[self.rows + i, :, self.end - k.shape[1]:self.end] = v
+            self._added(len(lengths), width)
 
-    return GrowingLayer
+        def _added(self, count: int, width: int) -> None:
+            self.rows += count
+            self.start = min(self.start, self.end - width)
 
+        def keep(self, count: int, moves: list[tuple[int, int]], cut: int) -> None:
+            """Keep the first `count` rows after moving row `row` to slot `place` for each
+            (place, row) in `moves`, and drop `cut` columns of padding."""
+            for place, row in moves:
+                self._k[place, :, self.start:self.end] = self._k[row, :, self.start:self.end]
+                self._v[place, :, self.start:self.end] = self._v[row, :, self.start:self.end]
+            self.rows, self.start = count, self.start + cut
+
+        def _fit(self, like, rows: int, before: int, after: int) -> None:
+            """Room for `rows` rows, a prompt of `before` tokens ending at `end`, and `after`
+            more columns past it; otherwise a new buffer, twice what is needed."""
+            if self._k is not None and rows <= self._k.shape[0] and self.end >= before \
+                    and self.end + after <= self._k.shape[2]:
+                return
+            width = self.end - self.start
+            end = max(width, before, SLOT_MARGIN)
+            have = 0 if self._k is None else self._k.shape[0]
+            slots = have if rows <= have else max(rows, 2 * have)
+            shape = (slots, like.shape[1], 2 * (end + after), like.shape[-1])
+            keys, values = like.new_zeros(shape), like.new_zeros(shape)
+            if self.rows:
+                keys[:self.rows, :, end - width:end] = self.keys
+                values[:self.rows, :, end - width:end] = self.values
+            self._k, self._v, self.start, self.end = keys, values, end - width, end
+            self.device = like.device
+
+    return SlotLayer
 
 
 def _pad_left(t, width: int):
@@ -393,15 +467,23 @@ class Scheduler(threading.Thread):
                             self._prefill(batch, joining, outbox)
                         if batch.rows:
                             self._step(batch, outbox)
+                self._retire(batch, outbox)
             except Exception as err:  # one bad step must not stop the server
-                for row in batch.rows + fresh:
-                    if row.finish is None:
-                        row.end("error", outbox, f"{type(err).__name__}: {err}")
+                self._fail(batch, fresh, err, outbox)
             finally:
                 self.busy_s += time.monotonic() - started
-                self._retire(batch, outbox)
                 if outbox:
                     self.sink(outbox)
+
+    def _fail(self, batch: Batch, fresh: list[Row], err: Exception, outbox: list) -> None:
+        """A step went wrong: its rows end with the error, and the batch starts afresh (its
+        cache may be half updated)."""
+        rows = batch.rows + [r for r in fresh if r not in batch.rows]
+        for row in rows:
+            if row.finish is None:
+                row.end("error", outbox, f"{type(err).__name__}: {err}")
+        self.rows_done += len(rows)
+        batch.reset()
 
     def _admit(self, batch: Batch) -> list[Row]:
         """Waiting rows that fit in the batch, oldest first. Blocks while nothing runs and
@@ -451,7 +533,6 @@ class Scheduler(threading.Thread):
         """One forward for the running rows' next tokens and the joining rows' prompts
         (core/lean_decode.py); the joining rows, with their first token, then join."""
         import torch
-        from transformers.cache_utils import DynamicCache
         running = len(batch.rows)
         if not running and not joining:
             return
@@ -472,32 +553,24 @@ class Scheduler(threading.Thread):
             self.steps += 1
         if joining:
             tokens = self._deliver(joining, logits[running:], outbox)
-            width = max(lengths)
-            cache = DynamicCache()
-            cache.layers = [growing_layer().of(_KV(_unpack(k, lengths, width),
-                                                   _unpack(v, lengths, width)))
-                            for k, v in prompt_kv]
-            mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths],
-                                device=logits.device)
-            batch.join(joining, cache, mask, tokens)
+            batch.join(joining, tokens, lengths, packed=prompt_kv)
             self.prefills += 1
 
     def _prefill(self, batch: Batch, rows: list[Row], outbox: list) -> None:
         """Run the new rows' prompts, take each row's first token, and stack the rows onto
         the running batch."""
-        import torch
         if not rows:
             return
         _seed(rows)
         lengths = [len(r.prompt_ids) for r in rows]
-        mask = torch.tensor([[0] * (max(lengths) - n) + [1] * n for n in lengths])
+        mask = _left_mask(lengths, max(lengths))
         if self.engine.packs:
             logits, cache = self._run_packed(rows, lengths)
         else:
             out = self._run_padded(rows, mask)
             logits, cache = out.logits[:, -1], out.cache
         tokens = self._deliver(rows, logits, outbox)
-        batch.join(rows, cache, mask.to(logits.device), tokens)
+        batch.join(rows, tokens, lengths, cache=cache)
         self.prefills += 1
 
     def _run_packed(self, rows: list[Row], lengths: list[int]):
@@ -564,13 +637,6 @@ class Scheduler(threading.Thread):
         keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
         self.rows_done += len(batch.rows) - len(keep)
         batch.keep(keep)
-
-
-@dataclass
-class _KV:
-    """A cache layer's keys and values, before they become a GrowingLayer."""
-    keys: object
-    values: object
 
 
 def _seed(rows: list[Row]) -> None:

@@ -148,3 +148,98 @@ def test_a_llama_without_biases_and_with_grouped_heads_matches():
     assert torch.allclose(got, torch.stack(want), atol=1e-5), (got - torch.stack(want)).abs().max()
     assert len(kv) == 2 and kv[0][0].shape == (1, 2, 8, 16)
     assert all(torch.allclose(a, w, atol=1e-6) for a, w in zip(after, want))  # views still work
+
+
+def test_the_slot_cache_keeps_each_rows_keys_through_joins_steps_and_leaves():
+    """Rows join (packed and padded, shorter and longer than the batch, one far longer than
+    the buffer's margin), every row gets a token per step, rows leave from the middle: each
+    row's unmasked keys and values are always exactly the ones it was given, in order."""
+    torch.manual_seed(0)
+    heads, dim, layers = 2, 4, 2
+    batch, want = Batch(), {}
+
+    def kv(n):
+        return [(torch.randn(heads, n, dim), torch.randn(heads, n, dim)) for _ in range(layers)]
+
+    def join(lengths, packed):
+        rows = [Row([0] * n, BASE_ROW, Sampling(), 1) for n in lengths]
+        parts = [kv(n) for n in lengths]
+        for row, part in zip(rows, parts):
+            want[id(row)] = part
+        if packed:
+            batch.join(rows, [0] * len(rows), lengths, packed=[
+                (torch.cat([p[i][0] for p in parts], 1)[None],
+                 torch.cat([p[i][1] for p in parts], 1)[None]) for i in range(layers)])
+        else:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+            cache, width = DynamicCache(), max(lengths)
+            cache.layers = [DynamicLayer() for _ in range(layers)]
+            for i, layer in enumerate(cache.layers):
+                layer.keys, layer.values = (torch.stack([
+                    torch.cat([torch.zeros(heads, width - n, dim), p[i][j]], 1)
+                    for p, n in zip(parts, lengths)]) for j in (0, 1))
+            batch.join(rows, [0] * len(rows), lengths, cache=cache)
+
+    def step():
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        new = kv(1)
+        for i, layer in enumerate(batch.cache.layers):
+            k, v = new[i]
+            with torch.inference_mode():  # as in a forward
+                    layer.update(k[None].expand(len(batch.rows), -1, -1, -1) * torch.arange(
+                    1., len(batch.rows) + 1)[:, None, None, None],
+                    v[None].expand(len(batch.rows), -1, -1, -1))
+            for r, row in enumerate(batch.rows):
+                old = want[id(row)][i]
+                want[id(row)][i] = (torch.cat([old[0], k * (r + 1)], 1), torch.cat([old[1], v], 1))
+
+    def check():
+        for i, layer in enumerate(batch.cache.layers):
+            assert layer.keys.shape[-2] == batch.mask.shape[1]
+            for r, row in enumerate(batch.rows):
+                real = batch.mask[r].bool()
+                assert torch.equal(layer.keys[r][:, real], want[id(row)][i][0])
+                assert torch.equal(layer.values[r][:, real], want[id(row)][i][1])
+        assert batch.mask[:, 0].any()  # no column of padding that no row needs
+
+    join([3, 5, 2], packed=True)
+    step(), step(), check()
+    join([9, 1], packed=False)
+    step(), check()
+    batch.keep([1, 3, 4])  # the first and third leave: the last row moves into a gap
+    check()
+    step(), check()
+    join([200], packed=True)  # longer than every column the buffer has: it is laid out anew
+    step(), check()
+    for _ in range(250):  # the buffer grows inside a step (in inference mode, as in a forward)
+        step()
+    batch.keep([3])       # ... and the row that stays moves in it afterwards
+    check()
+    assert len(batch.rows) == 1 and batch.mask.shape[1] == 451
+
+
+def test_a_failing_step_ends_its_rows_with_the_error_and_serving_goes_on(engine, monkeypatch):
+    """The scheduler thread outlives a step that raises: that step's rows end with the
+    error, and rows sent afterwards are served from a fresh batch."""
+    import queue
+    done = queue.Queue()
+    scheduler = Scheduler(engine, lambda out: [done.put(v) for _, kind, v in out
+                                               if kind == "done"])
+    real, calls = engine.lean.forward, []
+
+    def third_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine.lean, "forward", third_fails)
+    scheduler.start()
+
+    def serve(count: int) -> list:
+        scheduler.submit([Row(engine.encode_chat([{"role": "user", "content": PROMPTS[i]}]),
+                              ADAPTERS[i % 3], Sampling(ignore_eos=True), 6, id=i)
+                          for i in range(count)])
+        return [done.get(timeout=60) for _ in range(count)]
+    failed = serve(3)
+    assert [(f[0], f[3]) for f in failed] == [("error", "RuntimeError: boom")] * 3
+    assert [(f[0], f[2]) for f in serve(2)] == [("length", 6)] * 2
