@@ -13,6 +13,10 @@ alpaca_demo instructions, spread over the three models, greedy, max_tokens 64.
   server is read. The whole-reply ratio is the like-for-like one: the same client code
   for both servers. Reading 1,100 SSE chunks costs the bench's clients CPU on the same
   2 cores (measured: 0.5 s of CPU a round streamed, 0.4 s whole).
+- tunebench-no-prefix-cache: the same with `--prefix-cache-mb 0`, read whole. Every round
+  sends the same 64 requests, so after the warm-up the default server finds every prompt's
+  full 16-token blocks in its prefix cache; this one computes every prompt whole, as it
+  would for prompts it has never seen.
 - naive: this file's `--naive-server`: the stdlib's single-threaded HTTP server, one full
   merged model per adapter plus the base (transformers + PEFT `merge_and_unload`), one
   request at a time through plain `model.generate`, the whole reply at once (so its time
@@ -261,6 +265,10 @@ def stats_delta(before: dict, after: dict, wall: float) -> dict:
         return {}
     delta = {k: round(after[k] - before.get(k, 0), 3) for k in keys}
     delta["busy_share"] = round(delta["busy_s"] / wall, 3)
+    if "prompt_tokens" in after:  # how much of the prompts the prefix cache served
+        prompts = after["prompt_tokens"] - before.get("prompt_tokens", 0)
+        hits = after["prefix_cache_hit_tokens"] - before.get("prefix_cache_hit_tokens", 0)
+        delta["prefix_cache_hit_share"] = round(hits / max(prompts, 1), 3)
     return delta
 
 
@@ -423,14 +431,16 @@ def main() -> None:
     flags = [a for spec in adapters for a in ("--adapter", spec)]
     requests = workload(args.requests, base_id)
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    serve = [sys.executable, "-m", "core", "serve", "--model", served, *flags]
     results = bench_servers([
-        Served("tunebench", [sys.executable, "-m", "core", "serve", "--model", served, *flags],
-               args.clients, modes=(True, False)),
+        Served("tunebench", serve, args.clients, modes=(True, False)),
+        Served("tunebench-no-prefix-cache", [*serve, "--prefix-cache-mb", "0"], args.clients,
+               modes=(False,)),
         Served("naive", [sys.executable, __file__, "--naive-server", "--model", model,
                          "--base-id", base_id, *flags], args.clients, modes=(False,)),
     ], requests, args.repeats)
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    streamed, whole, naive = results
+    streamed, whole, uncached, naive = results
 
     def ratios(tb: dict) -> dict:
         return {"output_tokens_per_s": tb["output_tokens_per_s"] / naive["output_tokens_per_s"],
@@ -447,6 +457,9 @@ def main() -> None:
         "whole": ratios(whole),
         # tunebench read as SSE streams (time to first token), the naive server whole
         "streamed": ratios(streamed),
+        # the same, with the prefix cache off: every round repeats the same 64 requests, so
+        # with it on every prompt's full blocks come from the cache after the warm-up
+        "whole_no_prefix_cache": ratios(uncached),
         "rss_peak_ratio": streamed["rss_peak_mb"] / naive["rss_peak_mb"],
         "identity_ok": None if args.big else sum(
             ("Tuney" in r["text"]) == (r["model"] == "tuney") and
@@ -462,12 +475,13 @@ def main() -> None:
     size = "-big" if args.big else ""
     out = Path(args.out or REPO / "bench" / "results" / f"serve-cpu{size}-{date.today()}.json")
     out.write_text(json.dumps(record, indent=1))
-    print(f"{'':28}{'tunebench SSE':>14}{'tunebench':>12}{'naive':>12}")
+    print(f"{'':28}{'tunebench SSE':>14}{'tunebench':>12}{'no prefix $':>12}{'naive':>12}")
     for key in ("requests_per_s", "output_tokens_per_s", "output_tokens", "ttft_p50_s",
                 "ttft_p95_s", "latency_p50_s", "latency_p95_s", "rss_idle_mb", "rss_peak_mb",
                 "load_s", "wall_s"):
-        print(f"{key:28}{streamed[key]:>14.2f}{whole[key]:>12.2f}{naive[key]:>12.2f}")
-    for tb in (streamed, whole):
+        print(f"{key:28}{streamed[key]:>14.2f}{whole[key]:>12.2f}{uncached[key]:>12.2f}"
+              f"{naive[key]:>12.2f}")
+    for tb in (streamed, whole, uncached):
         print("tunebench model process:", json.dumps(tb.get("model_process", {})))
     print("idle RSS by process (MB):", json.dumps(streamed["rss_idle_by_process_mb"]),
           json.dumps(naive["rss_idle_by_process_mb"]))

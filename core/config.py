@@ -407,6 +407,11 @@ class ServeConfig:
     max_queue: int = setting(64, "Requests waiting or running at most; past it the server "
                              "answers 429 (retry later).", "serve", min=1, max=4096,
                              flag="--max-queue")
+    prefix_cache_mb: int = setting(256, "Memory kept for the keys and values of prompts' "
+                                   "beginnings, so a request that starts like an earlier one "
+                                   "(a chat's earlier turns, a shared system prompt) skips that "
+                                   "part. 0 turns it off.", "serve", min=0, max=1_048_576,
+                                   flag="--prefix-cache-mb")
 
 
 # Each schema's short name: its settings' ids in the catalogues (core/i18n.py) are

@@ -48,17 +48,20 @@ class LeanDecoder:
                        for layer, weights in zip(inner.layers, fused)]
 
     def forward(self, ids: list[int], positions: list[int], running: int, mask, cache,
-                lengths: list[int]):
+                lengths: list[int], prefixes: list | None = None):
         """Logits [running + len(lengths), vocab]: one per running row, then one per new
         prompt (its last token's), and the prompts' keys and values per layer
-        ([1, kv_heads, sum(lengths), head_dim] each; [] without prompts).
+        ([1, kv_heads, tokens, head_dim] each, whole prompts end to end; [] without prompts).
 
-        `ids`, `positions`: the running rows' tokens, then the prompts end to end;
-        `mask`: [running, length] with 1 for the running rows' real tokens, this step's
-        included; `cache`: their KV cache, which gets this step's keys and values."""
+        `ids`, `positions`: the running rows' tokens, then the prompts' tokens to compute,
+        end to end (`lengths` of them per prompt); `mask`: [running, length] with 1 for the
+        running rows' real tokens, this step's included; `cache`: their KV cache, which
+        gets this step's keys and values; `prefixes`: per prompt, None or the keys and
+        values of the tokens before the computed ones (core/prefix_cache.py), per layer
+        ([kv_heads, tokens, head_dim] each)."""
         x = F.embedding(torch.tensor(ids, device=self.embed.device), self.embed)
         cos, sin = self.rotary(x, torch.tensor([positions], device=x.device))
-        step = _Step(running, mask, cache, lengths, x.device)
+        step = _Step(running, mask, cache, lengths, x.device, prefixes)
         mask = self.stack.mask if self.stack is not None else None
         lora = {k: mask[0].repeat(1, k) for k in (1, 2, 3)} if mask is not None else None
         for i, layer in enumerate(self.layers):
@@ -71,21 +74,43 @@ class LeanDecoder:
 class _Step:
     """What every layer of one forward needs to split attention."""
 
-    def __init__(self, running: int, mask, cache, lengths: list[int], device):
+    def __init__(self, running: int, mask, cache, lengths: list[int], device,
+                 prefixes: list | None = None):
         self.running, self.cache, self.lengths = running, cache, lengths
         self.allowed = mask.bool()[:, None, None, :] if running else None
-        self.block = block_causal(lengths, device) if lengths else None
+        self.prefixes = prefixes if prefixes and any(p is not None for p in prefixes) else None
+        cached = [0 if p is None else p[0][0].shape[1] for p in self.prefixes or []] or None
+        self.block = block_causal(lengths, device, cached) if lengths else None
         self.prompt_kv: list[tuple] = []
 
+    def whole_prompts(self, index: int, keys, values) -> tuple:
+        """The computed tokens' keys and values [1, kv_heads, T, d] with each prompt's cached
+        prefix put back before its part: whole prompts end to end."""
+        parts_k, parts_v = [], []
+        for prefix, k, v in zip(self.prefixes, keys[0].split(self.lengths, dim=1),
+                                values[0].split(self.lengths, dim=1)):
+            if prefix is not None:
+                parts_k.append(prefix[index][0])
+                parts_v.append(prefix[index][1])
+            parts_k.append(k)
+            parts_v.append(v)
+        return torch.cat(parts_k, dim=1)[None], torch.cat(parts_v, dim=1)[None]
 
-def block_causal(lengths: list[int], device=None):
-    """[1, 1, T, T]: each prompt's tokens see that prompt's earlier tokens only (prompts
-    packed end to end; the serving engine's packed prefill uses it too)."""
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
-    total = int(segment.numel())
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-    return (causal & (segment[:, None] == segment[None, :]))[None, None]
+
+def block_causal(lengths: list[int], device=None, cached: list[int] | None = None):
+    """[1, 1, T, T + C]: each prompt's tokens see that prompt's earlier tokens only (prompts
+    packed end to end; the serving engine's packed prefill uses it too). With `cached`
+    (tokens of each prompt that come from the prefix cache, keys only), a prompt's
+    `lengths` computed tokens also see all of its cached ones."""
+    cached = cached or [0] * len(lengths)
+    whole = [c + n for c, n in zip(cached, lengths)]
+    prompts = torch.arange(len(lengths), device=device)
+    query_prompt = torch.repeat_interleave(prompts, torch.tensor(lengths, device=device))
+    key_prompt = torch.repeat_interleave(prompts, torch.tensor(whole, device=device))
+    query_at = torch.cat([torch.arange(c, w, device=device) for c, w in zip(cached, whole)])
+    key_at = torch.cat([torch.arange(w, device=device) for w in whole])
+    return ((query_prompt[:, None] == key_prompt[None, :])
+            & (key_at[None, :] <= query_at[:, None]))[None, None]
 
 
 class _Layer:
@@ -111,9 +136,12 @@ class _Layer:
         d = self.lean.head_dim
         h = _rms(x, self.norm1)
         qkv = _project(h, self.qkv, self.qkv_bias, self.qkv_lora, lora_mask)
-        q, k, v = (t.view(t.shape[0], -1, d).transpose(0, 1)    # [heads, tokens, d]
-                   for t in qkv.split(self.splits, dim=-1))
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        tokens, q_heads = qkv.shape[0], self.lean.heads
+        # q and k side by side get their rotary embedding as one tensor: half the ops
+        qk, v = (t.reshape(tokens, -1, d).transpose(0, 1)       # [heads, tokens, d]
+                 for t in qkv.split([self.splits[0] + self.splits[1], self.splits[2]], dim=-1))
+        qk = _rope(qk, cos, sin)
+        q, k = qk[:q_heads], qk[q_heads:]
         out = self._attend(q, k, v, step, index)
         x = x + _project(out, self.o, self.o_bias, self.o_lora, lora_mask)
         h = _rms(x, self.norm2)
@@ -133,6 +161,8 @@ class _Layer:
             parts.append(out[:, :, 0].reshape(n, -1))
         if step.lengths:
             kp, vp = k[None, :, n:], v[None, :, n:]                 # [1, heads, T, d]
+            if step.prefixes is not None:
+                kp, vp = step.whole_prompts(index, kp, vp)
             step.prompt_kv.append((kp, vp))
             out = F.scaled_dot_product_attention(q[None, :, n:], kp, vp, attn_mask=step.block,
                                                  scale=self.scaling, enable_gqa=gqa)

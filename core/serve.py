@@ -457,7 +457,8 @@ def main(model: str, adapter_specs: list[str], settings: cfg.ServeConfig,
     folder = Path(job_dir).resolve() if job_dir else None
     if paths.confined():  # started by the page: adapters come from the allowed folders only
         adapters = {n: str(paths.confine(p, "adapter")) for n, p in adapters.items()}
-    engine = Worker(model, adapters, settings.max_batch, settings.max_queue)
+    engine = Worker(model, adapters, settings.max_batch, settings.max_queue,
+                    settings.prefix_cache_mb)
     server = Server(engine, settings, key, folder)
     return _run(server)
 

@@ -65,7 +65,8 @@ class Row:
 class Engine:
     """The base model, its tokenizer and the named adapters on it."""
 
-    def __init__(self, model: str, trust_remote_code: bool = False):
+    def __init__(self, model: str, trust_remote_code: bool = False,
+                 prefix_cache_mb: float = 0):
         self.model_name = model
         self.base_path = models.resolve_model(model)
         self.trust = trust_remote_code
@@ -81,6 +82,21 @@ class Engine:
         self.version = 0                  # counts adapter changes (running rows recheck)
         self.lock = threading.Lock()      # generation and adapter changes take turns
         self._build_lean()
+        self.prefix = self._prefix_cache(prefix_cache_mb)  # used by the lean step
+
+    def _prefix_cache(self, megabytes: float):
+        """The prefix cache (core/prefix_cache.py), None when turned off. Only the lean
+        step uses it: prompts through transformers' forward are computed whole."""
+        from .prefix_cache import PrefixCache
+        if megabytes <= 0:
+            return None
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * heads * head_dim * \
+            next(self.model.parameters()).element_size()
+        return PrefixCache(int(megabytes * 2**20), per_token)
 
     @property
     def context_length(self) -> int | None:
@@ -150,6 +166,8 @@ class Engine:
         """Stack the adapters for one-pass mixed batches, or leave PEFT's path in charge."""
         from .multi_lora import StackedLora, stackable
         self.version += 1
+        if getattr(self, "prefix", None) is not None:  # keys and values of the old adapters
+            self.prefix.clear()
         names = list(self.adapters)
         if names and stackable(self.model, names):
             self.stack = StackedLora(self.model, names)
@@ -448,8 +466,9 @@ class Scheduler(threading.Thread):
             self.cond.notify()
 
     def stats(self) -> dict:
+        cache = self.engine.prefix
         return {"steps": self.steps, "prefills": self.prefills, "rows_done": self.rows_done,
-                "busy_s": round(self.busy_s, 3)}
+                "busy_s": round(self.busy_s, 3), **(cache.stats() if cache else {})}
 
     def run(self) -> None:
         batch = Batch()
@@ -531,13 +550,15 @@ class Scheduler(threading.Thread):
 
     def _lean_step(self, batch: Batch, joining: list[Row], outbox: list) -> None:
         """One forward for the running rows' next tokens and the joining rows' prompts
-        (core/lean_decode.py); the joining rows, with their first token, then join."""
+        (core/lean_decode.py); the joining rows, with their first token, then join. A
+        prompt's start found in the prefix cache is not computed again."""
         import torch
         running = len(batch.rows)
         if not running and not joining:
             return
         _seed(joining)
-        lengths = [len(r.prompt_ids) for r in joining]
+        cached, prefixes = self._cached_prefixes(joining)
+        lengths = [len(r.prompt_ids) - c for r, c in zip(joining, cached)]
         positions = batch.mask.sum(1).tolist() if running else []
         if running:
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(running, 1)], dim=1)
@@ -545,16 +566,43 @@ class Scheduler(threading.Thread):
                                 [1] * running + lengths)
         with torch.inference_mode():
             logits, prompt_kv = self.engine.lean.forward(
-                batch.next + [t for r in joining for t in r.prompt_ids],
-                positions + [p for n in lengths for p in range(n)],
-                running, batch.mask, batch.cache, lengths)
+                batch.next + [t for r, c in zip(joining, cached) for t in r.prompt_ids[c:]],
+                positions + [p for r, c in zip(joining, cached)
+                             for p in range(c, len(r.prompt_ids))],
+                running, batch.mask, batch.cache, lengths, prefixes)
         if running:
             batch.next = self._deliver(batch.rows, logits[:running], outbox)
             self.steps += 1
         if joining:
             tokens = self._deliver(joining, logits[running:], outbox)
-            batch.join(joining, tokens, lengths, packed=prompt_kv)
+            whole = [len(r.prompt_ids) for r in joining]
+            batch.join(joining, tokens, whole, packed=prompt_kv)
+            self._remember(joining, whole, prompt_kv)
             self.prefills += 1
+
+    def _cached_prefixes(self, rows: list[Row]) -> tuple[list[int], list | None]:
+        """How many tokens of each prompt the prefix cache holds, and their keys and values
+        per prompt (None for a prompt it has nothing of; None for all when it has nothing)."""
+        from .prefix_cache import BLOCK, joined
+        cache = self.engine.prefix
+        if cache is None or not rows:
+            return [0] * len(rows), None
+        found = [cache.lookup(r.adapter, r.prompt_ids) for r in rows]
+        if not any(found):
+            return [0] * len(rows), None
+        return [BLOCK * len(f) for f in found], [joined(f) for f in found]
+
+    def _remember(self, rows: list[Row], whole: list[int], prompt_kv: list) -> None:
+        """Put the new prompts' full blocks in the prefix cache."""
+        cache = self.engine.prefix
+        if cache is None:
+            return
+        start = 0
+        for row, n in zip(rows, whole):
+            cache.store(row.adapter, row.prompt_ids,
+                        [(k[0, :, start:start + n], v[0, :, start:start + n])
+                         for k, v in prompt_kv])
+            start += n
 
     def _prefill(self, batch: Batch, rows: list[Row], outbox: list) -> None:
         """Run the new rows' prompts, take each row's first token, and stack the rows onto

@@ -197,7 +197,8 @@ def apply_adapters(saves_dir: str | Path, adapters: dict[str, str]) -> tuple[lis
     """Make the running server serve exactly these adapters ({name: path}), through its own
     API: the base stays loaded and requests keep being answered. Returns (added, removed)
     names; an adapter served under the same name from another folder is replaced.
-    BadInput when no server answers, or when the server refuses one (its reason named)."""
+    All or nothing: when the server refuses one (BadInput, its reason named), the changes
+    made before it are undone. BadInput too when no server answers."""
     checked = _checked(adapters)
     folder = job_dir(saves_dir)
     with _FolderLock(folder):
@@ -207,11 +208,36 @@ def apply_adapters(saves_dir: str | Path, adapters: dict[str, str]) -> tuple[lis
         served = {n: str(Path(p).resolve()) for n, p in (status.get("adapters") or {}).items()}
         removed = [n for n, p in served.items() if checked.get(n) != p]
         added = [n for n, p in checked.items() if served.get(n) != p]
-        for name in removed:
-            _call(status["url"], "DELETE", f"/adapters/{name}", name)
-        for name in added:
-            _call(status["url"], "POST", "/adapters", name, {"name": name, "path": checked[name]})
+        # new names first and plain removals last: a refusal then leaves the least to undo
+        changes = [("POST", n, checked[n]) for n in added if n not in served] + \
+            [c for n in added if n in served for c in (("DELETE", n, served[n]),
+                                                      ("POST", n, checked[n]))] + \
+            [("DELETE", n, served[n]) for n in removed if n not in checked]
+        _change_all(status["url"], changes)
     return added, removed
+
+
+def _change_all(url: str, changes: list[tuple[str, str, str]]) -> None:
+    """(method, name, path) calls in order; on a refusal, the ones made are undone."""
+    made = []
+    try:
+        for change in changes:
+            _change(url, *change)
+            made.append(change)
+    except BadInput:
+        for method, name, path in reversed(made):
+            try:
+                _change(url, "DELETE" if method == "POST" else "POST", name, path)
+            except BadInput:
+                pass  # the server lost it meanwhile: the refusal below says what happened
+        raise
+
+
+def _change(url: str, method: str, name: str, path: str) -> None:
+    if method == "POST":
+        _call(url, "POST", "/adapters", name, {"name": name, "path": path})
+    else:
+        _call(url, "DELETE", f"/adapters/{name}", name)
 
 
 def _call(url: str, method: str, route: str, name: str, body: dict | None = None) -> dict:

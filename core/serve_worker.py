@@ -53,12 +53,13 @@ class WorkerDied(Exception):
 
 # --- the worker process ------------------------------------------------------------
 
-def worker_main(conn, model: str, adapters: dict[str, str], max_batch: int) -> None:
+def worker_main(conn, model: str, adapters: dict[str, str], max_batch: int,
+                prefix_cache_mb: float = 0) -> None:
     """Load the base and its adapters, then serve calls until the server goes away."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see core/train.py
     send = _locked_sender(conn)
     try:
-        engine = _load(model, adapters)
+        engine = _load(model, adapters, prefix_cache_mb)
     except BadInput as err:
         send(("failed", _bad(err)))
         return
@@ -85,10 +86,10 @@ def _bad(err: BadInput) -> tuple:
     return err.what, err.field, err.file
 
 
-def _load(model: str, adapters: dict[str, str]):
+def _load(model: str, adapters: dict[str, str], prefix_cache_mb: float = 0):
     from .models import count_parameters, pick_cpu_threads
     from .serve_engine import Engine
-    engine = Engine(model)
+    engine = Engine(model, prefix_cache_mb=prefix_cache_mb)
     # Decoding is one small step per token, as GRPO's sampling is: a small model runs it on
     # one thread, which leaves the other core to the HTTP server and the clients.
     pick_cpu_threads(count_parameters(engine.model)[1], generates=True)
@@ -162,12 +163,14 @@ class Worker:
     """The model process, started and spoken to from the server: the base's id, the adapters
     served, the context length, tokenizing, rows in and their events out."""
 
-    def __init__(self, model: str, adapters: dict[str, str], max_batch: int, max_queue: int):
+    def __init__(self, model: str, adapters: dict[str, str], max_batch: int, max_queue: int,
+                 prefix_cache_mb: float = 0):
         import multiprocessing
         self.max_queue = max_queue
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no threads forked
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child, model, adapters, max_batch),
+        self.process = ctx.Process(target=worker_main,
+                                   args=(child, model, adapters, max_batch, prefix_cache_mb),
                                    name="tunebench-serve-model", daemon=True)
         self.process.start()
         child.close()

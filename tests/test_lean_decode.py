@@ -243,3 +243,49 @@ def test_a_failing_step_ends_its_rows_with_the_error_and_serving_goes_on(engine,
     failed = serve(3)
     assert [(f[0], f[3]) for f in failed] == [("error", "RuntimeError: boom")] * 3
     assert [(f[0], f[2]) for f in serve(2)] == [("length", 6)] * 2
+
+
+def test_prompts_that_start_like_earlier_ones_reuse_their_keys_and_reply_the_same(
+        engine, monkeypatch):
+    """A chat's next turns, the same question to the same adapter, and the same prompt to
+    another adapter join running batches with the prefix cache on and off: the replies are
+    the same, and the cache did serve most of the later prompts."""
+    from core.prefix_cache import PrefixCache
+    chat = [{"role": "user", "content": "Give three tips for staying healthy, then name a "
+                                        "colour and tell me a story about a cat."}]
+    later = chat + [{"role": "assistant", "content": "Eat well, sleep, walk. Blue."},
+                    {"role": "user", "content": "Why blue?"}]
+    waves = [[(chat, "wide"), (PROMPTS[0:1], "narrow")],
+             [(later, "wide"), (chat, "narrow"), (chat, "wide")],
+             [(later, "wide"), (PROMPTS[1:2], BASE_ROW)]]
+
+    def replies(cache):
+        monkeypatch.setattr(engine, "prefix", cache)
+        scheduler = Scheduler(engine, lambda events: None)
+        batch, rows = Batch(), []
+        for wave in waves:
+            joining = [Row(engine.encode_chat(m if isinstance(m[0], dict) else
+                                              [{"role": "user", "content": m[0]}]),
+                           adapter, Sampling(), 10) for m, adapter in wave]
+            rows += joining
+            scheduler._lean_step(batch, joining, [])
+            for _ in range(3):
+                scheduler._lean_step(batch, [], [])
+                scheduler._retire(batch, [])
+        while batch.rows:
+            scheduler._lean_step(batch, [], [])
+            scheduler._retire(batch, [])
+        return [row.tokens for row in rows]
+
+    cache = PrefixCache(2**20, 4096)
+    assert len(engine.encode_chat(later)) > 3 * 16
+    assert replies(cache) == replies(None)
+    hits = cache.stats()["prefix_cache_hit_tokens"]
+    assert hits >= 2 * 16 + 3 * 16 + 2 * 16  # later's turn 1 part, chat again, later again
+    monkeypatch.setattr(engine, "prefix", cache)
+    assert cache.blocks
+    engine.add_adapter("twin", engine.adapters["narrow"])  # any change of adapters empties it
+    try:
+        assert not cache.blocks
+    finally:
+        engine.remove_adapter("twin")

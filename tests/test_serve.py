@@ -259,6 +259,26 @@ def test_ignore_eos_writes_to_max_tokens(client):
 
 # --- refusals ----------------------------------------------------------------------
 
+def test_a_chats_next_turn_takes_the_start_of_its_prompt_from_the_prefix_cache(server,
+                                                                              client):
+    """The second turn repeats the first turn's prompt: its full 16-token blocks come from
+    the cache (counted in /health), and usage still counts the whole prompt."""
+    turn = [{"role": "user", "content": "Tell me about yourself in some detail: who made you, "
+                                        "what you can do, and what you cannot do."}]
+    first = client.chat.completions.create(model="tuney", messages=turn, max_tokens=16)
+    assert first.usage.prompt_tokens > 16
+    before = httpx.get(server + "/health").json()
+    later = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "Who are you?"}]
+    reply = client.chat.completions.create(model="tuney", messages=later, max_tokens=16)
+    after = httpx.get(server + "/health").json()
+    hits = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+    # every full block of the first prompt but one the reply's first token may re-split
+    assert hits >= max(16, 16 * ((first.usage.prompt_tokens - 4) // 16)), (hits, first.usage)
+    assert reply.usage.prompt_tokens > first.usage.prompt_tokens + hits // 2
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason
+
+
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, base_id):
     url = server + "/v1/chat/completions"
     good = {"model": "tuney", "messages": WHO, "max_tokens": 4}

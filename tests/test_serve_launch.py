@@ -99,6 +99,17 @@ def test_adapters_change_on_a_running_server(tmp_path, demo_model_path: Path, mo
         with pytest.raises(BadInput, match="refused adapter 'empty': .*not a checkpoint"):
             serve_launch.apply_adapters(saves, {"beta": alpha,
                                                 "empty": str(saves / "empty" / "final")})
+        # all or nothing: a refused pick that also adds, replaces and removes changes nothing
+        assert serve_launch.apply_adapters(saves, {"beta": alpha, "gamma": beta}) == \
+            (["gamma"], [])
+        with pytest.raises(BadInput, match="refused adapter 'empty'"):
+            serve_launch.apply_adapters(saves, {"beta": beta, "delta": alpha,
+                                                "empty": str(saves / "empty" / "final")})
+        assert _model_ids(url) == [base, "beta", "gamma"]
+        with pytest.raises(BadInput, match="refused adapter 'beta'"):  # a refused replacement
+            serve_launch.apply_adapters(saves, {"beta": str(saves / "empty" / "final")})
+        assert sorted(_model_ids(url)) == sorted([base, "beta", "gamma"])
+        assert serve_launch.find_server(saves)["adapters"] == {"beta": alpha, "gamma": beta}
         body = json.dumps({"model": "beta", "prompt": "Hello", "max_tokens": 3}).encode()
         request = urllib.request.Request(url + "/completions", data=body,
                                          headers={"Content-Type": "application/json"})
