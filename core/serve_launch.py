@@ -208,12 +208,12 @@ def apply_adapters(saves_dir: str | Path, adapters: dict[str, str]) -> tuple[lis
         served = {n: str(Path(p).resolve()) for n, p in (status.get("adapters") or {}).items()}
         removed = [n for n, p in served.items() if checked.get(n) != p]
         added = [n for n, p in checked.items() if served.get(n) != p]
+        new = [("POST", n, checked[n]) for n in added if n not in served]
+        replaced = [change for n in added if n in served
+                    for change in (("DELETE", n, served[n]), ("POST", n, checked[n]))]
+        dropped = [("DELETE", n, served[n]) for n in removed if n not in checked]
         # new names first and plain removals last: a refusal then leaves the least to undo
-        changes = [("POST", n, checked[n]) for n in added if n not in served] + \
-            [c for n in added if n in served for c in (("DELETE", n, served[n]),
-                                                      ("POST", n, checked[n]))] + \
-            [("DELETE", n, served[n]) for n in removed if n not in checked]
-        _change_all(status["url"], changes)
+        _change_all(status["url"], new + replaced + dropped)
     return added, removed
 
 
